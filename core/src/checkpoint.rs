@@ -1,0 +1,300 @@
+//! Signed tree heads in the C2SP `tlog-checkpoint` text form, signed as a
+//! C2SP `signed-note` with Ed25519 (see `docs/checkpoint.md`).
+//!
+//! The note machinery (signature lines, key IDs, verifier keys) is cloudflare's
+//! `signed_note` crate and the body parser is `tlog_tiles::Checkpoint`, so our
+//! checkpoints verify with any C2SP note verifier. The one difference from
+//! C2SP tlog-checkpoint is the tree hash: BLAKE3 with RFC 9162 domain
+//! separation instead of SHA-256.
+
+use std::fmt;
+
+use signed_note::{Note, StandardVerifier, VerifierList};
+
+use crate::did::SecretKey;
+use crate::error::{Error, Result};
+use crate::merkle::Hash;
+
+/// Largest checkpoint note we parse.
+pub const MAX_CHECKPOINT_BYTES: usize = 8 * 1024;
+
+/// A tree head: the log's origin, its size and its root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The log's unique name, e.g. `vitaltrail.example/log/0`.
+    pub origin: String,
+    /// Number of leaves.
+    pub size: u64,
+    /// The BLAKE3 RFC 9162 root.
+    pub root: Hash,
+    /// Extension lines (each without its newline), opaque to verifiers.
+    pub extensions: Vec<String>,
+}
+
+impl Checkpoint {
+    /// The checkpoint body (the note text): origin, size, base64 root, then
+    /// extension lines, each ending in a newline.
+    pub fn body(&self) -> Result<String> {
+        let mut ext = String::new();
+        for e in &self.extensions {
+            ext.push_str(e);
+            ext.push('\n');
+        }
+        let cp = tlog_tiles::Checkpoint::new(
+            &self.origin,
+            self.size,
+            tlog_tiles::Hash(self.root.0),
+            &ext,
+        )
+        .map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
+        if self.origin.contains('\n') {
+            return Err(Error::MalformedCheckpoint(
+                "origin contains a newline".into(),
+            ));
+        }
+        String::from_utf8(cp.to_bytes()).map_err(|e| Error::MalformedCheckpoint(e.to_string()))
+    }
+
+    /// Sign the checkpoint, returning the complete note text.
+    pub fn sign(&self, signer: &LogSigner) -> Result<String> {
+        if signer.name != self.origin {
+            return Err(Error::MalformedCheckpoint(format!(
+                "log key is named {:?} but the checkpoint origin is {:?}",
+                signer.name, self.origin
+            )));
+        }
+        let body = self.body()?;
+        let mut note = Note::new(body.as_bytes(), &[])
+            .map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
+        note.add_sigs(&[signer])
+            .map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
+        String::from_utf8(note.to_bytes()).map_err(|e| Error::MalformedCheckpoint(e.to_string()))
+    }
+
+    /// Parse a signed checkpoint note and verify it carries a valid signature
+    /// by `log_key`. Unknown extra signatures (e.g. witnesses) are allowed.
+    pub fn open(note: &str, log_key: &LogPublicKey) -> Result<Checkpoint> {
+        let cp = Self::parse_unverified(note)?;
+        let parsed = Note::from_bytes(note.as_bytes())
+            .map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
+        let verifiers = VerifierList::new(vec![Box::new(log_key.verifier()?)]);
+        parsed
+            .verify(&verifiers)
+            .map_err(|_| Error::CheckpointSignature)?;
+        if cp.origin != log_key.name {
+            return Err(Error::CheckpointSignature);
+        }
+        Ok(cp)
+    }
+
+    /// Parse a checkpoint note **without** checking any signature.
+    pub fn parse_unverified(note: &str) -> Result<Checkpoint> {
+        if note.len() > MAX_CHECKPOINT_BYTES {
+            return Err(Error::MalformedCheckpoint("note too large".into()));
+        }
+        let parsed = Note::from_bytes(note.as_bytes())
+            .map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
+        let cp = tlog_tiles::Checkpoint::from_bytes(parsed.text())
+            .map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
+        Ok(Checkpoint {
+            origin: cp.origin().to_owned(),
+            size: cp.size(),
+            root: Hash(cp.hash().0),
+            extensions: cp.extension().lines().map(str::to_owned).collect(),
+        })
+    }
+}
+
+/// A log's signing key: an ed25519 key and the log's name (its origin).
+pub struct LogSigner {
+    name: String,
+    key: SecretKey,
+    id: u32,
+}
+
+impl LogSigner {
+    /// A signer for the log named `name`.
+    pub fn new(name: &str, key: SecretKey) -> Result<Self> {
+        if !signed_note::is_key_name_valid(name) {
+            return Err(Error::InvalidKey(format!(
+                "{name:?} is not a valid note key name (non-empty, no spaces or '+')"
+            )));
+        }
+        let id = signed_note::key_id(name, &encoded_public(&key));
+        Ok(LogSigner {
+            name: name.to_owned(),
+            key,
+            id,
+        })
+    }
+
+    /// The matching public key.
+    pub fn public_key(&self) -> LogPublicKey {
+        LogPublicKey {
+            name: self.name.clone(),
+            vkey: signed_note::new_ed25519_verifier_key(&self.name, &self.key.verifying_key()),
+        }
+    }
+
+    /// The log's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+fn encoded_public(key: &SecretKey) -> Vec<u8> {
+    let mut v = vec![0x01]; // signed-note algorithm byte for Ed25519
+    v.extend_from_slice(key.verifying_key().as_bytes());
+    v
+}
+
+impl signed_note::Signer for LogSigner {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn key_id(&self) -> u32 {
+        self.id
+    }
+    fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, ed25519_dalek::SignatureError> {
+        Ok(self.key.sign(msg).to_vec())
+    }
+}
+
+impl fmt::Debug for LogSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogSigner")
+            .field("name", &self.name)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+/// A log's public key as a C2SP signed-note verifier key:
+/// `<name>+<8 hex key ID>+<base64(0x01 ‖ ed25519 public key)>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LogPublicKey {
+    name: String,
+    vkey: String,
+}
+
+impl LogPublicKey {
+    /// Parse a verifier key string.
+    pub fn parse(vkey: &str) -> Result<Self> {
+        let vkey = vkey.trim();
+        StandardVerifier::new(vkey)
+            .map_err(|e| Error::InvalidKey(format!("log verifier key: {e}")))?;
+        let name = vkey.split('+').next().unwrap_or_default().to_owned();
+        Ok(LogPublicKey {
+            name,
+            vkey: vkey.to_owned(),
+        })
+    }
+
+    /// The log's name (checkpoint origin).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The verifier key string.
+    pub fn as_str(&self) -> &str {
+        &self.vkey
+    }
+
+    fn verifier(&self) -> Result<StandardVerifier> {
+        StandardVerifier::new(&self.vkey).map_err(|e| Error::InvalidKey(e.to_string()))
+    }
+}
+
+impl fmt::Display for LogPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.vkey)
+    }
+}
+
+impl fmt::Debug for LogPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LogPublicKey({})", self.vkey)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer() -> LogSigner {
+        LogSigner::new(
+            "vitaltrail.test/log/0",
+            SecretKey::from_seed(&[11; 32]).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn cp(size: u64) -> Checkpoint {
+        Checkpoint {
+            origin: "vitaltrail.test/log/0".into(),
+            size,
+            root: crate::merkle::leaf_hash(&size.to_be_bytes()),
+            extensions: vec![],
+        }
+    }
+
+    #[test]
+    fn sign_open_roundtrip_and_text_form() {
+        let s = signer();
+        let note = cp(42).sign(&s).unwrap();
+        let lines: Vec<&str> = note.lines().collect();
+        assert_eq!(lines[0], "vitaltrail.test/log/0");
+        assert_eq!(lines[1], "42");
+        assert_eq!(lines[2], cp(42).root.to_base64());
+        assert_eq!(lines[3], "");
+        assert!(lines[4].starts_with("\u{2014} vitaltrail.test/log/0 "));
+        assert!(note.ends_with('\n'));
+        let back = Checkpoint::open(&note, &s.public_key()).unwrap();
+        assert_eq!(back, cp(42));
+        let pk = LogPublicKey::parse(s.public_key().as_str()).unwrap();
+        assert_eq!(pk, s.public_key());
+
+        let mut with_ext = cp(7);
+        with_ext.extensions = vec!["time 1700000000000".into()];
+        let note = with_ext.sign(&s).unwrap();
+        assert_eq!(Checkpoint::open(&note, &s.public_key()).unwrap(), with_ext);
+    }
+
+    #[test]
+    fn any_flipped_byte_fails() {
+        let s = signer();
+        let note = cp(1000).sign(&s).unwrap();
+        let bytes = note.as_bytes();
+        for i in 0..bytes.len() {
+            let mut t = bytes.to_vec();
+            t[i] ^= 0x01;
+            if let Ok(t) = String::from_utf8(t) {
+                assert!(
+                    Checkpoint::open(&t, &s.public_key()).is_err(),
+                    "flip at {i} still verifies: {t:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_key_or_origin_fails() {
+        let s = signer();
+        let note = cp(3).sign(&s).unwrap();
+        let other = LogSigner::new(
+            "vitaltrail.test/log/0",
+            SecretKey::from_seed(&[12; 32]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            Checkpoint::open(&note, &other.public_key()),
+            Err(Error::CheckpointSignature)
+        );
+        let renamed = LogSigner::new("other", SecretKey::from_seed(&[11; 32]).unwrap()).unwrap();
+        assert!(Checkpoint::open(&note, &renamed.public_key()).is_err());
+        assert!(cp(3).sign(&renamed).is_err());
+        for junk in ["", "\n", "a\n1\n", "x\n\n\u{2014} x AAAA\n"] {
+            assert!(Checkpoint::open(junk, &s.public_key()).is_err());
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The subcommands of issue #3: keys, single readings, the standalone log,
+//! and offline bundle verification.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use vitaltrail_attestor::DurableLog;
+use vitaltrail_core::{
+    Checkpoint, Clock, DeviceId, LogPublicKey, LogSigner, ProofBundle, SecretKey, SystemClock,
+    UnsignedReading, envelope, leaf, merkle,
+};
+
+/// Read a file, or stdin for `-`/`None`.
+pub fn read_input(path: Option<&Path>) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    match path {
+        None => {
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("reading stdin")?;
+        }
+        Some(p) if p == Path::new("-") => {
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("reading stdin")?;
+        }
+        Some(p) => buf = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+    }
+    Ok(buf)
+}
+
+/// Write bytes to a file, or stdout.
+fn write_output(path: Option<&Path>, bytes: &[u8]) -> Result<()> {
+    match path {
+        Some(p) => std::fs::write(p, bytes).with_context(|| format!("writing {}", p.display())),
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(bytes).context("writing stdout")?;
+            out.flush().context("writing stdout")
+        }
+    }
+}
+
+/// Load a PKCS#8 PEM key file.
+pub fn load_key(path: &Path) -> Result<SecretKey> {
+    let pem =
+        std::fs::read_to_string(path).with_context(|| format!("reading key {}", path.display()))?;
+    SecretKey::from_pkcs8_pem(&pem).with_context(|| format!("key {}", path.display()))
+}
+
+/// Write a new key file with mode 0600, refusing to overwrite.
+pub fn write_key(path: &Path, key: &SecretKey) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let pem = key.to_pkcs8_pem()?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+    f.write_all(pem.as_bytes())
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn keys_new(out: &Path) -> Result<ExitCode> {
+    let key = SecretKey::generate(&mut rand::rngs::OsRng);
+    write_key(out, &key)?;
+    println!("{}", key.did());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn keys_show(path: &Path, log_name: Option<&str>) -> Result<ExitCode> {
+    let key = load_key(path)?;
+    println!("{}", key.did());
+    if let Some(name) = log_name {
+        println!("{}", LogSigner::new(name, key)?.public_key());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignInput {
+    seq: u64,
+    time: Option<u64>,
+    measurements: Vec<envelope::Measurement>,
+    #[serde(default)]
+    meta: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+pub fn reading_sign(key: &Path, out: Option<&Path>) -> Result<ExitCode> {
+    let key = load_key(key)?;
+    let input = read_input(None)?;
+    let input: SignInput = serde_json::from_slice(&input).context("reading JSON on stdin")?;
+    let reading = UnsignedReading {
+        seq: input.seq,
+        time: input.time.unwrap_or_else(|| SystemClock.now_ms()),
+        measurements: input.measurements,
+        meta: input.meta,
+    };
+    let bytes = envelope::sign(&key, &reading)?;
+    if out.is_none() && std::io::stdout().is_terminal() {
+        bail!("refusing to write binary COSE to a terminal; use --out FILE or a pipe");
+    }
+    write_output(out, &bytes)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn reading_verify(file: Option<&Path>) -> Result<ExitCode> {
+    let bytes = read_input(file)?;
+    match envelope::verify(&bytes) {
+        Ok(r) => {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => bail!("envelope rejected ({}): {e}", e.code()),
+    }
+}
+
+pub fn log_append(dir: &Path, files: &[PathBuf]) -> Result<ExitCode> {
+    let mut envs = Vec::with_capacity(files.len());
+    for f in files {
+        envs.push(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?);
+    }
+    let verdicts = envelope::verify_batch(&envs);
+    let mut failed = 0;
+    for (f, v) in files.iter().zip(&verdicts) {
+        if let Err(e) = v {
+            eprintln!("{}: rejected ({}): {e}", f.display(), e.code());
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} envelopes rejected; nothing was appended",
+            files.len()
+        );
+    }
+    let now = SystemClock.now_ms();
+    let leaves: Vec<Vec<u8>> = envs.iter().map(|e| leaf::encode(now, e)).collect();
+    let mut log = DurableLog::open(dir)?;
+    let a = log.append_batch(&leaves)?;
+    println!(
+        "appended {} readings at indexes {}..{}; tree size {}, root {}",
+        leaves.len(),
+        a.first_index,
+        a.size - 1,
+        a.size,
+        a.root
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn log_checkpoint(dir: &Path, key: &Path, origin: &str) -> Result<ExitCode> {
+    let signer = LogSigner::new(origin, load_key(key)?)?;
+    let log = DurableLog::open(dir)?;
+    // A new checkpoint must extend the previous one: check it before signing.
+    if let Some(prev) = log.latest_checkpoint()? {
+        let prev = Checkpoint::open(&prev, &signer.public_key())
+            .context("the stored checkpoint does not verify with this key")?;
+        let proof = log.prove_consistency(prev.size, log.size())?;
+        merkle::verify_consistency(prev.size, log.size(), &prev.root, &log.root(), &proof)
+            .context("the log is not consistent with its previous checkpoint")?;
+    }
+    let cp = Checkpoint {
+        origin: origin.to_owned(),
+        size: log.size(),
+        root: log.root(),
+        extensions: vec![],
+    };
+    let note = cp.sign(&signer)?;
+    log.store_checkpoint(&note)?;
+    vitaltrail_attestor::durable::write_atomic(
+        dir,
+        "log.vkey",
+        format!("{}\n", signer.public_key()).as_bytes(),
+    )?;
+    print!("{note}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn log_prove(dir: &Path, index: u64, out: Option<&Path>) -> Result<ExitCode> {
+    let log = DurableLog::open(dir)?;
+    let note = log
+        .latest_checkpoint()?
+        .context("the log has no checkpoint yet; run `vitaltrail log checkpoint` first")?;
+    let cp = Checkpoint::parse_unverified(&note)?;
+    if index >= cp.size {
+        bail!(
+            "leaf {index} is not covered by the latest checkpoint (size {}); run `vitaltrail log checkpoint`",
+            cp.size
+        );
+    }
+    let leaf_bytes = log.leaf(index)?;
+    let l = leaf::decode(&leaf_bytes)?;
+    let proof = log.prove_inclusion(cp.size, index)?;
+    let bundle = ProofBundle::new(l.envelope, l.log_time_ms, index, &proof, &note);
+    write_output(out, format!("{}\n", bundle.to_json()).as_bytes())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Accept a verifier key string or a file holding one.
+pub fn parse_log_key(arg: &str) -> Result<LogPublicKey> {
+    if arg.contains('+') && !Path::new(arg).exists() {
+        return Ok(LogPublicKey::parse(arg)?);
+    }
+    let text = std::fs::read_to_string(arg)
+        .with_context(|| format!("{arg:?} is neither a verifier key nor a readable file"))?;
+    Ok(LogPublicKey::parse(&text)?)
+}
+
+pub fn verify(bundle: &Path, log_key: &str, device: Option<&str>) -> Result<ExitCode> {
+    let key = parse_log_key(log_key)?;
+    let device = device
+        .map(DeviceId::parse)
+        .transpose()
+        .context("--device")?;
+    let bytes = read_input(Some(bundle))?;
+    let bundle = ProofBundle::from_json(&bytes)?;
+    let report = bundle.verify(&key, device.as_ref());
+    for (name, r) in &report.checks {
+        match r {
+            Ok(()) => println!("ok   {name}"),
+            Err(e) => println!("FAIL {name}: {e}"),
+        }
+    }
+    if report.ok() {
+        if let (Some(r), Some(cp)) = (&report.reading, &report.checkpoint) {
+            println!(
+                "verified: reading seq {} from {} is leaf {} of {} (tree size {})",
+                r.seq, r.did, bundle.leaf_index, cp.origin, cp.size
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        let (name, why) = report.first_failure().unwrap_or(("verify", "failed"));
+        eprintln!("error: verification failed at {name}: {why}");
+        Ok(ExitCode::FAILURE)
+    }
+}
