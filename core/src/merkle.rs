@@ -197,7 +197,7 @@ fn sub_tree_index(mut lo: u64, hi: u64, need: &mut Vec<u64>) {
 }
 
 /// Combine the hashes collected by [`sub_tree_index`] for `[lo, hi)`.
-fn sub_tree_hash<'a>(mut lo: u64, hi: u64, hashes: &'a [Hash]) -> (Hash, &'a [Hash]) {
+fn sub_tree_hash(mut lo: u64, hi: u64, hashes: &[Hash]) -> (Hash, &[Hash]) {
     let mut num = 0usize;
     while lo < hi {
         let (k, _) = split_point(hi - lo + 1);

@@ -87,8 +87,8 @@ pub fn check_signature_encoding(sig: &[u8; 64]) -> Result<Signature> {
     if !is_canonical_point_encoding(r) {
         return Err(Error::BadSignature);
     }
-    // s < ℓ is checked by ed25519-dalek when it converts the signature
-    // (`Scalar::from_canonical_bytes`), in both the single and batch paths.
+    // s < ℓ (rule 3) is enforced by ed25519-zebra in both the single and the
+    // batch path (ZIP 215 requires a canonical s); tested below.
     Ok(Signature::from_bytes(sig))
 }
 
@@ -154,7 +154,6 @@ mod tests {
     use super::*;
     use crate::did::SecretKey;
     use curve25519_dalek::constants::{ED25519_BASEPOINT_POINT, EIGHT_TORSION};
-    use curve25519_dalek::edwards::CompressedEdwardsY;
     use curve25519_dalek::scalar::Scalar;
     use ed25519_dalek::Verifier as _;
 
@@ -300,7 +299,6 @@ mod tests {
                 assert!(check_public_key(&k).is_err());
             }
         }
-        let _ = CompressedEdwardsY([0; 32]);
     }
 
     fn add_l(s: &[u8; 32]) -> [u8; 32] {

@@ -1,0 +1,263 @@
+//! The CLI, driven as a user would: real processes, real files.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vitaltrail"))
+}
+
+fn run(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut c = bin();
+    c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = c.spawn().expect("spawn vitaltrail");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn ok(args: &[&str], stdin: Option<&[u8]>) -> String {
+    let o = run(args, stdin);
+    assert!(
+        o.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// A failure is exactly one line on stderr, with no backtrace.
+fn fails(args: &[&str], stdin: Option<&[u8]>) -> String {
+    let o = run(args, stdin);
+    assert!(!o.status.success(), "{args:?} unexpectedly succeeded");
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    err
+}
+
+fn p(dir: &Path, name: &str) -> String {
+    dir.join(name).to_str().unwrap().to_owned()
+}
+
+#[test]
+fn keys_sign_verify_log_prove_verify() {
+    let d = tempfile::tempdir().unwrap();
+    let dev = p(d.path(), "dev.pem");
+    let did = ok(&["keys", "new", "--out", &dev], None).trim().to_owned();
+    assert!(did.starts_with("did:key:z6Mk"), "{did}");
+    // The key file is private.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&dev).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Refuses to overwrite.
+    assert_eq!(
+        fails(&["keys", "new", "--out", &dev], None).lines().count(),
+        1
+    );
+    assert_eq!(ok(&["keys", "show", "--key", &dev], None).trim(), did);
+
+    let mut files = vec![];
+    for seq in 0..5 {
+        let json = format!(
+            r#"{{"seq": {seq}, "time": 1700000000000, "measurements": [{{"code": "8867-4", "value": {}, "unit": "/min"}}, {{"code": "8310-5", "value": 36.9, "unit": "Cel"}}], "meta": {{"fw": "2.1"}}}}"#,
+            60 + seq
+        );
+        let f = p(d.path(), &format!("r{seq}.cose"));
+        ok(
+            &["reading", "sign", "--key", &dev, "--out", &f],
+            Some(json.as_bytes()),
+        );
+        files.push(f);
+    }
+    let out = ok(&["reading", "verify", &files[2]], None);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["did"], did.as_str());
+    assert_eq!(v["seq"], 2);
+    assert_eq!(v["measurements"][0]["value"], 62.0);
+    assert_eq!(v["meta"]["fw"], "2.1");
+    // Also over stdin.
+    let bytes = std::fs::read(&files[2]).unwrap();
+    ok(&["reading", "verify"], Some(&bytes));
+
+    // Tampered and malformed envelopes: non-zero, the reason on one line.
+    let mut t = bytes.clone();
+    let n = t.len();
+    t[n - 1] ^= 1;
+    let err = fails(&["reading", "verify"], Some(&t));
+    assert!(err.contains("bad_signature"), "{err}");
+    assert_eq!(err.lines().count(), 1);
+    assert!(fails(&["reading", "verify"], Some(b"\xd2\x84garbage")).contains("malformed"));
+    // Invalid measurement input is refused at signing time.
+    let err = fails(
+        &["reading", "sign", "--key", &dev, "--out", &p(d.path(), "x")],
+        Some(br#"{"seq": 1, "measurements": [{"code": "8867-5", "value": 1, "unit": "/min"}]}"#),
+    );
+    assert!(err.contains("LOINC"), "{err}");
+
+    // The log: append (all or none), checkpoint, prove, verify.
+    let log = p(d.path(), "log");
+    let logkey = p(d.path(), "log.pem");
+    ok(&["keys", "new", "--out", &logkey], None);
+    let bad = p(d.path(), "bad.cose");
+    std::fs::write(&bad, &t).unwrap();
+    let err = fails(&["log", "append", "--dir", &log, &files[0], &bad], None);
+    assert!(err.contains("nothing was appended"), "{err}");
+    let mut args = vec!["log", "append", "--dir", log.as_str()];
+    args.extend(files.iter().map(String::as_str));
+    assert!(ok(&args, None).contains("tree size 5"));
+    let err = fails(&["log", "prove", "--dir", &log, "--index", "0"], None);
+    assert!(err.contains("no checkpoint"), "{err}");
+    let note = ok(
+        &[
+            "log",
+            "checkpoint",
+            "--dir",
+            &log,
+            "--key",
+            &logkey,
+            "--origin",
+            "test.example/log",
+        ],
+        None,
+    );
+    assert!(note.starts_with("test.example/log\n5\n"), "{note}");
+    let vkey = std::fs::read_to_string(Path::new(&log).join("log.vkey")).unwrap();
+    let vkey = vkey.trim();
+    let err = fails(&["log", "prove", "--dir", &log, "--index", "5"], None);
+    assert!(err.contains("not covered"), "{err}");
+    let bundle = p(d.path(), "b3.json");
+    ok(
+        &[
+            "log", "prove", "--dir", &log, "--index", "3", "--out", &bundle,
+        ],
+        None,
+    );
+
+    let out = ok(&["verify", &bundle, "--log-key", vkey], None);
+    assert!(out.contains("ok   inclusion"), "{out}");
+    // The key may also be given as a file, and the device pinned.
+    ok(
+        &[
+            "verify",
+            &bundle,
+            "--log-key",
+            &p(Path::new(&log), "log.vkey"),
+            "--device",
+            &did,
+        ],
+        None,
+    );
+
+    // Any flipped byte of the bundle file fails verification.
+    let b = std::fs::read(&bundle).unwrap();
+    let mut tampered = 0;
+    for i in (0..b.len()).step_by(7) {
+        let mut t = b.clone();
+        t[i] ^= 0x01;
+        let f = p(d.path(), "t.json");
+        std::fs::write(&f, &t).unwrap();
+        let o = run(&["verify", &f, "--log-key", vkey], None);
+        let same = serde_json::from_slice::<serde_json::Value>(&t).ok()
+            == serde_json::from_slice::<serde_json::Value>(&b).ok();
+        if !same {
+            assert!(!o.status.success(), "flip at {i} verified");
+            tampered += 1;
+        }
+    }
+    assert!(tampered > 50);
+
+    // A second checkpoint after more appends must be consistent and verify.
+    let mut args = vec!["log", "append", "--dir", log.as_str()];
+    args.extend(files.iter().map(String::as_str));
+    ok(&args, None);
+    ok(
+        &[
+            "log",
+            "checkpoint",
+            "--dir",
+            &log,
+            "--key",
+            &logkey,
+            "--origin",
+            "test.example/log",
+        ],
+        None,
+    );
+    ok(
+        &[
+            "log", "prove", "--dir", &log, "--index", "9", "--out", &bundle,
+        ],
+        None,
+    );
+    ok(&["verify", &bundle, "--log-key", vkey], None);
+    // A different log key names the failed check.
+    let other = p(d.path(), "other.pem");
+    ok(&["keys", "new", "--out", &other], None);
+    let other_vkey = ok(
+        &[
+            "keys",
+            "show",
+            "--key",
+            &other,
+            "--log-name",
+            "test.example/log",
+        ],
+        None,
+    );
+    let other_vkey = other_vkey.lines().nth(1).unwrap();
+    let o = run(&["verify", &bundle, "--log-key", other_vkey], None);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL checkpoint_signature"));
+}
+
+#[test]
+fn demo_runs_and_catches_every_tamper() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = p(d.path(), "demo");
+    let out = ok(&["demo", "--dir", &dir, "--readings", "300"], None);
+    assert!(out.contains("genuine bundle: every check passes"), "{out}");
+    assert_eq!(out.matches("REJECTED").count(), 6, "{out}");
+    // The bundle it leaves behind verifies with the CLI.
+    ok(
+        &[
+            "verify",
+            &p(Path::new(&dir), "bundle.json"),
+            "--log-key",
+            &p(Path::new(&dir), "log/log.vkey"),
+        ],
+        None,
+    );
+    // A non-empty directory is refused.
+    fails(&["demo", "--dir", &dir], None);
+}
+
+#[test]
+fn bad_arguments_are_one_line_errors() {
+    let err = fails(
+        &[
+            "verify",
+            "/nonexistent.json",
+            "--log-key",
+            "x+00000000+AAAA",
+        ],
+        None,
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let err = fails(
+        &["reading", "sign", "--key", "/nonexistent.pem"],
+        Some(b"{}"),
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
