@@ -169,15 +169,41 @@ impl DurableLog {
         head_file
             .read_exact_at(&mut slots[..n], 0)
             .map_err(io("read", &dir.join("HEAD")))?;
-        let head = [&slots[..64], &slots[64..]]
+        let valid = [&slots[..64], &slots[64..]]
             .iter()
             .filter_map(|s| Head::decode(s))
-            .max_by_key(|h| h.generation)
-            .unwrap_or(Head {
-                generation: 0,
-                size: 0,
-                root: merkle::empty_root(),
-            });
+            .max_by_key(|h| h.generation);
+        let empty = Head {
+            generation: 0,
+            size: 0,
+            root: merkle::empty_root(),
+        };
+        let head = match valid {
+            Some(h) => h,
+            None => {
+                // A new log gets a generation-0 record before anything else,
+                // so "no valid record" is legitimate only for a directory in
+                // which nothing was ever written.
+                let data_len = [&leaves, &index, &hashes]
+                    .iter()
+                    .map(|f| f.metadata().map(|m| m.len()).unwrap_or(u64::MAX))
+                    .sum::<u64>();
+                if head_len != 0 || data_len != 0 {
+                    return Err(Error::Corrupt {
+                        path: dir,
+                        detail: "HEAD holds no valid commit record; refusing to guess the size"
+                            .into(),
+                    });
+                }
+                head_file
+                    .write_all_at(&empty.encode(), 0)
+                    .and_then(|_| head_file.sync_all())
+                    .map_err(io("write", &dir.join("HEAD")))?;
+                sync_dir(&dir)?;
+                empty
+            }
+        };
+
         let mut log = DurableLog {
             leaves,
             index,
@@ -583,6 +609,51 @@ mod tests {
             DurableLog::open(dir.path()),
             Err(Error::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_destroyed_head_is_an_error_not_an_empty_log() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = DurableLog::open(dir.path()).unwrap();
+            log.append_batch(&(0..8).map(leaf).collect::<Vec<_>>())
+                .unwrap();
+            log.append_batch(&(8..9).map(leaf).collect::<Vec<_>>())
+                .unwrap();
+        }
+        std::fs::remove_file(dir.path().join("HEAD")).unwrap();
+        assert!(matches!(
+            DurableLog::open(dir.path()),
+            Err(Error::Corrupt { .. })
+        ));
+        std::fs::write(dir.path().join("HEAD"), [0x11; 128]).unwrap();
+        assert!(matches!(
+            DurableLog::open(dir.path()),
+            Err(Error::Corrupt { .. })
+        ));
+        // The data is still there, untouched.
+        assert!(
+            std::fs::metadata(dir.path().join("leaves.dat"))
+                .unwrap()
+                .len()
+                > 0
+        );
+    }
+
+    #[test]
+    fn crash_before_the_first_commit_opens_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(DurableLog::open(dir.path()).unwrap());
+        // Uncommitted bytes from a first append that never reached HEAD.
+        std::fs::write(dir.path().join("leaves.dat"), b"\0\0\0\x05hello").unwrap();
+        let log = DurableLog::open(dir.path()).unwrap();
+        assert_eq!(log.size(), 0);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("leaves.dat"))
+                .unwrap()
+                .len(),
+            0
+        );
     }
 
     #[test]

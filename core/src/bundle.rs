@@ -35,8 +35,19 @@ pub struct ProofBundle {
     pub checkpoint: String,
     /// Reserved for the proof from the checkpoint to an anchor. A version-1
     /// verifier that does not understand it must fail the bundle.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `"anchor": null` counts as present.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub anchor: Option<serde_json::Value>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 impl ProofBundle {
@@ -265,6 +276,10 @@ mod tests {
         );
         let (mut b, pk, _) = build(5, 2);
         b.anchor = Some(serde_json::json!({"chain": "x"}));
+        assert_eq!(b.verify(&pk, None).first_failure().unwrap().0, "anchor");
+        let mut v: serde_json::Value = serde_json::from_str(&build(5, 2).0.to_json()).unwrap();
+        v["anchor"] = serde_json::Value::Null;
+        let b = ProofBundle::from_json(v.to_string().as_bytes()).unwrap();
         assert_eq!(b.verify(&pk, None).first_failure().unwrap().0, "anchor");
         let (b, pk, _) = build(5, 2);
         let other = SecretKey::from_seed(&[9; 32]).unwrap();

@@ -3,7 +3,10 @@
 //!
 //! The note machinery (signature lines, key IDs, verifier keys) is cloudflare's
 //! `signed_note` crate and the body parser is `tlog_tiles::Checkpoint`, so our
-//! checkpoints verify with any C2SP note verifier. The one difference from
+//! checkpoints verify with any C2SP note verifier. Checkpoint signatures are
+//! standard RFC 8032 note signatures checked by `signed_note`'s verifier (as
+//! Go's `sumdb/note` does); the single/batch rule set of [`crate::sig`] is for
+//! device readings, which are batch-verified. The one difference from
 //! C2SP tlog-checkpoint is the tree hash: BLAKE3 with RFC 9162 domain
 //! separation instead of SHA-256.
 

@@ -1,4 +1,6 @@
-//! The one Ed25519 verification rule set used everywhere in vitaltrail.
+//! The one Ed25519 verification rule set for device readings, used by the
+//! single and the batch path alike. (Checkpoint note signatures are checked
+//! by the standard signed-note verifier; see `crate::checkpoint`.)
 //!
 //! Single and batch verification are known to disagree on edge cases when the
 //! single check is cofactorless (`[s]B = R + [k]A`) and the batch check mixes
