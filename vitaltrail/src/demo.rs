@@ -227,16 +227,16 @@ pub fn run(dir: &Path, readings: u64) -> Result<ExitCode> {
     all_caught &= !r.ok();
 
     println!();
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "vitaltrail".into());
     println!("Try it yourself:");
     println!(
-        "  vitaltrail verify {} --log-key {}",
+        "  {exe} verify {} --log-key {}",
         bundle_path.display(),
         log_dir.join("log.vkey").display()
     );
-    println!(
-        "  vitaltrail log prove --dir {} --index 0",
-        log_dir.display()
-    );
+    println!("  {exe} log prove --dir {} --index 0", log_dir.display());
     if !all_caught {
         bail!("a tampered bundle verified");
     }
