@@ -27,6 +27,12 @@ pub enum Error {
     /// A request about the log that cannot be met (e.g. an index past the end).
     #[error(transparent)]
     Core(#[from] vitaltrail_core::Error),
+    /// The bus or the dead-letter store failed.
+    #[error(transparent)]
+    Bus(#[from] vitaltrail_bus::Error),
+    /// A state file (dedup snapshot, checkpoint list) is not what we wrote.
+    #[error("state file {path}: {detail}")]
+    State { path: PathBuf, detail: String },
 }
 
 impl Error {
@@ -37,6 +43,6 @@ impl Error {
 
     /// True when retrying the same operation later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Io { .. } | Error::Locked(_))
+        matches!(self, Error::Io { .. } | Error::Locked(_) | Error::Bus(_))
     }
 }

@@ -2,15 +2,23 @@
 //!
 //! The attestor owns a set of Kafka partitions and, for each one, an
 //! append-only BLAKE3 Merkle log (RFC 9162 structure, see
-//! `docs/merkle-log.md`). Today this crate holds the durable, file-backed log
-//! ([`durable::DurableLog`]); the Kafka consumer, duplicate and replay
-//! rejection, rolling checkpoints and Parquet output arrive with issue #4.
+//! `docs/merkle-log.md`):
+//!
+//! * [`durable`]: the durable, crash-safe, file-backed Merkle log;
+//! * [`pipeline`]: one worker per partition that rejects duplicate and replayed
+//!   `(device, seq)` pairs and clock skew, appends durably, reports outcomes to
+//!   the bus only after that, and signs rolling checkpoints;
+//! * [`metrics`]: its Prometheus metrics.
+//!
+//! Kafka consumption and Parquet output are still to come (issue #4).
 //!
 //! The log's on-disk format and its crash-safety argument are described in
 //! [`durable`].
 
 pub mod durable;
 mod error;
+pub mod metrics;
+pub mod pipeline;
 
 pub use durable::DurableLog;
 pub use error::{Error, Result};

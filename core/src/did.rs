@@ -197,6 +197,16 @@ impl SecretKey {
     }
 }
 
+impl Clone for SecretKey {
+    fn clone(&self) -> Self {
+        // Each copy zeroizes its own secret on drop.
+        SecretKey {
+            key: self.key.clone(),
+            id: self.id.clone(),
+        }
+    }
+}
+
 impl fmt::Debug for SecretKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SecretKey")

@@ -1,0 +1,91 @@
+//! Prometheus metrics of the attestor, registered in an injected registry.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// The attestor's metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Readings appended to a partition log.
+    pub appended: IntCounterVec,
+    /// Readings rejected by the attestor, by reason (`duplicate`, `replay`, `clock_skew`, …).
+    pub rejected: IntCounterVec,
+    /// Leaves in each partition log.
+    pub tree_size: IntGaugeVec,
+    /// Leaves appended since the last checkpoint of each partition.
+    pub checkpoint_lag: IntGaugeVec,
+    /// Checkpoints signed.
+    pub checkpoints: IntCounterVec,
+    /// Time to make one batch durable (log + rejects), seconds.
+    pub commit_seconds: HistogramVec,
+    /// Records per processed batch.
+    pub batch_size: HistogramVec,
+}
+
+impl Metrics {
+    /// Create and register the metrics.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Metrics {
+            appended: IntCounterVec::new(
+                Opts::new(
+                    "vitaltrail_attestor_appended_total",
+                    "Readings appended to a partition log",
+                ),
+                &["partition"],
+            )?,
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "vitaltrail_attestor_rejected_total",
+                    "Readings rejected by the attestor",
+                ),
+                &["reason"],
+            )?,
+            tree_size: IntGaugeVec::new(
+                Opts::new(
+                    "vitaltrail_attestor_tree_size_leaves",
+                    "Leaves in the partition log",
+                ),
+                &["partition"],
+            )?,
+            checkpoint_lag: IntGaugeVec::new(
+                Opts::new(
+                    "vitaltrail_attestor_checkpoint_lag_leaves",
+                    "Leaves appended since the last signed checkpoint",
+                ),
+                &["partition"],
+            )?,
+            checkpoints: IntCounterVec::new(
+                Opts::new(
+                    "vitaltrail_attestor_checkpoints_total",
+                    "Checkpoints signed",
+                ),
+                &["partition"],
+            )?,
+            commit_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "vitaltrail_attestor_commit_seconds",
+                    "Time to make one batch durable",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5,
+                ]),
+                &["partition"],
+            )?,
+            batch_size: HistogramVec::new(
+                HistogramOpts::new(
+                    "vitaltrail_attestor_batch_records",
+                    "Records per processed batch",
+                )
+                .buckets(vec![1.0, 4.0, 16.0, 64.0, 256.0, 1024.0]),
+                &["partition"],
+            )?,
+        };
+        registry.register(Box::new(m.appended.clone()))?;
+        registry.register(Box::new(m.rejected.clone()))?;
+        registry.register(Box::new(m.tree_size.clone()))?;
+        registry.register(Box::new(m.checkpoint_lag.clone()))?;
+        registry.register(Box::new(m.checkpoints.clone()))?;
+        registry.register(Box::new(m.commit_seconds.clone()))?;
+        registry.register(Box::new(m.batch_size.clone()))?;
+        Ok(m)
+    }
+}

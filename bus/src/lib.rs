@@ -1,0 +1,134 @@
+//! # vitaltrail-bus
+//!
+//! The seam between the stateless ingest tier and the attestor, kept small:
+//! one producer trait ([`Producer`]) and one per-partition consumer trait
+//! ([`PartitionSource`]).
+//!
+//! * **In-process** ([`inproc`]): bounded channels, one per partition, used
+//!   when everything runs in one process (`vitaltrail up`). There is no broker
+//!   here, so "durably accepted" means "the attestor has committed it to its
+//!   write-ahead Merkle log (or durably rejected it)": [`Producer::send`]
+//!   resolves only then, and ingest acknowledges MQTT only after that.
+//! * **Kafka** (planned): `send` resolves on the broker's acknowledgement
+//!   (idempotent producer, `acks=all`), and the attestor commits offsets after
+//!   its state is durable.
+//!
+//! Records are keyed by device DID, so one device always lands in one
+//! partition and the attestor that owns the partition sees its readings in
+//! order.
+
+pub mod deadletter;
+pub mod inproc;
+
+use std::future::Future;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors on the bus.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    /// The other side has shut down. Retrying later (after a restart) helps.
+    #[error("bus closed")]
+    Closed,
+    /// The consumer dropped the record without deciding its fate.
+    #[error("record was dropped before it was durably handled")]
+    Dropped,
+    /// The dead-letter store could not be written.
+    #[error("dead-letter store {path}: {detail}")]
+    DeadLetter { path: String, detail: String },
+}
+
+impl Error {
+    /// Bus errors are never the caller's fault; they are worth a retry.
+    pub fn is_retryable(&self) -> bool {
+        true
+    }
+}
+
+/// What became of a record once it was durably handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Durably on the bus (Kafka) or in the log (in-process).
+    Accepted {
+        /// The partition it went to.
+        partition: u32,
+    },
+    /// Appended to the partition's Merkle log at `index` (in-process only).
+    Logged {
+        /// The partition.
+        partition: u32,
+        /// Its leaf index in that partition's log.
+        index: u64,
+    },
+    /// Durably rejected (written to the dead-letter store) with a reason code.
+    Rejected {
+        /// Machine-readable reason, e.g. `duplicate`.
+        reason: String,
+    },
+}
+
+/// A record to publish: the envelope bytes as received, keyed by device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The device DID (the partitioning key).
+    pub key: String,
+    /// The COSE envelope, byte for byte as the device sent it.
+    pub payload: Vec<u8>,
+    /// When ingest received it, Unix ms.
+    pub received_ms: u64,
+}
+
+/// The partition for `key` among `partitions` (stable across processes).
+pub fn partition_for(key: &str, partitions: u32) -> u32 {
+    let h = blake3::hash(key.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    (u64::from_le_bytes(b) % u64::from(partitions.max(1))) as u32
+}
+
+/// The producing side (ingest).
+pub trait Producer: Clone + Send + Sync + 'static {
+    /// Publish a record; resolves once it is durably accepted (see the crate docs).
+    fn send(&self, record: Record) -> impl Future<Output = Result<Outcome>> + Send;
+
+    /// Records waiting in bounded queues (for the backpressure metric).
+    fn queue_depth(&self) -> usize;
+}
+
+/// One record delivered to the consumer of a partition.
+#[derive(Debug)]
+pub struct Delivery {
+    /// Partition.
+    pub partition: u32,
+    /// Offset within the partition (in-process: since start-up).
+    pub offset: u64,
+    /// The record.
+    pub record: Record,
+    ack: Option<tokio::sync::oneshot::Sender<Result<Outcome>>>,
+}
+
+impl Delivery {
+    /// Report what became of the record, once that is durable.
+    pub fn complete(mut self, outcome: Outcome) {
+        if let Some(tx) = self.ack.take() {
+            // The producer may have given up waiting; that is fine.
+            let _ = tx.send(Ok(outcome));
+        }
+    }
+}
+
+/// The consuming side of one partition (the attestor).
+pub trait PartitionSource: Send + 'static {
+    /// The partition this source reads.
+    fn partition(&self) -> u32;
+
+    /// Wait for at least one record, then take up to `max` that are ready.
+    /// Returns `false` when the bus is closed and drained.
+    fn next_batch(
+        &mut self,
+        max: usize,
+        out: &mut Vec<Delivery>,
+    ) -> impl Future<Output = Result<bool>> + Send;
+}
