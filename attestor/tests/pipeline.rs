@@ -55,12 +55,10 @@ async fn start(
     let cfg = cfg.clone();
     let clock: Arc<dyn Clock> = Arc::new(clock);
     let handle = tokio::spawn(async move {
-        for p in parts {
-            run_partition(p, state, cfg, rejects, clock, stop_rx)
-                .await
-                .unwrap();
-            break;
-        }
+        let p = parts.into_iter().next().unwrap();
+        run_partition(p, state, cfg, rejects, clock, stop_rx)
+            .await
+            .unwrap();
     });
     (tx, stop, handle)
 }

@@ -531,10 +531,17 @@ pub fn encode_payload(did: &DeviceId, r: &UnsignedReading) -> Result<Vec<u8>> {
 
 /// Sign a reading as a COSE_Sign1 envelope with the device key.
 pub fn sign(key: &SecretKey, r: &UnsignedReading) -> Result<Vec<u8>> {
-    let payload = encode_payload(key.did(), r)?;
+    sign_as(key, key.did(), r)
+}
+
+/// Sign a reading that *claims* to come from `claimed` with `key`. Only a
+/// test or a simulated attacker wants this: unless `key` is `claimed`'s
+/// key, every verifier rejects the result with `bad_signature`.
+pub fn sign_as(key: &SecretKey, claimed: &DeviceId, r: &UnsignedReading) -> Result<Vec<u8>> {
+    let payload = encode_payload(claimed, r)?;
     let protected = HeaderBuilder::new()
         .algorithm(iana::Algorithm::EdDSA)
-        .key_id(key.did().as_str().as_bytes().to_vec())
+        .key_id(claimed.as_str().as_bytes().to_vec())
         .build();
     let sign1 = CoseSign1Builder::new()
         .protected(protected)

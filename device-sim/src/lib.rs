@@ -1,6 +1,35 @@
 //! # vitaltrail-device-sim
 //!
-//! **Status: planned (issue #4).** This crate will own `vitaltrail sim`:
-//! simulated patients with coherent vital signs and clinical scenarios,
-//! attack switches for testing the pipeline, replay of real beat-to-beat (RR)
-//! interval files and of the MIT-BIH ECG, and an MQTT QoS-1 publisher.
+//! `vitaltrail sim`: simulated wearables. It owns
+//!
+//! - [`physiology`]: virtual patients with a baseline and coherent vitals
+//!   (HR, SpO2, respiration, temperature, blood pressure, optional glucose)
+//!   that drift with a clinical [`physiology::Scenario`] and AR(1) noise;
+//! - [`attacks`]: switches that inject each kind of bad message the pipeline
+//!   must reject, with the reason it must give;
+//! - [`publisher`]: signing and QoS-1 publishing to `vitals/<DID>` with
+//!   rumqttc, which resends unacknowledged readings after a reconnect.
+//!
+//! Real-data replay (RR-interval files, the MIT-BIH ECG) is still to come.
+
+pub mod attacks;
+pub mod physiology;
+pub mod publisher;
+
+/// Errors of the simulator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Signing failed (a bug in the simulator's values).
+    #[error(transparent)]
+    Core(#[from] vitaltrail_core::Error),
+    /// The MQTT client failed.
+    #[error("mqtt: {0}")]
+    Mqtt(String),
+    /// Not every reading was acknowledged in time.
+    #[error("{missing} readings were not acknowledged within {waited_ms} ms")]
+    Unacknowledged { missing: u64, waited_ms: u64 },
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

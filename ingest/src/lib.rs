@@ -1,12 +1,24 @@
 //! # vitaltrail-ingest
 //!
-//! **Status: planned (issue #4).** This crate will own the stateless ingest tier:
+//! The stateless ingest tier. It owns:
 //!
-//! - subscribe to `vitals/+` over MQTT (shared subscription, QoS 1);
-//! - batch-verify envelopes with `vitaltrail_core::envelope::verify_parsed`
-//!   and look each device up in the device registry;
-//! - produce accepted readings, original bytes untouched, to Kafka topic
-//!   `vitals.verified` keyed by device (idempotent producer, `acks=all`);
-//! - send rejects to `vitals.rejected` with their machine-readable reason
-//!   (`vitaltrail_core::Error::code`);
-//! - acknowledge an MQTT message only after Kafka has acknowledged it.
+//! - the MQTT intake: a QoS-1 subscription to `vitals/+` (shared,
+//!   `$share/<group>/vitals/+`, so several ingest processes split the load),
+//!   with manual acknowledgements;
+//! - batch verification with `vitaltrail_core::envelope::verify_parsed`, after
+//!   checking that the topic names the signing device and that the device is
+//!   registered and not revoked ([`registry`]);
+//! - handing accepted readings, original bytes untouched, to the bus keyed by
+//!   device, and rejects to the dead-letter store with their reason;
+//! - acknowledging each MQTT message only after the bus has durably accepted
+//!   it (or its rejection is durable), in the order the messages arrived.
+//!
+//! Its own state is nothing but in-flight messages, so it scales out.
+
+mod error;
+pub mod metrics;
+pub mod registry;
+pub mod service;
+
+pub use error::{Error, Result};
+pub use service::{IngestConfig, run};

@@ -1,0 +1,297 @@
+//! The ingest loop: MQTT → checks → batch verification → bus → MQTT ack.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use futures::stream::FuturesOrdered;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::{mpsc, watch};
+use vitaltrail_bus::deadletter::{RejectLog, Rejection};
+use vitaltrail_bus::{Outcome, Producer, Record};
+use vitaltrail_core::{Clock, envelope};
+
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::registry::{Lookup, SharedRegistry};
+
+/// Topic prefix devices publish under: `vitals/<device DID>`.
+pub const TOPIC_PREFIX: &str = "vitals/";
+
+/// Typed ingest configuration.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// MQTT broker host.
+    pub mqtt_host: String,
+    /// MQTT broker port.
+    pub mqtt_port: u16,
+    /// MQTT client ID; must be unique per ingest process (persistent session).
+    pub client_id: String,
+    /// Shared-subscription group; `None` subscribes to `vitals/+` directly.
+    pub share_group: Option<String>,
+    /// Most messages verified in one batch.
+    pub max_batch: usize,
+    /// Most messages received but not yet acknowledged (bounded).
+    pub max_pending: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            mqtt_host: "127.0.0.1".into(),
+            mqtt_port: 1883,
+            client_id: "vitaltrail-ingest-0".into(),
+            share_group: Some("vitaltrail-ingest".into()),
+            max_batch: 256,
+            max_pending: 4096,
+        }
+    }
+}
+
+impl IngestConfig {
+    /// The subscription filter.
+    pub fn filter(&self) -> String {
+        match &self.share_group {
+            Some(g) => format!("$share/{g}/{TOPIC_PREFIX}+"),
+            None => format!("{TOPIC_PREFIX}+"),
+        }
+    }
+}
+
+type Pending = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = (Publish, std::result::Result<(), vitaltrail_bus::Error>)>
+            + Send,
+    >,
+>;
+
+/// Run ingest until `shutdown` turns true.
+pub async fn run<P: Producer>(
+    cfg: IngestConfig,
+    producer: P,
+    registry: SharedRegistry,
+    rejects: Arc<RejectLog>,
+    clock: Arc<dyn Clock>,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
+    opts.set_keep_alive(Duration::from_secs(10))
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        // Room for oversize messages, so they are rejected with a reason
+        // instead of breaking the connection.
+        .set_max_packet_size(256 * 1024, 256 * 1024);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+    let (tx, mut rx) = mpsc::channel::<Publish>(cfg.max_pending.max(1));
+    let filter = cfg.filter();
+
+    // The event loop drives the connection; it must keep running while
+    // readings wait for the bus. A full channel stops it from reading more.
+    let sub_client = client.clone();
+    let mut poll_shutdown = shutdown.clone();
+    let poller = tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let ev = tokio::select! {
+                ev = eventloop.poll() => ev,
+                _ = poll_shutdown.changed() => return,
+            };
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(100);
+                    tracing::info!(filter = %filter, "connected to MQTT; subscribing");
+                    if let Err(e) = sub_client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
+                        tracing::warn!(error = %e, "subscribe failed");
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send(p).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT connection error; reconnecting in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    });
+
+    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut batch: Vec<Publish> = Vec::with_capacity(cfg.max_batch);
+    loop {
+        metrics.pending.set(pending.len() as i64);
+        metrics.queue_depth.set(producer.queue_depth() as i64);
+        let room = cfg.max_pending.saturating_sub(pending.len());
+        tokio::select! {
+            n = rx.recv_many(&mut batch, cfg.max_batch.min(room.max(1))), if room > 0 => {
+                if n == 0 {
+                    break;
+                }
+                let taken = std::mem::take(&mut batch);
+                for f in process_batch(taken, &producer, &registry, &rejects, clock.as_ref(), &metrics)? {
+                    pending.push_back(f);
+                }
+            }
+            Some((publish, res)) = pending.next(), if !pending.is_empty() => {
+                match res {
+                    Ok(()) => {
+                        if let Err(e) = client.ack(&publish).await {
+                            tracing::warn!(error = %e, "could not send PUBACK; the broker will redeliver");
+                        }
+                    }
+                    Err(e) => {
+                        // Not acknowledged: the broker redelivers it after a
+                        // reconnect (persistent session). Force one.
+                        tracing::warn!(error = %e, "bus did not accept a reading; reconnecting for redelivery");
+                        let _ = client.disconnect().await;
+                    }
+                }
+            }
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+    // Let readings already handed to the bus finish, and acknowledge them.
+    while let Some((publish, res)) = pending.next().await {
+        if res.is_ok() {
+            let _ = client.ack(&publish).await;
+        }
+    }
+    let _ = client.disconnect().await;
+    poller.abort();
+    Ok(())
+}
+
+fn topic_device(topic: &str) -> Option<&str> {
+    topic
+        .strip_prefix(TOPIC_PREFIX)
+        .filter(|d| !d.is_empty() && !d.contains('/'))
+}
+
+/// Check and verify one batch. Rejections are made durable here; accepted
+/// readings are handed to the bus. Returns, in arrival order, one future per
+/// message that resolves when its fate is durable.
+fn process_batch<P: Producer>(
+    batch: Vec<Publish>,
+    producer: &P,
+    registry: &SharedRegistry,
+    rejects: &RejectLog,
+    clock: &dyn Clock,
+    metrics: &Metrics,
+) -> Result<Vec<Pending>> {
+    let now = clock.now_ms();
+    metrics.readings_in.inc_by(batch.len() as u64);
+    metrics.batch_size.observe(batch.len() as f64);
+    let start = Instant::now();
+    // Structural checks and registry lookups, then one batch verification.
+    let mut early: Vec<Option<Rejection>> = Vec::with_capacity(batch.len());
+    let mut parsed = Vec::with_capacity(batch.len());
+    for p in &batch {
+        let topic_dev = topic_device(&p.topic);
+        let reject = |code: &str, detail: String| {
+            let mut r = Rejection::new("ingest", code, detail, &p.payload, now);
+            r.topic = Some(p.topic.clone());
+            r.device = topic_dev.map(str::to_owned);
+            Some(r)
+        };
+        match envelope::parse(&p.payload) {
+            Err(e) => {
+                early.push(reject(e.code(), e.to_string()));
+                parsed.push(Err(e));
+            }
+            Ok(env) => {
+                let did = env.device().as_str().to_owned();
+                let verdict = if topic_dev != Some(did.as_str()) {
+                    reject(
+                        "topic_mismatch",
+                        format!("signed by {did} but published on {}", p.topic),
+                    )
+                } else {
+                    registry.with(|r| match r.lookup(&did) {
+                        Lookup::Active(_) => None,
+                        Lookup::Revoked(_) => {
+                            reject("revoked_device", format!("{did} was revoked"))
+                        }
+                        Lookup::Unknown => {
+                            reject("unknown_device", format!("{did} is not registered"))
+                        }
+                    })
+                };
+                if verdict.is_some() {
+                    // Not verified: keep the batch free of readings we drop anyway.
+                    parsed.push(Err(vitaltrail_core::Error::BadSignature));
+                } else {
+                    parsed.push(Ok(env));
+                }
+                early.push(verdict);
+            }
+        }
+    }
+    let verdicts = tokio::task::block_in_place(|| envelope::verify_parsed(parsed));
+    metrics
+        .verify_seconds
+        .observe(start.elapsed().as_secs_f64());
+
+    let mut rejections = Vec::new();
+    let mut accepted_idx = Vec::new();
+    for (i, (v, e)) in verdicts.into_iter().zip(early).enumerate() {
+        match (e, v) {
+            (Some(r), _) => rejections.push((i, r)),
+            (None, Ok(reading)) => {
+                accepted_idx.push((i, reading.did.as_str().to_owned(), reading.seq))
+            }
+            (None, Err(err)) => {
+                let p = &batch[i];
+                let mut r = Rejection::new("ingest", err.code(), err.to_string(), &p.payload, now);
+                r.topic = Some(p.topic.clone());
+                r.device = topic_device(&p.topic).map(str::to_owned);
+                rejections.push((i, r));
+            }
+        }
+    }
+    let recs: Vec<Rejection> = rejections.iter().map(|(_, r)| r.clone()).collect();
+    tokio::task::block_in_place(|| rejects.append(&recs))?;
+    for r in &recs {
+        metrics.rejected.with_label_values(&[&r.reason]).inc();
+    }
+    metrics.accepted.inc_by(accepted_idx.len() as u64);
+
+    let mut futures: Vec<Option<Pending>> = (0..batch.len()).map(|_| None).collect();
+    let mut publishes: Vec<Option<Publish>> = batch.into_iter().map(Some).collect();
+    for (i, did, _seq) in accepted_idx {
+        let Some(p) = publishes[i].take() else {
+            continue;
+        };
+        let producer = producer.clone();
+        let hist = metrics.bus_send_seconds.clone();
+        let record = Record {
+            key: did,
+            payload: p.payload.to_vec(),
+            received_ms: now,
+        };
+        let sent = Instant::now();
+        futures[i] = Some(Box::pin(async move {
+            let res = producer.send(record).await.map(|o: Outcome| {
+                hist.observe(sent.elapsed().as_secs_f64());
+                tracing::trace!(outcome = ?o, "reading durably handled");
+            });
+            (p, res)
+        }));
+    }
+    for (i, _) in rejections {
+        if let Some(p) = publishes[i].take() {
+            futures[i] = Some(Box::pin(async move { (p, Ok(())) }));
+        }
+    }
+    futures
+        .into_iter()
+        .map(|f| f.ok_or_else(|| Error::Mqtt("internal: message without a fate".into())))
+        .collect()
+}

@@ -1,0 +1,261 @@
+//! `vitaltrail up`: the whole pipeline in one process.
+//!
+//! An embedded MQTT broker (rumqttd) unless an external one is given, the
+//! ingest tier, the in-process bounded bus in place of Kafka (the attestor's
+//! durable Merkle log is the write-ahead log, and an MQTT acknowledgement
+//! waits for it), one attestor worker per partition, and `/metrics`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+use vitaltrail_attestor::metrics::Metrics as AttestorMetrics;
+use vitaltrail_attestor::pipeline::{AttestorConfig, PartitionState, run_partition};
+use vitaltrail_bus::deadletter::RejectLog;
+use vitaltrail_bus::inproc;
+use vitaltrail_core::{Clock, SecretKey, SystemClock};
+use vitaltrail_ingest::IngestConfig;
+use vitaltrail_ingest::metrics::Metrics as IngestMetrics;
+use vitaltrail_ingest::registry::{RegistryFile, SharedRegistry};
+
+/// Typed configuration of `up`.
+#[derive(Debug, Clone)]
+pub struct UpConfig {
+    /// Everything durable lives here.
+    pub data_dir: PathBuf,
+    /// Where the embedded MQTT broker listens; ignored with `external_mqtt`.
+    pub mqtt_listen: SocketAddr,
+    /// Use this broker instead of the embedded one.
+    pub external_mqtt: Option<(String, u16)>,
+    /// Partitions of the in-process bus (one attestor worker and log each).
+    pub partitions: u32,
+    /// Records each bus partition holds in flight.
+    pub bus_capacity: usize,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Attestor settings (its `data_dir` is overridden by ours).
+    pub attestor: AttestorConfig,
+    /// Ingest settings (its MQTT endpoint is overridden by ours).
+    pub ingest: IngestConfig,
+}
+
+impl Default for UpConfig {
+    fn default() -> Self {
+        UpConfig {
+            data_dir: PathBuf::from("vitaltrail-data"),
+            mqtt_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            external_mqtt: None,
+            partitions: 4,
+            bus_capacity: 8192,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            attestor: AttestorConfig::default(),
+            ingest: IngestConfig {
+                share_group: None,
+                ..IngestConfig::default()
+            },
+        }
+    }
+}
+
+/// Load the log signing key from `<data>/keys/log.pem`, creating it once.
+pub fn log_key(data_dir: &Path) -> Result<SecretKey> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("keys").join("log.pem");
+    if let Ok(pem) = std::fs::read_to_string(&path) {
+        return SecretKey::from_pkcs8_pem(&pem)
+            .with_context(|| format!("log key {}", path.display()));
+    }
+    std::fs::create_dir_all(path.parent().unwrap_or(data_dir))?;
+    let key = SecretKey::generate(&mut rand::rngs::OsRng);
+    let pem = key.to_pkcs8_pem()?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(pem.as_bytes())?;
+    f.sync_all()?;
+    Ok(key)
+}
+
+/// The device registry of a data directory.
+pub fn registry_file(data_dir: &Path) -> RegistryFile {
+    RegistryFile::new(data_dir.join("devices.json"))
+}
+
+/// Start the embedded MQTT broker on `listen` (runs on its own threads).
+pub fn start_embedded_broker(listen: SocketAddr) -> Result<()> {
+    use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+    let mut v4 = HashMap::new();
+    v4.insert(
+        "1".to_owned(),
+        ServerSettings {
+            name: "vitaltrail-v4".into(),
+            listen,
+            tls: None,
+            next_connection_delay_ms: 1,
+            connections: ConnectionSettings {
+                connection_timeout_ms: 60_000,
+                max_payload_size: 256 * 1024,
+                max_inflight_count: 1000,
+                auth: None,
+                external_auth: None,
+                dynamic_filters: true,
+            },
+        },
+    );
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 10_010,
+            max_outgoing_packet_count: 1000,
+            max_segment_size: 16 * 1024 * 1024,
+            max_segment_count: 10,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(v4),
+        v5: None,
+        ws: None,
+        cluster: None,
+        console: None,
+        bridge: None,
+        prometheus: None,
+        metrics: None,
+    };
+    let mut broker = Broker::new(config);
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded MQTT broker stopped");
+            }
+        })?;
+    Ok(())
+}
+
+/// Wait until something accepts TCP connections on `addr`.
+pub async fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("nothing is listening on {addr} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn serve_metrics(
+    listen: SocketAddr,
+    registry: prometheus::Registry,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move {
+                let text = prometheus::TextEncoder::new()
+                    .encode_to_string(&registry.gather())
+                    .unwrap_or_default();
+                ([("content-type", "text/plain; version=0.0.4")], text)
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the metrics listener {listen}"))?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            while shutdown.changed().await.is_ok() {
+                if *shutdown.borrow() {
+                    break;
+                }
+            }
+        })
+        .await?;
+    Ok(())
+}
+
+/// Run everything until `shutdown` turns true.
+pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    cfg.attestor.data_dir = cfg.data_dir.clone();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let registry = prometheus::Registry::new();
+    let a_metrics = AttestorMetrics::new(&registry)?;
+    let i_metrics = IngestMetrics::new(&registry)?;
+    let key = log_key(&cfg.data_dir)?;
+    let rejects = Arc::new(RejectLog::open(cfg.data_dir.join("rejected.jsonl"))?);
+
+    let (producer, partitions) = inproc::bus(cfg.partitions, cfg.bus_capacity);
+    let mut tasks = tokio::task::JoinSet::new();
+    for part in partitions {
+        use vitaltrail_bus::PartitionSource as _;
+        let state = PartitionState::open(&cfg.attestor, part.partition(), &key, a_metrics.clone())
+            .with_context(|| format!("opening partition {}", part.partition()))?;
+        let run = run_partition(
+            part,
+            state,
+            cfg.attestor.clone(),
+            rejects.clone(),
+            clock.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move { run.await.map_err(anyhow::Error::from) });
+    }
+
+    let (host, port) = match &cfg.external_mqtt {
+        Some((h, p)) => (h.clone(), *p),
+        None => {
+            start_embedded_broker(cfg.mqtt_listen)?;
+            wait_for_port(cfg.mqtt_listen, Duration::from_secs(5)).await?;
+            (cfg.mqtt_listen.ip().to_string(), cfg.mqtt_listen.port())
+        }
+    };
+    let (devices, _watch) =
+        SharedRegistry::watch(registry_file(&cfg.data_dir), Duration::from_millis(500))?;
+    let ingest_cfg = IngestConfig {
+        mqtt_host: host.clone(),
+        mqtt_port: port,
+        ..cfg.ingest.clone()
+    };
+    tasks.spawn({
+        let rejects = rejects.clone();
+        let clock = clock.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            vitaltrail_ingest::run(
+                ingest_cfg, producer, devices, rejects, clock, i_metrics, shutdown,
+            )
+            .await
+            .map_err(anyhow::Error::from)
+        }
+    });
+    if let Some(listen) = cfg.metrics_listen {
+        tasks.spawn(serve_metrics(listen, registry, shutdown.clone()));
+    }
+    tracing::info!(mqtt = %format!("{host}:{port}"), data = %cfg.data_dir.display(), partitions = cfg.partitions, "vitaltrail is up");
+    // The first stage to fail stops everything (nothing is acknowledged that
+    // was not made durable, so devices resend after a restart).
+    while let Some(res) = tasks.join_next().await {
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(anyhow::anyhow!("a stage panicked: {e}")),
+        }
+    }
+    Ok(())
+}
