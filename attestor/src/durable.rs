@@ -219,6 +219,50 @@ impl DurableLog {
         Ok(log)
     }
 
+    /// Open a log for reading while its writer may be running: no lock, no
+    /// repair. It sees the state committed when it was opened.
+    pub fn open_read_only(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_owned();
+        let ro = |name: &str| -> Result<File> {
+            let p = dir.join(name);
+            File::open(&p).map_err(io("open", &p))
+        };
+        let head_file = ro("HEAD")?;
+        let mut slots = [0u8; 128];
+        let n = head_file
+            .metadata()
+            .map_err(io("stat", &dir))?
+            .len()
+            .min(128) as usize;
+        head_file
+            .read_exact_at(&mut slots[..n], 0)
+            .map_err(io("read", &dir.join("HEAD")))?;
+        let head = [&slots[..64], &slots[64..]]
+            .iter()
+            .filter_map(|s| Head::decode(s))
+            .max_by_key(|h| h.generation)
+            .ok_or_else(|| Error::Corrupt {
+                path: dir.clone(),
+                detail: "HEAD holds no valid commit record".into(),
+            })?;
+        let mut log = DurableLog {
+            leaves: ro("leaves.dat")?,
+            index: ro("leaves.idx")?,
+            hashes: ro("hashes.dat")?,
+            head_file,
+            _lock: ro("HEAD")?,
+            head,
+            frontier: Frontier::new(),
+            leaves_len: u64::MAX,
+            dir,
+        };
+        log.frontier = Frontier::load(head.size, &log)?;
+        if log.frontier.root() != head.root {
+            return Err(log.corrupt("stored hashes do not produce the committed root"));
+        }
+        Ok(log)
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
@@ -388,7 +432,11 @@ impl DurableLog {
             .into());
         }
         let (off, len) = self.record_location(n)?;
-        if len as usize > MAX_LEAF_BYTES || off + 4 + len > self.leaves_len {
+        if len as usize > MAX_LEAF_BYTES
+            || off
+                .checked_add(4 + len)
+                .is_none_or(|end| end > self.leaves_len)
+        {
             return Err(self.corrupt(format!("record {n} has an impossible length")));
         }
         let mut buf = vec![0u8; len as usize];

@@ -212,14 +212,22 @@ pub fn parse_log_key(arg: &str) -> Result<LogPublicKey> {
     Ok(LogPublicKey::parse(&text)?)
 }
 
-pub fn verify(bundle: &Path, log_key: &str, device: Option<&str>) -> Result<ExitCode> {
-    let key = parse_log_key(log_key)?;
+pub fn verify(
+    bundle: &Path,
+    log_key: Option<&str>,
+    data: &Path,
+    device: Option<&str>,
+) -> Result<ExitCode> {
     let device = device
         .map(DeviceId::parse)
         .transpose()
         .context("--device")?;
     let bytes = read_input(Some(bundle))?;
     let bundle = ProofBundle::from_json(&bytes)?;
+    let key = match log_key {
+        Some(k) => parse_log_key(k)?,
+        None => parse_log_key(&crate::pipeline_cmds::log_key_for(data, &bundle)?)?,
+    };
     let report = bundle.verify(&key, device.as_ref());
     for (name, r) in &report.checks {
         match r {

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod commands;
 mod demo;
+mod pipeline_cmds;
 
 /// Verifiable vital signs, from the device to a public chain.
 #[derive(Debug, Parser)]
@@ -39,11 +40,98 @@ enum Command {
         /// The proof bundle (JSON); `-` for standard input.
         bundle: PathBuf,
         /// The log's verifier key (`name+keyid+base64`), or a file holding it.
+        /// Without it, the key is taken from the data directory (`--data`).
         #[arg(long, env = "VITALTRAIL_LOG_KEY")]
-        log_key: String,
+        log_key: Option<String>,
+        /// The `vitaltrail up` data directory to take the log key from.
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        data: PathBuf,
         /// Also require the reading to be signed by this device DID.
         #[arg(long)]
         device: Option<String>,
+    },
+    /// Run the whole pipeline in one process: embedded MQTT broker, ingest,
+    /// in-process bus, attestor, /metrics. Stops on Ctrl-C.
+    Up {
+        /// Data directory (logs, checkpoints, rejects, registry, log key).
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        data: PathBuf,
+        /// Where the embedded MQTT broker listens.
+        #[arg(long, env = "VITALTRAIL_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
+        mqtt_listen: std::net::SocketAddr,
+        /// Use this external MQTT broker (HOST:PORT) instead of the embedded one.
+        #[arg(long, env = "VITALTRAIL_MQTT")]
+        mqtt: Option<String>,
+        /// Partitions (one Merkle log each).
+        #[arg(long, env = "VITALTRAIL_PARTITIONS", default_value_t = 4)]
+        partitions: u32,
+        /// Where /metrics is served.
+        #[arg(
+            long,
+            env = "VITALTRAIL_METRICS_LISTEN",
+            default_value = "127.0.0.1:9464"
+        )]
+        metrics_listen: std::net::SocketAddr,
+        /// Sign a checkpoint at least this often (ms) while readings arrive.
+        #[arg(
+            long,
+            env = "VITALTRAIL_CHECKPOINT_INTERVAL_MS",
+            default_value_t = 1000
+        )]
+        checkpoint_interval_ms: u64,
+    },
+    /// Simulated wearables: sign readings and publish them over MQTT (QoS 1).
+    Sim {
+        /// The MQTT broker.
+        #[arg(long, env = "VITALTRAIL_MQTT", default_value = "127.0.0.1:1883")]
+        mqtt: String,
+        /// Number of devices.
+        #[arg(long, default_value_t = 10)]
+        devices: usize,
+        /// Readings per second per device.
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Scenario for every device, a comma-separated list cycled over the
+        /// devices, or `mix` (steady, deterioration, hypoxia, tachy, brady,
+        /// dropout, silent, clock-skew).
+        #[arg(long, default_value = "steady")]
+        scenario: String,
+        /// Inject an attack (repeatable; `all` for every one): forged-signature,
+        /// wrong-key, replay, duplicate-seq, malformed-cbor, oversize, unknown-device.
+        #[arg(long = "attack")]
+        attacks: Vec<String>,
+        /// Messages per attack.
+        #[arg(long, default_value_t = 1)]
+        attack_count: usize,
+        /// Seed for device keys and patients (same seed, same devices).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Register the devices in this data directory's registry first.
+        #[arg(long)]
+        register: Option<PathBuf>,
+    },
+    /// The device registry.
+    Devices {
+        #[command(subcommand)]
+        cmd: DevicesCmd,
+    },
+    /// Write a proof bundle for one logged reading.
+    Prove {
+        /// The device DID.
+        #[arg(long)]
+        device: String,
+        /// The reading's seq.
+        #[arg(long)]
+        seq: u64,
+        /// The data directory.
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        data: PathBuf,
+        /// Write the bundle here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Run the end-to-end demo: sign, log, checkpoint, prove, verify, tamper.
     Demo {
@@ -53,6 +141,38 @@ enum Command {
         /// How many readings to sign and log.
         #[arg(long, default_value_t = 1000)]
         readings: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesCmd {
+    /// Register a device for a patient.
+    Add {
+        /// The device DID.
+        did: String,
+        /// The patient (a pseudonymous ID).
+        #[arg(long)]
+        patient: String,
+        /// Ward or care team.
+        #[arg(long)]
+        ward: Option<String>,
+        /// The data directory.
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        data: PathBuf,
+    },
+    /// List registered devices (DID, patient, ward, state).
+    List {
+        /// The data directory.
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        data: PathBuf,
+    },
+    /// Revoke a device: its readings are rejected from now on.
+    Revoke {
+        /// The device DID.
+        did: String,
+        /// The data directory.
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        data: PathBuf,
     },
 }
 
@@ -134,6 +254,15 @@ enum LogCmd {
     },
 }
 
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -161,8 +290,72 @@ fn main() -> ExitCode {
         Command::Verify {
             bundle,
             log_key,
+            data,
             device,
-        } => commands::verify(&bundle, &log_key, device.as_deref()),
+        } => commands::verify(&bundle, log_key.as_deref(), &data, device.as_deref()),
+        Command::Up {
+            data,
+            mqtt_listen,
+            mqtt,
+            partitions,
+            metrics_listen,
+            checkpoint_interval_ms,
+        } => {
+            init_tracing();
+            pipeline_cmds::up(
+                data,
+                mqtt_listen,
+                mqtt,
+                partitions,
+                metrics_listen,
+                checkpoint_interval_ms,
+            )
+        }
+        Command::Sim {
+            mqtt,
+            devices,
+            rate,
+            duration,
+            scenario,
+            attacks,
+            attack_count,
+            seed,
+            register,
+        } => {
+            init_tracing();
+            pipeline_cmds::sim(pipeline_cmds::SimArgs {
+                mqtt,
+                devices,
+                rate,
+                duration_secs: duration,
+                scenario,
+                attacks,
+                attack_count,
+                seed,
+                register,
+            })
+        }
+        Command::Devices {
+            cmd:
+                DevicesCmd::Add {
+                    did,
+                    patient,
+                    ward,
+                    data,
+                },
+        } => pipeline_cmds::devices_add(&data, &did, &patient, ward.as_deref()),
+        Command::Devices {
+            cmd: DevicesCmd::List { data },
+        } => pipeline_cmds::devices_list(&data),
+        Command::Devices {
+            cmd: DevicesCmd::Revoke { did, data },
+        } => pipeline_cmds::devices_revoke(&data, &did),
+        Command::Prove {
+            device,
+            seq,
+            data,
+            out,
+        } => pipeline_cmds::prove(&data, &device, seq, out.as_deref()),
         Command::Demo { dir, readings } => demo::run(&dir, readings),
     };
     match result {

@@ -1,0 +1,258 @@
+//! The subcommands of the pipeline (issue #4): `up`, `sim`, `devices`, `prove`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use vitaltrail::up::{self, UpConfig};
+use vitaltrail_attestor::DurableLog;
+use vitaltrail_attestor::pipeline::AttestorConfig;
+use vitaltrail_core::{Checkpoint, Clock, DeviceId, ProofBundle, SystemClock, envelope, leaf};
+use vitaltrail_device_sim::attacks::Attack;
+use vitaltrail_device_sim::physiology::Scenario;
+use vitaltrail_device_sim::publisher::{self, SimConfig};
+
+/// Split `host:port`.
+pub fn host_port(s: &str) -> Result<(String, u16)> {
+    let (h, p) = s
+        .rsplit_once(':')
+        .with_context(|| format!("{s:?} is not HOST:PORT"))?;
+    Ok((
+        h.to_owned(),
+        p.parse().with_context(|| format!("bad port in {s:?}"))?,
+    ))
+}
+
+fn shutdown_on_ctrl_c() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// `vitaltrail up`.
+pub fn up(
+    data: PathBuf,
+    mqtt_listen: SocketAddr,
+    mqtt: Option<String>,
+    partitions: u32,
+    metrics_listen: SocketAddr,
+    checkpoint_interval_ms: u64,
+) -> Result<ExitCode> {
+    let cfg = UpConfig {
+        data_dir: data,
+        mqtt_listen,
+        external_mqtt: mqtt.as_deref().map(host_port).transpose()?,
+        partitions,
+        metrics_listen: Some(metrics_listen),
+        attestor: AttestorConfig {
+            checkpoint_interval: Duration::from_millis(checkpoint_interval_ms),
+            ..AttestorConfig::default()
+        },
+        ..UpConfig::default()
+    };
+    runtime()?.block_on(async move {
+        let stop = shutdown_on_ctrl_c();
+        up::run(cfg, stop).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Options of `vitaltrail sim`.
+#[derive(Debug)]
+pub struct SimArgs {
+    pub mqtt: String,
+    pub devices: usize,
+    pub rate: f64,
+    pub duration_secs: f64,
+    pub scenario: String,
+    pub attacks: Vec<String>,
+    pub attack_count: usize,
+    pub seed: u64,
+    pub register: Option<PathBuf>,
+}
+
+/// `vitaltrail sim`.
+pub fn sim(a: SimArgs) -> Result<ExitCode> {
+    let scenarios: Vec<Scenario> = match a.scenario.as_str() {
+        "mix" => Scenario::ALL.to_vec(),
+        s => s
+            .split(',')
+            .map(|n| Scenario::parse(n).with_context(|| format!("unknown scenario {n:?}")))
+            .collect::<Result<_>>()?,
+    };
+    let mut attacks = Vec::new();
+    for n in &a.attacks {
+        if n == "all" {
+            attacks.extend(Attack::ALL);
+        } else {
+            attacks.push(Attack::parse(n).with_context(|| {
+                let names: Vec<&str> = Attack::ALL.iter().map(|a| a.name()).collect();
+                format!("unknown attack {n:?}; one of: all, {}", names.join(", "))
+            })?);
+        }
+    }
+    let (host, port) = host_port(&a.mqtt)?;
+    let mut devs = publisher::devices(a.seed, a.devices, &scenarios);
+    if let Some(data) = &a.register {
+        let reg = up::registry_file(data);
+        let existing = reg.load()?;
+        for (i, d) in devs.iter().enumerate() {
+            if matches!(
+                existing.lookup(d.key.did().as_str()),
+                vitaltrail_ingest::registry::Lookup::Unknown
+            ) {
+                reg.add(
+                    d.key.did(),
+                    &format!("sim-patient-{}-{i}", a.seed),
+                    Some("sim"),
+                    SystemClock.now_ms(),
+                )?;
+            }
+        }
+        // Ingest reloads the registry every 0.5 s.
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    let cfg = SimConfig {
+        mqtt_host: host,
+        mqtt_port: port,
+        client_id: format!("vitaltrail-sim-{}", a.seed),
+        rate: a.rate,
+        duration: Duration::from_secs_f64(a.duration_secs),
+        attacks,
+        attack_count: a.attack_count,
+        ..SimConfig::default()
+    };
+    let report = runtime()?.block_on(publisher::run(&cfg, &mut devs, Arc::new(SystemClock)))?;
+    let summary = serde_json::json!({
+        "devices": devs.iter().map(|d| serde_json::json!({
+            "did": d.key.did().to_string(),
+            "scenario": format!("{:?}", d.patient.scenario()),
+        })).collect::<Vec<_>>(),
+        "published": report.published,
+        "acked": report.acked,
+        "valid_readings": report.valid_count(),
+        "expected_rejects": report.expected_rejects,
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vitaltrail devices add`.
+pub fn devices_add(data: &Path, did: &str, patient: &str, ward: Option<&str>) -> Result<ExitCode> {
+    let did = DeviceId::parse(did).context("DID")?;
+    up::registry_file(data).add(&did, patient, ward, SystemClock.now_ms())?;
+    println!("registered {did} for patient {patient}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vitaltrail devices revoke`.
+pub fn devices_revoke(data: &Path, did: &str) -> Result<ExitCode> {
+    let did = DeviceId::parse(did).context("DID")?;
+    up::registry_file(data).revoke(&did, SystemClock.now_ms())?;
+    println!("revoked {did}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vitaltrail devices list`.
+pub fn devices_list(data: &Path) -> Result<ExitCode> {
+    let reg = up::registry_file(data).load()?;
+    for d in reg.devices() {
+        let state = if d.revoked_ms.is_some() {
+            "revoked"
+        } else {
+            "active"
+        };
+        println!(
+            "{}\t{}\t{}\t{state}",
+            d.did,
+            d.patient,
+            d.ward.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn partition_dirs(data: &Path) -> Result<Vec<PathBuf>> {
+    let root = data.join("partitions");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .with_context(|| {
+            format!(
+                "{} has no partition logs; is it a `vitaltrail up` data directory?",
+                data.display()
+            )
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("HEAD").exists())
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// `vitaltrail prove --device DID --seq N`.
+pub fn prove(data: &Path, device: &str, seq: u64, out: Option<&Path>) -> Result<ExitCode> {
+    let did = DeviceId::parse(device).context("--device")?;
+    for dir in partition_dirs(data)? {
+        let log = DurableLog::open_read_only(&dir)?;
+        for i in (0..log.size()).rev() {
+            let bytes = log.leaf(i)?;
+            let l = leaf::decode(&bytes)?;
+            let r = envelope::decode_verified_upstream(l.envelope)?;
+            if r.did != did || r.seq != seq {
+                continue;
+            }
+            let note = log
+                .latest_checkpoint()?
+                .context("the partition has no checkpoint yet; retry in a second")?;
+            let cp = Checkpoint::parse_unverified(&note)?;
+            if i >= cp.size {
+                bail!(
+                    "the reading is logged (leaf {i}) but not yet covered by a checkpoint; retry in a second"
+                );
+            }
+            let proof = log.prove_inclusion(cp.size, i)?;
+            let bundle = ProofBundle::new(l.envelope, l.log_time_ms, i, &proof, &note);
+            let json = format!("{}\n", bundle.to_json());
+            match out {
+                Some(p) => {
+                    std::fs::write(p, json).with_context(|| format!("writing {}", p.display()))?
+                }
+                None => print!("{json}"),
+            }
+            eprintln!(
+                "proved seq {seq} of {did}: leaf {i} of {} (log key: {})",
+                cp.origin,
+                dir.join("log.vkey").display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    bail!("no logged reading with seq {seq} from {did}")
+}
+
+/// The verifier key for a checkpoint origin, from a data directory.
+pub fn log_key_for(data: &Path, bundle: &ProofBundle) -> Result<String> {
+    let origin = Checkpoint::parse_unverified(&bundle.checkpoint)?.origin;
+    for dir in partition_dirs(data)? {
+        let vkey = std::fs::read_to_string(dir.join("log.vkey")).unwrap_or_default();
+        if vkey.split('+').next() == Some(origin.as_str()) {
+            return Ok(vkey.trim().to_owned());
+        }
+    }
+    bail!(
+        "no log named {origin:?} in {}; pass --log-key",
+        data.display()
+    )
+}
