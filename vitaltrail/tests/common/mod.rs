@@ -1,0 +1,206 @@
+//! Shared pieces of the end-to-end tests: real servers started on
+//! 127.0.0.1 and stopped by the test, and the checks every path must pass.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vitaltrail_attestor::DurableLog;
+use vitaltrail_attestor::pipeline::read_checkpoints;
+use vitaltrail_bus::deadletter::RejectLog;
+use vitaltrail_core::{Checkpoint, LogPublicKey, ProofBundle, envelope, leaf, merkle};
+use vitaltrail_device_sim::publisher::SimReport;
+
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Find a server binary or fail with what to install.
+pub fn require(bin: &str, install: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/usr/bin"]) {
+        let p = Path::new(dir).join(bin);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("`{bin}` is not installed; {install} (scripts/setup installs it)");
+}
+
+/// A Mosquitto broker on 127.0.0.1, stopped on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Option<Child>,
+    conf: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start(persistent: bool) -> Mosquitto {
+        let bin = require("mosquitto", "install Debian packages `mosquitto mosquitto-clients`");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_addr().port();
+        let conf = dir.path().join("mosquitto.conf");
+        let mut c = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 1000\nmax_queued_messages 100000\nmessage_size_limit 0\nlog_dest stderr\nlog_type error\n"
+        );
+        if persistent {
+            c.push_str(&format!("persistence true\npersistence_location {}/\nautosave_interval 1\n", dir.path().display()));
+        } else {
+            c.push_str("persistence false\n");
+        }
+        std::fs::write(&conf, c).unwrap();
+        let mut m = Mosquitto { port, child: None, conf, _dir: dir };
+        m.spawn(&bin);
+        m
+    }
+
+    fn spawn(&mut self, bin: &Path) {
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        wait_port(self.port);
+    }
+
+    /// Stop gracefully (SIGTERM, so a persistent broker saves its state) and start again.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+        let bin = require("mosquitto", "install Debian packages `mosquitto mosquitto-clients`");
+        self.spawn(&bin);
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on 127.0.0.1:{port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn logged(data: &Path, partitions: u32) -> u64 {
+    (0..partitions)
+        .map(|p| read_checkpoints(&data.join("partitions").join(p.to_string())).unwrap().last().map_or(0, |c| c.size))
+        .sum()
+}
+
+/// Wait until the pipeline has durably decided every message of `report`.
+pub async fn wait_settled(data: &Path, partitions: u32, report: &SimReport, timeout: Duration) {
+    let expected_rejects: u64 = report.expected_rejects.values().sum();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let rejected = RejectLog::read_all(data.join("rejected.jsonl")).unwrap().len() as u64;
+        let n = logged(data, partitions);
+        if n >= report.valid_count() && rejected >= expected_rejects {
+            // Let a last checkpoint and any redelivery land.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out: logged {n} of {}, rejected {rejected} of {expected_rejects}",
+            report.valid_count()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// After the pipeline stopped: every valid reading is logged exactly once,
+/// nothing else is; every expected reject is there with its reason (extra
+/// `duplicate` rejects of logged readings are allowed when a broker may
+/// redeliver); sampled proofs and every checkpoint chain verify.
+pub fn check_outcome(data: &Path, partitions: u32, report: &SimReport, allow_redelivery: bool) {
+    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut sample = Vec::new();
+    for p in 0..partitions {
+        let dir = data.join("partitions").join(p.to_string());
+        let log = DurableLog::open(&dir).unwrap();
+        for i in 0..log.size() {
+            let l = log.leaf(i).unwrap();
+            let l = leaf::decode(&l).unwrap();
+            let r = envelope::verify(l.envelope).unwrap();
+            seen.entry(r.did.to_string()).or_default().push(r.seq);
+            if i % 13 == 0 {
+                sample.push((p, i));
+            }
+        }
+    }
+    for v in seen.values_mut() {
+        let n = v.len();
+        assert_eq!(v.iter().copied().collect::<BTreeSet<u64>>().len(), n, "a reading was logged twice");
+        v.sort();
+    }
+    assert_eq!(&seen, &report.valid, "logged readings differ from the valid readings sent");
+
+    let rejected = RejectLog::read_all(data.join("rejected.jsonl")).unwrap();
+    let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
+    for r in &rejected {
+        *by_reason.entry(r.reason.clone()).or_default() += 1;
+    }
+    if allow_redelivery {
+        for (reason, n) in &report.expected_rejects {
+            let got = by_reason.get(reason).copied().unwrap_or(0);
+            assert!(got >= *n, "{reason}: {got} rejected, {n} expected");
+            if reason != "duplicate" {
+                assert_eq!(got, *n, "{reason}");
+            }
+        }
+        for (reason, n) in &by_reason {
+            assert!(report.expected_rejects.contains_key(reason) || reason == "duplicate", "unexpected {reason} x{n}");
+        }
+    } else {
+        assert_eq!(by_reason, report.expected_rejects);
+    }
+
+    assert!(sample.len() > 3);
+    for (p, i) in sample {
+        let dir = data.join("partitions").join(p.to_string());
+        let vkey = LogPublicKey::parse(&std::fs::read_to_string(dir.join("log.vkey")).unwrap()).unwrap();
+        let log = DurableLog::open(&dir).unwrap();
+        let note = log.latest_checkpoint().unwrap().unwrap();
+        let cp = Checkpoint::open(&note, &vkey).unwrap();
+        let l = log.leaf(i).unwrap();
+        let l = leaf::decode(&l).unwrap();
+        let proof = log.prove_inclusion(cp.size, i).unwrap();
+        let b = ProofBundle::new(l.envelope, l.log_time_ms, i, &proof, &note);
+        let r = b.verify(&vkey, None);
+        assert!(r.ok(), "{:?}", r.checks);
+        let cps = read_checkpoints(&dir).unwrap();
+        for w in cps.windows(2) {
+            let a = Checkpoint::open(&w[0].note, &vkey).unwrap();
+            let b = Checkpoint::open(&w[1].note, &vkey).unwrap();
+            let c = log.prove_consistency(a.size, b.size).unwrap();
+            merkle::verify_consistency(a.size, b.size, &a.root, &b.root, &c).unwrap();
+        }
+    }
+}
+
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
