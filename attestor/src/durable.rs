@@ -7,7 +7,7 @@
 //! | `leaves.dat` | records `u32 BE length ‖ leaf bytes`, appended |
 //! | `leaves.idx` | `u64 BE` offset of each record in `leaves.dat` |
 //! | `hashes.dat` | the stored hashes (32 bytes each) in the order of [`merkle::stored_hash_index`] |
-//! | `HEAD` | two 64-byte commit slots: `u64 generation ‖ u64 size ‖ root ‖ BLAKE3(first 48 bytes)[..16]` |
+//! | `HEAD` | two 64-byte commit slots: `u64 generation ‖ u64 size ‖ root ‖ u64 cursor ‖ BLAKE3(first 56 bytes)[..8]` (all big-endian; cursor `u64::MAX` = none) |
 //! | `LOCK` | held with an exclusive OS lock while the log is open for writing |
 //! | `checkpoint` | the latest signed checkpoint note (written atomically) |
 //!
@@ -53,6 +53,7 @@ struct Head {
     generation: u64,
     size: u64,
     root: Hash,
+    cursor: Option<u64>,
 }
 
 impl Head {
@@ -61,19 +62,22 @@ impl Head {
         b[..8].copy_from_slice(&self.generation.to_be_bytes());
         b[8..16].copy_from_slice(&self.size.to_be_bytes());
         b[16..48].copy_from_slice(&self.root.0);
-        let sum = blake3::hash(&b[..48]);
-        b[48..].copy_from_slice(&sum.as_bytes()[..16]);
+        b[48..56].copy_from_slice(&self.cursor.unwrap_or(u64::MAX).to_be_bytes());
+        let sum = blake3::hash(&b[..56]);
+        b[56..].copy_from_slice(&sum.as_bytes()[..8]);
         b
     }
 
     fn decode(b: &[u8]) -> Option<Head> {
-        if b.len() != 64 || blake3::hash(&b[..48]).as_bytes()[..16] != b[48..] {
+        if b.len() != 64 || blake3::hash(&b[..56]).as_bytes()[..8] != b[56..] {
             return None;
         }
+        let cursor = u64::from_be_bytes(b[48..56].try_into().ok()?);
         Some(Head {
             generation: u64::from_be_bytes(b[..8].try_into().ok()?),
             size: u64::from_be_bytes(b[8..16].try_into().ok()?),
             root: Hash(b[16..48].try_into().ok()?),
+            cursor: (cursor != u64::MAX).then_some(cursor),
         })
     }
 }
@@ -177,6 +181,7 @@ impl DurableLog {
             generation: 0,
             size: 0,
             root: merkle::empty_root(),
+            cursor: None,
         };
         let head = match valid {
             Some(h) => h,
@@ -348,9 +353,32 @@ impl DurableLog {
         &self.dir
     }
 
+    /// The input cursor committed with the last append, if any.
+    pub fn cursor(&self) -> Option<u64> {
+        self.head.cursor
+    }
+
     /// Append leaves and make them durable. Returns after the commit.
     pub fn append_batch<L: AsRef<[u8]>>(&mut self, leaves: &[L]) -> Result<Appended> {
+        self.append_batch_at(leaves, self.head.cursor)
+    }
+
+    /// Append leaves and move the input cursor in one durable commit. A batch
+    /// with no leaves still commits a changed cursor.
+    pub fn append_batch_at<L: AsRef<[u8]>>(
+        &mut self,
+        leaves: &[L],
+        cursor: Option<u64>,
+    ) -> Result<Appended> {
         let first_index = self.head.size;
+        if leaves.is_empty() && cursor != self.head.cursor {
+            let head = Head {
+                generation: self.head.generation + 1,
+                cursor,
+                ..self.head
+            };
+            self.write_head(head)?;
+        }
         if leaves.is_empty() {
             return Ok(Appended {
                 first_index,
@@ -403,15 +431,9 @@ impl DurableLog {
             generation: self.head.generation + 1,
             size: frontier.size(),
             root: frontier.root(),
+            cursor,
         };
-        let slot = (head.generation % 2) * HEAD_SLOT;
-        self.head_file
-            .write_all_at(&head.encode(), slot)
-            .map_err(io("write", &self.path("HEAD")))?;
-        self.head_file
-            .sync_data()
-            .map_err(io("fsync", &self.path("HEAD")))?;
-        self.head = head;
+        self.write_head(head)?;
         self.frontier = frontier;
         self.leaves_len += rec.len() as u64;
         Ok(Appended {
@@ -420,6 +442,18 @@ impl DurableLog {
             size: head.size,
             root: head.root,
         })
+    }
+
+    fn write_head(&mut self, head: Head) -> Result<()> {
+        let slot = (head.generation % 2) * HEAD_SLOT;
+        self.head_file
+            .write_all_at(&head.encode(), slot)
+            .map_err(io("write", &self.path("HEAD")))?;
+        self.head_file
+            .sync_data()
+            .map_err(io("fsync", &self.path("HEAD")))?;
+        self.head = head;
+        Ok(())
     }
 
     /// Read leaf `n`, checking it against its stored hash.
@@ -572,6 +606,24 @@ mod tests {
         }
         let c = log.prove_consistency(100, 260).unwrap();
         merkle::verify_consistency(100, 260, &log.root_at(100).unwrap(), &log.root(), &c).unwrap();
+    }
+
+    #[test]
+    fn cursor_is_committed_with_the_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = DurableLog::open(dir.path()).unwrap();
+            assert_eq!(log.cursor(), None);
+            log.append_batch_at(&[leaf(0)], Some(41)).unwrap();
+            log.append_batch_at::<Vec<u8>>(&[], Some(45)).unwrap();
+            assert_eq!(log.size(), 1);
+        }
+        let mut log = DurableLog::open(dir.path()).unwrap();
+        assert_eq!(log.cursor(), Some(45));
+        log.append_batch(&[leaf(1)]).unwrap();
+        drop(log);
+        let log = DurableLog::open_read_only(dir.path()).unwrap();
+        assert_eq!((log.size(), log.cursor()), (2, Some(45)));
     }
 
     #[test]

@@ -4,9 +4,12 @@
 //!
 //! 1. decodes every envelope (the signature was batch-verified by ingest;
 //!    proof verifiers re-check it, because the leaf holds the exact bytes);
-//! 2. rejects `(device, seq)` pairs that are not strictly increasing
-//!    (`duplicate` when equal to the last, `replay` when lower) and readings
-//!    whose device time is outside the skew window (`clock_skew`);
+//! 2. rejects a `(device, seq)` pair that was already logged (`duplicate`) or
+//!    is older than the per-device anti-replay window of [`SEQ_WINDOW`] seqs
+//!    (`replay`), and readings whose device time is outside the skew window
+//!    (`clock_skew`). A never-logged seq inside the window is accepted even if
+//!    newer ones came first: after a crash, a broker may redeliver an
+//!    unacknowledged reading after later ones, and it must not be lost;
 //! 3. appends the rest to the partition's [`DurableLog`] and the rejects to
 //!    the dead-letter store, both fsynced;
 //! 4. only then reports each record's outcome to the bus (which is when
@@ -78,10 +81,99 @@ impl AttestorConfig {
     }
 }
 
+/// Width of the per-device anti-replay window, in seqs.
+pub const SEQ_WINDOW: u64 = 1024;
+const WINDOW_WORDS: usize = (SEQ_WINDOW / 64) as usize;
+
+/// Which seqs of one device are logged: the highest one, and a bitmap of
+/// the [`SEQ_WINDOW`] seqs up to it (an RFC 4303-style anti-replay window).
+/// A seq that arrives late (a broker redelivered it after newer ones) is
+/// still accepted if it is inside the window and was never logged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqWindow {
+    max: u64,
+    bits: Vec<u64>,
+}
+
+/// What a window says about a seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqCheck {
+    /// Never logged and acceptable.
+    Fresh,
+    /// Already logged.
+    Seen,
+    /// Older than the window: cannot be told apart from a replay.
+    TooOld,
+}
+
+impl SeqWindow {
+    fn new(seq: u64) -> Self {
+        let mut w = SeqWindow {
+            max: seq,
+            bits: vec![0; WINDOW_WORDS],
+        };
+        w.set(seq);
+        w
+    }
+
+    fn bit(seq: u64) -> (usize, u64) {
+        let i = seq % SEQ_WINDOW;
+        ((i / 64) as usize, 1u64 << (i % 64))
+    }
+
+    fn set(&mut self, seq: u64) {
+        let (w, b) = Self::bit(seq);
+        if let Some(word) = self.bits.get_mut(w) {
+            *word |= b;
+        }
+    }
+
+    /// Check `seq` against the window.
+    pub fn check(&self, seq: u64) -> SeqCheck {
+        if seq > self.max {
+            return SeqCheck::Fresh;
+        }
+        if self.max - seq >= SEQ_WINDOW {
+            return SeqCheck::TooOld;
+        }
+        let (w, b) = Self::bit(seq);
+        if self.bits.get(w).is_some_and(|x| x & b != 0) {
+            SeqCheck::Seen
+        } else {
+            SeqCheck::Fresh
+        }
+    }
+
+    /// Record `seq` as logged (it must have checked [`SeqCheck::Fresh`]).
+    pub fn insert(&mut self, seq: u64) {
+        if seq > self.max {
+            // Slots of the seqs entering the window start empty.
+            let steps = (seq - self.max).min(SEQ_WINDOW);
+            for s in (seq - steps + 1)..=seq {
+                let (w, b) = Self::bit(s);
+                if let Some(word) = self.bits.get_mut(w) {
+                    *word &= !b;
+                }
+            }
+            self.max = seq;
+        }
+        self.set(seq);
+    }
+}
+
+fn record_seq(map: &mut HashMap<String, SeqWindow>, did: &str, seq: u64) {
+    match map.get_mut(did) {
+        Some(w) => w.insert(seq),
+        None => {
+            map.insert(did.to_owned(), SeqWindow::new(seq));
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct DedupSnapshot {
     size: u64,
-    last_seq: HashMap<String, u64>,
+    windows: HashMap<String, SeqWindow>,
 }
 
 /// One line of `checkpoints.jsonl`: every checkpoint a partition signed.
@@ -101,7 +193,7 @@ pub struct PartitionState {
     partition: u32,
     dir: PathBuf,
     log: DurableLog,
-    last_seq: HashMap<String, u64>,
+    windows: HashMap<String, SeqWindow>,
     signer: LogSigner,
     origin: String,
     last_cp_size: u64,
@@ -129,14 +221,14 @@ impl PartitionState {
             format!("{}\n", signer.public_key()).as_bytes(),
         )?;
         let snap_path = dir.join("dedup.json");
-        let (mut last_seq, from) = match std::fs::read(&snap_path) {
+        let (mut windows, from) = match std::fs::read(&snap_path) {
             Ok(b) => {
                 let s: DedupSnapshot =
                     serde_json::from_slice(&b).map_err(|e| state_err(&snap_path, e))?;
                 if s.size > log.size() {
                     return Err(state_err(&snap_path, "snapshot is ahead of the log"));
                 }
-                (s.last_seq, s.size)
+                (s.windows, s.size)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (HashMap::new(), 0),
             Err(e) => return Err(state_err(&snap_path, e)),
@@ -145,8 +237,7 @@ impl PartitionState {
             let bytes = log.leaf(i)?;
             let l = leaf::decode(&bytes)?;
             let r = envelope::decode_verified_upstream(l.envelope)?;
-            let e = last_seq.entry(r.did.as_str().to_owned()).or_insert(r.seq);
-            *e = (*e).max(r.seq);
+            record_seq(&mut windows, r.did.as_str(), r.seq);
         }
         let last_cp_size = match log.latest_checkpoint()? {
             Some(note) => Checkpoint::open(&note, &signer.public_key())?.size,
@@ -160,7 +251,7 @@ impl PartitionState {
             partition: p,
             dir,
             log,
-            last_seq,
+            windows,
             signer,
             origin,
             last_cp_size,
@@ -174,14 +265,28 @@ impl PartitionState {
         &self.log
     }
 
-    /// Decide, persist, and report a batch. Blocking (fsync).
+    /// The input offset to resume from: one past the cursor committed with
+    /// the log (`None`: from the beginning).
+    pub fn resume_offset(&self) -> Option<u64> {
+        self.log.cursor().map(|c| c + 1)
+    }
+
+    /// Decide, persist, and report a batch. Blocking (fsync). With
+    /// `durable_offsets`, the batch's last offset is committed as the log's
+    /// cursor in the same write as its leaves.
     pub fn process(
         &mut self,
         batch: Vec<Delivery>,
         now_ms: u64,
         cfg: &AttestorConfig,
         rejects: &RejectLog,
+        durable_offsets: bool,
     ) -> Result<()> {
+        let cursor = if durable_offsets {
+            batch.iter().map(|d| d.offset).max().or(self.log.cursor())
+        } else {
+            self.log.cursor()
+        };
         let start = Instant::now();
         let part = self.partition.to_string();
         self.metrics
@@ -193,9 +298,11 @@ impl PartitionState {
         // (delivery, Some(leaf position in `leaves`) or None for rejected)
         let mut fates: Vec<(Delivery, std::result::Result<usize, String>)> =
             Vec::with_capacity(batch.len());
-        let mut pending: HashMap<String, u64> = HashMap::new();
+        // Windows of the devices this batch touched, applied once durable.
+        let mut pending: HashMap<String, SeqWindow> = HashMap::new();
         for d in batch {
             let payload = &d.record.payload;
+            let source = durable_offsets.then(|| format!("partition {}@{}", d.partition, d.offset));
             let reading = match envelope::decode_verified_upstream(payload) {
                 Ok(r) => r,
                 Err(e) => {
@@ -207,21 +314,28 @@ impl PartitionState {
                         d.record.received_ms,
                     );
                     rj.device = Some(d.record.key.clone());
+                    rj.source = source;
                     rejected.push(rj);
                     fates.push((d, Err(e.code().to_owned())));
                     continue;
                 }
             };
             let did = reading.did.as_str();
-            let last = pending.get(did).or_else(|| self.last_seq.get(did)).copied();
-            let reason = match last {
-                Some(l) if reading.seq == l => Some((
+            let seen = pending
+                .get(did)
+                .or_else(|| self.windows.get(did))
+                .map_or(SeqCheck::Fresh, |w| w.check(reading.seq));
+            let reason = match seen {
+                SeqCheck::Seen => Some((
                     "duplicate",
-                    format!("seq {} was already logged", reading.seq),
+                    format!("seq {} of this device was already logged", reading.seq),
                 )),
-                Some(l) if reading.seq < l => Some((
+                SeqCheck::TooOld => Some((
                     "replay",
-                    format!("seq {} is below the last logged seq {l}", reading.seq),
+                    format!(
+                        "seq {} is older than the {SEQ_WINDOW}-reading anti-replay window",
+                        reading.seq
+                    ),
                 )),
                 _ if reading.time.saturating_add(cfg.max_past_ms) < now_ms => Some((
                     "clock_skew",
@@ -245,20 +359,29 @@ impl PartitionState {
                         Rejection::new("attestor", code, detail, payload, d.record.received_ms);
                     rj.device = Some(did.to_owned());
                     rj.seq = Some(reading.seq);
+                    rj.source = source;
                     rejected.push(rj);
                     fates.push((d, Err(code.to_owned())));
                 }
                 None => {
-                    pending.insert(did.to_owned(), reading.seq);
+                    if !pending.contains_key(did) {
+                        let w = self.windows.get(did).cloned();
+                        if let Some(w) = w {
+                            pending.insert(did.to_owned(), w);
+                        }
+                    }
+                    record_seq(&mut pending, did, reading.seq);
                     leaves.push(leaf::encode(now_ms, payload));
                     fates.push((d, Ok(leaves.len() - 1)));
                 }
             }
         }
-        let appended = self.log.append_batch(&leaves)?;
+        // Rejections first: a crash between the two writes redelivers the
+        // batch, which repeats a rejection (same `source`), never loses one.
         rejects.append(&rejected)?;
+        let appended = self.log.append_batch_at(&leaves, cursor)?;
         // Durable: now the outcomes may be reported.
-        self.last_seq.extend(pending);
+        self.windows.extend(pending);
         for r in &rejected {
             self.metrics.rejected.with_label_values(&[&r.reason]).inc();
         }
@@ -336,7 +459,7 @@ impl PartitionState {
         self.log.store_checkpoint(&note)?;
         let snap = DedupSnapshot {
             size,
-            last_seq: self.last_seq.clone(),
+            windows: self.windows.clone(),
         };
         let bytes = serde_json::to_vec(&snap).map_err(|e| state_err(&self.dir, e))?;
         write_atomic(&self.dir, "dedup.json", &bytes)?;
@@ -388,10 +511,19 @@ pub async fn run_partition<S: PartitionSource>(
                 }
                 let now = clock.now_ms();
                 let taken = std::mem::take(&mut batch);
+                let durable = source.durable_offsets();
+                let next = taken.iter().map(|d| d.offset + 1).max();
                 tokio::task::block_in_place(|| {
-                    state.process(taken, now, &cfg, &rejects)?;
+                    state.process(taken, now, &cfg, &rejects, durable)?;
                     state.maybe_checkpoint(now, &cfg, false)
                 })?;
+                if let (true, Some(next)) = (durable, next)
+                    && let Err(e) = source.commit(next).await
+                {
+                    // The log's own cursor is authoritative; the group
+                    // offset only feeds lag monitoring.
+                    tracing::warn!(error = %e, "could not commit the consumer offset");
+                }
             }
             _ = tick.tick() => {
                 let now = clock.now_ms();
@@ -407,4 +539,35 @@ pub async fn run_partition<S: PartitionSource>(
     let now = clock.now_ms();
     tokio::task::block_in_place(|| state.maybe_checkpoint(now, &cfg, true))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_accepts_late_readings_once_and_refuses_stale_ones() {
+        let mut w = SeqWindow::new(10);
+        assert_eq!(w.check(10), SeqCheck::Seen);
+        assert_eq!(w.check(11), SeqCheck::Fresh);
+        w.insert(15);
+        for s in [11, 12, 13, 14] {
+            assert_eq!(w.check(s), SeqCheck::Fresh, "{s} arrives late");
+        }
+        w.insert(12);
+        assert_eq!(w.check(12), SeqCheck::Seen);
+        assert_eq!(w.check(15), SeqCheck::Seen);
+        w.insert(15 + SEQ_WINDOW);
+        assert_eq!(w.check(15), SeqCheck::TooOld);
+        assert_eq!(
+            w.check(16),
+            SeqCheck::Fresh,
+            "slot reused for a new seq must start empty"
+        );
+        assert_eq!(w.check(14 + SEQ_WINDOW), SeqCheck::Fresh);
+        assert_eq!(w.check(15 + SEQ_WINDOW), SeqCheck::Seen);
+        w.insert(u64::MAX - 1);
+        assert_eq!(w.check(u64::MAX - 1), SeqCheck::Seen);
+        assert_eq!(w.check(u64::MAX), SeqCheck::Fresh);
+    }
 }

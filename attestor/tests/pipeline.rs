@@ -104,7 +104,7 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
     assert_eq!(
         send(reading(&dev, 1, NOW)).await,
         Outcome::Rejected {
-            reason: "replay".into()
+            reason: "duplicate".into()
         }
     );
     assert_eq!(
@@ -135,12 +135,50 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
             index: 3
         }
     );
+    // A reading redelivered late (4 after 5) is still logged, once.
+    assert_eq!(
+        send(reading(&dev, 4, NOW)).await,
+        Outcome::Logged {
+            partition: 0,
+            index: 4
+        }
+    );
+    assert_eq!(
+        send(reading(&dev, 4, NOW)).await,
+        Outcome::Rejected {
+            reason: "duplicate".into()
+        }
+    );
+    // One older than the anti-replay window is refused.
+    assert_eq!(
+        send(reading(&dev, 5000, NOW)).await,
+        Outcome::Logged {
+            partition: 0,
+            index: 5
+        }
+    );
+    assert_eq!(
+        send(reading(&dev, 3, NOW)).await,
+        Outcome::Rejected {
+            reason: "replay".into()
+        }
+    );
     stop.send(true).unwrap();
     h.await.unwrap();
 
     let rejected = RejectLog::read_all(d.path().join("rejected.jsonl")).unwrap();
     let reasons: Vec<&str> = rejected.iter().map(|r| r.reason.as_str()).collect();
-    assert_eq!(reasons, ["duplicate", "replay", "clock_skew", "clock_skew"]);
+    assert_eq!(
+        reasons,
+        [
+            "duplicate",
+            "duplicate",
+            "clock_skew",
+            "clock_skew",
+            "duplicate",
+            "replay"
+        ]
+    );
     assert!(
         rejected
             .iter()
@@ -153,7 +191,7 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
         LogPublicKey::parse(&std::fs::read_to_string(pdir.join("log.vkey")).unwrap()).unwrap();
     let cps = read_checkpoints(&pdir).unwrap();
     assert!(!cps.is_empty());
-    assert_eq!(cps.last().unwrap().size, 4);
+    assert_eq!(cps.last().unwrap().size, 6);
     let log = vitaltrail_attestor::DurableLog::open(&pdir).unwrap();
     let mut prev: Option<Checkpoint> = None;
     for c in &cps {
@@ -170,16 +208,16 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
     clock.advance(10);
     let (tx, stop, h) = start(&cfg, clock.clone()).await;
     assert_eq!(
-        tx.send(reading(&dev, 5, NOW)).await.unwrap(),
+        tx.send(reading(&dev, 5000, NOW)).await.unwrap(),
         Outcome::Rejected {
             reason: "duplicate".into()
         }
     );
     assert_eq!(
-        tx.send(reading(&dev, 6, NOW)).await.unwrap(),
+        tx.send(reading(&dev, 5001, NOW)).await.unwrap(),
         Outcome::Logged {
             partition: 0,
-            index: 4
+            index: 6
         }
     );
     stop.send(true).unwrap();

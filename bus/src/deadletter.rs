@@ -39,6 +39,10 @@ pub struct Rejection {
     pub size: u64,
     /// The message (base64), when at most [`MAX_KEPT_BYTES`].
     pub envelope_b64: Option<String>,
+    /// Where it was consumed from (`topic/partition@offset`), when from Kafka;
+    /// a redelivered rejection has the same source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl Rejection {
@@ -61,6 +65,7 @@ impl Rejection {
             size: bytes.len() as u64,
             envelope_b64: (bytes.len() <= MAX_KEPT_BYTES)
                 .then(|| base64::engine::general_purpose::STANDARD.encode(bytes)),
+            source: None,
         }
     }
 }

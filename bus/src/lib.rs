@@ -9,9 +9,10 @@
 //!   here, so "durably accepted" means "the attestor has committed it to its
 //!   write-ahead Merkle log (or durably rejected it)": [`Producer::send`]
 //!   resolves only then, and ingest acknowledges MQTT only after that.
-//! * **Kafka** (planned): `send` resolves on the broker's acknowledgement
-//!   (idempotent producer, `acks=all`), and the attestor commits offsets after
-//!   its state is durable.
+//! * **Kafka** ([`kafka`]): `send` resolves on the broker's acknowledgement
+//!   (idempotent producer, `acks=all`); the attestor stores the offset it
+//!   consumed in the same durable commit as its log, resumes from there, and
+//!   commits the group offset afterwards.
 //!
 //! Records are keyed by device DID, so one device always lands in one
 //! partition and the attestor that owns the partition sees its readings in
@@ -19,6 +20,7 @@
 
 pub mod deadletter;
 pub mod inproc;
+pub mod kafka;
 
 use std::future::Future;
 
@@ -38,6 +40,9 @@ pub enum Error {
     /// The dead-letter store could not be written.
     #[error("dead-letter store {path}: {detail}")]
     DeadLetter { path: String, detail: String },
+    /// Kafka failed (the broker is down, a topic is missing…). Retryable.
+    #[error("kafka: {0}")]
+    Kafka(String),
 }
 
 impl Error {
@@ -131,4 +136,43 @@ pub trait PartitionSource: Send + 'static {
         max: usize,
         out: &mut Vec<Delivery>,
     ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// True when [`Delivery::offset`]s survive restarts (Kafka), so the
+    /// consumer can store them with its state and resume from there.
+    fn durable_offsets(&self) -> bool {
+        false
+    }
+
+    /// Everything before offset `next` is durably handled (Kafka: commit the
+    /// consumer group's offset, for lag monitoring).
+    fn commit(&mut self, next: u64) -> impl Future<Output = Result<()>> + Send {
+        let _ = next;
+        async { Ok(()) }
+    }
+}
+
+/// Where rejected readings go: the local dead-letter file (one process) or
+/// the `vitals.rejected` topic (distributed).
+#[derive(Debug, Clone)]
+pub enum RejectSink {
+    /// Append to a local, fsynced file.
+    File(std::sync::Arc<deadletter::RejectLog>),
+    /// Produce to Kafka.
+    Kafka(kafka::KafkaProducer),
+}
+
+impl RejectSink {
+    /// Make `rejections` durable; returns once they are.
+    pub async fn record(&self, rejections: Vec<deadletter::Rejection>) -> Result<()> {
+        if rejections.is_empty() {
+            return Ok(());
+        }
+        match self {
+            RejectSink::File(log) => {
+                let log = log.clone();
+                tokio::task::block_in_place(move || log.append(&rejections))
+            }
+            RejectSink::Kafka(p) => p.send_rejections(rejections).await,
+        }
+    }
 }

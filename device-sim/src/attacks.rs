@@ -60,8 +60,9 @@ impl Attack {
     pub fn expected_reason(self) -> &'static str {
         match self {
             Attack::ForgedSignature | Attack::WrongKey => "bad_signature",
-            Attack::Replay => "replay",
-            Attack::DuplicateSeq => "duplicate",
+            // A replay of a logged reading inside the anti-replay window is
+            // recognised as already logged.
+            Attack::Replay | Attack::DuplicateSeq => "duplicate",
             Attack::MalformedCbor => "malformed_cbor",
             Attack::Oversize => "oversize",
             Attack::UnknownDevice => "unknown_device",

@@ -7,8 +7,8 @@ use futures::StreamExt as _;
 use futures::stream::FuturesOrdered;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::{mpsc, watch};
-use vitaltrail_bus::deadletter::{RejectLog, Rejection};
-use vitaltrail_bus::{Outcome, Producer, Record};
+use vitaltrail_bus::deadletter::Rejection;
+use vitaltrail_bus::{Outcome, Producer, Record, RejectSink};
 use vitaltrail_core::{Clock, envelope};
 
 use crate::error::{Error, Result};
@@ -70,7 +70,7 @@ pub async fn run<P: Producer>(
     cfg: IngestConfig,
     producer: P,
     registry: SharedRegistry,
-    rejects: Arc<RejectLog>,
+    rejects: RejectSink,
     clock: Arc<dyn Clock>,
     metrics: Metrics,
     mut shutdown: watch::Receiver<bool>,
@@ -132,7 +132,10 @@ pub async fn run<P: Producer>(
                     break;
                 }
                 let taken = std::mem::take(&mut batch);
-                for f in process_batch(taken, &producer, &registry, &rejects, clock.as_ref(), &metrics)? {
+                let (futures, rejections) = process_batch(taken, &producer, &registry, clock.as_ref(), &metrics)?;
+                // Rejections are durable before any of them is acknowledged.
+                rejects.record(rejections).await?;
+                for f in futures {
                     pending.push_back(f);
                 }
             }
@@ -175,17 +178,17 @@ fn topic_device(topic: &str) -> Option<&str> {
         .filter(|d| !d.is_empty() && !d.contains('/'))
 }
 
-/// Check and verify one batch. Rejections are made durable here; accepted
-/// readings are handed to the bus. Returns, in arrival order, one future per
-/// message that resolves when its fate is durable.
+/// Check and verify one batch, and hand accepted readings to the bus.
+/// Returns, in arrival order, one future per message that resolves when its
+/// fate is durable, and the rejections, which the caller must make durable
+/// before awaiting those futures.
 fn process_batch<P: Producer>(
     batch: Vec<Publish>,
     producer: &P,
     registry: &SharedRegistry,
-    rejects: &RejectLog,
     clock: &dyn Clock,
     metrics: &Metrics,
-) -> Result<Vec<Pending>> {
+) -> Result<(Vec<Pending>, Vec<Rejection>)> {
     let now = clock.now_ms();
     metrics.readings_in.inc_by(batch.len() as u64);
     metrics.batch_size.observe(batch.len() as f64);
@@ -257,7 +260,6 @@ fn process_batch<P: Producer>(
         }
     }
     let recs: Vec<Rejection> = rejections.iter().map(|(_, r)| r.clone()).collect();
-    tokio::task::block_in_place(|| rejects.append(&recs))?;
     for r in &recs {
         metrics.rejected.with_label_values(&[&r.reason]).inc();
     }
@@ -290,8 +292,9 @@ fn process_batch<P: Producer>(
             futures[i] = Some(Box::pin(async move { (p, Ok(())) }));
         }
     }
-    futures
+    let futures = futures
         .into_iter()
         .map(|f| f.ok_or_else(|| Error::Mqtt("internal: message without a fate".into())))
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok((futures, recs))
 }

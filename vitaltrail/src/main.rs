@@ -80,6 +80,62 @@ enum Command {
         )]
         checkpoint_interval_ms: u64,
     },
+    /// Run one ingest process (distributed mode): MQTT in, Kafka out.
+    Ingest {
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "VITALTRAIL_KAFKA")]
+        kafka: String,
+        /// The MQTT broker (HOST:PORT).
+        #[arg(long, env = "VITALTRAIL_MQTT", default_value = "127.0.0.1:1883")]
+        mqtt: String,
+        /// MQTT client ID, unique per ingest process.
+        #[arg(
+            long,
+            env = "VITALTRAIL_INGEST_ID",
+            default_value = "vitaltrail-ingest-0"
+        )]
+        client_id: String,
+        /// Shared-subscription group that ingest processes split the load in.
+        #[arg(long, default_value = "vitaltrail-ingest")]
+        share_group: String,
+        /// Where the device registry (devices.json) lives.
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        data: PathBuf,
+        /// Partitions of vitals.verified, if this process creates the topic.
+        #[arg(long, default_value_t = 4)]
+        topic_partitions: i32,
+        /// Where /metrics is served.
+        #[arg(long, env = "VITALTRAIL_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
+    },
+    /// Run one attestor process (distributed mode) for a set of partitions.
+    Attest {
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "VITALTRAIL_KAFKA")]
+        kafka: String,
+        /// The vitals.verified partitions this process owns, e.g. 0,1,2,3.
+        #[arg(long, value_delimiter = ',', default_value = "0,1,2,3")]
+        partitions: Vec<u32>,
+        /// Partitions of vitals.verified, if this process creates the topic.
+        #[arg(long, default_value_t = 4)]
+        topic_partitions: i32,
+        /// Data directory (partition logs, checkpoints, rejects, log key).
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        data: PathBuf,
+        /// Do not copy vitals.rejected into <data>/rejected.jsonl.
+        #[arg(long)]
+        no_dead_letters: bool,
+        /// Sign a checkpoint at least this often (ms) while readings arrive.
+        #[arg(
+            long,
+            env = "VITALTRAIL_CHECKPOINT_INTERVAL_MS",
+            default_value_t = 1000
+        )]
+        checkpoint_interval_ms: u64,
+        /// Where /metrics is served.
+        #[arg(long, env = "VITALTRAIL_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
+    },
     /// Simulated wearables: sign readings and publish them over MQTT (QoS 1).
     Sim {
         /// The MQTT broker.
@@ -344,6 +400,46 @@ fn main() -> ExitCode {
                     data,
                 },
         } => pipeline_cmds::devices_add(&data, &did, &patient, ward.as_deref()),
+        Command::Ingest {
+            kafka,
+            mqtt,
+            client_id,
+            share_group,
+            data,
+            topic_partitions,
+            metrics_listen,
+        } => {
+            init_tracing();
+            pipeline_cmds::ingest(
+                kafka,
+                mqtt,
+                client_id,
+                share_group,
+                data,
+                topic_partitions,
+                metrics_listen,
+            )
+        }
+        Command::Attest {
+            kafka,
+            partitions,
+            topic_partitions,
+            data,
+            no_dead_letters,
+            checkpoint_interval_ms,
+            metrics_listen,
+        } => {
+            init_tracing();
+            pipeline_cmds::attest(
+                kafka,
+                partitions,
+                topic_partitions,
+                data,
+                !no_dead_letters,
+                checkpoint_interval_ms,
+                metrics_listen,
+            )
+        }
         Command::Devices {
             cmd: DevicesCmd::List { data },
         } => pipeline_cmds::devices_list(&data),

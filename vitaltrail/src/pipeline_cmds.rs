@@ -26,14 +26,88 @@ pub fn host_port(s: &str) -> Result<(String, u16)> {
     ))
 }
 
+/// A shutdown signal that turns true on Ctrl-C or SIGTERM.
 fn shutdown_on_ctrl_c() -> tokio::sync::watch::Receiver<bool> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
         tracing::info!("shutting down");
         let _ = tx.send(true);
     });
     rx
+}
+
+/// `vitaltrail ingest`.
+pub fn ingest(
+    kafka: String,
+    mqtt: String,
+    client_id: String,
+    share_group: String,
+    data: PathBuf,
+    topic_partitions: i32,
+    metrics_listen: Option<SocketAddr>,
+) -> Result<ExitCode> {
+    use vitaltrail::distributed::{IngestProcessConfig, run_ingest};
+    let (host, port) = host_port(&mqtt)?;
+    let cfg = IngestProcessConfig {
+        kafka: vitaltrail_bus::kafka::KafkaConfig {
+            brokers: kafka,
+            partitions: topic_partitions,
+            ..Default::default()
+        },
+        ingest: vitaltrail_ingest::IngestConfig {
+            mqtt_host: host,
+            mqtt_port: port,
+            client_id,
+            share_group: Some(share_group),
+            ..Default::default()
+        },
+        data_dir: data,
+        metrics_listen,
+    };
+    runtime()?.block_on(async move { run_ingest(cfg, shutdown_on_ctrl_c()).await })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vitaltrail attest`.
+pub fn attest(
+    kafka: String,
+    partitions: Vec<u32>,
+    topic_partitions: i32,
+    data: PathBuf,
+    dead_letters: bool,
+    checkpoint_interval_ms: u64,
+    metrics_listen: Option<SocketAddr>,
+) -> Result<ExitCode> {
+    use vitaltrail::distributed::{AttestProcessConfig, run_attest};
+    let cfg = AttestProcessConfig {
+        kafka: vitaltrail_bus::kafka::KafkaConfig {
+            brokers: kafka,
+            partitions: topic_partitions,
+            ..Default::default()
+        },
+        partitions,
+        dead_letters,
+        attestor: AttestorConfig {
+            data_dir: data,
+            checkpoint_interval: Duration::from_millis(checkpoint_interval_ms),
+            ..AttestorConfig::default()
+        },
+        metrics_listen,
+    };
+    runtime()?.block_on(async move { run_attest(cfg, shutdown_on_ctrl_c()).await })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `vitaltrail up`.

@@ -155,7 +155,8 @@ pub async fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
     }
 }
 
-async fn serve_metrics(
+/// Serve `/metrics` from `registry` until `shutdown`.
+pub async fn serve_metrics(
     listen: SocketAddr,
     registry: prometheus::Registry,
     mut shutdown: watch::Receiver<bool>,
@@ -238,7 +239,13 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
         let shutdown = shutdown.clone();
         async move {
             vitaltrail_ingest::run(
-                ingest_cfg, producer, devices, rejects, clock, i_metrics, shutdown,
+                ingest_cfg,
+                producer,
+                devices,
+                vitaltrail_bus::RejectSink::File(rejects),
+                clock,
+                i_metrics,
+                shutdown,
             )
             .await
             .map_err(anyhow::Error::from)

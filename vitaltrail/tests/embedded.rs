@@ -27,21 +27,33 @@ async fn embedded_pipeline_logs_valid_readings_once_and_rejects_every_attack() {
         mqtt_listen: mqtt,
         partitions,
         metrics_listen: Some(common::free_addr()),
-        attestor: AttestorConfig { checkpoint_interval: Duration::from_millis(100), ..AttestorConfig::default() },
+        attestor: AttestorConfig {
+            checkpoint_interval: Duration::from_millis(100),
+            ..AttestorConfig::default()
+        },
         ..UpConfig::default()
     };
     let metrics_addr = cfg.metrics_listen.unwrap();
 
-    let scenarios = [Scenario::Steady, Scenario::Deterioration, Scenario::ClockSkew, Scenario::AcuteHypoxia, Scenario::SensorDropout];
+    let scenarios = [
+        Scenario::Steady,
+        Scenario::Deterioration,
+        Scenario::ClockSkew,
+        Scenario::AcuteHypoxia,
+        Scenario::SensorDropout,
+    ];
     let mut devs = publisher::devices(7, 6, &scenarios);
     let reg = up::registry_file(data.path());
     for (i, d) in devs.iter().enumerate() {
-        reg.add(d.key.did(), &format!("patient-{i}"), Some("ward-3"), 0).unwrap();
+        reg.add(d.key.did(), &format!("patient-{i}"), Some("ward-3"), 0)
+            .unwrap();
     }
 
     let (stop, stop_rx) = watch::channel(false);
     let pipeline = tokio::spawn(up::run(cfg.clone(), stop_rx));
-    up::wait_for_port(mqtt, Duration::from_secs(10)).await.unwrap();
+    up::wait_for_port(mqtt, Duration::from_secs(10))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let sim = SimConfig {
@@ -52,14 +64,22 @@ async fn embedded_pipeline_logs_valid_readings_once_and_rejects_every_attack() {
         attack_count: 2,
         ..SimConfig::default()
     };
-    let report = publisher::run(&sim, &mut devs, Arc::new(SystemClock)).await.unwrap();
+    let report = publisher::run(&sim, &mut devs, Arc::new(SystemClock))
+        .await
+        .unwrap();
     assert_eq!(report.acked, report.published);
     assert!(report.valid_count() > 150, "{report:?}");
     common::wait_settled(data.path(), partitions, &report, Duration::from_secs(30)).await;
 
     let body = common::http_get(metrics_addr, "/metrics").await;
-    assert!(body.contains("vitaltrail_ingest_readings_in_total"), "{body}");
-    assert!(body.contains("vitaltrail_attestor_appended_total"), "{body}");
+    assert!(
+        body.contains("vitaltrail_ingest_readings_in_total"),
+        "{body}"
+    );
+    assert!(
+        body.contains("vitaltrail_attestor_appended_total"),
+        "{body}"
+    );
 
     stop.send(true).unwrap();
     pipeline.await.unwrap().unwrap();

@@ -24,8 +24,14 @@ fn config(data: &std::path::Path, mqtt_port: u16, partitions: u32) -> UpConfig {
         external_mqtt: Some(("127.0.0.1".into(), mqtt_port)),
         partitions,
         metrics_listen: None,
-        attestor: AttestorConfig { checkpoint_interval: Duration::from_millis(100), ..AttestorConfig::default() },
-        ingest: IngestConfig { share_group: Some("vitaltrail-ingest".into()), ..IngestConfig::default() },
+        attestor: AttestorConfig {
+            checkpoint_interval: Duration::from_millis(100),
+            ..AttestorConfig::default()
+        },
+        ingest: IngestConfig {
+            share_group: Some("vitaltrail-ingest".into()),
+            ..IngestConfig::default()
+        },
         ..UpConfig::default()
     }
 }
@@ -35,13 +41,24 @@ async fn pipeline_over_mosquitto_with_a_shared_subscription() {
     let broker = common::Mosquitto::start(false);
     let data = tempfile::tempdir().unwrap();
     let partitions = 2;
-    let mut devs = publisher::devices(11, 5, &[Scenario::Steady, Scenario::Tachyarrhythmia, Scenario::ClockSkew]);
+    let mut devs = publisher::devices(
+        11,
+        5,
+        &[
+            Scenario::Steady,
+            Scenario::Tachyarrhythmia,
+            Scenario::ClockSkew,
+        ],
+    );
     let reg = up::registry_file(data.path());
     for (i, d) in devs.iter().enumerate() {
         reg.add(d.key.did(), &format!("p{i}"), None, 0).unwrap();
     }
     let (stop, stop_rx) = watch::channel(false);
-    let pipeline = tokio::spawn(up::run(config(data.path(), broker.port, partitions), stop_rx));
+    let pipeline = tokio::spawn(up::run(
+        config(data.path(), broker.port, partitions),
+        stop_rx,
+    ));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sim = SimConfig {
         mqtt_port: broker.port,
@@ -50,7 +67,9 @@ async fn pipeline_over_mosquitto_with_a_shared_subscription() {
         attacks: Attack::ALL.to_vec(),
         ..SimConfig::default()
     };
-    let report = publisher::run(&sim, &mut devs, Arc::new(SystemClock)).await.unwrap();
+    let report = publisher::run(&sim, &mut devs, Arc::new(SystemClock))
+        .await
+        .unwrap();
     common::wait_settled(data.path(), partitions, &report, Duration::from_secs(30)).await;
     stop.send(true).unwrap();
     pipeline.await.unwrap().unwrap();
@@ -60,17 +79,31 @@ async fn pipeline_over_mosquitto_with_a_shared_subscription() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pycose_envelope_published_with_mosquitto_pub_is_accepted() {
     let broker = common::Mosquitto::start(false);
-    let pubbin = common::require("mosquitto_pub", "install Debian package `mosquitto-clients`");
+    let pubbin = common::require(
+        "mosquitto_pub",
+        "install Debian package `mosquitto-clients`",
+    );
     let manifest: serde_json::Value =
         serde_json::from_str(include_str!("../../core/tests/fixtures/cose/manifest.json")).unwrap();
     let case = |name: &str| {
-        let c = manifest["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone();
-        (c["did"].as_str().unwrap().to_owned(), hex::decode(c["cose_hex"].as_str().unwrap()).unwrap())
+        let c = manifest["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()
+            .clone();
+        (
+            c["did"].as_str().unwrap().to_owned(),
+            hex::decode(c["cose_hex"].as_str().unwrap()).unwrap(),
+        )
     };
     let (did, good) = case("valid_multi_meta");
     let (_, forged) = case("tampered_signature");
     let data = tempfile::tempdir().unwrap();
-    up::registry_file(data.path()).add(&DeviceId::parse(&did).unwrap(), "interop-patient", None, 0).unwrap();
+    up::registry_file(data.path())
+        .add(&DeviceId::parse(&did).unwrap(), "interop-patient", None, 0)
+        .unwrap();
     let mut cfg = config(data.path(), broker.port, 1);
     // The fixtures carry a 2023 device time.
     cfg.attestor.max_past_ms = 20 * 365 * 24 * 3600 * 1000;
@@ -82,7 +115,16 @@ async fn a_pycose_envelope_published_with_mosquitto_pub_is_accepted() {
         let f = data.path().join(format!("{name}.cose"));
         std::fs::write(&f, bytes).unwrap();
         let st = std::process::Command::new(&pubbin)
-            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "1", "-V", "mqttv311"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &broker.port.to_string(),
+                "-q",
+                "1",
+                "-V",
+                "mqttv311",
+            ])
             .args(["-t", &format!("vitals/{did}"), "-f"])
             .arg(&f)
             .status()
@@ -92,14 +134,20 @@ async fn a_pycose_envelope_published_with_mosquitto_pub_is_accepted() {
     let pdir = data.path().join("partitions/0");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let logged = read_checkpoints(&pdir).unwrap().last().map_or(0, |c| c.size);
+        let logged = read_checkpoints(&pdir)
+            .unwrap()
+            .last()
+            .map_or(0, |c| c.size);
         let rejected = RejectLog::read_all(data.path().join("rejected.jsonl")).unwrap();
         if logged == 1 && rejected.len() == 1 {
             assert_eq!(rejected[0].reason, "bad_signature");
             assert_eq!(rejected[0].device.as_deref(), Some(did.as_str()));
             break;
         }
-        assert!(Instant::now() < deadline, "logged {logged}, rejected {rejected:?}");
+        assert!(
+            Instant::now() < deadline,
+            "logged {logged}, rejected {rejected:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.send(true).unwrap();
@@ -107,7 +155,10 @@ async fn a_pycose_envelope_published_with_mosquitto_pub_is_accepted() {
     let log = vitaltrail_attestor::DurableLog::open(&pdir).unwrap();
     let leaf = log.leaf(0).unwrap();
     // The leaf holds the pycose bytes exactly as published.
-    assert_eq!(vitaltrail_core::leaf::decode(&leaf).unwrap().envelope, good.as_slice());
+    assert_eq!(
+        vitaltrail_core::leaf::decode(&leaf).unwrap().envelope,
+        good.as_slice()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -121,7 +172,10 @@ async fn nothing_is_lost_when_mosquitto_restarts_mid_run() {
         reg.add(d.key.did(), &format!("p{i}"), None, 0).unwrap();
     }
     let (stop, stop_rx) = watch::channel(false);
-    let pipeline = tokio::spawn(up::run(config(data.path(), broker.port, partitions), stop_rx));
+    let pipeline = tokio::spawn(up::run(
+        config(data.path(), broker.port, partitions),
+        stop_rx,
+    ));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sim = SimConfig {
         mqtt_port: broker.port,

@@ -15,12 +15,19 @@ use vitaltrail_core::{Checkpoint, LogPublicKey, ProofBundle, envelope, leaf, mer
 use vitaltrail_device_sim::publisher::SimReport;
 
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// Find a server binary or fail with what to install.
 pub fn require(bin: &str, install: &str) -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/usr/bin"]) {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/usr/bin"])
+    {
         let p = Path::new(dir).join(bin);
         if p.is_file() {
             return p;
@@ -39,7 +46,10 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(persistent: bool) -> Mosquitto {
-        let bin = require("mosquitto", "install Debian packages `mosquitto mosquitto-clients`");
+        let bin = require(
+            "mosquitto",
+            "install Debian packages `mosquitto mosquitto-clients`",
+        );
         let dir = tempfile::tempdir().unwrap();
         let port = free_addr().port();
         let conf = dir.path().join("mosquitto.conf");
@@ -47,12 +57,20 @@ impl Mosquitto {
             "listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 1000\nmax_queued_messages 100000\nmessage_size_limit 0\nlog_dest stderr\nlog_type error\n"
         );
         if persistent {
-            c.push_str(&format!("persistence true\npersistence_location {}/\nautosave_interval 1\n", dir.path().display()));
+            c.push_str(&format!(
+                "persistence true\npersistence_location {}/\nautosave_interval 1\n",
+                dir.path().display()
+            ));
         } else {
             c.push_str("persistence false\n");
         }
         std::fs::write(&conf, c).unwrap();
-        let mut m = Mosquitto { port, child: None, conf, _dir: dir };
+        let mut m = Mosquitto {
+            port,
+            child: None,
+            conf,
+            _dir: dir,
+        };
         m.spawn(&bin);
         m
     }
@@ -72,10 +90,16 @@ impl Mosquitto {
     /// Stop gracefully (SIGTERM, so a persistent broker saves its state) and start again.
     pub fn restart(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             let _ = c.wait();
         }
-        let bin = require("mosquitto", "install Debian packages `mosquitto mosquitto-clients`");
+        let bin = require(
+            "mosquitto",
+            "install Debian packages `mosquitto mosquitto-clients`",
+        );
         self.spawn(&bin);
     }
 }
@@ -89,17 +113,176 @@ impl Drop for Mosquitto {
     }
 }
 
+/// The nisshi Kafka-protocol broker on 127.0.0.1, stopped on drop.
+pub struct Nisshi {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    persistent: bool,
+}
+
+pub fn nisshi_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NISSHI_BIN") {
+        return PathBuf::from(p);
+    }
+    let cached = PathBuf::from(std::env::var("HOME").unwrap_or_default())
+        .join(".cache/vitaltrail-tools/nisshi-0.8.1/bin/nisshi");
+    if cached.is_file() {
+        return cached;
+    }
+    require(
+        "nisshi",
+        "install it with `cargo install nisshi --version 0.8.1 --locked --ignore-rust-version --root ~/.cache/vitaltrail-tools/nisshi-0.8.1`",
+    )
+}
+
+impl Nisshi {
+    pub fn start(persistent: bool) -> Nisshi {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_addr().port();
+        let mut n = Nisshi {
+            port,
+            child: None,
+            dir,
+            persistent,
+        };
+        n.spawn();
+        n
+    }
+
+    fn spawn(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let storage = if self.persistent {
+            "sqlite://broker.db"
+        } else {
+            "memory://nisshi/"
+        };
+        let child = Command::new(nisshi_bin())
+            .current_dir(self.dir.path())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args([
+                "--storage-engine",
+                storage,
+                "--group-initial-rebalance-delay",
+                "0s",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("nisshi.log")).unwrap())
+            .spawn()
+            .expect("start nisshi");
+        self.child = Some(child);
+        wait_port(self.port);
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kill -9 and start again on the same port and storage.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // The port must be free before the new broker binds it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.spawn();
+    }
+}
+
+impl Drop for Nisshi {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A `vitaltrail` subcommand running as its own process, killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub args: Vec<String>,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(args: &[String], log: PathBuf) -> Proc {
+        let child = Command::new(env!("CARGO_BIN_EXE_vitaltrail"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .expect("spawn vitaltrail");
+        Proc {
+            child,
+            args: args.to_vec(),
+            log,
+        }
+    }
+
+    /// kill -9, then start the same command again.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = Proc::spawn(&self.args.clone(), self.log.clone());
+    }
+
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            panic!(
+                "{:?} exited with {st}: {}",
+                self.args,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn wait_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on 127.0.0.1:{port}");
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on 127.0.0.1:{port}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn logged(data: &Path, partitions: u32) -> u64 {
     (0..partitions)
-        .map(|p| read_checkpoints(&data.join("partitions").join(p.to_string())).unwrap().last().map_or(0, |c| c.size))
+        .map(|p| {
+            read_checkpoints(&data.join("partitions").join(p.to_string()))
+                .unwrap()
+                .last()
+                .map_or(0, |c| c.size)
+        })
         .sum()
 }
 
@@ -108,7 +291,9 @@ pub async fn wait_settled(data: &Path, partitions: u32, report: &SimReport, time
     let expected_rejects: u64 = report.expected_rejects.values().sum();
     let deadline = Instant::now() + timeout;
     loop {
-        let rejected = RejectLog::read_all(data.join("rejected.jsonl")).unwrap().len() as u64;
+        let rejected = RejectLog::read_all(data.join("rejected.jsonl"))
+            .unwrap()
+            .len() as u64;
         let n = logged(data, partitions);
         if n >= report.valid_count() && rejected >= expected_rejects {
             // Let a last checkpoint and any redelivery land.
@@ -129,6 +314,31 @@ pub async fn wait_settled(data: &Path, partitions: u32, report: &SimReport, time
 /// `duplicate` rejects of logged readings are allowed when a broker may
 /// redeliver); sampled proofs and every checkpoint chain verify.
 pub fn check_outcome(data: &Path, partitions: u32, report: &SimReport, allow_redelivery: bool) {
+    check_outcome_with(
+        data,
+        partitions,
+        report,
+        if allow_redelivery {
+            Rejects::Redelivery
+        } else {
+            Rejects::Exact
+        },
+    )
+}
+
+/// How strictly to compare the rejects with what the simulator expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejects {
+    /// Exactly the expected reasons and counts.
+    Exact,
+    /// Also extra `duplicate`s (a broker redelivered logged readings).
+    Redelivery,
+    /// Every expected reject at least once; extra copies of expected
+    /// reasons allowed (a crashed ingest re-processes redelivered rejects).
+    AtLeast,
+}
+
+pub fn check_outcome_with(data: &Path, partitions: u32, report: &SimReport, mode: Rejects) {
     let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let mut sample = Vec::new();
     for p in 0..partitions {
@@ -146,17 +356,42 @@ pub fn check_outcome(data: &Path, partitions: u32, report: &SimReport, allow_red
     }
     for v in seen.values_mut() {
         let n = v.len();
-        assert_eq!(v.iter().copied().collect::<BTreeSet<u64>>().len(), n, "a reading was logged twice");
+        assert_eq!(
+            v.iter().copied().collect::<BTreeSet<u64>>().len(),
+            n,
+            "a reading was logged twice"
+        );
         v.sort();
     }
-    assert_eq!(&seen, &report.valid, "logged readings differ from the valid readings sent");
+    assert_eq!(
+        &seen, &report.valid,
+        "logged readings differ from the valid readings sent"
+    );
 
     let rejected = RejectLog::read_all(data.join("rejected.jsonl")).unwrap();
     let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
+    let mut sources = BTreeSet::new();
     for r in &rejected {
+        // A record re-read after a crash carries the same source: count it once.
+        if let Some(s) = &r.source
+            && !sources.insert(s.clone())
+        {
+            continue;
+        }
         *by_reason.entry(r.reason.clone()).or_default() += 1;
     }
-    if allow_redelivery {
+    if mode == Rejects::AtLeast {
+        for (reason, n) in &report.expected_rejects {
+            let got = by_reason.get(reason).copied().unwrap_or(0);
+            assert!(got >= *n, "{reason}: {got} rejected, {n} expected");
+        }
+        for (reason, n) in &by_reason {
+            assert!(
+                report.expected_rejects.contains_key(reason) || reason == "duplicate",
+                "unexpected {reason} x{n}"
+            );
+        }
+    } else if mode == Rejects::Redelivery {
         for (reason, n) in &report.expected_rejects {
             let got = by_reason.get(reason).copied().unwrap_or(0);
             assert!(got >= *n, "{reason}: {got} rejected, {n} expected");
@@ -165,7 +400,10 @@ pub fn check_outcome(data: &Path, partitions: u32, report: &SimReport, allow_red
             }
         }
         for (reason, n) in &by_reason {
-            assert!(report.expected_rejects.contains_key(reason) || reason == "duplicate", "unexpected {reason} x{n}");
+            assert!(
+                report.expected_rejects.contains_key(reason) || reason == "duplicate",
+                "unexpected {reason} x{n}"
+            );
         }
     } else {
         assert_eq!(by_reason, report.expected_rejects);
@@ -174,7 +412,8 @@ pub fn check_outcome(data: &Path, partitions: u32, report: &SimReport, allow_red
     assert!(sample.len() > 3);
     for (p, i) in sample {
         let dir = data.join("partitions").join(p.to_string());
-        let vkey = LogPublicKey::parse(&std::fs::read_to_string(dir.join("log.vkey")).unwrap()).unwrap();
+        let vkey =
+            LogPublicKey::parse(&std::fs::read_to_string(dir.join("log.vkey")).unwrap()).unwrap();
         let log = DurableLog::open(&dir).unwrap();
         let note = log.latest_checkpoint().unwrap().unwrap();
         let cp = Checkpoint::open(&note, &vkey).unwrap();

@@ -1,0 +1,324 @@
+//! The Kafka bus (rdkafka / librdkafka).
+//!
+//! * Producer: idempotent, `acks=all`, records keyed by device DID so one
+//!   device stays in one partition; `message.timeout.ms=0`, so a reading
+//!   waits (and intake slows) while Kafka is down instead of being dropped.
+//!   A full local queue waits too (backpressure).
+//! * Consumer: the attestor is *assigned* its partitions explicitly (one
+//!   attestor per partition set, like a StatefulSet ordinal) and starts each
+//!   at the offset stored with its durable log. Group offsets are committed
+//!   after the state is durable, for lag monitoring.
+//!
+//! Topics: `vitals.verified` (readings), `vitals.rejected` (dead letters, JSON).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt as _;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::{CommitMode, Consumer, DefaultConsumerContext, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::deadletter::Rejection;
+use crate::{Delivery, Error, Outcome, PartitionSource, Producer, Record, Result};
+
+/// Topic of verified readings.
+pub const VERIFIED_TOPIC: &str = "vitals.verified";
+/// Topic of rejected readings.
+pub const REJECTED_TOPIC: &str = "vitals.rejected";
+
+/// Typed Kafka settings.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Partitions of `vitals.verified` when this process creates it.
+    pub partitions: i32,
+    /// Consumer group of the attestors.
+    pub group_id: String,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            partitions: 4,
+            group_id: "vitaltrail-attestor".into(),
+        }
+    }
+}
+
+fn kerr(e: impl std::fmt::Display) -> Error {
+    Error::Kafka(e.to_string())
+}
+
+/// Create the topics if they do not exist yet.
+pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .create()
+        .map_err(kerr)?;
+    let topics = [
+        NewTopic::new(VERIFIED_TOPIC, cfg.partitions, TopicReplication::Fixed(1)),
+        NewTopic::new(REJECTED_TOPIC, 1, TopicReplication::Fixed(1)),
+    ];
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for r in admin
+        .create_topics(topics.iter(), &opts)
+        .await
+        .map_err(kerr)?
+    {
+        match r {
+            Ok(_) => {}
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => return Err(Error::Kafka(format!("creating topic {t}: {code}"))),
+        }
+    }
+    Ok(())
+}
+
+/// The producing end (ingest).
+#[derive(Clone)]
+pub struct KafkaProducer {
+    producer: FutureProducer,
+}
+
+impl std::fmt::Debug for KafkaProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaProducer")
+            .field("in_flight", &self.producer.in_flight_count())
+            .finish()
+    }
+}
+
+impl KafkaProducer {
+    /// An idempotent, `acks=all` producer.
+    pub fn new(cfg: &KafkaConfig) -> Result<Self> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("compression.type", "lz4")
+            .set("message.timeout.ms", "0")
+            .set("queue.buffering.max.messages", "100000")
+            .create()
+            .map_err(kerr)?;
+        Ok(KafkaProducer { producer })
+    }
+
+    /// Produce rejections to `vitals.rejected` and wait for all of them.
+    pub async fn send_rejections(&self, rejections: Vec<Rejection>) -> Result<()> {
+        let sends = rejections.iter().map(|r| {
+            let json = serde_json::to_vec(r).unwrap_or_default();
+            let key = r.device.clone().unwrap_or_default();
+            async move {
+                self.producer
+                    .send(
+                        FutureRecord::to(REJECTED_TOPIC).key(&key).payload(&json),
+                        Timeout::Never,
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|(e, _)| kerr(e))
+            }
+        });
+        for r in futures::future::join_all(sends).await {
+            r?;
+        }
+        Ok(())
+    }
+}
+
+impl Producer for KafkaProducer {
+    async fn send(&self, record: Record) -> Result<Outcome> {
+        let received = record.received_ms.to_be_bytes();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "received_ms",
+            value: Some(&received[..]),
+        });
+        let fr = FutureRecord::to(VERIFIED_TOPIC)
+            .key(&record.key)
+            .payload(&record.payload)
+            .headers(headers);
+        let d = self
+            .producer
+            .send(fr, Timeout::Never)
+            .await
+            .map_err(|(e, _)| kerr(e))?;
+        Ok(Outcome::Accepted {
+            partition: d.partition as u32,
+        })
+    }
+
+    fn queue_depth(&self) -> usize {
+        self.producer.in_flight_count().max(0) as usize
+    }
+}
+
+/// A consumer assigned a fixed set of partitions, each read separately.
+pub struct KafkaConsumer {
+    consumer: Arc<StreamConsumer>,
+}
+
+impl std::fmt::Debug for KafkaConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConsumer").finish()
+    }
+}
+
+impl KafkaConsumer {
+    /// Assign `topic` partitions, each starting at the given offset (`None`:
+    /// from the beginning), and return one source per partition. The main
+    /// queue is served by a background task, as rdkafka requires.
+    pub fn assign(
+        cfg: &KafkaConfig,
+        topic: &str,
+        starts: &[(u32, Option<u64>)],
+    ) -> Result<(Self, Vec<KafkaPartition>)> {
+        let consumer: StreamConsumer<DefaultConsumerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("group.id", &cfg.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .create()
+            .map_err(kerr)?;
+        let consumer = Arc::new(consumer);
+        let mut tpl = TopicPartitionList::new();
+        for (p, start) in starts {
+            let off = match start {
+                Some(o) => Offset::Offset(*o as i64),
+                None => Offset::Beginning,
+            };
+            tpl.add_partition_offset(topic, *p as i32, off)
+                .map_err(kerr)?;
+        }
+        consumer.assign(&tpl).map_err(kerr)?;
+        let mut parts = Vec::new();
+        for (p, _) in starts {
+            let queue = consumer
+                .split_partition_queue(topic, *p as i32)
+                .ok_or_else(|| Error::Kafka(format!("cannot split partition {p} of {topic}")))?;
+            parts.push(KafkaPartition {
+                partition: *p,
+                topic: topic.to_owned(),
+                queue,
+                consumer: consumer.clone(),
+            });
+        }
+        let main = consumer.clone();
+        tokio::spawn(async move {
+            // Serves events (rebalances, errors, commits); every message goes
+            // to a partition queue.
+            loop {
+                if let Err(e) = main.recv().await {
+                    tracing::warn!(error = %e, "kafka consumer event");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        });
+        Ok((KafkaConsumer { consumer }, parts))
+    }
+}
+
+/// One assigned partition.
+pub struct KafkaPartition {
+    partition: u32,
+    topic: String,
+    queue: StreamPartitionQueue<DefaultConsumerContext>,
+    consumer: Arc<StreamConsumer>,
+}
+
+impl std::fmt::Debug for KafkaPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaPartition")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .finish()
+    }
+}
+
+fn to_delivery(m: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {
+    let received_ms = m
+        .headers()
+        .and_then(|h| {
+            h.iter()
+                .find(|h| h.key == "received_ms")
+                .and_then(|h| h.value)
+        })
+        .and_then(|v| <[u8; 8]>::try_from(v).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0);
+    Delivery {
+        partition: m.partition() as u32,
+        offset: m.offset().max(0) as u64,
+        record: Record {
+            key: m
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default(),
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            received_ms,
+        },
+        ack: None,
+    }
+}
+
+impl PartitionSource for KafkaPartition {
+    fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    async fn next_batch(&mut self, max: usize, out: &mut Vec<Delivery>) -> Result<bool> {
+        loop {
+            match self.queue.recv().await {
+                Ok(m) => {
+                    out.push(to_delivery(&m));
+                    break;
+                }
+                Err(e) => {
+                    // Broker down or similar: librdkafka reconnects; keep waiting.
+                    tracing::warn!(error = %e, partition = self.partition, "kafka receive");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        while out.len() < max {
+            match self.queue.recv().now_or_never() {
+                Some(Ok(m)) => out.push(to_delivery(&m)),
+                _ => break,
+            }
+        }
+        Ok(true)
+    }
+
+    fn durable_offsets(&self) -> bool {
+        true
+    }
+
+    async fn commit(&mut self, next: u64) -> Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(
+            &self.topic,
+            self.partition as i32,
+            Offset::Offset(next as i64),
+        )
+        .map_err(kerr)?;
+        self.consumer.commit(&tpl, CommitMode::Async).map_err(kerr)
+    }
+}
+
+impl KafkaConsumer {
+    /// The underlying consumer (for metrics and tests).
+    pub fn inner(&self) -> &StreamConsumer {
+        &self.consumer
+    }
+}

@@ -1,0 +1,191 @@
+//! The distributed path on real servers started here on 127.0.0.1: Mosquitto,
+//! the nisshi Kafka-protocol broker, two `vitaltrail ingest` processes sharing
+//! one MQTT subscription, and a `vitaltrail attest` process, each its own OS
+//! process. Then the same with kill -9 of ingest and attestor at random
+//! points while the simulator runs.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Mosquitto, Nisshi, Proc, Rejects};
+use vitaltrail::up;
+use vitaltrail_core::SystemClock;
+use vitaltrail_device_sim::attacks::Attack;
+use vitaltrail_device_sim::physiology::Scenario;
+use vitaltrail_device_sim::publisher::{self, SimConfig, SimDevice};
+
+const PARTITIONS: u32 = 2;
+
+struct Cluster {
+    mqtt: Mosquitto,
+    kafka: Nisshi,
+    ingest: Vec<Proc>,
+    attest: Proc,
+}
+
+fn start(data: &Path, persistent_kafka: bool) -> Cluster {
+    let mqtt = Mosquitto::start(false);
+    let kafka = Nisshi::start(persistent_kafka);
+    let s = |x: &str| x.to_owned();
+    let ingest = (0..2)
+        .map(|i| {
+            Proc::spawn(
+                &[
+                    s("ingest"),
+                    s("--kafka"),
+                    kafka.brokers(),
+                    s("--mqtt"),
+                    format!("127.0.0.1:{}", mqtt.port),
+                    s("--client-id"),
+                    format!("ingest-{i}"),
+                    s("--data"),
+                    data.display().to_string(),
+                    s("--topic-partitions"),
+                    PARTITIONS.to_string(),
+                ],
+                data.join(format!("ingest-{i}.log")),
+            )
+        })
+        .collect();
+    let attest = Proc::spawn(
+        &[
+            s("attest"),
+            s("--kafka"),
+            kafka.brokers(),
+            s("--partitions"),
+            s("0,1"),
+            s("--topic-partitions"),
+            PARTITIONS.to_string(),
+            s("--data"),
+            data.display().to_string(),
+            s("--checkpoint-interval-ms"),
+            s("100"),
+        ],
+        data.join("attest.log"),
+    );
+    Cluster {
+        mqtt,
+        kafka,
+        ingest,
+        attest,
+    }
+}
+
+fn register(data: &Path, devs: &[SimDevice]) {
+    let reg = up::registry_file(data);
+    for (i, d) in devs.iter().enumerate() {
+        reg.add(d.key.did(), &format!("p{i}"), None, 0).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_ingest_processes_and_an_attestor_over_kafka() {
+    let data = tempfile::tempdir().unwrap();
+    let mut devs = publisher::devices(
+        21,
+        6,
+        &[
+            Scenario::Steady,
+            Scenario::Bradyarrhythmia,
+            Scenario::ClockSkew,
+        ],
+    );
+    register(data.path(), &devs);
+    let mut c = start(data.path(), false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for p in c.ingest.iter_mut().chain([&mut c.attest]) {
+        p.assert_running();
+    }
+    let sim = SimConfig {
+        mqtt_port: c.mqtt.port,
+        rate: 20.0,
+        duration: Duration::from_secs(3),
+        attacks: Attack::ALL.to_vec(),
+        attack_count: 2,
+        ..SimConfig::default()
+    };
+    let report = publisher::run(&sim, &mut devs, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    common::wait_settled(data.path(), PARTITIONS, &report, Duration::from_secs(60)).await;
+    for p in c.ingest.iter_mut().chain([&mut c.attest]) {
+        p.assert_running();
+    }
+    drop(c);
+    common::check_outcome(data.path(), PARTITIONS, &report, false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_ingest_and_attestor_loses_and_duplicates_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let mut devs = publisher::devices(22, 6, &[Scenario::Steady, Scenario::Deterioration]);
+    register(data.path(), &devs);
+    let mut c = start(data.path(), false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sim = SimConfig {
+        mqtt_port: c.mqtt.port,
+        rate: 20.0,
+        duration: Duration::from_secs(8),
+        attacks: Attack::ALL.to_vec(),
+        attack_count: 2,
+        ack_timeout: Duration::from_secs(60),
+        ..SimConfig::default()
+    };
+    let sim_task =
+        tokio::spawn(async move { publisher::run(&sim, &mut devs, Arc::new(SystemClock)).await });
+    // kill -9 a random stage every 300-900 ms while the simulator runs.
+    let mut rng = 0x2545f4914f6cdd1du64;
+    let mut kills = 0;
+    while !sim_task.is_finished() {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        tokio::time::sleep(Duration::from_millis(300 + rng % 600)).await;
+        match rng % 3 {
+            0 => c.attest.crash_and_restart(),
+            n => c.ingest[(n - 1) as usize].crash_and_restart(),
+        }
+        kills += 1;
+    }
+    let report = sim_task.await.unwrap().unwrap();
+    assert!(kills >= 6, "only {kills} kills");
+    common::wait_settled(data.path(), PARTITIONS, &report, Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(c);
+    common::check_outcome_with(data.path(), PARTITIONS, &report, Rejects::AtLeast);
+    eprintln!(
+        "{kills} kills; {} readings logged exactly once",
+        report.valid_count()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_is_lost_when_the_kafka_broker_restarts() {
+    let data = tempfile::tempdir().unwrap();
+    let mut devs = publisher::devices(23, 4, &[Scenario::Steady, Scenario::AcuteHypoxia]);
+    register(data.path(), &devs);
+    let mut c = start(data.path(), true);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sim = SimConfig {
+        mqtt_port: c.mqtt.port,
+        rate: 20.0,
+        duration: Duration::from_secs(5),
+        attacks: vec![Attack::ForgedSignature, Attack::Replay],
+        ack_timeout: Duration::from_secs(60),
+        ..SimConfig::default()
+    };
+    let sim_task =
+        tokio::spawn(async move { publisher::run(&sim, &mut devs, Arc::new(SystemClock)).await });
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    tokio::task::block_in_place(|| c.kafka.restart());
+    let report = sim_task.await.unwrap().unwrap();
+    common::wait_settled(data.path(), PARTITIONS, &report, Duration::from_secs(90)).await;
+    for p in c.ingest.iter_mut().chain([&mut c.attest]) {
+        p.assert_running();
+    }
+    drop(c);
+    common::check_outcome_with(data.path(), PARTITIONS, &report, Rejects::AtLeast);
+}
