@@ -18,6 +18,7 @@
 pub mod durable;
 mod error;
 pub mod metrics;
+pub mod parquet_out;
 pub mod pipeline;
 
 pub use durable::DurableLog;

@@ -15,7 +15,9 @@
 //! 4. only then reports each record's outcome to the bus (which is when
 //!    ingest acknowledges MQTT, or Kafka offsets may be committed);
 //! 5. signs a checkpoint when the interval has passed or enough leaves were
-//!    appended, stores it, and snapshots the dedup state.
+//!    appended, stores it, snapshots the dedup state, and exports the new
+//!    leaves to Parquet ([`crate::parquet_out`]); only then is the Kafka
+//!    consumer-group offset committed.
 //!
 //! After a crash the dedup state is the last snapshot plus a scan of the
 //! leaves appended after it, so a redelivered reading is recognised.
@@ -35,6 +37,7 @@ use vitaltrail_core::{Checkpoint, Clock, LogSigner, SecretKey, envelope, leaf};
 use crate::durable::{DurableLog, write_atomic};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::parquet_out::{ParquetExporter, PatientLookup};
 
 /// Typed attestor configuration.
 #[derive(Debug, Clone)]
@@ -188,7 +191,6 @@ pub struct CheckpointRecord {
 }
 
 /// The state a worker owns for one partition.
-#[derive(Debug)]
 pub struct PartitionState {
     partition: u32,
     dir: PathBuf,
@@ -199,6 +201,18 @@ pub struct PartitionState {
     last_cp_size: u64,
     last_cp_at: Option<Instant>,
     metrics: Metrics,
+    exporter: ParquetExporter,
+    patients: PatientLookup,
+}
+
+impl std::fmt::Debug for PartitionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionState")
+            .field("partition", &self.partition)
+            .field("size", &self.log.size())
+            .field("devices", &self.windows.len())
+            .finish_non_exhaustive()
+    }
 }
 
 fn state_err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -209,8 +223,15 @@ fn state_err(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 impl PartitionState {
-    /// Open partition `p`'s log and rebuild its dedup state.
-    pub fn open(cfg: &AttestorConfig, p: u32, key: &SecretKey, metrics: Metrics) -> Result<Self> {
+    /// Open partition `p`'s log and rebuild its dedup state. `patients`
+    /// names the patient of a device for the Parquet rows.
+    pub fn open(
+        cfg: &AttestorConfig,
+        p: u32,
+        key: &SecretKey,
+        metrics: Metrics,
+        patients: PatientLookup,
+    ) -> Result<Self> {
         let dir = cfg.partition_dir(p);
         let log = DurableLog::open(&dir)?;
         let origin = cfg.origin(p);
@@ -243,6 +264,7 @@ impl PartitionState {
             Some(note) => Checkpoint::open(&note, &signer.public_key())?.size,
             None => 0,
         };
+        let exporter = ParquetExporter::open(&cfg.data_dir, &dir, p)?;
         metrics
             .tree_size
             .with_label_values(&[&p.to_string()])
@@ -257,12 +279,22 @@ impl PartitionState {
             last_cp_size,
             last_cp_at: None,
             metrics,
+            exporter,
+            patients,
         })
     }
 
     /// The partition log.
     pub fn log(&self) -> &DurableLog {
         &self.log
+    }
+
+    /// The offset below which everything is in the log, a checkpoint and
+    /// Parquet (what may be committed to the consumer group).
+    pub fn settled_offset(&self) -> Option<u64> {
+        (self.exporter.high_water() == self.log.size() && self.last_cp_size == self.log.size())
+            .then(|| self.resume_offset())
+            .flatten()
     }
 
     /// The input offset to resume from: one past the cursor committed with
@@ -463,6 +495,7 @@ impl PartitionState {
         };
         let bytes = serde_json::to_vec(&snap).map_err(|e| state_err(&self.dir, e))?;
         write_atomic(&self.dir, "dedup.json", &bytes)?;
+        self.exporter.export(&self.log, &self.patients)?;
         self.last_cp_size = size;
         self.last_cp_at = Some(Instant::now());
         let part = self.partition.to_string();
@@ -491,6 +524,20 @@ pub fn read_checkpoints(dir: &Path) -> Result<Vec<CheckpointRecord>> {
         .collect()
 }
 
+/// Commit the consumer-group offset up to what the log, a checkpoint and
+/// Parquet all hold. The log's own cursor is what a restart resumes from;
+/// the group offset feeds lag monitoring and other consumers.
+async fn commit_settled<S: PartitionSource>(source: &mut S, state: &PartitionState) {
+    if !source.durable_offsets() {
+        return;
+    }
+    if let Some(next) = state.settled_offset()
+        && let Err(e) = source.commit(next).await
+    {
+        tracing::warn!(error = %e, "could not commit the consumer offset");
+    }
+}
+
 /// Run one partition until the source closes or `shutdown` turns true.
 pub async fn run_partition<S: PartitionSource>(
     mut source: S,
@@ -512,22 +559,20 @@ pub async fn run_partition<S: PartitionSource>(
                 let now = clock.now_ms();
                 let taken = std::mem::take(&mut batch);
                 let durable = source.durable_offsets();
-                let next = taken.iter().map(|d| d.offset + 1).max();
-                tokio::task::block_in_place(|| {
+                let cp = tokio::task::block_in_place(|| {
                     state.process(taken, now, &cfg, &rejects, durable)?;
                     state.maybe_checkpoint(now, &cfg, false)
                 })?;
-                if let (true, Some(next)) = (durable, next)
-                    && let Err(e) = source.commit(next).await
-                {
-                    // The log's own cursor is authoritative; the group
-                    // offset only feeds lag monitoring.
-                    tracing::warn!(error = %e, "could not commit the consumer offset");
+                if cp.is_some() {
+                    commit_settled(&mut source, &state).await;
                 }
             }
             _ = tick.tick() => {
                 let now = clock.now_ms();
-                tokio::task::block_in_place(|| state.maybe_checkpoint(now, &cfg, false))?;
+                let cp = tokio::task::block_in_place(|| state.maybe_checkpoint(now, &cfg, false))?;
+                if cp.is_some() {
+                    commit_settled(&mut source, &state).await;
+                }
             }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {

@@ -51,7 +51,8 @@ async fn start(
     let rejects = Arc::new(RejectLog::open(cfg.data_dir.join("rejected.jsonl")).unwrap());
     let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
     let (stop, stop_rx) = watch::channel(false);
-    let state = PartitionState::open(cfg, 0, &key, metrics).unwrap();
+    let patients: vitaltrail_attestor::parquet_out::PatientLookup = Arc::new(|_| None);
+    let state = PartitionState::open(cfg, 0, &key, metrics, patients).unwrap();
     let cfg = cfg.clone();
     let clock: Arc<dyn Clock> = Arc::new(clock);
     let handle = tokio::spawn(async move {

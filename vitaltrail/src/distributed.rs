@@ -86,10 +86,13 @@ pub async fn run_attest(cfg: AttestProcessConfig, shutdown: watch::Receiver<bool
     let rejects = Arc::new(RejectLog::open(data.join("rejected.jsonl"))?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
+    let (devices, _watch) =
+        SharedRegistry::watch(registry_file(&data), Duration::from_millis(500))?;
+    let patients = crate::up::patient_lookup(&devices);
     let mut states = Vec::new();
     let mut starts = Vec::new();
     for &p in &cfg.partitions {
-        let state = PartitionState::open(&cfg.attestor, p, &key, metrics.clone())
+        let state = PartitionState::open(&cfg.attestor, p, &key, metrics.clone(), patients.clone())
             .with_context(|| format!("opening partition {p}"))?;
         starts.push((p, state.resume_offset()));
         states.push(state);

@@ -169,6 +169,20 @@ enum Command {
         #[arg(long)]
         register: Option<PathBuf>,
     },
+    /// Run SQL over the verified data: tables readings, checkpoints, rejected.
+    Query {
+        /// One SQL statement, e.g. "SELECT loinc, avg(value) FROM readings GROUP BY loinc".
+        sql: String,
+        /// The data directory.
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        data: PathBuf,
+        /// Output format: table, csv, json or parquet (parquet needs --out).
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// Write the result here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// The device registry.
     Devices {
         #[command(subcommand)]
@@ -446,6 +460,12 @@ fn main() -> ExitCode {
         Command::Devices {
             cmd: DevicesCmd::Revoke { did, data },
         } => pipeline_cmds::devices_revoke(&data, &did),
+        Command::Query {
+            sql,
+            data,
+            format,
+            out,
+        } => pipeline_cmds::query(&data, &sql, &format, out.as_deref()),
         Command::Prove {
             device,
             seq,

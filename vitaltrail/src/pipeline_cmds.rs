@@ -330,3 +330,31 @@ pub fn log_key_for(data: &Path, bundle: &ProofBundle) -> Result<String> {
         data.display()
     )
 }
+
+/// `vitaltrail query`.
+pub fn query(data: &Path, sql: &str, format: &str, out: Option<&Path>) -> Result<ExitCode> {
+    use vitaltrail_query::{Format, QueryEngine, encode};
+    let fmt = match format {
+        "table" => Format::Table,
+        "csv" => Format::Csv,
+        "json" => Format::Json,
+        "parquet" => Format::Parquet,
+        other => bail!("unknown --format {other:?}; one of table, csv, json, parquet"),
+    };
+    if fmt == Format::Parquet && out.is_none() {
+        bail!("--format parquet needs --out FILE");
+    }
+    let bytes = runtime()?.block_on(async {
+        let engine = QueryEngine::open(data).await?;
+        let batches = engine.sql(sql).await?;
+        encode(&batches, fmt)
+    })?;
+    match out {
+        Some(p) => std::fs::write(p, bytes).with_context(|| format!("writing {}", p.display()))?,
+        None => {
+            use std::io::Write;
+            std::io::stdout().lock().write_all(&bytes)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

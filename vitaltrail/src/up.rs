@@ -35,7 +35,7 @@ pub struct UpConfig {
     pub partitions: u32,
     /// Records each bus partition holds in flight.
     pub bus_capacity: usize,
-    /// Where `/metrics` is served, if anywhere.
+    /// Where `/metrics` and `POST /sql` are served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
     /// Attestor settings (its `data_dir` is overridden by ours).
     pub attestor: AttestorConfig,
@@ -82,6 +82,18 @@ pub fn log_key(data_dir: &Path) -> Result<SecretKey> {
     f.write_all(pem.as_bytes())?;
     f.sync_all()?;
     Ok(key)
+}
+
+/// The patient of a device, from a shared registry (for Parquet rows).
+pub fn patient_lookup(reg: &SharedRegistry) -> vitaltrail_attestor::parquet_out::PatientLookup {
+    use vitaltrail_ingest::registry::Lookup;
+    let reg = reg.clone();
+    Arc::new(move |did: &str| {
+        reg.with(|r| match r.lookup(did) {
+            Lookup::Active(e) | Lookup::Revoked(e) => Some(e.patient.clone()),
+            Lookup::Unknown => None,
+        })
+    })
 }
 
 /// The device registry of a data directory.
@@ -159,10 +171,81 @@ pub async fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
 pub async fn serve_metrics(
     listen: SocketAddr,
     registry: prometheus::Registry,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    serve_http(listen, registry, None, shutdown).await
+}
+
+/// `POST /sql`: the body is one SQL statement; the answer is a JSON array of
+/// rows, or an Arrow IPC stream when `Accept: application/vnd.apache.arrow.stream`.
+async fn sql_handler(
+    data: PathBuf,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> (
+    axum::http::StatusCode,
+    [(&'static str, &'static str); 1],
+    Vec<u8>,
+) {
+    use axum::http::StatusCode;
+    use vitaltrail_query::{Format, QueryEngine, encode};
+    const IPC: &str = "application/vnd.apache.arrow.stream";
+    let arrow = headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(IPC));
+    let result = async {
+        let engine = QueryEngine::open(&data).await?;
+        let batches = engine.sql(&body).await?;
+        encode(
+            &batches,
+            if arrow {
+                Format::ArrowIpc
+            } else {
+                Format::Json
+            },
+        )
+    }
+    .await;
+    match result {
+        Ok(bytes) => (
+            StatusCode::OK,
+            [("content-type", if arrow { IPC } else { "application/json" })],
+            bytes,
+        ),
+        Err(e) => {
+            let status = match e {
+                vitaltrail_query::Error::Sql(_) | vitaltrail_query::Error::Format(_) => {
+                    StatusCode::BAD_REQUEST
+                }
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            let body = serde_json::json!({ "error": e.to_string() })
+                .to_string()
+                .into_bytes();
+            (status, [("content-type", "application/json")], body)
+        }
+    }
+}
+
+/// Serve `/metrics`, and `POST /sql` over `data` when given, until `shutdown`.
+pub async fn serve_http(
+    listen: SocketAddr,
+    registry: prometheus::Registry,
+    data: Option<PathBuf>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    use axum::routing::get;
-    let app = axum::Router::new().route(
+    use axum::routing::{get, post};
+    let mut app = axum::Router::new();
+    if let Some(data) = data {
+        app = app.route(
+            "/sql",
+            post(move |headers: axum::http::HeaderMap, body: String| {
+                sql_handler(data.clone(), headers, body)
+            }),
+        );
+    }
+    let app = app.route(
         "/metrics",
         get(move || {
             let registry = registry.clone();
@@ -201,12 +284,21 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
     let key = log_key(&cfg.data_dir)?;
     let rejects = Arc::new(RejectLog::open(cfg.data_dir.join("rejected.jsonl"))?);
 
+    let (devices, _watch) =
+        SharedRegistry::watch(registry_file(&cfg.data_dir), Duration::from_millis(500))?;
+    let patients = patient_lookup(&devices);
     let (producer, partitions) = inproc::bus(cfg.partitions, cfg.bus_capacity);
     let mut tasks = tokio::task::JoinSet::new();
     for part in partitions {
         use vitaltrail_bus::PartitionSource as _;
-        let state = PartitionState::open(&cfg.attestor, part.partition(), &key, a_metrics.clone())
-            .with_context(|| format!("opening partition {}", part.partition()))?;
+        let state = PartitionState::open(
+            &cfg.attestor,
+            part.partition(),
+            &key,
+            a_metrics.clone(),
+            patients.clone(),
+        )
+        .with_context(|| format!("opening partition {}", part.partition()))?;
         let run = run_partition(
             part,
             state,
@@ -226,8 +318,6 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
             (cfg.mqtt_listen.ip().to_string(), cfg.mqtt_listen.port())
         }
     };
-    let (devices, _watch) =
-        SharedRegistry::watch(registry_file(&cfg.data_dir), Duration::from_millis(500))?;
     let ingest_cfg = IngestConfig {
         mqtt_host: host.clone(),
         mqtt_port: port,
@@ -252,7 +342,12 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
         }
     });
     if let Some(listen) = cfg.metrics_listen {
-        tasks.spawn(serve_metrics(listen, registry, shutdown.clone()));
+        tasks.spawn(serve_http(
+            listen,
+            registry,
+            Some(cfg.data_dir.clone()),
+            shutdown.clone(),
+        ));
     }
     tracing::info!(mqtt = %format!("{host}:{port}"), data = %cfg.data_dir.display(), partitions = cfg.partitions, "vitaltrail is up");
     // The first stage to fail stops everything (nothing is acknowledged that

@@ -116,6 +116,7 @@ async fn two_ingest_processes_and_an_attestor_over_kafka() {
     }
     drop(c);
     common::check_outcome(data.path(), PARTITIONS, &report, false);
+    common::check_tables(data.path(), &report).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

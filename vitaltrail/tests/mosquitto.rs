@@ -74,6 +74,7 @@ async fn pipeline_over_mosquitto_with_a_shared_subscription() {
     stop.send(true).unwrap();
     pipeline.await.unwrap().unwrap();
     common::check_outcome(data.path(), partitions, &report, false);
+    common::check_tables(data.path(), &report).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

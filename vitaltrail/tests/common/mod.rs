@@ -443,3 +443,59 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+pub async fn http_post(addr: SocketAddr, path: &str, body: &str, accept: &str) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAccept: {accept}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&out[..split]).into_owned();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = out[split..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(i) = b.windows(2).position(|w| w == b"\r\n") {
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..i]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[i + 2..i + 2 + n]);
+        b = &b[i + 2 + n + 2..];
+    }
+    out
+}
+
+/// The `readings` table holds every valid reading, each measurement once.
+pub async fn check_tables(data: &Path, report: &SimReport) {
+    let q = vitaltrail_query::QueryEngine::open(data).await.unwrap();
+    let b = q
+        .sql(
+            "SELECT count(*) AS rows, \
+             count(DISTINCT device || ':' || CAST(seq AS VARCHAR) || ':' || loinc) AS uniq, \
+             count(DISTINCT device || ':' || CAST(seq AS VARCHAR)) AS readings FROM readings",
+        )
+        .await
+        .unwrap();
+    let json = vitaltrail_query::encode(&b, vitaltrail_query::Format::Json).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(
+        v[0]["rows"], v[0]["uniq"],
+        "a measurement row is duplicated: {v}"
+    );
+    assert_eq!(v[0]["readings"], report.valid_count(), "{v}");
+}
