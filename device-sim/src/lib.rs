@@ -10,11 +10,13 @@
 //! - [`publisher`]: signing and QoS-1 publishing to `vitals/<DID>` with
 //!   rumqttc, which resends unacknowledged readings after a reconnect.
 //!
-//! Real-data replay (RR-interval files, the MIT-BIH ECG) is still to come.
+//! - [`replay`]: real data: RR-interval files become heart-rate readings at
+//!   the times the beats happened (the MIT-BIH ECG replay is still to come).
 
 pub mod attacks;
 pub mod physiology;
 pub mod publisher;
+pub mod replay;
 
 /// Errors of the simulator.
 #[derive(Debug, thiserror::Error)]

@@ -265,3 +265,62 @@ async fn publish(client: &AsyncClient, did: &str, bytes: Vec<u8>) -> Result<()> 
         .await
         .map_err(|e| Error::Mqtt(e.to_string()))
 }
+
+/// Publish prepared readings of one device, paced like the original
+/// (`speed` 1.0 = real time, 10.0 = ten times faster, 0 = as fast as
+/// possible), and wait for the broker's acknowledgements.
+pub async fn replay(
+    cfg: &SimConfig,
+    key: &SecretKey,
+    readings: &[UnsignedReading],
+    speed: f64,
+) -> Result<SimReport> {
+    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
+    opts.set_keep_alive(Duration::from_secs(10))
+        .set_clean_session(false)
+        .set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(opts, 4096);
+    let acked = Arc::new(AtomicU64::new(0));
+    let acks = acked.clone();
+    let poller = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    acks.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    let mut report = SimReport::default();
+    let did = key.did().to_string();
+    let start = Instant::now();
+    let t0 = readings.first().map_or(0, |r| r.time);
+    for r in readings {
+        if speed > 0.0 {
+            let due = Duration::from_secs_f64((r.time - t0) as f64 / 1000.0 / speed);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        publish(&client, &did, envelope::sign(key, r)?).await?;
+        report.published += 1;
+        report.valid.entry(did.clone()).or_default().push(r.seq);
+    }
+    let deadline = Instant::now() + cfg.ack_timeout;
+    while acked.load(Ordering::Relaxed) < report.published && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    report.acked = acked.load(Ordering::Relaxed);
+    let _ = client.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    poller.abort();
+    if report.acked < report.published {
+        return Err(Error::Unacknowledged {
+            missing: report.published - report.acked,
+            waited_ms: cfg.ack_timeout.as_millis() as u64,
+        });
+    }
+    Ok(report)
+}

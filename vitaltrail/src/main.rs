@@ -168,6 +168,14 @@ enum Command {
         /// Register the devices in this data directory's registry first.
         #[arg(long)]
         register: Option<PathBuf>,
+        /// Replay a file of beat-to-beat (RR) intervals, one per line in ms,
+        /// as heart-rate readings of one device at the times the beats happened.
+        #[arg(long)]
+        replay_rr: Option<PathBuf>,
+        /// Replay speed: 1 = real time, 10 = ten times faster, 0 = at once
+        /// (the beats then end now).
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
     },
     /// Run SQL over the verified data: tables readings, checkpoints, rejected.
     Query {
@@ -391,6 +399,8 @@ fn main() -> ExitCode {
             attack_count,
             seed,
             register,
+            replay_rr,
+            speed,
         } => {
             init_tracing();
             pipeline_cmds::sim(pipeline_cmds::SimArgs {
@@ -403,6 +413,8 @@ fn main() -> ExitCode {
                 attack_count,
                 seed,
                 register,
+                replay_rr,
+                speed,
             })
         }
         Command::Devices {

@@ -156,6 +156,8 @@ pub struct SimArgs {
     pub attack_count: usize,
     pub seed: u64,
     pub register: Option<PathBuf>,
+    pub replay_rr: Option<PathBuf>,
+    pub speed: f64,
 }
 
 /// `vitaltrail sim`.
@@ -179,7 +181,8 @@ pub fn sim(a: SimArgs) -> Result<ExitCode> {
         }
     }
     let (host, port) = host_port(&a.mqtt)?;
-    let mut devs = publisher::devices(a.seed, a.devices, &scenarios);
+    let devices = if a.replay_rr.is_some() { 1 } else { a.devices };
+    let mut devs = publisher::devices(a.seed, devices, &scenarios);
     if let Some(data) = &a.register {
         let reg = up::registry_file(data);
         let existing = reg.load()?;
@@ -209,7 +212,26 @@ pub fn sim(a: SimArgs) -> Result<ExitCode> {
         attack_count: a.attack_count,
         ..SimConfig::default()
     };
-    let report = runtime()?.block_on(publisher::run(&cfg, &mut devs, Arc::new(SystemClock)))?;
+    let report = match &a.replay_rr {
+        None => runtime()?.block_on(publisher::run(&cfg, &mut devs, Arc::new(SystemClock)))?,
+        Some(path) => {
+            use vitaltrail_device_sim::replay::{parse_rr, rr_readings};
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let rr = parse_rr(&text).with_context(|| format!("{}", path.display()))?;
+            let total: f64 = rr.iter().sum();
+            let now = SystemClock.now_ms();
+            // At full speed the recording ends now; otherwise it starts now.
+            let start = if a.speed > 0.0 {
+                now
+            } else {
+                now.saturating_sub(total as u64)
+            };
+            let readings = rr_readings(&rr, start, 1);
+            let key = &devs[0].key;
+            runtime()?.block_on(publisher::replay(&cfg, key, &readings, a.speed))?
+        }
+    };
     let summary = serde_json::json!({
         "devices": devs.iter().map(|d| serde_json::json!({
             "did": d.key.did().to_string(),
