@@ -62,6 +62,10 @@ enum Command {
         /// Use this external MQTT broker (HOST:PORT) instead of the embedded one.
         #[arg(long, env = "VITALTRAIL_MQTT")]
         mqtt: Option<String>,
+        /// Run the same stages over this Kafka cluster instead of the
+        /// in-process bus (bootstrap servers).
+        #[arg(long, env = "VITALTRAIL_KAFKA")]
+        kafka: Option<String>,
         /// Partitions (one Merkle log each).
         #[arg(long, env = "VITALTRAIL_PARTITIONS", default_value_t = 4)]
         partitions: u32,
@@ -375,6 +379,7 @@ fn main() -> ExitCode {
             data,
             mqtt_listen,
             mqtt,
+            kafka,
             partitions,
             metrics_listen,
             checkpoint_interval_ms,
@@ -384,6 +389,7 @@ fn main() -> ExitCode {
                 data,
                 mqtt_listen,
                 mqtt,
+                kafka,
                 partitions,
                 metrics_listen,
                 checkpoint_interval_ms,

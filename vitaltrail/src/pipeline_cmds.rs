@@ -115,6 +115,7 @@ pub fn up(
     data: PathBuf,
     mqtt_listen: SocketAddr,
     mqtt: Option<String>,
+    kafka: Option<String>,
     partitions: u32,
     metrics_listen: SocketAddr,
     checkpoint_interval_ms: u64,
@@ -123,6 +124,7 @@ pub fn up(
         data_dir: data,
         mqtt_listen,
         external_mqtt: mqtt.as_deref().map(host_port).transpose()?,
+        kafka,
         partitions,
         metrics_listen: Some(metrics_listen),
         attestor: AttestorConfig {

@@ -41,6 +41,8 @@ pub struct UpConfig {
     pub attestor: AttestorConfig,
     /// Ingest settings (its MQTT endpoint is overridden by ours).
     pub ingest: IngestConfig,
+    /// Run the same stages over this Kafka cluster instead of the in-process bus.
+    pub kafka: Option<String>,
 }
 
 impl Default for UpConfig {
@@ -57,6 +59,7 @@ impl Default for UpConfig {
                 share_group: None,
                 ..IngestConfig::default()
             },
+            kafka: None,
         }
     }
 }
@@ -176,6 +179,7 @@ pub async fn serve_metrics(
     serve_http(listen, registry, None, shutdown).await
 }
 
+#[cfg(feature = "sql")]
 /// `POST /sql`: the body is one SQL statement; the answer is a JSON array of
 /// rows, or an Arrow IPC stream when `Accept: application/vnd.apache.arrow.stream`.
 async fn sql_handler(
@@ -235,16 +239,20 @@ pub async fn serve_http(
     data: Option<PathBuf>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    use axum::routing::{get, post};
+    use axum::routing::get;
+    #[allow(unused_mut)]
     let mut app = axum::Router::new();
+    #[cfg(feature = "sql")]
     if let Some(data) = data {
         app = app.route(
             "/sql",
-            post(move |headers: axum::http::HeaderMap, body: String| {
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
                 sql_handler(data.clone(), headers, body)
             }),
         );
     }
+    #[cfg(not(feature = "sql"))]
+    let _ = data;
     let app = app.route(
         "/metrics",
         get(move || {
@@ -272,8 +280,63 @@ pub async fn serve_http(
     Ok(())
 }
 
+/// `up --kafka`: the distributed stages (ingest, attestor for every
+/// partition) in one process, over a real Kafka cluster.
+async fn run_over_kafka(
+    cfg: UpConfig,
+    brokers: String,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    use crate::distributed::{AttestProcessConfig, IngestProcessConfig, run_attest, run_ingest};
+    let (host, port) = match &cfg.external_mqtt {
+        Some((h, p)) => (h.clone(), *p),
+        None => {
+            start_embedded_broker(cfg.mqtt_listen)?;
+            wait_for_port(cfg.mqtt_listen, Duration::from_secs(5)).await?;
+            (cfg.mqtt_listen.ip().to_string(), cfg.mqtt_listen.port())
+        }
+    };
+    let kafka = vitaltrail_bus::kafka::KafkaConfig {
+        brokers,
+        partitions: cfg.partitions as i32,
+        ..Default::default()
+    };
+    let ingest = IngestProcessConfig {
+        kafka: kafka.clone(),
+        ingest: IngestConfig {
+            mqtt_host: host,
+            mqtt_port: port,
+            ..cfg.ingest.clone()
+        },
+        data_dir: cfg.data_dir.clone(),
+        metrics_listen: None,
+    };
+    let attest = AttestProcessConfig {
+        kafka,
+        partitions: (0..cfg.partitions).collect(),
+        dead_letters: true,
+        attestor: AttestorConfig {
+            data_dir: cfg.data_dir.clone(),
+            ..cfg.attestor.clone()
+        },
+        metrics_listen: cfg.metrics_listen,
+    };
+    // Topics first (both stages would create them), then both stages.
+    vitaltrail_bus::kafka::ensure_topics(&ingest.kafka).await?;
+    let a = tokio::spawn(run_attest(attest, shutdown.clone()));
+    let i = tokio::spawn(run_ingest(ingest, shutdown));
+    let (a, i) = tokio::join!(a, i);
+    a.map_err(|e| anyhow::anyhow!("attestor panicked: {e}"))??;
+    i.map_err(|e| anyhow::anyhow!("ingest panicked: {e}"))??;
+    Ok(())
+}
+
 /// Run everything until `shutdown` turns true.
 pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
+    if let Some(brokers) = cfg.kafka.clone() {
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        return run_over_kafka(cfg, brokers, shutdown).await;
+    }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     cfg.attestor.data_dir = cfg.data_dir.clone();

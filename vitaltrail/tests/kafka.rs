@@ -190,3 +190,45 @@ async fn nothing_is_lost_when_the_kafka_broker_restarts() {
     drop(c);
     common::check_outcome_with(data.path(), PARTITIONS, &report, Rejects::AtLeast);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn up_with_kafka_runs_the_same_stages_in_one_process() {
+    let kafka = Nisshi::start(false);
+    let data = tempfile::tempdir().unwrap();
+    let mut devs = publisher::devices(24, 4, &[Scenario::Steady, Scenario::ClockSkew]);
+    register(data.path(), &devs);
+    let mqtt = common::free_addr();
+    let cfg = up::UpConfig {
+        data_dir: data.path().to_owned(),
+        mqtt_listen: mqtt,
+        partitions: PARTITIONS,
+        metrics_listen: None,
+        kafka: Some(kafka.brokers()),
+        attestor: vitaltrail_attestor::pipeline::AttestorConfig {
+            checkpoint_interval: Duration::from_millis(100),
+            ..Default::default()
+        },
+        ..up::UpConfig::default()
+    };
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let pipeline = tokio::spawn(up::run(cfg, stop_rx));
+    up::wait_for_port(mqtt, Duration::from_secs(10))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sim = SimConfig {
+        mqtt_port: mqtt.port(),
+        rate: 20.0,
+        duration: Duration::from_secs(2),
+        attacks: Attack::ALL.to_vec(),
+        ..SimConfig::default()
+    };
+    let report = publisher::run(&sim, &mut devs, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    common::wait_settled(data.path(), PARTITIONS, &report, Duration::from_secs(60)).await;
+    stop.send(true).unwrap();
+    pipeline.await.unwrap().unwrap();
+    common::check_outcome(data.path(), PARTITIONS, &report, false);
+    common::check_tables(data.path(), &report).await;
+}

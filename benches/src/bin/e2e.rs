@@ -1,0 +1,296 @@
+//! End-to-end load run: `cargo run --release -p vitaltrail-benches --bin e2e`.
+//!
+//! In one run it measures, on this machine:
+//! 1. the ceiling of batch verification alone (one core, batches of 256);
+//! 2. the ceiling of the transport alone: MQTT QoS 1 through the embedded
+//!    broker to a subscriber that acknowledges, no verification;
+//! 3. the embedded pipeline (`vitaltrail up`: rumqttd → ingest → in-process
+//!    bus → attestor, fsynced) at full speed: sustained readings/s;
+//! 4. the same at a fixed offered rate: p50/p99 latency from publish to the
+//!    leaf's log time, CPU per 1k readings and peak memory.
+//!
+//! Readings are signed before the clock starts, so signing cost is not counted.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::Parser;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::watch;
+use vitaltrail::up::{self, UpConfig};
+use vitaltrail_attestor::DurableLog;
+use vitaltrail_attestor::pipeline::{AttestorConfig, read_checkpoints};
+use vitaltrail_core::envelope::{self, UnsignedReading};
+use vitaltrail_core::{Clock, SecretKey, SystemClock, leaf};
+use vitaltrail_device_sim::physiology::{Patient, Scenario};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Readings per measurement.
+    #[arg(long, default_value_t = 60_000)]
+    readings: usize,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 200)]
+    devices: usize,
+    /// Offered rate for the latency run, readings/s.
+    #[arg(long, default_value_t = 5_000.0)]
+    latency_rate: f64,
+    /// Partitions.
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+}
+
+fn cpu_seconds() -> f64 {
+    // utime + stime of this process, from /proc (clock ticks of 1/100 s).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(") ").map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+fn peak_rss_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0))
+        .unwrap_or(0)
+}
+
+struct Signed {
+    did: String,
+    seq: u64,
+    bytes: Vec<u8>,
+}
+
+fn sign_all(keys: &[SecretKey], n: usize, first_seq: u64) -> Result<Vec<Signed>> {
+    let now = SystemClock.now_ms();
+    let mut patients: Vec<Patient> = (0..keys.len())
+        .map(|i| Patient::new(i as u64, Scenario::Steady, false))
+        .collect();
+    (0..n)
+        .map(|i| {
+            let d = i % keys.len();
+            let seq = first_seq + (i / keys.len()) as u64;
+            let r = UnsignedReading {
+                seq,
+                time: now,
+                measurements: patients[d].vitals(0.5),
+                meta: None,
+            };
+            Ok(Signed {
+                did: keys[d].did().to_string(),
+                seq,
+                bytes: envelope::sign(&keys[d], &r)?,
+            })
+        })
+        .collect()
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Publish everything (optionally paced), wait for broker acks; returns the
+/// publish time of each (did, seq) in Unix ms.
+async fn publish(
+    port: u16,
+    msgs: &[Signed],
+    rate: Option<f64>,
+) -> Result<HashMap<(String, u64), u64>> {
+    let mut opts = MqttOptions::new(format!("bench-pub-{}", free_port()), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_inflight(1000)
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut el) = AsyncClient::new(opts, 10_000);
+    let acked = Arc::new(AtomicU64::new(0));
+    let a = acked.clone();
+    let poller = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    a.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let mut sent = HashMap::with_capacity(msgs.len());
+    let start = Instant::now();
+    for (i, m) in msgs.iter().enumerate() {
+        if let Some(r) = rate {
+            let due = Duration::from_secs_f64(i as f64 / r);
+            if let Some(w) = due.checked_sub(start.elapsed()) {
+                tokio::time::sleep(w).await;
+            }
+        }
+        sent.insert((m.did.clone(), m.seq), SystemClock.now_ms());
+        client
+            .publish(
+                format!("vitals/{}", m.did),
+                QoS::AtLeastOnce,
+                false,
+                m.bytes.clone(),
+            )
+            .await?;
+    }
+    while acked.load(Ordering::Relaxed) < msgs.len() as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    poller.abort();
+    Ok(sent)
+}
+
+fn logged(data: &std::path::Path, partitions: u32) -> u64 {
+    (0..partitions)
+        .map(|p| {
+            read_checkpoints(&data.join("partitions").join(p.to_string()))
+                .unwrap_or_default()
+                .last()
+                .map_or(0, |c| c.size)
+        })
+        .sum()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let a = Args::parse();
+    let keys: Vec<SecretKey> = (0..a.devices)
+        .map(|_| SecretKey::generate(&mut rand_core::OsRng))
+        .collect();
+    println!(
+        "vitaltrail e2e bench: {} readings, {} devices, {} partitions, 2 cores",
+        a.readings, a.devices, a.partitions
+    );
+
+    // 1. Batch verification alone, one core.
+    let msgs = sign_all(&keys, a.readings, 1)?;
+    let t = Instant::now();
+    for chunk in msgs.chunks(256) {
+        let v =
+            envelope::verify_batch(&chunk.iter().map(|m| m.bytes.as_slice()).collect::<Vec<_>>());
+        assert!(v.iter().all(|r| r.is_ok()));
+    }
+    let verify_rate = a.readings as f64 / t.elapsed().as_secs_f64();
+    println!("ceiling  batch verification alone (1 core):       {verify_rate:>9.0} readings/s");
+
+    // 2. Transport alone: MQTT QoS 1 through rumqttd to an acking subscriber.
+    let port = free_port();
+    up::start_embedded_broker(format!("127.0.0.1:{port}").parse()?)?;
+    up::wait_for_port(format!("127.0.0.1:{port}").parse()?, Duration::from_secs(5)).await?;
+    let got = Arc::new(AtomicU64::new(0));
+    {
+        let mut opts = MqttOptions::new("bench-sub", "127.0.0.1", port);
+        opts.set_manual_acks(true)
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut el) = AsyncClient::new(opts, 10_000);
+        client.subscribe("vitals/+", QoS::AtLeastOnce).await?;
+        let g = got.clone();
+        tokio::spawn(async move {
+            while let Ok(ev) = el.poll().await {
+                if let Event::Incoming(Packet::Publish(p)) = ev {
+                    g.fetch_add(1, Ordering::Relaxed);
+                    let _ = client.ack(&p).await;
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let t = Instant::now();
+    publish(port, &msgs, None).await?;
+    while got.load(Ordering::Relaxed) < a.readings as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let transport_rate = a.readings as f64 / t.elapsed().as_secs_f64();
+    println!("ceiling  transport alone (MQTT QoS 1, no verify): {transport_rate:>9.0} readings/s");
+
+    // 3 + 4. The embedded pipeline.
+    let data = tempfile::tempdir()?;
+    let reg = up::registry_file(data.path());
+    for (i, k) in keys.iter().enumerate() {
+        reg.add(k.did(), &format!("bench-{i}"), None, 0)?;
+    }
+    let mqtt: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let cfg = UpConfig {
+        data_dir: data.path().to_owned(),
+        mqtt_listen: mqtt,
+        partitions: a.partitions,
+        metrics_listen: None,
+        attestor: AttestorConfig {
+            checkpoint_interval: Duration::from_millis(200),
+            ..AttestorConfig::default()
+        },
+        ..UpConfig::default()
+    };
+    let (stop, stop_rx) = watch::channel(false);
+    let pipeline = tokio::spawn(up::run(cfg, stop_rx));
+    up::wait_for_port(mqtt, Duration::from_secs(5)).await?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let cpu0 = cpu_seconds();
+    let t = Instant::now();
+    publish(mqtt.port(), &msgs, None).await?;
+    while logged(data.path(), a.partitions) < a.readings as u64 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let e2e_rate = a.readings as f64 / secs;
+    let cpu_per_k = (cpu_seconds() - cpu0) / a.readings as f64 * 1000.0 * 1000.0;
+    println!(
+        "embedded pipeline, full speed:                  {e2e_rate:>9.0} readings/s  ({:.2}x the verify ceiling, {:.2}x transport; {cpu_per_k:.0} ms CPU per 1k readings)",
+        e2e_rate / verify_rate,
+        e2e_rate / transport_rate
+    );
+
+    // Latency at a fixed offered rate: new seqs for the same devices.
+    let n = ((a.latency_rate * 10.0) as usize).min(a.readings);
+    let msgs2 = sign_all(&keys, n, 1_000_000)?;
+    let before = logged(data.path(), a.partitions);
+    let cpu0 = cpu_seconds();
+    let sent = publish(mqtt.port(), &msgs2, Some(a.latency_rate)).await?;
+    while logged(data.path(), a.partitions) < before + n as u64 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cpu_per_k2 = (cpu_seconds() - cpu0) / n as f64 * 1000.0 * 1000.0;
+    stop.send(true)?;
+    pipeline.await??;
+    let mut lat = Vec::with_capacity(n);
+    for p in 0..a.partitions {
+        let log = DurableLog::open(data.path().join("partitions").join(p.to_string()))?;
+        for i in 0..log.size() {
+            let l = log.leaf(i)?;
+            let l = leaf::decode(&l)?;
+            let r = envelope::decode_verified_upstream(l.envelope)?;
+            if let Some(t0) = sent.get(&(r.did.to_string(), r.seq)) {
+                lat.push(l.log_time_ms.saturating_sub(*t0) as f64);
+            }
+        }
+    }
+    println!(
+        "embedded pipeline at {:.0}/s offered:            p50 {:.0} ms, p99 {:.0} ms publish->leaf ({} readings; {cpu_per_k2:.0} ms CPU per 1k)",
+        a.latency_rate,
+        pct(&mut lat.clone(), 0.5),
+        pct(&mut lat, 0.99),
+        n
+    );
+    println!(
+        "peak memory (RSS, whole process):              {:>9.0} MB",
+        peak_rss_mb()
+    );
+    Ok(())
+}
