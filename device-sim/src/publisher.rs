@@ -124,31 +124,7 @@ pub async fn run(
     devs: &mut [SimDevice],
     clock: Arc<dyn Clock>,
 ) -> Result<SimReport> {
-    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
-    opts.set_keep_alive(Duration::from_secs(10))
-        .set_clean_session(false)
-        .set_inflight(1000)
-        .set_max_packet_size(256 * 1024, 256 * 1024);
-    let (client, mut eventloop) = AsyncClient::new(opts, 4096);
-    let acked = Arc::new(AtomicU64::new(0));
-    let acks = acked.clone();
-    let poller = tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    acks.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    // rumqttc reconnects on the next poll and resends what was
-                    // not acknowledged (persistent session).
-                    tracing::warn!(error = %e, "sim: MQTT connection error; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-    });
-
+    let (client, acked, poller) = connect(cfg);
     let mut report = SimReport::default();
     let stranger = SecretKey::from_seed(blake3::hash(cfg.client_id.as_bytes()).as_bytes())?;
     let n = devs.len().max(1);
@@ -242,21 +218,7 @@ pub async fn run(
         }
     }
     // Wait for the broker to acknowledge everything.
-    let deadline = Instant::now() + cfg.ack_timeout;
-    while acked.load(Ordering::Relaxed) < report.published && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    report.acked = acked.load(Ordering::Relaxed);
-    let _ = client.disconnect().await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    poller.abort();
-    if report.acked < report.published {
-        return Err(Error::Unacknowledged {
-            missing: report.published - report.acked,
-            waited_ms: cfg.ack_timeout.as_millis() as u64,
-        });
-    }
-    Ok(report)
+    finish(cfg, client, acked, poller, report).await
 }
 
 async fn publish(client: &AsyncClient, did: &str, bytes: Vec<u8>) -> Result<()> {
@@ -275,24 +237,7 @@ pub async fn replay(
     readings: &[UnsignedReading],
     speed: f64,
 ) -> Result<SimReport> {
-    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
-    opts.set_keep_alive(Duration::from_secs(10))
-        .set_clean_session(false)
-        .set_inflight(1000);
-    let (client, mut eventloop) = AsyncClient::new(opts, 4096);
-    let acked = Arc::new(AtomicU64::new(0));
-    let acks = acked.clone();
-    let poller = tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    acks.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-    });
+    let (client, acked, poller) = connect(cfg);
     let mut report = SimReport::default();
     let did = key.did().to_string();
     let start = Instant::now();
@@ -308,6 +253,46 @@ pub async fn replay(
         report.published += 1;
         report.valid.entry(did.clone()).or_default().push(r.seq);
     }
+    finish(cfg, client, acked, poller, report).await
+}
+
+/// Connect with a persistent session; a background task drives the
+/// connection (rumqttc reconnects and resends what was not acknowledged)
+/// and counts the broker's acknowledgements.
+fn connect(cfg: &SimConfig) -> (AsyncClient, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
+    opts.set_keep_alive(Duration::from_secs(10))
+        .set_clean_session(false)
+        .set_inflight(1000)
+        .set_max_packet_size(256 * 1024, 256 * 1024);
+    let (client, mut eventloop) = AsyncClient::new(opts, 4096);
+    let acked = Arc::new(AtomicU64::new(0));
+    let acks = acked.clone();
+    let poller = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    acks.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "sim: MQTT connection error; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    });
+    (client, acked, poller)
+}
+
+/// Wait until the broker acknowledged everything published (or time out).
+async fn finish(
+    cfg: &SimConfig,
+    client: AsyncClient,
+    acked: Arc<AtomicU64>,
+    poller: tokio::task::JoinHandle<()>,
+    mut report: SimReport,
+) -> Result<SimReport> {
     let deadline = Instant::now() + cfg.ack_timeout;
     while acked.load(Ordering::Relaxed) < report.published && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -121,14 +121,7 @@ pub async fn run_attest(cfg: AttestProcessConfig, shutdown: watch::Receiver<bool
         tasks.spawn(serve_metrics(listen, registry, shutdown.clone()));
     }
     tracing::info!(partitions = ?cfg.partitions, data = %data.display(), "attestor is up");
-    while let Some(res) = tasks.join_next().await {
-        match res {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(anyhow::anyhow!("a stage panicked: {e}")),
-        }
-    }
-    Ok(())
+    crate::up::join_stages(tasks).await
 }
 
 /// Copy `vitals.rejected` into the local dead-letter file, resuming from a

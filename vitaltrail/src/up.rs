@@ -413,8 +413,12 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
         ));
     }
     tracing::info!(mqtt = %format!("{host}:{port}"), data = %cfg.data_dir.display(), partitions = cfg.partitions, "vitaltrail is up");
-    // The first stage to fail stops everything (nothing is acknowledged that
-    // was not made durable, so devices resend after a restart).
+    join_stages(tasks).await
+}
+
+/// Wait for every stage; the first to fail stops everything (nothing is
+/// acknowledged that was not made durable, so devices resend after a restart).
+pub async fn join_stages(mut tasks: tokio::task::JoinSet<Result<()>>) -> Result<()> {
     while let Some(res) = tasks.join_next().await {
         match res {
             Ok(Ok(())) => {}
