@@ -50,20 +50,7 @@ pub fn load_key(path: &Path) -> Result<SecretKey> {
     SecretKey::from_pkcs8_pem(&pem).with_context(|| format!("key {}", path.display()))
 }
 
-/// Write a new key file with mode 0600, refusing to overwrite.
-pub fn write_key(path: &Path, key: &SecretKey) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let pem = key.to_pkcs8_pem()?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
-    f.write_all(pem.as_bytes())
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
-}
+pub use vitaltrail::up::write_key;
 
 pub fn keys_new(out: &Path) -> Result<ExitCode> {
     let key = SecretKey::generate(&mut rand::rngs::OsRng);

@@ -64,10 +64,24 @@ impl Default for UpConfig {
     }
 }
 
-/// Load the log signing key from `<data>/keys/log.pem`, creating it once.
-pub fn log_key(data_dir: &Path) -> Result<SecretKey> {
+/// Write a new key file (PKCS#8 PEM) with mode 0600, refusing to overwrite.
+pub fn write_key(path: &Path, key: &SecretKey) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let pem = key.to_pkcs8_pem()?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+    f.write_all(pem.as_bytes())
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Load the log signing key from `<data>/keys/log.pem`, creating it once.
+pub fn log_key(data_dir: &Path) -> Result<SecretKey> {
     let path = data_dir.join("keys").join("log.pem");
     if let Ok(pem) = std::fs::read_to_string(&path) {
         return SecretKey::from_pkcs8_pem(&pem)
@@ -75,15 +89,7 @@ pub fn log_key(data_dir: &Path) -> Result<SecretKey> {
     }
     std::fs::create_dir_all(path.parent().unwrap_or(data_dir))?;
     let key = SecretKey::generate(&mut rand::rngs::OsRng);
-    let pem = key.to_pkcs8_pem()?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(pem.as_bytes())?;
-    f.sync_all()?;
+    write_key(&path, &key)?;
     Ok(key)
 }
 
@@ -154,6 +160,19 @@ pub fn start_embedded_broker(listen: SocketAddr) -> Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// The MQTT broker to use: the external one, or the embedded one, started
+/// here and ready to accept connections.
+async fn mqtt_endpoint(cfg: &UpConfig) -> Result<(String, u16)> {
+    match &cfg.external_mqtt {
+        Some((h, p)) => Ok((h.clone(), *p)),
+        None => {
+            start_embedded_broker(cfg.mqtt_listen)?;
+            wait_for_port(cfg.mqtt_listen, Duration::from_secs(5)).await?;
+            Ok((cfg.mqtt_listen.ip().to_string(), cfg.mqtt_listen.port()))
+        }
+    }
 }
 
 /// Wait until something accepts TCP connections on `addr`.
@@ -288,14 +307,7 @@ async fn run_over_kafka(
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     use crate::distributed::{AttestProcessConfig, IngestProcessConfig, run_attest, run_ingest};
-    let (host, port) = match &cfg.external_mqtt {
-        Some((h, p)) => (h.clone(), *p),
-        None => {
-            start_embedded_broker(cfg.mqtt_listen)?;
-            wait_for_port(cfg.mqtt_listen, Duration::from_secs(5)).await?;
-            (cfg.mqtt_listen.ip().to_string(), cfg.mqtt_listen.port())
-        }
-    };
+    let (host, port) = mqtt_endpoint(&cfg).await?;
     let kafka = vitaltrail_bus::kafka::KafkaConfig {
         brokers,
         partitions: cfg.partitions as i32,
@@ -373,14 +385,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
         tasks.spawn(async move { run.await.map_err(anyhow::Error::from) });
     }
 
-    let (host, port) = match &cfg.external_mqtt {
-        Some((h, p)) => (h.clone(), *p),
-        None => {
-            start_embedded_broker(cfg.mqtt_listen)?;
-            wait_for_port(cfg.mqtt_listen, Duration::from_secs(5)).await?;
-            (cfg.mqtt_listen.ip().to_string(), cfg.mqtt_listen.port())
-        }
-    };
+    let (host, port) = mqtt_endpoint(&cfg).await?;
     let ingest_cfg = IngestConfig {
         mqtt_host: host.clone(),
         mqtt_port: port,
