@@ -11,9 +11,12 @@
 //!   rumqttc, which resends unacknowledged readings after a reconnect.
 //!
 //! - [`replay`]: real data: RR-interval files become heart-rate readings at
-//!   the times the beats happened (the MIT-BIH ECG replay is still to come).
+//!   the times the beats happened;
+//! - [`ecg`]: the real MIT-BIH ECG (record 208, scipy's `ecg.dat`), whose
+//!   beats a Pan–Tompkins detector finds and [`replay`] turns into readings.
 
 pub mod attacks;
+pub mod ecg;
 pub mod physiology;
 pub mod publisher;
 pub mod replay;
@@ -31,6 +34,9 @@ pub enum Error {
     /// Not every reading was acknowledged in time.
     #[error("{missing} readings were not acknowledged within {waited_ms} ms")]
     Unacknowledged { missing: u64, waited_ms: u64 },
+    /// An ECG recording could not be read.
+    #[error("ECG file {path}: {reason}")]
+    Ecg { path: String, reason: String },
 }
 
 /// Result alias for this crate.

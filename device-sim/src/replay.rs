@@ -52,26 +52,56 @@ pub fn parse_rr(text: &str) -> Result<Vec<f64>, RrError> {
 /// One heart-rate reading per beat: beat `i` happens at `start_ms` plus the
 /// sum of the first `i + 1` intervals, with HR = 60000 / RR (LOINC 8867-4).
 pub fn rr_readings(rr: &[f64], start_ms: u64, first_seq: u64) -> Vec<UnsignedReading> {
-    let mut t = start_ms as f64;
-    rr.iter()
-        .enumerate()
-        .map(|(i, &ms)| {
-            t += ms;
-            UnsignedReading {
-                seq: first_seq + i as u64,
-                time: t.round() as u64,
+    beat_readings(&rr_beat_times(rr), start_ms, first_seq, "rr-replay")
+}
+
+/// Beat times (ms, the first beat at 0) of a series of RR intervals.
+pub fn rr_beat_times(rr: &[f64]) -> Vec<f64> {
+    let mut t = 0.0;
+    let mut times = Vec::with_capacity(rr.len() + 1);
+    times.push(0.0);
+    times.extend(rr.iter().map(|ms| {
+        t += ms;
+        t
+    }));
+    times
+}
+
+/// One heart-rate reading per beat after the first, at the time the beat
+/// happened (`start_ms` + its offset), with HR = 60000 / RR from the beat
+/// before. Intervals outside [`RR_RANGE_MS`] (a missed or extra beat) give
+/// no reading. `source` names the data in the reading's `meta`.
+pub fn beat_readings(
+    beat_times_ms: &[f64],
+    start_ms: u64,
+    first_seq: u64,
+    source: &str,
+) -> Vec<UnsignedReading> {
+    let mut seq = first_seq;
+    beat_times_ms
+        .windows(2)
+        .filter_map(|w| {
+            let ms = w[1] - w[0];
+            if !RR_RANGE_MS.contains(&ms) {
+                return None;
+            }
+            let reading = UnsignedReading {
+                seq,
+                time: (start_ms as f64 + w[1]).round() as u64,
                 measurements: vec![Measurement {
                     code: "8867-4".into(),
                     value: (60_000.0 / ms * 10.0).round() / 10.0,
                     unit: "/min".into(),
                 }],
                 meta: Some(
-                    serde_json::json!({ "source": "rr-replay", "rr_ms": ms })
+                    serde_json::json!({ "source": source, "rr_ms": (ms * 10.0).round() / 10.0 })
                         .as_object()
                         .cloned()
                         .unwrap_or_default(),
                 ),
-            }
+            };
+            seq += 1;
+            Some(reading)
         })
         .collect()
 }

@@ -176,6 +176,12 @@ enum Command {
         /// as heart-rate readings of one device at the times the beats happened.
         #[arg(long)]
         replay_rr: Option<PathBuf>,
+        /// Replay the real MIT-BIH ECG (record 208) in scipy's `ecg.dat`
+        /// (scripts/setup puts it in ~/.cache/vitaltrail-tools/ecg.dat):
+        /// beats are detected (Pan-Tompkins) and become heart-rate readings
+        /// of one device at the times they happened.
+        #[arg(long, conflicts_with = "replay_rr")]
+        replay_ecg: Option<PathBuf>,
         /// Replay speed: 1 = real time, 10 = ten times faster, 0 = at once
         /// (the beats then end now).
         #[arg(long, default_value_t = 1.0)]
@@ -406,6 +412,7 @@ fn main() -> ExitCode {
             seed,
             register,
             replay_rr,
+            replay_ecg,
             speed,
         } => {
             init_tracing();
@@ -420,6 +427,7 @@ fn main() -> ExitCode {
                 seed,
                 register,
                 replay_rr,
+                replay_ecg,
                 speed,
             })
         }

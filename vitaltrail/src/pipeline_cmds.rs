@@ -159,6 +159,7 @@ pub struct SimArgs {
     pub seed: u64,
     pub register: Option<PathBuf>,
     pub replay_rr: Option<PathBuf>,
+    pub replay_ecg: Option<PathBuf>,
     pub speed: f64,
 }
 
@@ -183,7 +184,8 @@ pub fn sim(a: SimArgs) -> Result<ExitCode> {
         }
     }
     let (host, port) = host_port(&a.mqtt)?;
-    let devices = if a.replay_rr.is_some() { 1 } else { a.devices };
+    let replaying = a.replay_rr.is_some() || a.replay_ecg.is_some();
+    let devices = if replaying { 1 } else { a.devices };
     let mut devs = publisher::devices(a.seed, devices, &scenarios);
     if let Some(data) = &a.register {
         let reg = up::registry_file(data);
@@ -214,25 +216,41 @@ pub fn sim(a: SimArgs) -> Result<ExitCode> {
         attack_count: a.attack_count,
         ..SimConfig::default()
     };
-    let report = match &a.replay_rr {
-        None => runtime()?.block_on(publisher::run(&cfg, &mut devs, Arc::new(SystemClock)))?,
-        Some(path) => {
-            use vitaltrail_device_sim::replay::{parse_rr, rr_readings};
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let rr = parse_rr(&text).with_context(|| format!("{}", path.display()))?;
-            let total: f64 = rr.iter().sum();
-            let now = SystemClock.now_ms();
-            // At full speed the recording ends now; otherwise it starts now.
-            let start = if a.speed > 0.0 {
-                now
-            } else {
-                now.saturating_sub(total as u64)
-            };
-            let readings = rr_readings(&rr, start, 1);
-            let key = &devs[0].key;
-            runtime()?.block_on(publisher::replay(&cfg, key, &readings, a.speed))?
-        }
+    let report = if !replaying {
+        runtime()?.block_on(publisher::run(&cfg, &mut devs, Arc::new(SystemClock)))?
+    } else {
+        use vitaltrail_device_sim::{ecg, replay};
+        // Beat times in ms from the start of the recording.
+        let (beats, source) = match (&a.replay_rr, &a.replay_ecg) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let rr = replay::parse_rr(&text).with_context(|| format!("{}", path.display()))?;
+                (replay::rr_beat_times(&rr), "rr-replay")
+            }
+            (None, Some(path)) => {
+                let mv = ecg::load_scipy_ecg(path)?;
+                let beats = ecg::beat_times_ms(&mv, ecg::MITBIH_HZ);
+                eprintln!(
+                    "sim: {} beats detected in {:.0} s of ECG",
+                    beats.len(),
+                    mv.len() as f64 / ecg::MITBIH_HZ
+                );
+                (beats, "mitbih-208")
+            }
+            (None, None) => anyhow::bail!("nothing to replay"),
+        };
+        let span = beats.last().copied().unwrap_or(0.0);
+        let now = SystemClock.now_ms();
+        // At full speed the recording ends now; otherwise it starts now.
+        let start = if a.speed > 0.0 {
+            now
+        } else {
+            now.saturating_sub(span as u64)
+        };
+        let readings = replay::beat_readings(&beats, start, 1, source);
+        let key = &devs[0].key;
+        runtime()?.block_on(publisher::replay(&cfg, key, &readings, a.speed))?
     };
     let summary = serde_json::json!({
         "devices": devs.iter().map(|d| serde_json::json!({
