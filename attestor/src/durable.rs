@@ -420,13 +420,27 @@ impl DurableLog {
         self.hashes
             .write_all_at(&hash_bytes, merkle::stored_hash_count(old) * 32)
             .map_err(io("write", &self.path("hashes.dat")))?;
-        for (f, name) in [
+        // The three data files are flushed concurrently (a commit waits for
+        // the slowest, not the sum); HEAD is written only after all three.
+        let files = [
             (&self.leaves, "leaves.dat"),
             (&self.index, "leaves.idx"),
             (&self.hashes, "hashes.dat"),
-        ] {
-            f.sync_data().map_err(io("fsync", &self.dir.join(name)))?;
-        }
+        ];
+        std::thread::scope(|s| {
+            let others: Vec<_> = files[1..]
+                .iter()
+                .map(|(f, name)| s.spawn(move || f.sync_data().map_err(|e| (*name, e))))
+                .collect();
+            let first = files[0].0.sync_data().map_err(|e| (files[0].1, e));
+            others.into_iter().fold(first, |acc, h| {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err(("fsync thread", std::io::Error::other("panicked"))));
+                acc.and(r)
+            })
+        })
+        .map_err(|(name, e)| io("fsync", &self.dir.join(name))(e))?;
         let head = Head {
             generation: self.head.generation + 1,
             size: frontier.size(),

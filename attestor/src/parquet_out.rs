@@ -20,7 +20,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
-use vitaltrail_core::{envelope, leaf};
+use vitaltrail_core::{DidCache, Hash, Reading, envelope, leaf};
 
 use crate::durable::{DurableLog, write_atomic};
 use crate::error::{Error, Result};
@@ -123,6 +123,18 @@ pub struct ParquetExporter {
     state_dir: PathBuf,
     partition: u32,
     hw: u64,
+    /// Readings the attestor just logged and already decoded, from `hw` on
+    /// and contiguous, so an export need not read and decode them again.
+    staged: std::collections::VecDeque<Staged>,
+}
+
+/// One logged reading, decoded, as handed over by the attestor.
+#[derive(Debug)]
+struct Staged {
+    index: u64,
+    log_time_ms: u64,
+    hash: Hash,
+    reading: Reading,
 }
 
 fn perr(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -149,7 +161,34 @@ impl ParquetExporter {
             state_dir: state_dir.to_owned(),
             partition,
             hw,
+            staged: std::collections::VecDeque::new(),
         })
+    }
+
+    /// Hand over readings just appended at `first_index..`, with their log
+    /// time and leaf hashes, so the next export need not decode them. A
+    /// gap (anything not continuing what is staged) discards the staging;
+    /// export then reads the log, which is always correct.
+    pub fn stage(
+        &mut self,
+        first_index: u64,
+        log_time_ms: u64,
+        readings: Vec<Reading>,
+        hashes: &[Hash],
+    ) {
+        let next = self.staged.back().map_or(self.hw, |s| s.index + 1);
+        if first_index != next || readings.len() != hashes.len() {
+            self.staged.clear();
+            return;
+        }
+        for (i, (reading, hash)) in readings.into_iter().zip(hashes).enumerate() {
+            self.staged.push_back(Staged {
+                index: first_index + i as u64,
+                log_time_ms,
+                hash: *hash,
+                reading,
+            });
+        }
     }
 
     /// Leaves exported so far.
@@ -158,7 +197,12 @@ impl ParquetExporter {
     }
 
     /// Export the leaves `[hw, log.size())`. Returns the rows written.
-    pub fn export(&mut self, log: &DurableLog, patients: &PatientLookup) -> Result<usize> {
+    pub fn export(
+        &mut self,
+        log: &DurableLog,
+        patients: &PatientLookup,
+        dids: &mut DidCache,
+    ) -> Result<usize> {
         let end = log.size();
         if end <= self.hw {
             return Ok(0);
@@ -167,19 +211,32 @@ impl ParquetExporter {
         let mut by_date: BTreeMap<String, Rows> = BTreeMap::new();
         let mut n = 0;
         for i in first..end {
-            let bytes = log.leaf(i)?;
-            let l = leaf::decode(&bytes)?;
-            let r = envelope::decode_verified_upstream(l.envelope)?;
-            let hash = log.leaf_hash(i)?.to_hex();
+            let staged = match self.staged.front() {
+                Some(s) if s.index == i => self.staged.pop_front(),
+                _ => {
+                    self.staged.clear();
+                    None
+                }
+            };
+            let (r, log_time_ms, hash) = match staged {
+                Some(s) => (s.reading, s.log_time_ms, s.hash.to_hex()),
+                None => {
+                    let bytes = log.leaf(i)?;
+                    let l = leaf::decode(&bytes)?;
+                    let r =
+                        envelope::decode_verified_upstream_with(l.envelope, |s| dids.resolve(s))?;
+                    (r, l.log_time_ms, log.leaf_hash(i)?.to_hex())
+                }
+            };
             let did = r.did.as_str();
             let patient = patients(did);
-            let rows = by_date.entry(utc_date(l.log_time_ms)).or_default();
+            let rows = by_date.entry(utc_date(log_time_ms)).or_default();
             for m in &r.measurements {
                 rows.device.append_value(did);
                 rows.patient.append_option(patient.as_deref());
                 rows.seq.append_value(r.seq);
                 rows.device_time.append_value(r.time as i64);
-                rows.log_time.append_value(l.log_time_ms as i64);
+                rows.log_time.append_value(log_time_ms as i64);
                 rows.loinc.append_value(&m.code);
                 rows.value.append_value(m.value);
                 rows.unit.append_value(&m.unit);
@@ -274,21 +331,93 @@ mod tests {
         let patients: PatientLookup = Arc::new(|_| Some("patient-1".into()));
         fill(&mut log, 0, 10);
         let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
-        assert_eq!(ex.export(&log, &patients).unwrap(), 20);
-        assert_eq!(ex.export(&log, &patients).unwrap(), 0);
+        assert_eq!(
+            ex.export(&log, &patients, &mut DidCache::default())
+                .unwrap(),
+            20
+        );
+        assert_eq!(
+            ex.export(&log, &patients, &mut DidCache::default())
+                .unwrap(),
+            0
+        );
         fill(&mut log, 10, 15);
-        assert_eq!(ex.export(&log, &patients).unwrap(), 10);
+        assert_eq!(
+            ex.export(&log, &patients, &mut DidCache::default())
+                .unwrap(),
+            10
+        );
         assert_eq!(rows(data.path()), 30);
         // Simulate a crash after files were written but before the commit.
         fill(&mut log, 15, 20);
         std::fs::write(pdir.join("parquet.hw"), b"15").unwrap();
         let mut partial = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
         partial.hw = 15;
-        partial.export(&log, &patients).unwrap();
+        partial
+            .export(&log, &patients, &mut DidCache::default())
+            .unwrap();
         std::fs::write(pdir.join("parquet.hw"), b"15").unwrap();
         fill(&mut log, 20, 22);
         let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
-        ex.export(&log, &patients).unwrap();
+        ex.export(&log, &patients, &mut DidCache::default())
+            .unwrap();
         assert_eq!(rows(data.path()), 44, "every reading exactly once");
+    }
+
+    /// Every row, in log order (file names start with the first index).
+    fn all_rows(data: &Path) -> RecordBatch {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(data.join("readings"))
+            .unwrap()
+            .flatten()
+            .flat_map(|d| {
+                std::fs::read_dir(d.path())
+                    .unwrap()
+                    .flatten()
+                    .map(|f| f.path())
+            })
+            .collect();
+        files.sort_by_key(|p| p.file_name().unwrap().to_owned());
+        let mut batches = Vec::new();
+        for f in files {
+            let file = std::fs::File::open(f).unwrap();
+            let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                .unwrap()
+                .build()
+                .unwrap();
+            batches.extend(r.map(|b| b.unwrap()));
+        }
+        arrow::compute::concat_batches(&readings_schema(), &batches).unwrap()
+    }
+
+    #[test]
+    fn staged_readings_export_exactly_what_the_log_holds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pdir = tmp.path().join("log");
+        let mut log = DurableLog::open(&pdir).unwrap();
+        fill(&mut log, 0, 30);
+        let patients: PatientLookup = Arc::new(|_| Some("patient-1".into()));
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        let (sa, sb) = (tmp.path().join("sa"), tmp.path().join("sb"));
+        std::fs::create_dir_all(&sa).unwrap();
+        std::fs::create_dir_all(&sb).unwrap();
+        let mut staged = ParquetExporter::open(&a, &sa, 0).unwrap();
+        let mut plain = ParquetExporter::open(&b, &sb, 0).unwrap();
+        let mut dids = DidCache::default();
+        // Stage leaves 0..12 and 13..30: leaf 12 is a gap, so part of the
+        // export must fall back to reading the log.
+        for i in (0..30).filter(|&i| i != 12) {
+            let bytes = log.leaf(i).unwrap();
+            let l = leaf::decode(&bytes).unwrap();
+            let r = envelope::decode_verified_upstream(l.envelope).unwrap();
+            staged.stage(i, l.log_time_ms, vec![r], &[log.leaf_hash(i).unwrap()]);
+            if i == 20 {
+                staged.export(&log, &patients, &mut dids).unwrap();
+            }
+        }
+        staged.export(&log, &patients, &mut dids).unwrap();
+        plain.export(&log, &patients, &mut dids).unwrap();
+        let rows = all_rows(&a);
+        assert_eq!(rows.num_rows(), 60);
+        assert_eq!(rows, all_rows(&b));
     }
 }

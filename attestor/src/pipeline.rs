@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use vitaltrail_bus::deadletter::{RejectLog, Rejection};
 use vitaltrail_bus::{Delivery, Outcome, PartitionSource};
-use vitaltrail_core::{Checkpoint, Clock, LogSigner, SecretKey, envelope, leaf};
+use vitaltrail_core::{Checkpoint, Clock, DidCache, LogSigner, SecretKey, envelope, leaf};
 
 use crate::durable::{DurableLog, write_atomic};
 use crate::error::{Error, Result};
@@ -203,6 +203,9 @@ pub struct PartitionState {
     metrics: Metrics,
     exporter: ParquetExporter,
     patients: PatientLookup,
+    /// Parsed DIDs of this partition's devices (the log, dedup rebuild and
+    /// Parquet export all decode the same devices' readings).
+    dids: DidCache,
 }
 
 impl std::fmt::Debug for PartitionState {
@@ -254,10 +257,11 @@ impl PartitionState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (HashMap::new(), 0),
             Err(e) => return Err(state_err(&snap_path, e)),
         };
+        let mut dids = DidCache::default();
         for i in from..log.size() {
             let bytes = log.leaf(i)?;
             let l = leaf::decode(&bytes)?;
-            let r = envelope::decode_verified_upstream(l.envelope)?;
+            let r = envelope::decode_verified_upstream_with(l.envelope, |s| dids.resolve(s))?;
             record_seq(&mut windows, r.did.as_str(), r.seq);
         }
         let last_cp_size = match log.latest_checkpoint()? {
@@ -281,6 +285,7 @@ impl PartitionState {
             metrics,
             exporter,
             patients,
+            dids,
         })
     }
 
@@ -326,6 +331,7 @@ impl PartitionState {
             .with_label_values(&[&part])
             .observe(batch.len() as f64);
         let mut leaves = Vec::with_capacity(batch.len());
+        let mut logged = Vec::with_capacity(batch.len());
         let mut rejected = Vec::new();
         // (delivery, Some(leaf position in `leaves`) or None for rejected)
         let mut fates: Vec<(Delivery, std::result::Result<usize, String>)> =
@@ -335,23 +341,24 @@ impl PartitionState {
         for d in batch {
             let payload = &d.record.payload;
             let source = durable_offsets.then(|| format!("partition {}@{}", d.partition, d.offset));
-            let reading = match envelope::decode_verified_upstream(payload) {
-                Ok(r) => r,
-                Err(e) => {
-                    let mut rj = Rejection::new(
-                        "attestor",
-                        e.code(),
-                        e.to_string(),
-                        payload,
-                        d.record.received_ms,
-                    );
-                    rj.device = Some(d.record.key.clone());
-                    rj.source = source;
-                    rejected.push(rj);
-                    fates.push((d, Err(e.code().to_owned())));
-                    continue;
-                }
-            };
+            let reading =
+                match envelope::decode_verified_upstream_with(payload, |s| self.dids.resolve(s)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let mut rj = Rejection::new(
+                            "attestor",
+                            e.code(),
+                            e.to_string(),
+                            payload,
+                            d.record.received_ms,
+                        );
+                        rj.device = Some(d.record.key.clone());
+                        rj.source = source;
+                        rejected.push(rj);
+                        fates.push((d, Err(e.code().to_owned())));
+                        continue;
+                    }
+                };
             let did = reading.did.as_str();
             let seen = pending
                 .get(did)
@@ -404,6 +411,7 @@ impl PartitionState {
                     }
                     record_seq(&mut pending, did, reading.seq);
                     leaves.push(leaf::encode(now_ms, payload));
+                    logged.push(reading);
                     fates.push((d, Ok(leaves.len() - 1)));
                 }
             }
@@ -414,6 +422,8 @@ impl PartitionState {
         let appended = self.log.append_batch_at(&leaves, cursor)?;
         // Durable: now the outcomes may be reported.
         self.windows.extend(pending);
+        self.exporter
+            .stage(appended.first_index, now_ms, logged, &appended.leaf_hashes);
         for r in &rejected {
             self.metrics.rejected.with_label_values(&[&r.reason]).inc();
         }
@@ -495,7 +505,8 @@ impl PartitionState {
         };
         let bytes = serde_json::to_vec(&snap).map_err(|e| state_err(&self.dir, e))?;
         write_atomic(&self.dir, "dedup.json", &bytes)?;
-        self.exporter.export(&self.log, &self.patients)?;
+        self.exporter
+            .export(&self.log, &self.patients, &mut self.dids)?;
         self.last_cp_size = size;
         self.last_cp_at = Some(Instant::now());
         let part = self.partition.to_string();

@@ -62,13 +62,15 @@ impl DeviceId {
         let key = VerifyingKey::from_bytes(&key_bytes)
             .map_err(|_| Error::InvalidDid("not a point on the curve"))?;
         sig::check_public_key(&key)?;
-        let id = DeviceId::from_verifying_key(key)?;
         // base58 has one encoding per byte string, but leading '1's encode
         // leading zero bytes; reject any string that is not the canonical one.
-        if id.did != s {
+        if bs58::encode(&bytes).into_string() != rest {
             return Err(Error::InvalidDid("not in canonical form"));
         }
-        Ok(id)
+        Ok(DeviceId {
+            did: s.to_owned(),
+            key,
+        })
     }
 
     /// The DID string.
@@ -79,6 +81,60 @@ impl DeviceId {
     /// The ed25519 public key.
     pub fn verifying_key(&self) -> &VerifyingKey {
         &self.key
+    }
+}
+
+/// A bounded cache of parsed DIDs, for hot paths that see the same devices
+/// again and again: parsing a `did:key` decodes base58 and decompresses a
+/// curve point (about 13 µs), a lookup here costs a hash.
+///
+/// Only DIDs that parsed are cached, so every answer equals
+/// [`DeviceId::parse`]'s. When full, the cache is emptied and refilled; put
+/// only DIDs from a bounded set in it (registered devices, or readings an
+/// upstream tier already verified), never arbitrary input.
+#[derive(Debug)]
+pub struct DidCache {
+    map: std::collections::HashMap<String, DeviceId>,
+    capacity: usize,
+}
+
+impl DidCache {
+    /// A cache holding at most `capacity` DIDs.
+    pub fn new(capacity: usize) -> Self {
+        DidCache {
+            map: std::collections::HashMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// [`DeviceId::parse`], remembered.
+    pub fn resolve(&mut self, s: &str) -> Result<DeviceId> {
+        if let Some(d) = self.map.get(s) {
+            return Ok(d.clone());
+        }
+        let d = DeviceId::parse(s)?;
+        if self.map.len() >= self.capacity {
+            self.map.clear();
+        }
+        self.map.insert(s.to_owned(), d.clone());
+        Ok(d)
+    }
+
+    /// DIDs cached now.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True if nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+impl Default for DidCache {
+    /// Room for 100,000 devices (about 30 MB).
+    fn default() -> Self {
+        DidCache::new(100_000)
     }
 }
 
@@ -260,6 +316,29 @@ mod tests {
         assert_eq!(
             DeviceId::parse(&did),
             Err(Error::InvalidDid("small-order public key"))
+        );
+    }
+
+    #[test]
+    fn did_cache_answers_as_parse_and_stays_bounded() {
+        let mut cache = DidCache::new(3);
+        let keys: Vec<SecretKey> = (1..=5u8)
+            .map(|i| SecretKey::from_seed(&[i; 32]).unwrap())
+            .collect();
+        for _ in 0..2 {
+            for k in &keys {
+                let s = k.did().as_str();
+                let got = cache.resolve(s).unwrap();
+                assert_eq!(&got, k.did());
+                assert_eq!(got.verifying_key(), &k.verifying_key());
+                assert!(cache.len() <= 3);
+            }
+        }
+        let bad = "did:key:z6MktwupdmLXVVqTzCw4i46r4uGyosGXRnR3XjN4Zq7oMMs";
+        assert_eq!(cache.resolve(bad), DeviceId::parse(bad));
+        assert!(
+            cache.resolve(bad).is_err(),
+            "failures are not cached as successes"
         );
     }
 

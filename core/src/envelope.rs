@@ -97,7 +97,17 @@ impl Envelope {
 /// batch-verifies) can write; the signature is re-checked by anyone who
 /// verifies a proof bundle, because the leaf holds these exact bytes.
 pub fn decode_verified_upstream(bytes: &[u8]) -> Result<Reading> {
-    let env = parse(bytes)?;
+    decode_verified_upstream_with(bytes, DeviceId::parse)
+}
+
+/// [`decode_verified_upstream`] with the `kid` resolved by `resolve`
+/// (for example [`crate::DidCache::resolve`]), which must answer as
+/// [`DeviceId::parse`] does.
+pub fn decode_verified_upstream_with(
+    bytes: &[u8],
+    resolve: impl FnOnce(&str) -> Result<DeviceId>,
+) -> Result<Reading> {
+    let env = parse_with(bytes, resolve)?;
     decode_payload(&env.payload, env.device)
 }
 
@@ -151,6 +161,15 @@ fn decode_one(bytes: &[u8], part: &'static str) -> Result<Value> {
 
 /// Structural checks (steps 1–7 of the spec), without the signature.
 pub fn parse(bytes: &[u8]) -> Result<Envelope> {
+    parse_with(bytes, DeviceId::parse)
+}
+
+/// [`parse`] with the `kid` resolved by `resolve`, which must answer as
+/// [`DeviceId::parse`] does (a cache of it, or a registry of parsed keys).
+pub fn parse_with(
+    bytes: &[u8],
+    resolve: impl FnOnce(&str) -> Result<DeviceId>,
+) -> Result<Envelope> {
     if bytes.len() > MAX_ENVELOPE_BYTES {
         return Err(Error::Oversize {
             len: bytes.len(),
@@ -173,7 +192,7 @@ pub fn parse(bytes: &[u8]) -> Result<Envelope> {
         ));
     }
     let kid = std::str::from_utf8(&kid).map_err(|_| Error::InvalidDid("kid is not UTF-8"))?;
-    let device = DeviceId::parse(kid)?;
+    let device = resolve(kid)?;
     let Some(payload) = sign1.payload.clone() else {
         return Err(Error::MalformedCose {
             detail: "payload is detached (nil); it must be attached".into(),

@@ -32,7 +32,7 @@ pub mod sig;
 pub use bundle::ProofBundle;
 pub use checkpoint::{Checkpoint, LogPublicKey, LogSigner};
 pub use clock::{Clock, MockClock, SystemClock};
-pub use did::{DeviceId, SecretKey};
+pub use did::{DeviceId, DidCache, SecretKey};
 pub use envelope::{Measurement, Reading, UnsignedReading};
 pub use error::{Error, Result};
 pub use merkle::{Hash, MemoryTree};

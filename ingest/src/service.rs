@@ -9,7 +9,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::{mpsc, watch};
 use vitaltrail_bus::deadletter::Rejection;
 use vitaltrail_bus::{Outcome, Producer, Record, RejectSink};
-use vitaltrail_core::{Clock, envelope};
+use vitaltrail_core::{Clock, DeviceId, DidCache, envelope};
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -31,8 +31,16 @@ pub struct IngestConfig {
     pub share_group: Option<String>,
     /// Most messages verified in one batch.
     pub max_batch: usize,
-    /// Most messages received but not yet acknowledged (bounded).
+    /// Most messages received but not yet acknowledged (bounded), per
+    /// connection.
     pub max_pending: usize,
+    /// MQTT connections, each with its own verify loop, sharing the
+    /// subscription. A broker bounds the unacknowledged messages it sends
+    /// one connection (rumqttd: 100, Mosquitto: `max_inflight_messages`,
+    /// default 20), and a reading is acknowledged only once durable, so one
+    /// connection carries at most that many readings per commit round trip.
+    /// More than one needs a `share_group`.
+    pub connections: usize,
 }
 
 impl Default for IngestConfig {
@@ -44,6 +52,7 @@ impl Default for IngestConfig {
             share_group: Some("vitaltrail-ingest".into()),
             max_batch: 256,
             max_pending: 4096,
+            connections: 1,
         }
     }
 }
@@ -65,8 +74,54 @@ type Pending = std::pin::Pin<
     >,
 >;
 
-/// Run ingest until `shutdown` turns true.
+/// Run ingest until `shutdown` turns true: `cfg.connections` MQTT
+/// connections (client IDs `<client_id>-<i>` when more than one), each
+/// verifying and acknowledging its own share of the readings.
 pub async fn run<P: Producer>(
+    cfg: IngestConfig,
+    producer: P,
+    registry: SharedRegistry,
+    rejects: RejectSink,
+    clock: Arc<dyn Clock>,
+    metrics: Metrics,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let n = cfg.connections.max(1);
+    if n > 1 && cfg.share_group.is_none() {
+        return Err(Error::InvalidArgument(
+            "more than one MQTT connection needs a shared-subscription group".into(),
+        ));
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let mut c = cfg.clone();
+        if n > 1 {
+            c.client_id = format!("{}-{i}", cfg.client_id);
+        }
+        set.spawn(run_connection(
+            c,
+            producer.clone(),
+            registry.clone(),
+            rejects.clone(),
+            clock.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let mut first_err = None;
+    while let Some(res) = set.join_next().await {
+        let res = res.map_err(|e| Error::Mqtt(format!("ingest connection task: {e}")))?;
+        if let Err(e) = res {
+            // One connection failed: stop the others too.
+            set.abort_all();
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// One MQTT connection's loop.
+async fn run_connection<P: Producer>(
     cfg: IngestConfig,
     producer: P,
     registry: SharedRegistry,
@@ -122,8 +177,13 @@ pub async fn run<P: Producer>(
 
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
     let mut batch: Vec<Publish> = Vec::with_capacity(cfg.max_batch);
+    let mut dids = DidCache::default();
+    // This connection's share of the `pending` gauge (all connections add up).
+    let mut shown_pending = 0i64;
     loop {
-        metrics.pending.set(pending.len() as i64);
+        let now_pending = pending.len() as i64;
+        metrics.pending.add(now_pending - shown_pending);
+        shown_pending = now_pending;
         metrics.queue_depth.set(producer.queue_depth() as i64);
         let room = cfg.max_pending.saturating_sub(pending.len());
         tokio::select! {
@@ -132,7 +192,8 @@ pub async fn run<P: Producer>(
                     break;
                 }
                 let taken = std::mem::take(&mut batch);
-                let (futures, rejections) = process_batch(taken, &producer, &registry, clock.as_ref(), &metrics)?;
+                let (futures, rejections) =
+                    process_batch(taken, &producer, &registry, &mut dids, clock.as_ref(), &metrics)?;
                 // Rejections are durable before any of them is acknowledged.
                 rejects.record(rejections).await?;
                 for f in futures {
@@ -167,6 +228,7 @@ pub async fn run<P: Producer>(
             let _ = client.ack(&publish).await;
         }
     }
+    metrics.pending.sub(shown_pending);
     let _ = client.disconnect().await;
     poller.abort();
     Ok(())
@@ -186,6 +248,7 @@ fn process_batch<P: Producer>(
     batch: Vec<Publish>,
     producer: &P,
     registry: &SharedRegistry,
+    dids: &mut DidCache,
     clock: &dyn Clock,
     metrics: &Metrics,
 ) -> Result<(Vec<Pending>, Vec<Rejection>)> {
@@ -204,7 +267,16 @@ fn process_batch<P: Producer>(
             r.device = topic_dev.map(str::to_owned);
             Some(r)
         };
-        match envelope::parse(&p.payload) {
+        // Keys of registered devices come from the cache; anything else is
+        // parsed afresh, so unknown DIDs cannot flush the cache.
+        let resolve = |kid: &str| {
+            if registry.with(|r| matches!(r.lookup(kid), Lookup::Active(_))) {
+                dids.resolve(kid)
+            } else {
+                DeviceId::parse(kid)
+            }
+        };
+        match envelope::parse_with(&p.payload, resolve) {
             Err(e) => {
                 early.push(reject(e.code(), e.to_string()));
                 parsed.push(Err(e));

@@ -66,9 +66,11 @@ enum Command {
         /// in-process bus (bootstrap servers).
         #[arg(long, env = "VITALTRAIL_KAFKA")]
         kafka: Option<String>,
-        /// Partitions (one Merkle log each).
-        #[arg(long, env = "VITALTRAIL_PARTITIONS", default_value_t = 4)]
-        partitions: u32,
+        /// Partitions (one Merkle log each). Default: what the data
+        /// directory already holds; for a new one, 1 on the in-process bus
+        /// (one log per disk commits in the largest groups) and 4 with --kafka.
+        #[arg(long, env = "VITALTRAIL_PARTITIONS")]
+        partitions: Option<u32>,
         /// Where /metrics is served.
         #[arg(
             long,
@@ -102,6 +104,11 @@ enum Command {
         /// Shared-subscription group that ingest processes split the load in.
         #[arg(long, default_value = "vitaltrail-ingest")]
         share_group: String,
+        /// MQTT connections in the group from this process, each with its own
+        /// verify loop (a broker caps the unacknowledged messages per
+        /// connection: rumqttd 100, Mosquitto max_inflight_messages).
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
         /// Where the device registry (devices.json) lives.
         #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
         data: PathBuf,
@@ -445,20 +452,22 @@ fn main() -> ExitCode {
             mqtt,
             client_id,
             share_group,
+            connections,
             data,
             topic_partitions,
             metrics_listen,
         } => {
             init_tracing();
-            pipeline_cmds::ingest(
+            pipeline_cmds::ingest(pipeline_cmds::IngestArgs {
                 kafka,
                 mqtt,
                 client_id,
                 share_group,
+                connections,
                 data,
                 topic_partitions,
                 metrics_listen,
-            )
+            })
         }
         Command::Attest {
             kafka,

@@ -48,16 +48,31 @@ fn shutdown_on_ctrl_c() -> tokio::sync::watch::Receiver<bool> {
     rx
 }
 
+/// Arguments of `vitaltrail ingest`.
+#[derive(Debug)]
+pub struct IngestArgs {
+    pub kafka: String,
+    pub mqtt: String,
+    pub client_id: String,
+    pub share_group: String,
+    pub connections: usize,
+    pub data: PathBuf,
+    pub topic_partitions: i32,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
 /// `vitaltrail ingest`.
-pub fn ingest(
-    kafka: String,
-    mqtt: String,
-    client_id: String,
-    share_group: String,
-    data: PathBuf,
-    topic_partitions: i32,
-    metrics_listen: Option<SocketAddr>,
-) -> Result<ExitCode> {
+pub fn ingest(a: IngestArgs) -> Result<ExitCode> {
+    let IngestArgs {
+        kafka,
+        mqtt,
+        client_id,
+        share_group,
+        connections,
+        data,
+        topic_partitions,
+        metrics_listen,
+    } = a;
     use vitaltrail::distributed::{IngestProcessConfig, run_ingest};
     let (host, port) = host_port(&mqtt)?;
     let cfg = IngestProcessConfig {
@@ -71,6 +86,7 @@ pub fn ingest(
             mqtt_port: port,
             client_id,
             share_group: Some(share_group),
+            connections,
             ..Default::default()
         },
         data_dir: data,
@@ -116,10 +132,16 @@ pub fn up(
     mqtt_listen: SocketAddr,
     mqtt: Option<String>,
     kafka: Option<String>,
-    partitions: u32,
+    partitions: Option<u32>,
     metrics_listen: SocketAddr,
     checkpoint_interval_ms: u64,
 ) -> Result<ExitCode> {
+    let partitions = match (partitions, up::existing_partitions(&data)) {
+        (Some(n), _) => n,
+        (None, 0) if kafka.is_some() => 4,
+        (None, 0) => 1,
+        (None, n) => n,
+    };
     let cfg = UpConfig {
         data_dir: data,
         mqtt_listen,

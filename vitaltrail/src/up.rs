@@ -51,12 +51,14 @@ impl Default for UpConfig {
             data_dir: PathBuf::from("vitaltrail-data"),
             mqtt_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             external_mqtt: None,
-            partitions: 4,
+            partitions: 1,
             bus_capacity: 8192,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             attestor: AttestorConfig::default(),
             ingest: IngestConfig {
-                share_group: None,
+                client_id: "vitaltrail-up-ingest".into(),
+                share_group: Some("vitaltrail-up".into()),
+                connections: 8,
                 ..IngestConfig::default()
             },
             kafka: None,
@@ -108,6 +110,13 @@ pub fn patient_lookup(reg: &SharedRegistry) -> vitaltrail_attestor::parquet_out:
 /// The device registry of a data directory.
 pub fn registry_file(data_dir: &Path) -> RegistryFile {
     RegistryFile::new(data_dir.join("devices.json"))
+}
+
+/// How many partition logs a data directory holds (0 for a new one).
+pub fn existing_partitions(data_dir: &Path) -> u32 {
+    (0u32..)
+        .take_while(|p| data_dir.join("partitions").join(p.to_string()).is_dir())
+        .count() as u32
 }
 
 /// Start the embedded MQTT broker on `listen` (runs on its own threads).
@@ -362,6 +371,15 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
     let (devices, _watch) =
         SharedRegistry::watch(registry_file(&cfg.data_dir), Duration::from_millis(500))?;
     let patients = patient_lookup(&devices);
+    let existing = existing_partitions(&cfg.data_dir);
+    if existing != 0 && existing != cfg.partitions {
+        anyhow::bail!(
+            "{} holds {existing} partition logs but {} were asked for; devices are \
+             assigned to partitions by hash, so the count cannot change (pass --partitions {existing})",
+            cfg.data_dir.display(),
+            cfg.partitions
+        );
+    }
     let (producer, partitions) = inproc::bus(cfg.partitions, cfg.bus_capacity);
     let mut tasks = tokio::task::JoinSet::new();
     for part in partitions {

@@ -22,7 +22,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
 use vitaltrail::up::{self, UpConfig};
 use vitaltrail_attestor::DurableLog;
-use vitaltrail_attestor::pipeline::{AttestorConfig, read_checkpoints};
+
 use vitaltrail_core::envelope::{self, UnsignedReading};
 use vitaltrail_core::{Clock, SecretKey, SystemClock, leaf};
 use vitaltrail_device_sim::physiology::{Patient, Scenario};
@@ -38,9 +38,15 @@ struct Args {
     /// Offered rate for the latency run, readings/s.
     #[arg(long, default_value_t = 5_000.0)]
     latency_rate: f64,
-    /// Partitions.
-    #[arg(long, default_value_t = 4)]
-    partitions: u32,
+    /// Partitions (default: `up`'s).
+    #[arg(long)]
+    partitions: Option<u32>,
+    /// Checkpoint interval of the attestor, ms (default: `up`'s).
+    #[arg(long)]
+    checkpoint_interval_ms: Option<u64>,
+    /// Ingest MQTT connections sharing the subscription (default: `up`'s).
+    #[arg(long)]
+    ingest_connections: Option<usize>,
 }
 
 fn cpu_seconds() -> f64 {
@@ -156,26 +162,60 @@ async fn publish(
     Ok(sent)
 }
 
-fn logged(data: &std::path::Path, partitions: u32) -> u64 {
-    (0..partitions)
-        .map(|p| {
-            read_checkpoints(&data.join("partitions").join(p.to_string()))
-                .unwrap_or_default()
-                .last()
-                .map_or(0, |c| c.size)
-        })
+/// The pipeline's own `/metrics` page.
+async fn scrape(listen: std::net::SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(listen).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    Some(body)
+}
+
+/// Sum of every sample of a metric family (all label sets).
+fn metric_total(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Leaves appended (committed to the durable logs) so far.
+async fn appended(listen: std::net::SocketAddr) -> u64 {
+    scrape(listen).await.map_or(0, |b| {
+        metric_total(&b, "vitaltrail_attestor_tree_size_leaves") as u64
+    })
+}
+
+/// Means of the pipeline's own histograms, from its `/metrics`.
+async fn stage_means(listen: std::net::SocketAddr) -> Option<String> {
+    let body = scrape(listen).await?;
+    let mean = |h: &str| {
+        metric_total(&body, &format!("{h}_sum"))
+            / metric_total(&body, &format!("{h}_count")).max(1.0)
+    };
+    Some(format!(
+        "ingest batch {:.0} msgs, verify {:.1} ms/batch, bus send->durable {:.1} ms; attestor batch {:.0} leaves, commit {:.2} ms",
+        mean("vitaltrail_ingest_batch_records"),
+        mean("vitaltrail_ingest_verify_seconds") * 1e3,
+        mean("vitaltrail_ingest_bus_send_seconds") * 1e3,
+        mean("vitaltrail_attestor_batch_records"),
+        mean("vitaltrail_attestor_commit_seconds") * 1e3,
+    ))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let a = Args::parse();
+    let partitions = a.partitions.unwrap_or(UpConfig::default().partitions);
     let keys: Vec<SecretKey> = (0..a.devices)
         .map(|_| SecretKey::generate(&mut rand_core::OsRng))
         .collect();
     println!(
         "vitaltrail e2e bench: {} readings, {} devices, {} partitions, 2 cores",
-        a.readings, a.devices, a.partitions
+        a.readings, a.devices, partitions
     );
 
     // 1. Batch verification alone, one core.
@@ -226,17 +266,20 @@ async fn main() -> Result<()> {
         reg.add(k.did(), &format!("bench-{i}"), None, 0)?;
     }
     let mqtt: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-    let cfg = UpConfig {
+    let metrics_listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let mut cfg = UpConfig {
         data_dir: data.path().to_owned(),
         mqtt_listen: mqtt,
-        partitions: a.partitions,
-        metrics_listen: None,
-        attestor: AttestorConfig {
-            checkpoint_interval: Duration::from_millis(200),
-            ..AttestorConfig::default()
-        },
+        partitions,
+        metrics_listen: Some(metrics_listen),
         ..UpConfig::default()
     };
+    if let Some(ms) = a.checkpoint_interval_ms {
+        cfg.attestor.checkpoint_interval = Duration::from_millis(ms);
+    }
+    if let Some(n) = a.ingest_connections {
+        cfg.ingest.connections = n;
+    }
     let (stop, stop_rx) = watch::channel(false);
     let pipeline = tokio::spawn(up::run(cfg, stop_rx));
     up::wait_for_port(mqtt, Duration::from_secs(5)).await?;
@@ -245,32 +288,34 @@ async fn main() -> Result<()> {
     let cpu0 = cpu_seconds();
     let t = Instant::now();
     publish(mqtt.port(), &msgs, None).await?;
-    while logged(data.path(), a.partitions) < a.readings as u64 {
+    while appended(metrics_listen).await < a.readings as u64 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let secs = t.elapsed().as_secs_f64();
     let e2e_rate = a.readings as f64 / secs;
+    let stage_means = stage_means(metrics_listen).await.unwrap_or_default();
     let cpu_per_k = (cpu_seconds() - cpu0) / a.readings as f64 * 1000.0 * 1000.0;
     println!(
         "embedded pipeline, full speed:                  {e2e_rate:>9.0} readings/s  ({:.2}x the verify ceiling, {:.2}x transport; {cpu_per_k:.0} ms CPU per 1k readings)",
         e2e_rate / verify_rate,
         e2e_rate / transport_rate
     );
+    println!("  where the time goes (means over the run): {stage_means}");
 
     // Latency at a fixed offered rate: new seqs for the same devices.
     let n = ((a.latency_rate * 10.0) as usize).min(a.readings);
     let msgs2 = sign_all(&keys, n, 1_000_000)?;
-    let before = logged(data.path(), a.partitions);
+    let before = appended(metrics_listen).await;
     let cpu0 = cpu_seconds();
     let sent = publish(mqtt.port(), &msgs2, Some(a.latency_rate)).await?;
-    while logged(data.path(), a.partitions) < before + n as u64 {
+    while appended(metrics_listen).await < before + n as u64 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let cpu_per_k2 = (cpu_seconds() - cpu0) / n as f64 * 1000.0 * 1000.0;
     stop.send(true)?;
     pipeline.await??;
     let mut lat = Vec::with_capacity(n);
-    for p in 0..a.partitions {
+    for p in 0..partitions {
         let log = DurableLog::open(data.path().join("partitions").join(p.to_string()))?;
         for i in 0..log.size() {
             let l = log.leaf(i)?;
