@@ -190,6 +190,22 @@ pub struct CheckpointRecord {
     pub note: String,
 }
 
+/// A checkpoint as a partition worker announces it to other systems (the
+/// Kafka topic `vitals.checkpoints`, key = `origin`, value = this as JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PublishedCheckpoint {
+    /// The partition whose log it commits to.
+    pub partition: u32,
+    /// The log's origin line.
+    pub origin: String,
+    /// Tree size.
+    pub size: u64,
+    /// When it was signed, Unix ms.
+    pub time_ms: u64,
+    /// The signed note.
+    pub note: String,
+}
+
 /// The state a worker owns for one partition.
 pub struct PartitionState {
     partition: u32,
@@ -287,6 +303,29 @@ impl PartitionState {
             patients,
             dids,
         })
+    }
+
+    /// The log's origin line.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The partition.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The latest checkpoint this partition signed, as announced.
+    pub fn latest_published(&self) -> Result<Option<PublishedCheckpoint>> {
+        Ok(read_checkpoints(&self.dir)?
+            .pop()
+            .map(|c| PublishedCheckpoint {
+                partition: self.partition,
+                origin: self.origin.clone(),
+                size: c.size,
+                time_ms: c.time_ms,
+                note: c.note,
+            }))
     }
 
     /// The partition log.
@@ -549,13 +588,38 @@ async fn commit_settled<S: PartitionSource>(source: &mut S, state: &PartitionSta
     }
 }
 
+/// Announce a new checkpoint (waits when the announcer is behind: bounded).
+async fn announce(
+    to: Option<&tokio::sync::mpsc::Sender<PublishedCheckpoint>>,
+    state: &PartitionState,
+    note: Option<String>,
+    now_ms: u64,
+) {
+    if let (Some(tx), Some(note)) = (to, note) {
+        let cp = PublishedCheckpoint {
+            partition: state.partition,
+            origin: state.origin.clone(),
+            size: state.log.size(),
+            time_ms: now_ms,
+            note,
+        };
+        if tx.send(cp).await.is_err() {
+            tracing::warn!(
+                "checkpoint announcer is gone; the checkpoint stays in the data directory"
+            );
+        }
+    }
+}
+
 /// Run one partition until the source closes or `shutdown` turns true.
+/// Each new checkpoint is also sent to `checkpoints`, if given.
 pub async fn run_partition<S: PartitionSource>(
     mut source: S,
     mut state: PartitionState,
     cfg: AttestorConfig,
     rejects: Arc<RejectLog>,
     clock: Arc<dyn Clock>,
+    checkpoints: Option<tokio::sync::mpsc::Sender<PublishedCheckpoint>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut tick = tokio::time::interval(cfg.checkpoint_interval);
@@ -577,6 +641,7 @@ pub async fn run_partition<S: PartitionSource>(
                 if cp.is_some() {
                     commit_settled(&mut source, &state).await;
                 }
+                announce(checkpoints.as_ref(), &state, cp, now).await;
             }
             _ = tick.tick() => {
                 let now = clock.now_ms();
@@ -584,6 +649,7 @@ pub async fn run_partition<S: PartitionSource>(
                 if cp.is_some() {
                     commit_settled(&mut source, &state).await;
                 }
+                announce(checkpoints.as_ref(), &state, cp, now).await;
             }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
@@ -593,7 +659,8 @@ pub async fn run_partition<S: PartitionSource>(
         }
     }
     let now = clock.now_ms();
-    tokio::task::block_in_place(|| state.maybe_checkpoint(now, &cfg, true))?;
+    let cp = tokio::task::block_in_place(|| state.maybe_checkpoint(now, &cfg, true))?;
+    announce(checkpoints.as_ref(), &state, cp, now).await;
     Ok(())
 }
 

@@ -57,7 +57,7 @@ async fn start(
     let clock: Arc<dyn Clock> = Arc::new(clock);
     let handle = tokio::spawn(async move {
         let p = parts.into_iter().next().unwrap();
-        run_partition(p, state, cfg, rejects, clock, stop_rx)
+        run_partition(p, state, cfg, rejects, clock, None, stop_rx)
             .await
             .unwrap();
     });

@@ -32,6 +32,13 @@ use crate::{Delivery, Error, Outcome, PartitionSource, Producer, Record, Result}
 pub const VERIFIED_TOPIC: &str = "vitals.verified";
 /// Topic of rejected readings.
 pub const REJECTED_TOPIC: &str = "vitals.rejected";
+/// The device registry, compacted: key = DID, value = the device's entry
+/// (JSON, see `vitaltrail_ingest::registry::DeviceEntry`). Every ingest and
+/// attestor process reads it from the start and follows it.
+pub const DEVICES_TOPIC: &str = "vitals.devices";
+/// Signed checkpoints: key = log origin, value = JSON
+/// `{partition, origin, size, time_ms, note}`.
+pub const CHECKPOINTS_TOPIC: &str = "vitals.checkpoints";
 
 /// Typed Kafka settings.
 #[derive(Debug, Clone)]
@@ -59,15 +66,36 @@ fn kerr(e: impl std::fmt::Display) -> Error {
 }
 
 /// Create the topics if they do not exist yet.
+/// Create the pipeline's topics that do not exist yet (`vitals.verified`
+/// with `cfg.partitions` partitions, and the one-partition topics).
 pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<()> {
+    create_topics(
+        cfg,
+        &[
+            NewTopic::new(VERIFIED_TOPIC, cfg.partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(REJECTED_TOPIC, 1, TopicReplication::Fixed(1)),
+            registry_topic(),
+            NewTopic::new(CHECKPOINTS_TOPIC, 1, TopicReplication::Fixed(1)),
+        ],
+    )
+    .await
+}
+
+/// Create only `vitals.devices` if it does not exist (what a registry
+/// client needs; it must not decide how many partitions the readings get).
+pub async fn ensure_registry_topic(cfg: &KafkaConfig) -> Result<()> {
+    create_topics(cfg, &[registry_topic()]).await
+}
+
+fn registry_topic() -> NewTopic<'static> {
+    NewTopic::new(DEVICES_TOPIC, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact")
+}
+
+async fn create_topics(cfg: &KafkaConfig, topics: &[NewTopic<'_>]) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &cfg.brokers)
         .create()
         .map_err(kerr)?;
-    let topics = [
-        NewTopic::new(VERIFIED_TOPIC, cfg.partitions, TopicReplication::Fixed(1)),
-        NewTopic::new(REJECTED_TOPIC, 1, TopicReplication::Fixed(1)),
-    ];
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for r in admin
         .create_topics(topics.iter(), &opts)
@@ -83,7 +111,6 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<()> {
     Ok(())
 }
 
-/// The producing end (ingest).
 #[derive(Clone)]
 pub struct KafkaProducer {
     producer: FutureProducer,
@@ -114,6 +141,18 @@ impl KafkaProducer {
     }
 
     /// Produce rejections to `vitals.rejected` and wait for all of them.
+    /// Produce one keyed record and wait until Kafka has it.
+    pub async fn send_to(&self, topic: &str, key: &str, payload: &[u8]) -> Result<()> {
+        self.producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                Timeout::Never,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| kerr(e))
+    }
+
     pub async fn send_rejections(&self, rejections: Vec<Rejection>) -> Result<()> {
         let sends = rejections.iter().map(|r| {
             let json = serde_json::to_vec(r).unwrap_or_default();
@@ -314,6 +353,71 @@ impl PartitionSource for KafkaPartition {
         .map_err(kerr)?;
         self.consumer.commit(&tpl, CommitMode::Async).map_err(kerr)
     }
+}
+
+/// Read a one-partition topic from its beginning and keep following it:
+/// `apply(key, value)` runs for every record, in order. Returns once
+/// everything that was in the topic when it was called has been applied
+/// (so a caller starts from a complete view); following goes on in the
+/// returned task. No consumer group offsets are committed.
+pub async fn follow_topic(
+    cfg: &KafkaConfig,
+    topic: &str,
+    mut apply: impl FnMut(&[u8], Option<&[u8]>) + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let group = format!(
+        "vitaltrail-follow-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .map_err(kerr)?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .map_err(kerr)?;
+    consumer.assign(&tpl).map_err(kerr)?;
+    let topic_name = topic.to_owned();
+    let c = Arc::new(consumer);
+    let high = {
+        let c = c.clone();
+        let t = topic_name.clone();
+        tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, 0, Duration::from_secs(10)))
+            .await
+            .map_err(kerr)?
+            .map_err(kerr)?
+            .1
+    };
+    let mut next = 0i64;
+    while next < high {
+        match c.recv().await {
+            Ok(m) => {
+                apply(m.key().unwrap_or_default(), m.payload());
+                next = m.offset() + 1;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, topic = %topic_name, "kafka receive");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    Ok(tokio::spawn(async move {
+        loop {
+            match c.recv().await {
+                Ok(m) => apply(m.key().unwrap_or_default(), m.payload()),
+                Err(e) => {
+                    tracing::warn!(error = %e, topic = %topic_name, "kafka receive");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }))
 }
 
 impl KafkaConsumer {

@@ -4,6 +4,12 @@
 //! edited by `vitaltrail devices add|list|revoke` (atomic replace under an
 //! exclusive lock) and reloaded by ingest when it changes. A revoked device
 //! is rejected from the next reload on (`revoked_device`).
+//!
+//! In the distributed mode the registry reaches every ingest and attestor
+//! process as the compacted Kafka topic `vitals.devices` (key = DID, value
+//! = a [`DeviceEntry`] as JSON), which `vitaltrail devices add|revoke
+//! --kafka` writes. Each process merges the topic with its local file; where
+//! both know a device, the later registration or revocation wins.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -188,18 +194,66 @@ impl RegistryFile {
     }
 }
 
-/// A registry shared with ingest, reloaded when the file changes.
+/// The sources a [`SharedRegistry`] merges.
+#[derive(Debug, Default)]
+struct Layers {
+    /// `devices.json` of the data directory.
+    file: Registry,
+    /// The `vitals.devices` Kafka topic (distributed mode).
+    topic: BTreeMap<String, DeviceEntry>,
+    /// What lookups see.
+    merged: Registry,
+}
+
+impl Layers {
+    /// Where both sources know a device, the later event wins (a
+    /// registration at `added_ms`, a revocation at `revoked_ms`); on a tie,
+    /// the revocation.
+    fn remerge(&mut self) {
+        fn event(e: &DeviceEntry) -> (u64, bool) {
+            match e.revoked_ms {
+                Some(t) => (t.max(e.added_ms), true),
+                None => (e.added_ms, false),
+            }
+        }
+        let mut merged = self.file.devices.clone();
+        for (did, t) in &self.topic {
+            if merged.get(did).is_none_or(|f| event(t) > event(f)) {
+                merged.insert(did.clone(), t.clone());
+            }
+        }
+        self.merged = Registry { devices: merged };
+    }
+}
+
+/// A registry shared with ingest and the attestor: the registry file,
+/// reloaded when it changes, merged with the `vitals.devices` topic when
+/// the process follows one ([`SharedRegistry::apply_topic_record`]).
 #[derive(Debug, Clone)]
 pub struct SharedRegistry {
-    inner: Arc<RwLock<Registry>>,
+    inner: Arc<RwLock<Layers>>,
 }
 
 impl SharedRegistry {
     /// A fixed registry (tests).
     pub fn fixed(reg: Registry) -> Self {
+        let mut layers = Layers {
+            file: reg,
+            ..Layers::default()
+        };
+        layers.remerge();
         SharedRegistry {
-            inner: Arc::new(RwLock::new(reg)),
+            inner: Arc::new(RwLock::new(layers)),
         }
+    }
+
+    fn edit(&self, f: impl FnOnce(&mut Layers)) {
+        let mut g = match self.inner.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut g);
+        g.remerge();
     }
 
     /// Load `file` now and reload it every `every` while the task runs.
@@ -218,9 +272,7 @@ impl SharedRegistry {
                 if m != seen {
                     match file.load() {
                         Ok(r) => {
-                            if let Ok(mut g) = s.inner.write() {
-                                *g = r;
-                            }
+                            s.edit(|l| l.file = r);
                             seen = m;
                             tracing::info!(path = %file.path().display(), "device registry reloaded");
                         }
@@ -232,11 +284,37 @@ impl SharedRegistry {
         Ok((shared, handle))
     }
 
+    /// Apply one record of the `vitals.devices` topic: key = DID, value =
+    /// the [`DeviceEntry`] as JSON; no value (a tombstone) forgets the
+    /// topic's entry. A record that does not parse, or whose key is not
+    /// its entry's DID, is skipped with a warning.
+    pub fn apply_topic_record(&self, key: &[u8], value: Option<&[u8]>) {
+        let did = String::from_utf8_lossy(key).into_owned();
+        match value {
+            None => self.edit(|l| {
+                l.topic.remove(&did);
+            }),
+            Some(v) => match serde_json::from_slice::<DeviceEntry>(v) {
+                Ok(e) if e.did == did && DeviceId::parse(&e.did).is_ok() => {
+                    self.edit(|l| {
+                        l.topic.insert(did, e);
+                    });
+                }
+                Ok(_) => {
+                    tracing::warn!(key = %did, "registry record: key is not its entry's valid DID; skipped")
+                }
+                Err(e) => {
+                    tracing::warn!(key = %did, error = %e, "registry record is not a device entry; skipped")
+                }
+            },
+        }
+    }
+
     /// Run `f` on the current snapshot.
     pub fn with<T>(&self, f: impl FnOnce(&Registry) -> T) -> T {
         match self.inner.read() {
-            Ok(g) => f(&g),
-            Err(p) => f(&p.into_inner()),
+            Ok(g) => f(&g.merged),
+            Err(p) => f(&p.into_inner().merged),
         }
     }
 }
@@ -245,6 +323,47 @@ impl SharedRegistry {
 mod tests {
     use super::*;
     use vitaltrail_core::SecretKey;
+
+    #[test]
+    fn topic_records_merge_with_the_file() {
+        let a = SecretKey::from_seed(&[1; 32]).unwrap();
+        let b = SecretKey::from_seed(&[2; 32]).unwrap();
+        let entry = |k: &SecretKey, added: u64, revoked: Option<u64>| DeviceEntry {
+            did: k.did().to_string(),
+            patient: "p".into(),
+            ward: None,
+            added_ms: added,
+            revoked_ms: revoked,
+        };
+        let mut file = Registry::default();
+        file.devices
+            .insert(a.did().to_string(), entry(&a, 10, None));
+        let shared = SharedRegistry::fixed(file);
+        let key = |k: &SecretKey| k.did().to_string().into_bytes();
+        let json = |e: &DeviceEntry| serde_json::to_vec(e).unwrap();
+        let state = |k: &SecretKey| {
+            shared.with(|r| match r.lookup(k.did().as_str()) {
+                Lookup::Active(_) => "active",
+                Lookup::Revoked(_) => "revoked",
+                Lookup::Unknown => "unknown",
+            })
+        };
+        assert_eq!(state(&b), "unknown");
+        shared.apply_topic_record(&key(&b), Some(&json(&entry(&b, 5, None))));
+        assert_eq!(state(&b), "active");
+        // A later revocation on the topic beats the file's registration.
+        shared.apply_topic_record(&key(&a), Some(&json(&entry(&a, 10, Some(20)))));
+        assert_eq!(state(&a), "revoked");
+        // A record under the wrong key, or that is not an entry, is skipped.
+        shared.apply_topic_record(&key(&a), Some(&json(&entry(&b, 1, None))));
+        shared.apply_topic_record(&key(&a), Some(b"{not json"));
+        assert_eq!(state(&a), "revoked");
+        // A tombstone forgets the topic's entry; the file's shows again.
+        shared.apply_topic_record(&key(&a), None);
+        assert_eq!(state(&a), "active");
+        shared.apply_topic_record(&key(&b), None);
+        assert_eq!(state(&b), "unknown");
+    }
 
     #[test]
     fn add_list_revoke() {

@@ -10,18 +10,57 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::sync::watch;
 use vitaltrail_attestor::metrics::Metrics as AttestorMetrics;
-use vitaltrail_attestor::pipeline::{AttestorConfig, PartitionState, run_partition};
+use vitaltrail_attestor::pipeline::{
+    AttestorConfig, PartitionState, PublishedCheckpoint, run_partition,
+};
 use vitaltrail_bus::deadletter::{RejectLog, Rejection};
 use vitaltrail_bus::kafka::{
-    self, KafkaConfig, KafkaConsumer, KafkaProducer, REJECTED_TOPIC, VERIFIED_TOPIC,
+    self, CHECKPOINTS_TOPIC, DEVICES_TOPIC, KafkaConfig, KafkaConsumer, KafkaProducer,
+    REJECTED_TOPIC, VERIFIED_TOPIC,
 };
 use vitaltrail_bus::{PartitionSource, RejectSink};
 use vitaltrail_core::{Clock, SystemClock};
 use vitaltrail_ingest::IngestConfig;
 use vitaltrail_ingest::metrics::Metrics as IngestMetrics;
-use vitaltrail_ingest::registry::SharedRegistry;
+use vitaltrail_ingest::registry::{DeviceEntry, SharedRegistry};
 
 use crate::up::{log_key, registry_file, serve_metrics};
+
+/// Follow `vitals.devices` into `shared`: returns once every registration
+/// already in the topic is applied, so the process starts with the whole
+/// registry; later changes keep arriving in the returned task.
+pub async fn follow_registry(
+    kafka: &KafkaConfig,
+    shared: &SharedRegistry,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let s = shared.clone();
+    kafka::follow_topic(kafka, DEVICES_TOPIC, move |k, v| s.apply_topic_record(k, v))
+        .await
+        .context("reading the device registry topic vitals.devices")
+}
+
+/// Publish a device's registry entry to `vitals.devices` (and wait until
+/// Kafka has it).
+pub async fn publish_device(kafka: &KafkaConfig, entry: &DeviceEntry) -> Result<()> {
+    kafka::ensure_registry_topic(kafka)
+        .await
+        .context("creating the Kafka topic vitals.devices")?;
+    let producer = KafkaProducer::new(kafka)?;
+    producer
+        .send_to(DEVICES_TOPIC, &entry.did, &serde_json::to_vec(entry)?)
+        .await
+        .context("publishing to vitals.devices")
+}
+
+/// The registry as the `vitals.devices` topic holds it now.
+pub async fn topic_registry(kafka: &KafkaConfig) -> Result<SharedRegistry> {
+    kafka::ensure_registry_topic(kafka)
+        .await
+        .context("creating the Kafka topic vitals.devices")?;
+    let shared = SharedRegistry::fixed(Default::default());
+    follow_registry(kafka, &shared).await?.abort();
+    Ok(shared)
+}
 
 /// Typed configuration of `vitaltrail ingest`.
 #[derive(Debug, Clone)]
@@ -46,16 +85,18 @@ pub async fn run_ingest(cfg: IngestProcessConfig, shutdown: watch::Receiver<bool
     let metrics = IngestMetrics::new(&registry)?;
     let (devices, _watch) =
         SharedRegistry::watch(registry_file(&cfg.data_dir), Duration::from_millis(500))?;
+    let follow = follow_registry(&cfg.kafka, &devices).await?;
     if let Some(listen) = cfg.metrics_listen {
         tokio::spawn(serve_metrics(listen, registry, shutdown.clone()));
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let sink = RejectSink::Kafka(producer.clone());
-    vitaltrail_ingest::run(
+    let res = vitaltrail_ingest::run(
         cfg.ingest, producer, devices, sink, clock, metrics, shutdown,
     )
-    .await?;
-    Ok(())
+    .await;
+    follow.abort();
+    Ok(res?)
 }
 
 /// Typed configuration of `vitaltrail attest`.
@@ -88,6 +129,7 @@ pub async fn run_attest(cfg: AttestProcessConfig, shutdown: watch::Receiver<bool
 
     let (devices, _watch) =
         SharedRegistry::watch(registry_file(&data), Duration::from_millis(500))?;
+    let follow = follow_registry(&cfg.kafka, &devices).await?;
     let patients = crate::up::patient_lookup(&devices);
     let mut states = Vec::new();
     let mut starts = Vec::new();
@@ -99,6 +141,20 @@ pub async fn run_attest(cfg: AttestProcessConfig, shutdown: watch::Receiver<bool
     }
     let (_consumer, sources) = KafkaConsumer::assign(&cfg.kafka, VERIFIED_TOPIC, &starts)?;
     let mut tasks = tokio::task::JoinSet::new();
+    // Checkpoints to vitals.checkpoints: first the latest of each partition
+    // (one signed before a crash may not have been published), then each
+    // new one.
+    let (cp_tx, cp_rx) = tokio::sync::mpsc::channel(1024);
+    for state in &states {
+        if let Some(cp) = state.latest_published()? {
+            cp_tx.send(cp).await.ok();
+        }
+    }
+    tasks.spawn(publish_checkpoints(
+        KafkaProducer::new(&cfg.kafka)?,
+        cp_rx,
+        shutdown.clone(),
+    ));
     for (source, state) in sources.into_iter().zip(states) {
         let run = run_partition(
             source,
@@ -106,10 +162,12 @@ pub async fn run_attest(cfg: AttestProcessConfig, shutdown: watch::Receiver<bool
             cfg.attestor.clone(),
             rejects.clone(),
             clock.clone(),
+            Some(cp_tx.clone()),
             shutdown.clone(),
         );
         tasks.spawn(async move { run.await.map_err(anyhow::Error::from) });
     }
+    drop(cp_tx);
     if cfg.dead_letters {
         let kcfg = cfg.kafka.clone();
         let rejects = rejects.clone();
@@ -121,7 +179,41 @@ pub async fn run_attest(cfg: AttestProcessConfig, shutdown: watch::Receiver<bool
         tasks.spawn(serve_metrics(listen, registry, shutdown.clone()));
     }
     tracing::info!(partitions = ?cfg.partitions, data = %data.display(), "attestor is up");
-    crate::up::join_stages(tasks).await
+    let res = crate::up::join_stages(tasks).await;
+    follow.abort();
+    res
+}
+
+/// Produce announced checkpoints to `vitals.checkpoints` (key = origin),
+/// in order, until every partition worker is gone. While Kafka is down the
+/// send waits (the producer never times out), and the bounded channel
+/// holds the workers back rather than dropping a checkpoint.
+async fn publish_checkpoints(
+    producer: KafkaProducer,
+    mut rx: tokio::sync::mpsc::Receiver<PublishedCheckpoint>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    while let Some(cp) = rx.recv().await {
+        let json = serde_json::to_vec(&cp)?;
+        let send = producer.send_to(CHECKPOINTS_TOPIC, &cp.origin, &json);
+        tokio::select! {
+            r = send => r.context("publishing to vitals.checkpoints")?,
+            // Stopping with Kafka down: the checkpoint is in the data
+            // directory, and the next start publishes the latest again.
+            _ = async {
+                while !*shutdown.borrow() {
+                    if shutdown.changed().await.is_err() {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            } => {
+                tracing::warn!(origin = %cp.origin, "stopping before Kafka took checkpoint; it is republished on the next start");
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Copy `vitals.rejected` into the local dead-letter file, resuming from a

@@ -254,6 +254,10 @@ enum DevicesCmd {
         /// The data directory.
         #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
         data: PathBuf,
+        /// Also publish the registration to the vitals.devices topic of this
+        /// Kafka cluster (distributed mode: every ingest and attestor follows it).
+        #[arg(long, env = "VITALTRAIL_KAFKA")]
+        kafka: Option<String>,
     },
     /// List registered devices (DID, patient, ward, state).
     List {
@@ -268,6 +272,10 @@ enum DevicesCmd {
         /// The data directory.
         #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
         data: PathBuf,
+        /// Also publish the revocation to the vitals.devices topic of this
+        /// Kafka cluster (it may know the device even if this directory does not).
+        #[arg(long, env = "VITALTRAIL_KAFKA")]
+        kafka: Option<String>,
     },
 }
 
@@ -445,8 +453,9 @@ fn main() -> ExitCode {
                     patient,
                     ward,
                     data,
+                    kafka,
                 },
-        } => pipeline_cmds::devices_add(&data, &did, &patient, ward.as_deref()),
+        } => pipeline_cmds::devices_add(&data, &did, &patient, ward.as_deref(), kafka),
         Command::Ingest {
             kafka,
             mqtt,
@@ -493,8 +502,8 @@ fn main() -> ExitCode {
             cmd: DevicesCmd::List { data },
         } => pipeline_cmds::devices_list(&data),
         Command::Devices {
-            cmd: DevicesCmd::Revoke { did, data },
-        } => pipeline_cmds::devices_revoke(&data, &did),
+            cmd: DevicesCmd::Revoke { did, data, kafka },
+        } => pipeline_cmds::devices_revoke(&data, &did, kafka),
         Command::Query {
             sql,
             data,

@@ -289,18 +289,82 @@ pub fn sim(a: SimArgs) -> Result<ExitCode> {
 }
 
 /// `vitaltrail devices add`.
-pub fn devices_add(data: &Path, did: &str, patient: &str, ward: Option<&str>) -> Result<ExitCode> {
+pub fn devices_add(
+    data: &Path,
+    did: &str,
+    patient: &str,
+    ward: Option<&str>,
+    kafka: Option<String>,
+) -> Result<ExitCode> {
     let did = DeviceId::parse(did).context("DID")?;
-    up::registry_file(data).add(&did, patient, ward, SystemClock.now_ms())?;
-    println!("registered {did} for patient {patient}");
+    let file = up::registry_file(data);
+    file.add(&did, patient, ward, SystemClock.now_ms())?;
+    if let Some(brokers) = kafka {
+        let entry = local_entry(&file, &did)?;
+        runtime()?.block_on(vitaltrail::distributed::publish_device(
+            &kafka_cfg(brokers),
+            &entry,
+        ))?;
+        println!("registered {did} for patient {patient} (published to vitals.devices)");
+    } else {
+        println!("registered {did} for patient {patient}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
+fn kafka_cfg(brokers: String) -> vitaltrail_bus::kafka::KafkaConfig {
+    vitaltrail_bus::kafka::KafkaConfig {
+        brokers,
+        ..Default::default()
+    }
+}
+
+fn local_entry(
+    file: &vitaltrail_ingest::registry::RegistryFile,
+    did: &DeviceId,
+) -> Result<vitaltrail_ingest::registry::DeviceEntry> {
+    use vitaltrail_ingest::registry::Lookup;
+    match file.load()?.lookup(did.as_str()) {
+        Lookup::Active(e) | Lookup::Revoked(e) => Ok(e.clone()),
+        Lookup::Unknown => anyhow::bail!("{did} is not in {}", file.path().display()),
+    }
+}
+
 /// `vitaltrail devices revoke`.
-pub fn devices_revoke(data: &Path, did: &str) -> Result<ExitCode> {
+pub fn devices_revoke(data: &Path, did: &str, kafka: Option<String>) -> Result<ExitCode> {
+    use vitaltrail_ingest::registry::Lookup;
     let did = DeviceId::parse(did).context("DID")?;
-    up::registry_file(data).revoke(&did, SystemClock.now_ms())?;
-    println!("revoked {did}");
+    let file = up::registry_file(data);
+    let now = SystemClock.now_ms();
+    let Some(brokers) = kafka else {
+        file.revoke(&did, now)?;
+        println!("revoked {did}");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let cfg = kafka_cfg(brokers);
+    let rt = runtime()?;
+    let local = file.load()?;
+    let mut entry = match local.lookup(did.as_str()) {
+        Lookup::Active(_) => {
+            file.revoke(&did, now)?;
+            local_entry(&file, &did)?
+        }
+        _ => {
+            // Known only to the cluster, or revoked here already: revoke
+            // what the topic holds.
+            let topic = rt.block_on(vitaltrail::distributed::topic_registry(&cfg))?;
+            match topic.with(|r| match r.lookup(did.as_str()) {
+                Lookup::Active(e) => Some(e.clone()),
+                _ => None,
+            }) {
+                Some(e) => e,
+                None => anyhow::bail!("{did} is not an active device here or in vitals.devices"),
+            }
+        }
+    };
+    entry.revoked_ms.get_or_insert(now);
+    rt.block_on(vitaltrail::distributed::publish_device(&cfg, &entry))?;
+    println!("revoked {did} (published to vitals.devices)");
     Ok(ExitCode::SUCCESS)
 }
 

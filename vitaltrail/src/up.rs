@@ -398,6 +398,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
             cfg.attestor.clone(),
             rejects.clone(),
             clock.clone(),
+            None,
             shutdown.clone(),
         );
         tasks.spawn(async move { run.await.map_err(anyhow::Error::from) });

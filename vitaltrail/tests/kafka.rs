@@ -232,3 +232,198 @@ async fn up_with_kafka_runs_the_same_stages_in_one_process() {
     common::check_outcome(data.path(), PARTITIONS, &report, false);
     common::check_tables(data.path(), &report).await;
 }
+
+/// Run a `vitaltrail` command to completion; it must succeed.
+fn vt(args: &[&str]) -> String {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vitaltrail"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// The registry reaches every ingest and the attestor only through the
+/// compacted `vitals.devices` topic (their data directories hold no
+/// registry file), before they start and while they run; a revocation from
+/// an operator directory that never saw the device reaches them too; and
+/// every checkpoint is on `vitals.checkpoints`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registry_and_checkpoints_travel_over_kafka() {
+    let mqtt = Mosquitto::start(false);
+    let kafka = Nisshi::start(false);
+    let brokers = kafka.brokers();
+    let dirs: Vec<tempfile::TempDir> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (op, op2, att) = (dirs[0].path(), dirs[1].path(), dirs[2].path());
+    let mut devs = publisher::devices(31, 3, &[Scenario::Steady]);
+    let did = |i: usize| devs[i].key.did().to_string();
+    let (a, b, c) = (did(0), did(1), did(2));
+    // A is registered before any stage runs.
+    vt(&[
+        "devices",
+        "add",
+        &a,
+        "--patient",
+        "pt-a",
+        "--data",
+        op.to_str().unwrap(),
+        "--kafka",
+        &brokers,
+    ]);
+
+    let s = |x: &str| x.to_owned();
+    let mut procs: Vec<Proc> = (0..2)
+        .map(|i| {
+            let d = dirs[3 + i].path();
+            Proc::spawn(
+                &[
+                    s("ingest"),
+                    s("--kafka"),
+                    brokers.clone(),
+                    s("--mqtt"),
+                    format!("127.0.0.1:{}", mqtt.port),
+                    s("--client-id"),
+                    format!("ingest-{i}"),
+                    s("--data"),
+                    d.display().to_string(),
+                    s("--topic-partitions"),
+                    PARTITIONS.to_string(),
+                ],
+                d.join("ingest.log"),
+            )
+        })
+        .collect();
+    procs.push(Proc::spawn(
+        &[
+            s("attest"),
+            s("--kafka"),
+            brokers.clone(),
+            s("--partitions"),
+            s("0,1"),
+            s("--topic-partitions"),
+            PARTITIONS.to_string(),
+            s("--data"),
+            att.display().to_string(),
+            s("--checkpoint-interval-ms"),
+            s("100"),
+        ],
+        att.join("attest.log"),
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // B is registered while they run.
+    vt(&[
+        "devices",
+        "add",
+        &b,
+        "--patient",
+        "pt-b",
+        "--data",
+        op.to_str().unwrap(),
+        "--kafka",
+        &brokers,
+    ]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for p in &mut procs {
+        p.assert_running();
+    }
+
+    let sim = SimConfig {
+        mqtt_port: mqtt.port,
+        rate: 20.0,
+        duration: Duration::from_secs(2),
+        ..SimConfig::default()
+    };
+    let mut report = publisher::run(&sim, &mut devs, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    // C was never registered.
+    let c_sent = report.valid.remove(&c).unwrap().len() as u64;
+    report
+        .expected_rejects
+        .insert("unknown_device".into(), c_sent);
+    common::wait_settled(att, PARTITIONS, &report, Duration::from_secs(60)).await;
+
+    // Revoked from a directory that never knew A: taken from the topic.
+    vt(&[
+        "devices",
+        "revoke",
+        &a,
+        "--data",
+        op2.to_str().unwrap(),
+        "--kafka",
+        &brokers,
+    ]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut only_a = vec![devs.remove(0)];
+    let later = publisher::run(&sim, &mut only_a, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let a_later = later.valid[&a].len() as u64;
+    report
+        .expected_rejects
+        .insert("revoked_device".into(), a_later);
+    common::wait_settled(att, PARTITIONS, &report, Duration::from_secs(60)).await;
+    for p in &mut procs {
+        p.assert_running();
+    }
+    drop(procs);
+    common::check_outcome(att, PARTITIONS, &report, false);
+
+    // The attestor took the patients from the topic too.
+    let patients = vt(&[
+        "query",
+        "SELECT DISTINCT patient FROM readings ORDER BY patient",
+        "--data",
+        att.to_str().unwrap(),
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(
+        patients.lines().skip(1).collect::<Vec<_>>(),
+        ["pt-a", "pt-b"],
+        "{patients}"
+    );
+
+    // Every checkpoint of each partition is on vitals.checkpoints, in order.
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    let cfg = vitaltrail_bus::kafka::KafkaConfig {
+        brokers: brokers.clone(),
+        ..Default::default()
+    };
+    vitaltrail_bus::kafka::follow_topic(
+        &cfg,
+        vitaltrail_bus::kafka::CHECKPOINTS_TOPIC,
+        move |_, v| {
+            let cp: vitaltrail_attestor::pipeline::PublishedCheckpoint =
+                serde_json::from_slice(v.unwrap()).unwrap();
+            g.lock().unwrap().push(cp);
+        },
+    )
+    .await
+    .unwrap()
+    .abort();
+    let got = got.lock().unwrap().clone();
+    let mut checked = 0;
+    for p in 0..PARTITIONS {
+        let dir = att.join("partitions").join(p.to_string());
+        let local: Vec<(u64, String)> = vitaltrail_attestor::pipeline::read_checkpoints(&dir)
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.size, c.note))
+            .collect();
+        let published: Vec<(u64, String)> = got
+            .iter()
+            .filter(|c| c.partition == p)
+            .map(|c| (c.size, c.note.clone()))
+            .collect();
+        assert_eq!(published, local, "partition {p}");
+        checked += local.len();
+    }
+    assert!(checked > 0, "no checkpoints at all");
+}
