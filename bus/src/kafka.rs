@@ -227,6 +227,8 @@ impl KafkaConsumer {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // Readings wait for the log, not for a fuller fetch.
+            .set("fetch.wait.max.ms", "5")
             .set("enable.partition.eof", "false")
             .create()
             .map_err(kerr)?;

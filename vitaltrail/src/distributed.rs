@@ -73,6 +73,9 @@ pub struct IngestProcessConfig {
     pub data_dir: PathBuf,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Register metrics here (served by the caller) instead of a registry
+    /// of this stage's own.
+    pub metrics: Option<prometheus::Registry>,
 }
 
 /// Run one ingest process until `shutdown`.
@@ -81,7 +84,7 @@ pub async fn run_ingest(cfg: IngestProcessConfig, shutdown: watch::Receiver<bool
         .await
         .context("creating Kafka topics")?;
     let producer = KafkaProducer::new(&cfg.kafka)?;
-    let registry = prometheus::Registry::new();
+    let registry = cfg.metrics.clone().unwrap_or_default();
     let metrics = IngestMetrics::new(&registry)?;
     let (devices, _watch) =
         SharedRegistry::watch(registry_file(&cfg.data_dir), Duration::from_millis(500))?;
@@ -112,6 +115,9 @@ pub struct AttestProcessConfig {
     pub attestor: AttestorConfig,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Register metrics here (served by the caller) instead of a registry
+    /// of this stage's own.
+    pub metrics: Option<prometheus::Registry>,
 }
 
 /// Run one attestor process until `shutdown`.
@@ -122,7 +128,7 @@ pub async fn run_attest(cfg: AttestProcessConfig, shutdown: watch::Receiver<bool
     let data = cfg.attestor.data_dir.clone();
     std::fs::create_dir_all(&data)?;
     let key = log_key(&data)?;
-    let registry = prometheus::Registry::new();
+    let registry = cfg.metrics.clone().unwrap_or_default();
     let metrics = AttestorMetrics::new(&registry)?;
     let rejects = Arc::new(RejectLog::open(data.join("rejected.jsonl"))?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);

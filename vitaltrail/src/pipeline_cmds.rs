@@ -91,6 +91,7 @@ pub fn ingest(a: IngestArgs) -> Result<ExitCode> {
         },
         data_dir: data,
         metrics_listen,
+        metrics: None,
     };
     runtime()?.block_on(async move { run_ingest(cfg, shutdown_on_ctrl_c()).await })?;
     Ok(ExitCode::SUCCESS)
@@ -121,6 +122,7 @@ pub fn attest(
             ..AttestorConfig::default()
         },
         metrics_listen,
+        metrics: None,
     };
     runtime()?.block_on(async move { run_attest(cfg, shutdown_on_ctrl_c()).await })?;
     Ok(ExitCode::SUCCESS)

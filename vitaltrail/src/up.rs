@@ -317,6 +317,7 @@ async fn run_over_kafka(
 ) -> Result<()> {
     use crate::distributed::{AttestProcessConfig, IngestProcessConfig, run_attest, run_ingest};
     let (host, port) = mqtt_endpoint(&cfg).await?;
+    let registry = prometheus::Registry::new();
     let kafka = vitaltrail_bus::kafka::KafkaConfig {
         brokers,
         partitions: cfg.partitions as i32,
@@ -331,6 +332,7 @@ async fn run_over_kafka(
         },
         data_dir: cfg.data_dir.clone(),
         metrics_listen: None,
+        metrics: Some(registry.clone()),
     };
     let attest = AttestProcessConfig {
         kafka,
@@ -340,8 +342,13 @@ async fn run_over_kafka(
             data_dir: cfg.data_dir.clone(),
             ..cfg.attestor.clone()
         },
-        metrics_listen: cfg.metrics_listen,
+        metrics_listen: None,
+        metrics: Some(registry.clone()),
     };
+    // One /metrics (and POST /sql) for both stages.
+    if let Some(listen) = cfg.metrics_listen {
+        tokio::spawn(serve_metrics(listen, registry, shutdown.clone()));
+    }
     // Topics first (both stages would create them), then both stages.
     vitaltrail_bus::kafka::ensure_topics(&ingest.kafka).await?;
     let a = tokio::spawn(run_attest(attest, shutdown.clone()));

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use vitaltrail::up::{self, UpConfig};
 use vitaltrail_attestor::DurableLog;
 
+use vitaltrail_bus::kafka::{KafkaConfig, KafkaProducer};
 use vitaltrail_core::envelope::{self, UnsignedReading};
 use vitaltrail_core::{Clock, SecretKey, SystemClock, leaf};
 use vitaltrail_device_sim::physiology::{Patient, Scenario};
@@ -47,6 +48,13 @@ struct Args {
     /// Ingest MQTT connections sharing the subscription (default: `up`'s).
     #[arg(long)]
     ingest_connections: Option<usize>,
+    /// Skip the Kafka path (it starts a nisshi broker on 127.0.0.1 from
+    /// ~/.cache/vitaltrail-tools or $NISSHI_BIN; scripts/setup builds it).
+    #[arg(long)]
+    skip_kafka: bool,
+    /// Partitions of vitals.verified on the Kafka path.
+    #[arg(long, default_value_t = 4)]
+    kafka_partitions: u32,
 }
 
 fn cpu_seconds() -> f64 {
@@ -206,6 +214,221 @@ async fn stage_means(listen: std::net::SocketAddr) -> Option<String> {
     ))
 }
 
+/// One way of running the pipeline.
+struct Path {
+    name: &'static str,
+    kafka: Option<String>,
+    partitions: u32,
+}
+
+/// Full speed, then latency at a fixed rate, through `up::run` on `path`.
+async fn run_path(
+    a: &Args,
+    path: &Path,
+    keys: &[SecretKey],
+    msgs: &[Signed],
+    verify_rate: f64,
+    transport_rate: f64,
+) -> Result<()> {
+    let partitions = path.partitions;
+    let data = tempfile::tempdir()?;
+    let reg = up::registry_file(data.path());
+    for (i, k) in keys.iter().enumerate() {
+        reg.add(k.did(), &format!("bench-{i}"), None, 0)?;
+    }
+    let mqtt: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let metrics_listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let mut cfg = UpConfig {
+        data_dir: data.path().to_owned(),
+        mqtt_listen: mqtt,
+        partitions,
+        metrics_listen: Some(metrics_listen),
+        kafka: path.kafka.clone(),
+        ..UpConfig::default()
+    };
+    if let Some(ms) = a.checkpoint_interval_ms {
+        cfg.attestor.checkpoint_interval = Duration::from_millis(ms);
+    }
+    if let Some(n) = a.ingest_connections {
+        cfg.ingest.connections = n;
+    }
+    let (stop, stop_rx) = watch::channel(false);
+    let pipeline = tokio::spawn(up::run(cfg, stop_rx));
+    up::wait_for_port(mqtt, Duration::from_secs(10)).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let name = path.name;
+    let cpu0 = cpu_seconds();
+    let t = Instant::now();
+    publish(mqtt.port(), msgs, None).await?;
+    while appended(metrics_listen).await < msgs.len() as u64 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let e2e_rate = msgs.len() as f64 / secs;
+    let stage_means = stage_means(metrics_listen).await.unwrap_or_default();
+    let cpu_per_k = (cpu_seconds() - cpu0) / msgs.len() as f64 * 1000.0 * 1000.0;
+    println!(
+        "{name} pipeline ({partitions} partitions), full speed: {e2e_rate:>9.0} readings/s  ({:.2}x the verify ceiling, {:.2}x its transport; {cpu_per_k:.0} ms CPU per 1k readings)",
+        e2e_rate / verify_rate,
+        e2e_rate / transport_rate
+    );
+    println!("  where the time goes (means over the run): {stage_means}");
+
+    // Latency at a fixed offered rate: new seqs for the same devices.
+    let n = ((a.latency_rate * 10.0) as usize).min(a.readings);
+    let msgs2 = sign_all(keys, n, 1_000_000)?;
+    let before = appended(metrics_listen).await;
+    let cpu0 = cpu_seconds();
+    let sent = publish(mqtt.port(), &msgs2, Some(a.latency_rate)).await?;
+    while appended(metrics_listen).await < before + n as u64 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cpu_per_k2 = (cpu_seconds() - cpu0) / n as f64 * 1000.0 * 1000.0;
+    stop.send(true)?;
+    pipeline.await??;
+    let mut lat = Vec::with_capacity(n);
+    for p in 0..partitions {
+        let log = DurableLog::open(data.path().join("partitions").join(p.to_string()))?;
+        for i in 0..log.size() {
+            let l = log.leaf(i)?;
+            let l = leaf::decode(&l)?;
+            let r = envelope::decode_verified_upstream(l.envelope)?;
+            if let Some(t0) = sent.get(&(r.did.to_string(), r.seq)) {
+                lat.push(l.log_time_ms.saturating_sub(*t0) as f64);
+            }
+        }
+    }
+    println!(
+        "{name} pipeline at {:.0}/s offered: p50 {:.0} ms, p99 {:.0} ms publish->leaf ({} readings; {cpu_per_k2:.0} ms CPU per 1k)",
+        a.latency_rate,
+        pct(&mut lat.clone(), 0.5),
+        pct(&mut lat, 0.99),
+        n
+    );
+    Ok(())
+}
+
+/// A nisshi broker on 127.0.0.1 (memory storage), killed on drop.
+struct Nisshi {
+    child: std::process::Child,
+    brokers: String,
+}
+
+impl Nisshi {
+    fn start() -> Result<Nisshi> {
+        let bin = std::env::var_os("NISSHI_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                    .join(".cache/vitaltrail-tools/nisshi-0.8.1/bin/nisshi")
+            });
+        anyhow::ensure!(
+            bin.is_file(),
+            "{} is missing: run scripts/setup (it builds the nisshi Kafka broker), set NISSHI_BIN, or pass --skip-kafka",
+            bin.display()
+        );
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args([
+                "--storage-engine",
+                "memory://nisshi/",
+                "--group-initial-rebalance-delay",
+                "0s",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "nisshi did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Nisshi {
+            child,
+            brokers: format!("127.0.0.1:{port}"),
+        })
+    }
+}
+
+impl Drop for Nisshi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The transport ceiling of the Kafka path: MQTT QoS 1 through rumqttd to
+/// `connections` subscribers sharing the subscription, each producing every
+/// message to Kafka (idempotent, acks=all) and acknowledging it to MQTT once
+/// Kafka has it: ingest without checks or verification.
+async fn transport_to_kafka(msgs: &[Signed], brokers: &str, connections: usize) -> Result<f64> {
+    use futures::StreamExt as _;
+    let port = free_port();
+    up::start_embedded_broker(format!("127.0.0.1:{port}").parse()?)?;
+    up::wait_for_port(format!("127.0.0.1:{port}").parse()?, Duration::from_secs(5)).await?;
+    let kcfg = KafkaConfig {
+        brokers: brokers.to_owned(),
+        ..KafkaConfig::default()
+    };
+    let producer = KafkaProducer::new(&kcfg)?;
+    let got = Arc::new(AtomicU64::new(0));
+    for i in 0..connections {
+        let mut opts = MqttOptions::new(format!("bench-kafka-sub-{i}"), "127.0.0.1", port);
+        opts.set_manual_acks(true)
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut el) = AsyncClient::new(opts, 10_000);
+        client
+            .subscribe("$share/bench/vitals/+", QoS::AtLeastOnce)
+            .await?;
+        let g = got.clone();
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            let mut pending = futures::stream::FuturesOrdered::new();
+            loop {
+                tokio::select! {
+                    ev = el.poll() => match ev {
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            let producer = producer.clone();
+                            pending.push_back(async move {
+                                let key = p.topic.clone();
+                                let r = producer.send_to("bench.transport", &key, &p.payload).await;
+                                (p, r)
+                            });
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    },
+                    Some((p, r)) = pending.next(), if !pending.is_empty() => {
+                        if r.is_ok() {
+                            g.fetch_add(1, Ordering::Relaxed);
+                            let _ = client.ack(&p).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    publish(port, msgs, None).await?;
+    while got.load(Ordering::Relaxed) < msgs.len() as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(msgs.len() as f64 / t.elapsed().as_secs_f64())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let a = Args::parse();
@@ -260,79 +483,27 @@ async fn main() -> Result<()> {
     println!("ceiling  transport alone (MQTT QoS 1, no verify): {transport_rate:>9.0} readings/s");
 
     // 3 + 4. The embedded pipeline.
-    let data = tempfile::tempdir()?;
-    let reg = up::registry_file(data.path());
-    for (i, k) in keys.iter().enumerate() {
-        reg.add(k.did(), &format!("bench-{i}"), None, 0)?;
-    }
-    let mqtt: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-    let metrics_listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-    let mut cfg = UpConfig {
-        data_dir: data.path().to_owned(),
-        mqtt_listen: mqtt,
+    let embedded = Path {
+        name: "embedded",
+        kafka: None,
         partitions,
-        metrics_listen: Some(metrics_listen),
-        ..UpConfig::default()
     };
-    if let Some(ms) = a.checkpoint_interval_ms {
-        cfg.attestor.checkpoint_interval = Duration::from_millis(ms);
-    }
-    if let Some(n) = a.ingest_connections {
-        cfg.ingest.connections = n;
-    }
-    let (stop, stop_rx) = watch::channel(false);
-    let pipeline = tokio::spawn(up::run(cfg, stop_rx));
-    up::wait_for_port(mqtt, Duration::from_secs(5)).await?;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    run_path(&a, &embedded, &keys, &msgs, verify_rate, transport_rate).await?;
 
-    let cpu0 = cpu_seconds();
-    let t = Instant::now();
-    publish(mqtt.port(), &msgs, None).await?;
-    while appended(metrics_listen).await < a.readings as u64 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    // The same on the Kafka path: `up --kafka` against a real broker.
+    if !a.skip_kafka {
+        let broker = Nisshi::start()?;
+        let k_transport = transport_to_kafka(&msgs, &broker.brokers, 8).await?;
+        println!(
+            "ceiling  transport alone (MQTT QoS 1 -> Kafka, no verify): {k_transport:>9.0} readings/s"
+        );
+        let kafka = Path {
+            name: "kafka",
+            kafka: Some(broker.brokers.clone()),
+            partitions: a.kafka_partitions,
+        };
+        run_path(&a, &kafka, &keys, &msgs, verify_rate, k_transport).await?;
     }
-    let secs = t.elapsed().as_secs_f64();
-    let e2e_rate = a.readings as f64 / secs;
-    let stage_means = stage_means(metrics_listen).await.unwrap_or_default();
-    let cpu_per_k = (cpu_seconds() - cpu0) / a.readings as f64 * 1000.0 * 1000.0;
-    println!(
-        "embedded pipeline, full speed:                  {e2e_rate:>9.0} readings/s  ({:.2}x the verify ceiling, {:.2}x transport; {cpu_per_k:.0} ms CPU per 1k readings)",
-        e2e_rate / verify_rate,
-        e2e_rate / transport_rate
-    );
-    println!("  where the time goes (means over the run): {stage_means}");
-
-    // Latency at a fixed offered rate: new seqs for the same devices.
-    let n = ((a.latency_rate * 10.0) as usize).min(a.readings);
-    let msgs2 = sign_all(&keys, n, 1_000_000)?;
-    let before = appended(metrics_listen).await;
-    let cpu0 = cpu_seconds();
-    let sent = publish(mqtt.port(), &msgs2, Some(a.latency_rate)).await?;
-    while appended(metrics_listen).await < before + n as u64 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let cpu_per_k2 = (cpu_seconds() - cpu0) / n as f64 * 1000.0 * 1000.0;
-    stop.send(true)?;
-    pipeline.await??;
-    let mut lat = Vec::with_capacity(n);
-    for p in 0..partitions {
-        let log = DurableLog::open(data.path().join("partitions").join(p.to_string()))?;
-        for i in 0..log.size() {
-            let l = log.leaf(i)?;
-            let l = leaf::decode(&l)?;
-            let r = envelope::decode_verified_upstream(l.envelope)?;
-            if let Some(t0) = sent.get(&(r.did.to_string(), r.seq)) {
-                lat.push(l.log_time_ms.saturating_sub(*t0) as f64);
-            }
-        }
-    }
-    println!(
-        "embedded pipeline at {:.0}/s offered:            p50 {:.0} ms, p99 {:.0} ms publish->leaf ({} readings; {cpu_per_k2:.0} ms CPU per 1k)",
-        a.latency_rate,
-        pct(&mut lat.clone(), 0.5),
-        pct(&mut lat, 0.99),
-        n
-    );
     println!(
         "peak memory (RSS, whole process):              {:>9.0} MB",
         peak_rss_mb()
