@@ -35,6 +35,17 @@ pub const MITBIH_HZ: f64 = 360.0;
 /// zipped, 216 KB unzipped); anything bigger is not the scipy recording.
 const MAX_BYTES: u64 = 64 << 20;
 
+/// Where `scripts/setup` puts scipy's `ecg.dat`:
+/// `$VITALTRAIL_ECG_DAT`, else `~/.cache/vitaltrail-tools/ecg.dat`.
+pub fn default_ecg_path() -> std::path::PathBuf {
+    std::env::var_os("VITALTRAIL_ECG_DAT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/vitaltrail-tools/ecg.dat")
+        })
+}
+
 /// Load `ecg.dat` (scipy's zip with `ecg.npy`) as millivolts.
 pub fn load_scipy_ecg(path: &Path) -> Result<Vec<f64>> {
     let bad = |reason: String| Error::Ecg {

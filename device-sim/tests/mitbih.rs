@@ -10,17 +10,12 @@
 
 use std::path::PathBuf;
 
-use vitaltrail_device_sim::ecg::{MITBIH_HZ, detect_beats, load_scipy_ecg};
+use vitaltrail_device_sim::ecg::{MITBIH_HZ, default_ecg_path, detect_beats, load_scipy_ecg};
 use vitaltrail_device_sim::replay::beat_readings;
 
-/// Where `scripts/setup` puts the recording; `VITALTRAIL_ECG_DAT` overrides.
+/// The recording, or a clear failure saying how to get it.
 fn ecg_dat() -> PathBuf {
-    let p = std::env::var_os("VITALTRAIL_ECG_DAT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/vitaltrail-tools/ecg.dat")
-        });
+    let p = default_ecg_path();
     assert!(
         p.exists(),
         "{} is missing: run scripts/setup (it extracts scipy/misc/ecg.dat from \

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Mosquitto, Nisshi, Proc, Rejects};
+use common::{Mosquitto, Nisshi, Proc, Rejects, vt};
 use vitaltrail::up;
 use vitaltrail_core::SystemClock;
 use vitaltrail_device_sim::attacks::Attack;
@@ -231,21 +231,6 @@ async fn up_with_kafka_runs_the_same_stages_in_one_process() {
     pipeline.await.unwrap().unwrap();
     common::check_outcome(data.path(), PARTITIONS, &report, false);
     common::check_tables(data.path(), &report).await;
-}
-
-/// Run a `vitaltrail` command to completion; it must succeed.
-fn vt(args: &[&str]) -> String {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vitaltrail"))
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
 }
 
 /// The registry reaches every ingest and the attestor only through the

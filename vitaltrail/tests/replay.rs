@@ -5,31 +5,13 @@
 
 mod common;
 
+use common::vt;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn vt(args: &[&str]) -> String {
-    let o = Command::new(env!("CARGO_BIN_EXE_vitaltrail"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
 fn ecg_dat() -> PathBuf {
-    let p = std::env::var_os("VITALTRAIL_ECG_DAT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/vitaltrail-tools/ecg.dat")
-        });
+    let p = vitaltrail_device_sim::ecg::default_ecg_path();
     assert!(
         p.exists(),
         "{} is missing: run scripts/setup (it extracts scipy/misc/ecg.dat from Debian's \

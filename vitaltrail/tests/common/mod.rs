@@ -210,6 +210,21 @@ impl Drop for Nisshi {
     }
 }
 
+/// Run a `vitaltrail` command to completion; it must succeed. Its stdout.
+pub fn vt(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_vitaltrail"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
 /// A `vitaltrail` subcommand running as its own process, killed on drop.
 pub struct Proc {
     pub child: Child,
