@@ -305,16 +305,6 @@ impl PartitionState {
         })
     }
 
-    /// The log's origin line.
-    pub fn origin(&self) -> &str {
-        &self.origin
-    }
-
-    /// The partition.
-    pub fn partition(&self) -> u32 {
-        self.partition
-    }
-
     /// The latest checkpoint this partition signed, as announced.
     pub fn latest_published(&self) -> Result<Option<PublishedCheckpoint>> {
         Ok(read_checkpoints(&self.dir)?

@@ -65,7 +65,6 @@ fn kerr(e: impl std::fmt::Display) -> Error {
     Error::Kafka(e.to_string())
 }
 
-/// Create the topics if they do not exist yet.
 /// Create the pipeline's topics that do not exist yet (`vitals.verified`
 /// with `cfg.partitions` partitions, and the one-partition topics).
 pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<()> {
@@ -111,6 +110,7 @@ async fn create_topics(cfg: &KafkaConfig, topics: &[NewTopic<'_>]) -> Result<()>
     Ok(())
 }
 
+/// The producing end (ingest, and registry and checkpoint publishers).
 #[derive(Clone)]
 pub struct KafkaProducer {
     producer: FutureProducer,
@@ -140,7 +140,6 @@ impl KafkaProducer {
         Ok(KafkaProducer { producer })
     }
 
-    /// Produce rejections to `vitals.rejected` and wait for all of them.
     /// Produce one keyed record and wait until Kafka has it.
     pub async fn send_to(&self, topic: &str, key: &str, payload: &[u8]) -> Result<()> {
         self.producer
@@ -153,6 +152,7 @@ impl KafkaProducer {
             .map_err(|(e, _)| kerr(e))
     }
 
+    /// Produce rejections to `vitals.rejected` and wait for all of them.
     pub async fn send_rejections(&self, rejections: Vec<Rejection>) -> Result<()> {
         let sends = rejections.iter().map(|r| {
             let json = serde_json::to_vec(r).unwrap_or_default();
@@ -396,30 +396,36 @@ pub async fn follow_topic(
             .map_err(kerr)?
             .1
     };
-    let mut next = 0i64;
-    while next < high {
-        match c.recv().await {
-            Ok(m) => {
-                apply(m.key().unwrap_or_default(), m.payload());
-                next = m.offset() + 1;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, topic = %topic_name, "kafka receive");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
+    // One loop applies everything; it says when it has passed `high`.
+    let (tx, ready) = tokio::sync::oneshot::channel();
+    let mut caught_up = Some(tx);
+    if high <= 0
+        && let Some(tx) = caught_up.take()
+    {
+        let _ = tx.send(());
     }
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             match c.recv().await {
-                Ok(m) => apply(m.key().unwrap_or_default(), m.payload()),
+                Ok(m) => {
+                    apply(m.key().unwrap_or_default(), m.payload());
+                    if m.offset() + 1 >= high
+                        && let Some(tx) = caught_up.take()
+                    {
+                        let _ = tx.send(());
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, topic = %topic_name, "kafka receive");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         }
-    }))
+    });
+    ready
+        .await
+        .map_err(|_| Error::Kafka(format!("following {topic} stopped before catching up")))?;
+    Ok(task)
 }
 
 impl KafkaConsumer {

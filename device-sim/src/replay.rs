@@ -49,12 +49,6 @@ pub fn parse_rr(text: &str) -> Result<Vec<f64>, RrError> {
     Ok(out)
 }
 
-/// One heart-rate reading per beat: beat `i` happens at `start_ms` plus the
-/// sum of the first `i + 1` intervals, with HR = 60000 / RR (LOINC 8867-4).
-pub fn rr_readings(rr: &[f64], start_ms: u64, first_seq: u64) -> Vec<UnsignedReading> {
-    beat_readings(&rr_beat_times(rr), start_ms, first_seq, "rr-replay")
-}
-
 /// Beat times (ms, the first beat at 0) of a series of RR intervals.
 pub fn rr_beat_times(rr: &[f64]) -> Vec<f64> {
     let mut t = 0.0;
@@ -114,7 +108,7 @@ mod tests {
     fn rr_file_becomes_hr_at_beat_times() {
         let rr = parse_rr("# polar export\n800\n\n750\n1000.0\n").unwrap();
         assert_eq!(rr, vec![800.0, 750.0, 1000.0]);
-        let r = rr_readings(&rr, 1_000_000, 1);
+        let r = beat_readings(&rr_beat_times(&rr), 1_000_000, 1, "rr-replay");
         assert_eq!(
             r.iter().map(|r| r.time).collect::<Vec<_>>(),
             vec![1_000_800, 1_001_550, 1_002_550]

@@ -234,6 +234,14 @@ async fn run_connection<P: Producer>(
     Ok(())
 }
 
+/// What the registry said about a message's device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    Active,
+    Revoked,
+    Unknown,
+}
+
 fn topic_device(topic: &str) -> Option<&str> {
     topic
         .strip_prefix(TOPIC_PREFIX)
@@ -267,10 +275,17 @@ fn process_batch<P: Producer>(
             r.device = topic_dev.map(str::to_owned);
             Some(r)
         };
-        // Keys of registered devices come from the cache; anything else is
-        // parsed afresh, so unknown DIDs cannot flush the cache.
+        // One registry lookup per message, on the envelope's kid. Keys of
+        // active devices come from the cache; anything else is parsed
+        // afresh, so unknown DIDs cannot flush the cache.
+        let mut known = Known::Unknown;
         let resolve = |kid: &str| {
-            if registry.with(|r| matches!(r.lookup(kid), Lookup::Active(_))) {
+            known = registry.with(|r| match r.lookup(kid) {
+                Lookup::Active(_) => Known::Active,
+                Lookup::Revoked(_) => Known::Revoked,
+                Lookup::Unknown => Known::Unknown,
+            });
+            if known == Known::Active {
                 dids.resolve(kid)
             } else {
                 DeviceId::parse(kid)
@@ -289,15 +304,13 @@ fn process_batch<P: Producer>(
                         format!("signed by {did} but published on {}", p.topic),
                     )
                 } else {
-                    registry.with(|r| match r.lookup(&did) {
-                        Lookup::Active(_) => None,
-                        Lookup::Revoked(_) => {
-                            reject("revoked_device", format!("{did} was revoked"))
-                        }
-                        Lookup::Unknown => {
+                    match known {
+                        Known::Active => None,
+                        Known::Revoked => reject("revoked_device", format!("{did} was revoked")),
+                        Known::Unknown => {
                             reject("unknown_device", format!("{did} is not registered"))
                         }
-                    })
+                    }
                 };
                 if verdict.is_some() {
                     // Not verified: keep the batch free of readings we drop anyway.

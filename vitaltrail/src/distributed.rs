@@ -207,11 +207,7 @@ async fn publish_checkpoints(
             // Stopping with Kafka down: the checkpoint is in the data
             // directory, and the next start publishes the latest again.
             _ = async {
-                while !*shutdown.borrow() {
-                    if shutdown.changed().await.is_err() {
-                        break;
-                    }
-                }
+                let _ = shutdown.wait_for(|stop| *stop).await;
                 tokio::time::sleep(Duration::from_secs(5)).await;
             } => {
                 tracing::warn!(origin = %cp.origin, "stopping before Kafka took checkpoint; it is republished on the next start");
