@@ -516,6 +516,21 @@ impl DurableLog {
         merkle::prove_inclusion(size, index, self)
     }
 
+    /// Inclusion proofs of many leaves in the tree of `size` leaves,
+    /// reading each stored hash once (the proofs of leaves appended
+    /// together share most of their paths).
+    pub fn prove_inclusion_many(&self, size: u64, indexes: &[u64]) -> Result<Vec<Vec<Hash>>> {
+        self.check_size(size)?;
+        let memo = Memo {
+            log: self,
+            seen: std::cell::RefCell::new(std::collections::HashMap::new()),
+        };
+        indexes
+            .iter()
+            .map(|&i| merkle::prove_inclusion(size, i, &memo))
+            .collect()
+    }
+
     /// Consistency proof from `old` to `new` leaves.
     pub fn prove_consistency(&self, old: u64, new: u64) -> Result<Vec<Hash>> {
         self.check_size(new)?;
@@ -559,6 +574,40 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(io("fsync", &tmp))?;
     std::fs::rename(&tmp, &dst).map_err(io("rename", &dst))?;
     sync_dir(dir)
+}
+
+/// A [`HashReader`] that reads each stored hash of a log at most once.
+struct Memo<'a> {
+    log: &'a DurableLog,
+    seen: std::cell::RefCell<std::collections::HashMap<u64, Hash>>,
+}
+
+impl HashReader for Memo<'_> {
+    type Error = Error;
+
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>> {
+        let missing: Vec<u64> = {
+            let seen = self.seen.borrow();
+            indexes
+                .iter()
+                .copied()
+                .filter(|i| !seen.contains_key(i))
+                .collect()
+        };
+        if !missing.is_empty() {
+            let got = self.log.read_hashes(&missing)?;
+            self.seen.borrow_mut().extend(missing.into_iter().zip(got));
+        }
+        let seen = self.seen.borrow();
+        indexes
+            .iter()
+            .map(|i| {
+                seen.get(i)
+                    .copied()
+                    .ok_or_else(|| self.log.corrupt(format!("stored hash {i} vanished")))
+            })
+            .collect()
+    }
 }
 
 impl HashReader for DurableLog {

@@ -30,7 +30,12 @@ pub enum Error {
     /// The bus or the dead-letter store failed.
     #[error(transparent)]
     Bus(#[from] vitaltrail_bus::Error),
-    /// A state file (dedup snapshot, checkpoint list) is not what we wrote.
+    /// The log is not an extension of the last checkpoint this partition
+    /// signed (an older log restored beside a newer checkpoint, or an
+    /// edited one). Signing now would fork the history; needs an operator.
+    #[error("fork guard: log at {path}: {detail}; refusing to sign")]
+    Fork { path: PathBuf, detail: String },
+    /// A state file (index, checkpoint list) is not what we wrote.
     #[error("state file {path}: {detail}")]
     State { path: PathBuf, detail: String },
 }

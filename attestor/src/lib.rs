@@ -8,15 +8,20 @@
 //! * [`pipeline`]: one worker per partition that rejects duplicate and replayed
 //!   `(device, seq)` pairs and clock skew, appends durably, reports outcomes to
 //!   the bus only after that, and signs rolling checkpoints;
+//! * [`index`]: per device, its anti-replay window and (seq → leaf index),
+//!   on disk (redb) with a bounded cache in memory;
+//! * [`parquet_out`]: the `readings` table, exactly once;
 //! * [`metrics`]: its Prometheus metrics.
 //!
-//! Kafka consumption and Parquet output are still to come (issue #4).
+//! After each commit a worker builds one signed receipt per device
+//! (`docs/receipts.md`) and hands it to the caller's publisher.
 //!
 //! The log's on-disk format and its crash-safety argument are described in
 //! [`durable`].
 
 pub mod durable;
 mod error;
+pub mod index;
 pub mod metrics;
 pub mod parquet_out;
 pub mod pipeline;

@@ -1,6 +1,8 @@
 //! Prometheus metrics of the attestor, registered in an injected registry.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 /// The attestor's metrics.
 #[derive(Debug, Clone)]
@@ -19,12 +21,34 @@ pub struct Metrics {
     pub commit_seconds: HistogramVec,
     /// Records per processed batch.
     pub batch_size: HistogramVec,
+    /// Receipts handed to the publisher.
+    pub receipts: IntCounter,
+    /// Receipts dropped because the publisher's queue was full (the
+    /// device resends and gets a duplicate's receipt).
+    pub receipts_dropped: IntCounter,
+    /// Device windows held in memory (bounded; the rest are on disk).
+    pub windows_cached: IntGaugeVec,
 }
 
 impl Metrics {
     /// Create and register the metrics.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Metrics {
+            receipts: IntCounter::new(
+                "vitaltrail_attestor_receipts_total",
+                "Receipts handed to the MQTT publisher",
+            )?,
+            receipts_dropped: IntCounter::new(
+                "vitaltrail_attestor_receipts_dropped_total",
+                "Receipts dropped because the publisher's bounded queue was full",
+            )?,
+            windows_cached: IntGaugeVec::new(
+                Opts::new(
+                    "vitaltrail_attestor_windows_cached",
+                    "Device anti-replay windows held in memory (at most 100000 per partition)",
+                ),
+                &["partition"],
+            )?,
             appended: IntCounterVec::new(
                 Opts::new(
                     "vitaltrail_attestor_appended_total",
@@ -79,6 +103,9 @@ impl Metrics {
                 &["partition"],
             )?,
         };
+        registry.register(Box::new(m.receipts.clone()))?;
+        registry.register(Box::new(m.receipts_dropped.clone()))?;
+        registry.register(Box::new(m.windows_cached.clone()))?;
         registry.register(Box::new(m.appended.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;
         registry.register(Box::new(m.tree_size.clone()))?;

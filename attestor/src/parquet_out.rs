@@ -26,7 +26,28 @@ use crate::durable::{DurableLog, write_atomic};
 use crate::error::{Error, Result};
 
 /// Looks up the patient of a device DID (from the device registry).
-pub type PatientLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+pub type PatientLookup = Arc<dyn Fn(&str) -> Registered + Send + Sync>;
+
+/// What the device registry says about a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registered {
+    /// Registered for this patient, not revoked.
+    Active(String),
+    /// Registered for this patient, then revoked.
+    Revoked(String),
+    /// Never registered.
+    Unknown,
+}
+
+impl Registered {
+    /// The patient, revoked or not.
+    pub fn patient(self) -> Option<String> {
+        match self {
+            Registered::Active(p) | Registered::Revoked(p) => Some(p),
+            Registered::Unknown => None,
+        }
+    }
+}
 
 /// The schema of the `readings` table.
 pub fn readings_schema() -> SchemaRef {
@@ -43,6 +64,9 @@ pub fn readings_schema() -> SchemaRef {
         Field::new("partition", DataType::UInt32, false),
         Field::new("log_index", DataType::UInt64, false),
         Field::new("leaf_hash", DataType::Utf8, false),
+        // Reached the log more than `LATE_AFTER_MS` after its device time
+        // (an offline sync). Null in files written before the column existed.
+        Field::new("late", DataType::Boolean, true),
     ]))
 }
 
@@ -59,6 +83,7 @@ struct Rows {
     partition: UInt32Builder,
     log_index: UInt64Builder,
     leaf_hash: StringBuilder,
+    late: arrow::array::BooleanBuilder,
 }
 
 impl Rows {
@@ -75,6 +100,7 @@ impl Rows {
             Arc::new(self.partition.finish()),
             Arc::new(self.log_index.finish()),
             Arc::new(self.leaf_hash.finish()),
+            Arc::new(self.late.finish()),
         ];
         RecordBatch::try_new(readings_schema(), cols).map_err(|e| Error::State {
             path: PathBuf::from("readings"),
@@ -229,7 +255,7 @@ impl ParquetExporter {
                 }
             };
             let did = r.did.as_str();
-            let patient = patients(did);
+            let patient = patients(did).patient();
             let rows = by_date.entry(utc_date(log_time_ms)).or_default();
             for m in &r.measurements {
                 rows.device.append_value(did);
@@ -243,6 +269,9 @@ impl ParquetExporter {
                 rows.partition.append_value(self.partition);
                 rows.log_index.append_value(i);
                 rows.leaf_hash.append_value(&hash);
+                rows.late.append_value(
+                    log_time_ms.saturating_sub(r.time) > crate::pipeline::LATE_AFTER_MS,
+                );
                 n += 1;
             }
         }
@@ -328,7 +357,7 @@ mod tests {
         let data = tempfile::tempdir().unwrap();
         let pdir = data.path().join("partitions/0");
         let mut log = DurableLog::open(&pdir).unwrap();
-        let patients: PatientLookup = Arc::new(|_| Some("patient-1".into()));
+        let patients: PatientLookup = Arc::new(|_| Registered::Active("patient-1".into()));
         fill(&mut log, 0, 10);
         let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
         assert_eq!(
@@ -395,7 +424,7 @@ mod tests {
         let pdir = tmp.path().join("log");
         let mut log = DurableLog::open(&pdir).unwrap();
         fill(&mut log, 0, 30);
-        let patients: PatientLookup = Arc::new(|_| Some("patient-1".into()));
+        let patients: PatientLookup = Arc::new(|_| Registered::Active("patient-1".into()));
         let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
         let (sa, sb) = (tmp.path().join("sa"), tmp.path().join("sb"));
         std::fs::create_dir_all(&sa).unwrap();

@@ -6,9 +6,14 @@
 //!    proof verifiers re-check it, because the leaf holds the exact bytes);
 //! 2. rejects a `(device, seq)` pair that was already logged (`duplicate`) or
 //!    is older than the per-device anti-replay window of [`SEQ_WINDOW`] seqs
-//!    (`replay`), and readings whose device time is outside the skew window
-//!    (`clock_skew`). A never-logged seq inside the window is accepted even if
-//!    newer ones came first: after a crash, a broker may redeliver an
+//!    (`replay`), a seq more than [`MAX_SEQ_JUMP`] past the device's highest
+//!    (`seq_jump`: one bad seq must not lock the device out), and readings
+//!    whose device time is more than `max_future_ms` after the time ingest
+//!    received them (`clock_skew`). Readings from the past are kept however
+//!    old (a wearable syncing after days offline); the `readings` table marks
+//!    those that reached the log more than [`LATE_AFTER_MS`] after they were
+//!    measured (`late`). A never-logged seq inside the window is accepted
+//!    even if newer ones came first: after a crash, a broker may redeliver an
 //!    unacknowledged reading after later ones, and it must not be lost;
 //! 3. appends the rest to the partition's [`DurableLog`] and the rejects to
 //!    the dead-letter store, both fsynced;
@@ -32,12 +37,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use vitaltrail_bus::deadletter::{RejectLog, Rejection};
 use vitaltrail_bus::{Delivery, Outcome, PartitionSource};
+use vitaltrail_core::receipt::{self, Entry, Receipt};
 use vitaltrail_core::{Checkpoint, Clock, DidCache, LogSigner, SecretKey, envelope, leaf};
 
 use crate::durable::{DurableLog, write_atomic};
 use crate::error::{Error, Result};
+use crate::index::{self, SeqIndex};
 use crate::metrics::Metrics;
-use crate::parquet_out::{ParquetExporter, PatientLookup};
+use crate::parquet_out::{ParquetExporter, PatientLookup, Registered};
 
 /// Typed attestor configuration.
 #[derive(Debug, Clone)]
@@ -52,10 +59,12 @@ pub struct AttestorConfig {
     pub checkpoint_every: u64,
     /// Most records processed per batch.
     pub max_batch: usize,
-    /// Reject readings whose device time is older than log time minus this.
-    pub max_past_ms: u64,
-    /// Reject readings whose device time is newer than log time plus this.
+    /// Reject readings whose device time is newer than the time ingest
+    /// received them plus this (a device clock running ahead). There is no
+    /// past limit: late readings are kept and marked.
     pub max_future_ms: u64,
+    /// Build a signed receipt per device per commit (`docs/receipts.md`).
+    pub receipts: bool,
 }
 
 impl Default for AttestorConfig {
@@ -66,8 +75,8 @@ impl Default for AttestorConfig {
             checkpoint_interval: Duration::from_secs(1),
             checkpoint_every: 10_000,
             max_batch: 1024,
-            max_past_ms: 24 * 3600 * 1000,
             max_future_ms: 5 * 60 * 1000,
+            receipts: true,
         }
     }
 }
@@ -86,6 +95,16 @@ impl AttestorConfig {
 
 /// Width of the per-device anti-replay window, in seqs.
 pub const SEQ_WINDOW: u64 = 1024;
+
+/// Largest forward jump from a device's highest logged seq that is
+/// accepted (about 12 days of readings at one a second). A larger one is
+/// rejected as `seq_jump`, so a single corrupt or hostile seq (2^64 − 1)
+/// cannot push the window past every seq the device will really send.
+pub const MAX_SEQ_JUMP: u64 = 1 << 20;
+
+/// A reading that reaches the log more than this long after its device
+/// time is marked `late` in the `readings` table (5 minutes).
+pub const LATE_AFTER_MS: u64 = 5 * 60 * 1000;
 const WINDOW_WORDS: usize = (SEQ_WINDOW / 64) as usize;
 
 /// Which seqs of one device are logged: the highest one, and a bitmap of
@@ -110,7 +129,8 @@ pub enum SeqCheck {
 }
 
 impl SeqWindow {
-    fn new(seq: u64) -> Self {
+    /// The window of a device whose first logged seq is `seq`.
+    pub fn new(seq: u64) -> Self {
         let mut w = SeqWindow {
             max: seq,
             bits: vec![0; WINDOW_WORDS],
@@ -129,6 +149,37 @@ impl SeqWindow {
         if let Some(word) = self.bits.get_mut(w) {
             *word |= b;
         }
+    }
+
+    /// The highest seq recorded.
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// `u64 BE max ‖ the bitmap as u64 BE words` (136 bytes).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(8 + 8 * WINDOW_WORDS);
+        v.extend_from_slice(&self.max.to_be_bytes());
+        for w in &self.bits {
+            v.extend_from_slice(&w.to_be_bytes());
+        }
+        v
+    }
+
+    /// The inverse of [`SeqWindow::to_bytes`].
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != 8 + 8 * WINDOW_WORDS {
+            return None;
+        }
+        let word = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(a)
+        };
+        Some(SeqWindow {
+            max: word(0),
+            bits: (1..=WINDOW_WORDS).map(word).collect(),
+        })
     }
 
     /// Check `seq` against the window.
@@ -173,10 +224,32 @@ fn record_seq(map: &mut HashMap<String, SeqWindow>, did: &str, seq: u64) {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct DedupSnapshot {
-    size: u64,
-    windows: HashMap<String, SeqWindow>,
+/// Where a duplicate's original is.
+#[derive(Debug, Clone, Copy)]
+enum Original {
+    /// Appended earlier in the same batch, at this position.
+    InBatch(usize),
+    /// In the log at this index.
+    Logged(u64),
+}
+
+/// What a batch decided for one delivery.
+#[derive(Debug)]
+enum Fate {
+    /// Appended, at this position of the batch's leaves.
+    Leaf { pos: usize, did: String, seq: u64 },
+    /// Already logged.
+    Duplicate {
+        did: String,
+        seq: u64,
+        original: Option<Original>,
+    },
+    /// Rejected for `reason`.
+    Rejected {
+        did: String,
+        seq: Option<u64>,
+        reason: String,
+    },
 }
 
 /// One line of `checkpoints.jsonl`: every checkpoint a partition signed.
@@ -211,7 +284,7 @@ pub struct PartitionState {
     partition: u32,
     dir: PathBuf,
     log: DurableLog,
-    windows: HashMap<String, SeqWindow>,
+    index: SeqIndex,
     signer: LogSigner,
     origin: String,
     last_cp_size: u64,
@@ -229,7 +302,7 @@ impl std::fmt::Debug for PartitionState {
         f.debug_struct("PartitionState")
             .field("partition", &self.partition)
             .field("size", &self.log.size())
-            .field("devices", &self.windows.len())
+            .field("index", &self.index)
             .finish_non_exhaustive()
     }
 }
@@ -260,30 +333,9 @@ impl PartitionState {
             "log.vkey",
             format!("{}\n", signer.public_key()).as_bytes(),
         )?;
-        let snap_path = dir.join("dedup.json");
-        let (mut windows, from) = match std::fs::read(&snap_path) {
-            Ok(b) => {
-                let s: DedupSnapshot =
-                    serde_json::from_slice(&b).map_err(|e| state_err(&snap_path, e))?;
-                if s.size > log.size() {
-                    return Err(state_err(&snap_path, "snapshot is ahead of the log"));
-                }
-                (s.windows, s.size)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (HashMap::new(), 0),
-            Err(e) => return Err(state_err(&snap_path, e)),
-        };
+        let last_cp_size = fork_guard(&log, &signer, &dir)?;
         let mut dids = DidCache::default();
-        for i in from..log.size() {
-            let bytes = log.leaf(i)?;
-            let l = leaf::decode(&bytes)?;
-            let r = envelope::decode_verified_upstream_with(l.envelope, |s| dids.resolve(s))?;
-            record_seq(&mut windows, r.did.as_str(), r.seq);
-        }
-        let last_cp_size = match log.latest_checkpoint()? {
-            Some(note) => Checkpoint::open(&note, &signer.public_key())?.size,
-            None => 0,
-        };
+        let index = SeqIndex::open(&dir, &log, &mut dids)?;
         let exporter = ParquetExporter::open(&cfg.data_dir, &dir, p)?;
         metrics
             .tree_size
@@ -293,7 +345,7 @@ impl PartitionState {
             partition: p,
             dir,
             log,
-            windows,
+            index,
             signer,
             origin,
             last_cp_size,
@@ -339,7 +391,8 @@ impl PartitionState {
 
     /// Decide, persist, and report a batch. Blocking (fsync). With
     /// `durable_offsets`, the batch's last offset is committed as the log's
-    /// cursor in the same write as its leaves.
+    /// cursor in the same write as its leaves. With `cfg.receipts`, returns
+    /// one [`Receipt`] per device in the batch, signed once for the commit.
     pub fn process(
         &mut self,
         batch: Vec<Delivery>,
@@ -347,7 +400,7 @@ impl PartitionState {
         cfg: &AttestorConfig,
         rejects: &RejectLog,
         durable_offsets: bool,
-    ) -> Result<()> {
+    ) -> Result<Vec<Receipt>> {
         let cursor = if durable_offsets {
             batch.iter().map(|d| d.offset).max().or(self.log.cursor())
         } else {
@@ -362,14 +415,39 @@ impl PartitionState {
         let mut leaves = Vec::with_capacity(batch.len());
         let mut logged = Vec::with_capacity(batch.len());
         let mut rejected = Vec::new();
-        // (delivery, Some(leaf position in `leaves`) or None for rejected)
-        let mut fates: Vec<(Delivery, std::result::Result<usize, String>)> =
-            Vec::with_capacity(batch.len());
+        let mut fates: Vec<(Delivery, Fate)> = Vec::with_capacity(batch.len());
         // Windows of the devices this batch touched, applied once durable.
         let mut pending: HashMap<String, SeqWindow> = HashMap::new();
+        // (device, seq) → position in `leaves`, for duplicates in one batch.
+        let mut in_batch: HashMap<(String, u64), usize> = HashMap::new();
         for d in batch {
             let payload = &d.record.payload;
             let source = durable_offsets.then(|| format!("partition {}@{}", d.partition, d.offset));
+            // Not from ingest: refuse before looking at the envelope
+            // (docs/threat-model.md, the bus).
+            if !d.authentic {
+                let code = "unauthenticated_record";
+                let mut rj = Rejection::new(
+                    "attestor",
+                    code,
+                    "the record's bus MAC is missing or wrong: it did not come from ingest",
+                    payload,
+                    d.record.received_ms,
+                );
+                rj.device = Some(d.record.key.clone());
+                rj.source = source;
+                rejected.push(rj);
+                let did = d.record.key.clone();
+                fates.push((
+                    d,
+                    Fate::Rejected {
+                        did,
+                        seq: None,
+                        reason: code.to_owned(),
+                    },
+                ));
+                continue;
+            }
             let reading =
                 match envelope::decode_verified_upstream_with(payload, |s| self.dids.resolve(s)) {
                     Ok(r) => r,
@@ -384,20 +462,94 @@ impl PartitionState {
                         rj.device = Some(d.record.key.clone());
                         rj.source = source;
                         rejected.push(rj);
-                        fates.push((d, Err(e.code().to_owned())));
+                        let did = d.record.key.clone();
+                        fates.push((
+                            d,
+                            Fate::Rejected {
+                                did,
+                                seq: None,
+                                reason: e.code().to_owned(),
+                            },
+                        ));
                         continue;
                     }
                 };
-            let did = reading.did.as_str();
-            let seen = pending
-                .get(did)
-                .or_else(|| self.windows.get(did))
-                .map_or(SeqCheck::Fresh, |w| w.check(reading.seq));
+            let did = reading.did.as_str().to_owned();
+            // Not as ingest checked it, or not a device we log.
+            let refusal = if d.record.key != did {
+                Some((
+                    "key_mismatch",
+                    format!(
+                        "record key {} is not the envelope's signer {did}",
+                        d.record.key
+                    ),
+                ))
+            } else {
+                match (self.patients)(&did) {
+                    Registered::Active(_) => None,
+                    Registered::Revoked(_) => {
+                        Some(("revoked_device", format!("{did} was revoked")))
+                    }
+                    Registered::Unknown => {
+                        Some(("unknown_device", format!("{did} is not registered")))
+                    }
+                }
+            };
+            if let Some((code, detail)) = refusal {
+                let mut rj =
+                    Rejection::new("attestor", code, detail, payload, d.record.received_ms);
+                rj.device = Some(did.clone());
+                rj.seq = Some(reading.seq);
+                rj.source = source;
+                rejected.push(rj);
+                let seq = Some(reading.seq);
+                fates.push((
+                    d,
+                    Fate::Rejected {
+                        did,
+                        seq,
+                        reason: code.to_owned(),
+                    },
+                ));
+                continue;
+            }
+            if !pending.contains_key(&did)
+                && let Some(w) = self.index.window(&did)?
+            {
+                pending.insert(did.clone(), w);
+            }
+            let window = pending.get(&did);
+            let seen = window.map_or(SeqCheck::Fresh, |w| w.check(reading.seq));
+            let jump = window.and_then(|w| reading.seq.checked_sub(w.max()));
+            let received = d.record.received_ms;
             let reason = match seen {
-                SeqCheck::Seen => Some((
-                    "duplicate",
-                    format!("seq {} of this device was already logged", reading.seq),
-                )),
+                SeqCheck::Seen => {
+                    let original = match in_batch.get(&(did.clone(), reading.seq)) {
+                        Some(&pos) => Some(Original::InBatch(pos)),
+                        None => self
+                            .index
+                            .index_of(&did, reading.seq)?
+                            .map(Original::Logged),
+                    };
+                    self.metrics
+                        .rejected
+                        .with_label_values(&["duplicate"])
+                        .inc();
+                    let mut rj = Rejection::new(
+                        "attestor",
+                        "duplicate",
+                        format!("seq {} of this device was already logged", reading.seq),
+                        payload,
+                        received,
+                    );
+                    rj.device = Some(did.clone());
+                    rj.seq = Some(reading.seq);
+                    rj.source = source;
+                    rejected.push(rj);
+                    let seq = reading.seq;
+                    fates.push((d, Fate::Duplicate { did, seq, original }));
+                    continue;
+                }
                 SeqCheck::TooOld => Some((
                     "replay",
                     format!(
@@ -405,17 +557,18 @@ impl PartitionState {
                         reading.seq
                     ),
                 )),
-                _ if reading.time.saturating_add(cfg.max_past_ms) < now_ms => Some((
-                    "clock_skew",
+                _ if jump.is_some_and(|j| j > MAX_SEQ_JUMP) => Some((
+                    "seq_jump",
                     format!(
-                        "device time {} is more than {} ms before log time {now_ms}",
-                        reading.time, cfg.max_past_ms
+                        "seq {} is more than {MAX_SEQ_JUMP} past this device's highest logged seq {}",
+                        reading.seq,
+                        reading.seq - jump.unwrap_or(0)
                     ),
                 )),
-                _ if reading.time > now_ms.saturating_add(cfg.max_future_ms) => Some((
+                _ if reading.time > received.saturating_add(cfg.max_future_ms) => Some((
                     "clock_skew",
                     format!(
-                        "device time {} is more than {} ms after log time {now_ms}",
+                        "device time {} is more than {} ms after ingest received it at {received}",
                         reading.time, cfg.max_future_ms
                     ),
                 )),
@@ -423,25 +576,28 @@ impl PartitionState {
             };
             match reason {
                 Some((code, detail)) => {
-                    let mut rj =
-                        Rejection::new("attestor", code, detail, payload, d.record.received_ms);
-                    rj.device = Some(did.to_owned());
+                    let mut rj = Rejection::new("attestor", code, detail, payload, received);
+                    rj.device = Some(did.clone());
                     rj.seq = Some(reading.seq);
                     rj.source = source;
                     rejected.push(rj);
-                    fates.push((d, Err(code.to_owned())));
+                    let seq = Some(reading.seq);
+                    fates.push((
+                        d,
+                        Fate::Rejected {
+                            did,
+                            seq,
+                            reason: code.to_owned(),
+                        },
+                    ));
                 }
                 None => {
-                    if !pending.contains_key(did) {
-                        let w = self.windows.get(did).cloned();
-                        if let Some(w) = w {
-                            pending.insert(did.to_owned(), w);
-                        }
-                    }
-                    record_seq(&mut pending, did, reading.seq);
+                    record_seq(&mut pending, &did, reading.seq);
+                    in_batch.insert((did.clone(), reading.seq), leaves.len());
+                    let (pos, seq) = (leaves.len(), reading.seq);
                     leaves.push(leaf::encode(now_ms, payload));
                     logged.push(reading);
-                    fates.push((d, Ok(leaves.len() - 1)));
+                    fates.push((d, Fate::Leaf { pos, did, seq }));
                 }
             }
         }
@@ -449,11 +605,22 @@ impl PartitionState {
         // batch, which repeats a rejection (same `source`), never loses one.
         rejects.append(&rejected)?;
         let appended = self.log.append_batch_at(&leaves, cursor)?;
-        // Durable: now the outcomes may be reported.
-        self.windows.extend(pending);
+        // Durable: now the index may follow, and the outcomes be reported.
+        let first = appended.first_index;
+        let in_log: Vec<index::Logged> = logged
+            .iter()
+            .enumerate()
+            .map(|(i, r)| index::Logged {
+                did: r.did.as_str().to_owned(),
+                seq: r.seq,
+                index: first + i as u64,
+            })
+            .collect();
+        self.index
+            .commit(&pending, &in_log, self.log.size(), false)?;
         self.exporter
-            .stage(appended.first_index, now_ms, logged, &appended.leaf_hashes);
-        for r in &rejected {
+            .stage(first, now_ms, logged, &appended.leaf_hashes);
+        for r in rejected.iter().filter(|r| r.reason != "duplicate") {
             self.metrics.rejected.with_label_values(&[&r.reason]).inc();
         }
         self.metrics
@@ -472,16 +639,126 @@ impl PartitionState {
             .commit_seconds
             .with_label_values(&[&part])
             .observe(start.elapsed().as_secs_f64());
+        let receipts = if cfg.receipts {
+            self.receipts(&fates, first, now_ms)?
+        } else {
+            vec![]
+        };
         for (d, fate) in fates {
             match fate {
-                Ok(i) => d.complete(Outcome::Logged {
+                Fate::Leaf { pos, .. } => d.complete(Outcome::Logged {
                     partition: self.partition,
-                    index: appended.first_index + i as u64,
+                    index: first + pos as u64,
                 }),
-                Err(reason) => d.complete(Outcome::Rejected { reason }),
+                Fate::Duplicate { .. } => d.complete(Outcome::Rejected {
+                    reason: "duplicate".into(),
+                }),
+                Fate::Rejected { reason, .. } => d.complete(Outcome::Rejected { reason }),
             }
         }
-        Ok(())
+        Ok(receipts)
+    }
+
+    /// The receipts of one commit: one checkpoint signed for the tree as
+    /// this commit left it, and per device its entries with their proofs.
+    fn receipts(
+        &mut self,
+        fates: &[(Delivery, Fate)],
+        first: u64,
+        now_ms: u64,
+    ) -> Result<Vec<Receipt>> {
+        let size = self.log.size();
+        // (device, entry position) in decision order; proofs are filled in
+        // below for every leaf index named.
+        // (device, the leaf index its proof is for, entry position).
+        let mut wanted: Vec<(String, Option<u64>, usize)> =
+            Vec::with_capacity(fates.len());
+        let mut entries: Vec<Entry> = Vec::with_capacity(fates.len());
+        for (d, fate) in fates {
+            let msg = &d.record.payload;
+            let (did, at) = match fate {
+                Fate::Leaf { pos, did, seq } => {
+                    let idx = first + *pos as u64;
+                    entries.push(Entry::in_log(*seq, msg, idx, now_ms, &[], false));
+                    (did.clone(), Some(idx))
+                }
+                Fate::Duplicate { did, seq, original } => {
+                    let at = match original {
+                        Some(Original::InBatch(pos)) => Some((first + *pos as u64, now_ms)),
+                        Some(Original::Logged(idx)) => {
+                            let l = self.log.leaf(*idx)?;
+                            Some((*idx, leaf::decode(&l)?.log_time_ms))
+                        }
+                        None => None,
+                    };
+                    match at {
+                        Some((idx, t)) => {
+                            entries.push(Entry::in_log(*seq, msg, idx, t, &[], true));
+                            (did.clone(), Some(idx))
+                        }
+                        None => {
+                            entries.push(Entry::rejected(Some(*seq), msg, "duplicate"));
+                            (did.clone(), None)
+                        }
+                    }
+                }
+                Fate::Rejected { did, seq, reason } => {
+                    entries.push(Entry::rejected(*seq, msg, reason));
+                    (did.clone(), None)
+                }
+            };
+            wanted.push((did, at, entries.len() - 1));
+        }
+        let indexes: Vec<u64> = wanted.iter().filter_map(|w| w.1).collect();
+        let note = if indexes.is_empty() {
+            None
+        } else {
+            let proofs = self.log.prove_inclusion_many(size, &indexes)?;
+            let mut proofs = proofs.into_iter();
+            for (_, at, pos) in &wanted {
+                if at.is_some()
+                    && let Some(p) = proofs.next()
+                {
+                    entries[*pos].proof = Some(p.iter().map(|h| h.to_base64()).collect());
+                }
+            }
+            let cp = Checkpoint {
+                origin: self.origin.clone(),
+                size,
+                root: self.log.root(),
+                extensions: vec![],
+            };
+            Some(cp.sign(&self.signer)?)
+        };
+        // Group by device, keeping each device's entries in order.
+        let mut by_device: Vec<(String, Vec<Entry>)> = Vec::new();
+        let mut slot: HashMap<String, usize> = HashMap::new();
+        for ((did, _, _), e) in wanted.into_iter().zip(entries) {
+            let i = *slot.entry(did.clone()).or_insert_with(|| {
+                by_device.push((did.clone(), Vec::new()));
+                by_device.len() - 1
+            });
+            by_device[i].1.push(e);
+        }
+        Ok(by_device
+            .into_iter()
+            .map(|(did, es)| {
+                let needs = es.iter().any(|e| e.status != receipt::Status::Rejected);
+                Receipt::new(&did, needs.then(|| note.clone()).flatten(), es)
+            })
+            .collect())
+    }
+
+    /// Sign a checkpoint over leaves no checkpoint covers yet, and export
+    /// leaves that have no rows yet, whatever the interval says. Run on
+    /// start, so no row stays missing until new traffic arrives.
+    pub fn catch_up(&mut self, now_ms: u64, cfg: &AttestorConfig) -> Result<Option<String>> {
+        let note = self.maybe_checkpoint(now_ms, cfg, true)?;
+        if self.exporter.high_water() < self.log.size() {
+            self.exporter
+                .export(&self.log, &self.patients, &mut self.dids)?;
+        }
+        Ok(note)
     }
 
     /// Sign, store and return a checkpoint if one is due (or `force`d and
@@ -528,12 +805,7 @@ impl PartitionState {
             .and_then(|_| f.sync_data())
             .map_err(|e| state_err(&path, e))?;
         self.log.store_checkpoint(&note)?;
-        let snap = DedupSnapshot {
-            size,
-            windows: self.windows.clone(),
-        };
-        let bytes = serde_json::to_vec(&snap).map_err(|e| state_err(&self.dir, e))?;
-        write_atomic(&self.dir, "dedup.json", &bytes)?;
+        self.index.sync()?;
         self.exporter
             .export(&self.log, &self.patients, &mut self.dids)?;
         self.last_cp_size = size;
@@ -546,6 +818,41 @@ impl PartitionState {
             .set(0);
         Ok(Some(note))
     }
+}
+
+/// The fork guard, on open: the latest checkpoint this partition signed
+/// must describe a prefix of the log as it is now (its size at most the
+/// log's, its root the log's root at that size), and the log must be a
+/// consistency-proven extension of it. Otherwise the log was replaced (an
+/// older backup restored beside a newer checkpoint, or edited), and signing
+/// anything now would fork the history: refuse to start. Returns the
+/// checkpoint's size.
+fn fork_guard(log: &DurableLog, signer: &LogSigner, dir: &Path) -> Result<u64> {
+    let Some(note) = log.latest_checkpoint()? else {
+        return Ok(0);
+    };
+    let cp = Checkpoint::open(&note, &signer.public_key())?;
+    let fork = |why: String| Error::Fork {
+        path: dir.to_owned(),
+        detail: why,
+    };
+    if cp.size > log.size() {
+        return Err(fork(format!(
+            "the last signed checkpoint has {} leaves but the log only {}: an older log was restored",
+            cp.size,
+            log.size()
+        )));
+    }
+    if log.root_at(cp.size)? != cp.root {
+        return Err(fork(format!(
+            "the log's first {} leaves do not have the root the last checkpoint signed",
+            cp.size
+        )));
+    }
+    let proof = log.prove_consistency(cp.size, log.size())?;
+    vitaltrail_core::merkle::verify_consistency(cp.size, log.size(), &cp.root, &log.root(), &proof)
+        .map_err(|e| fork(format!("the log does not extend the last checkpoint: {e}")))?;
+    Ok(cp.size)
 }
 
 /// Read every checkpoint a partition signed, oldest first.
@@ -601,8 +908,29 @@ async fn announce(
     }
 }
 
+/// Hand a commit's receipts to the publisher without waiting: a full
+/// queue drops them (counted), since a device without a receipt resends and
+/// gets a duplicate's receipt. The log never waits for MQTT.
+fn hand_over(
+    to: Option<&tokio::sync::mpsc::Sender<Receipt>>,
+    receipts: Vec<Receipt>,
+    metrics: &Metrics,
+) {
+    let Some(tx) = to else {
+        return;
+    };
+    for r in receipts {
+        match tx.try_send(r) {
+            Ok(()) => metrics.receipts.inc(),
+            Err(_) => metrics.receipts_dropped.inc(),
+        }
+    }
+}
+
 /// Run one partition until the source closes or `shutdown` turns true.
-/// Each new checkpoint is also sent to `checkpoints`, if given.
+/// Each new checkpoint is also sent to `checkpoints`, and each commit's
+/// receipts to `receipts`, if given.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_partition<S: PartitionSource>(
     mut source: S,
     mut state: PartitionState,
@@ -610,8 +938,18 @@ pub async fn run_partition<S: PartitionSource>(
     rejects: Arc<RejectLog>,
     clock: Arc<dyn Clock>,
     checkpoints: Option<tokio::sync::mpsc::Sender<PublishedCheckpoint>>,
+    receipts: Option<tokio::sync::mpsc::Sender<Receipt>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
+    let cfg = AttestorConfig {
+        receipts: cfg.receipts && receipts.is_some(),
+        ..cfg
+    };
+    // Catch up before taking anything new: a crash (or a failed export)
+    // after a commit may have left leaves without a checkpoint or rows.
+    let now = clock.now_ms();
+    let cp = tokio::task::block_in_place(|| state.catch_up(now, &cfg))?;
+    announce(checkpoints.as_ref(), &state, cp, now).await;
     let mut tick = tokio::time::interval(cfg.checkpoint_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(cfg.max_batch);
@@ -624,10 +962,16 @@ pub async fn run_partition<S: PartitionSource>(
                 let now = clock.now_ms();
                 let taken = std::mem::take(&mut batch);
                 let durable = source.durable_offsets();
-                let cp = tokio::task::block_in_place(|| {
-                    state.process(taken, now, &cfg, &rejects, durable)?;
-                    state.maybe_checkpoint(now, &cfg, false)
+                let (out, cp) = tokio::task::block_in_place(|| {
+                    let out = state.process(taken, now, &cfg, &rejects, durable)?;
+                    Ok::<_, Error>((out, state.maybe_checkpoint(now, &cfg, false)?))
                 })?;
+                hand_over(receipts.as_ref(), out, &state.metrics);
+                state
+                    .metrics
+                    .windows_cached
+                    .with_label_values(&[&state.partition.to_string()])
+                    .set(state.index.cached() as i64);
                 if cp.is_some() {
                     commit_settled(&mut source, &state).await;
                 }

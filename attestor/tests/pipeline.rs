@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use vitaltrail_attestor::metrics::Metrics;
 use vitaltrail_attestor::pipeline::{
-    AttestorConfig, PartitionState, read_checkpoints, run_partition,
+    AttestorConfig, MAX_SEQ_JUMP, PartitionState, read_checkpoints, run_partition,
 };
 use vitaltrail_bus::deadletter::RejectLog;
 use vitaltrail_bus::{Outcome, Producer, Record, inproc};
@@ -51,13 +51,14 @@ async fn start(
     let rejects = Arc::new(RejectLog::open(cfg.data_dir.join("rejected.jsonl")).unwrap());
     let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
     let (stop, stop_rx) = watch::channel(false);
-    let patients: vitaltrail_attestor::parquet_out::PatientLookup = Arc::new(|_| None);
+    let patients: vitaltrail_attestor::parquet_out::PatientLookup =
+        Arc::new(|_| vitaltrail_attestor::parquet_out::Registered::Active("p".into()));
     let state = PartitionState::open(cfg, 0, &key, metrics, patients).unwrap();
     let cfg = cfg.clone();
     let clock: Arc<dyn Clock> = Arc::new(clock);
     let handle = tokio::spawn(async move {
         let p = parts.into_iter().next().unwrap();
-        run_partition(p, state, cfg, rejects, clock, None, stop_rx)
+        run_partition(p, state, cfg, rejects, clock, None, None, stop_rx)
             .await
             .unwrap();
     });
@@ -71,7 +72,6 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
         data_dir: d.path().to_owned(),
         checkpoint_interval: Duration::from_millis(50),
         checkpoint_every: 3,
-        max_past_ms: 60_000,
         max_future_ms: 5_000,
         ..Default::default()
     };
@@ -108,23 +108,33 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
             reason: "duplicate".into()
         }
     );
+    // Skew is judged against when ingest received the reading.
+    let mut ahead = reading(&dev, 3, NOW + 6_000);
+    ahead.received_ms = NOW;
     assert_eq!(
-        send(reading(&dev, 3, NOW - 61_000)).await,
+        send(ahead).await,
         Outcome::Rejected {
             reason: "clock_skew".into()
         }
     );
+    // A wearable syncing two days of buffered readings: kept (marked late).
+    let mut offline = reading(&dev, 3, NOW - 2 * 24 * 3_600_000);
+    offline.received_ms = NOW;
     assert_eq!(
-        send(reading(&dev, 3, NOW + 6_000)).await,
-        Outcome::Rejected {
-            reason: "clock_skew".into()
+        send(offline).await,
+        Outcome::Logged {
+            partition: 0,
+            index: 2
         }
     );
+    // A backlog: the attestor gets to a reading an hour after ingest
+    // received it. Not skewed.
+    clock.advance(3_600_000);
     assert_eq!(
         send(reading(&dev, 5, NOW + 1_000)).await,
         Outcome::Logged {
             partition: 0,
-            index: 2
+            index: 3
         }
     );
     // A second device is independent.
@@ -133,7 +143,7 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
         send(reading(&dev2, 1, NOW)).await,
         Outcome::Logged {
             partition: 0,
-            index: 3
+            index: 4
         }
     );
     // A reading redelivered late (4 after 5) is still logged, once.
@@ -141,7 +151,7 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
         send(reading(&dev, 4, NOW)).await,
         Outcome::Logged {
             partition: 0,
-            index: 4
+            index: 5
         }
     );
     assert_eq!(
@@ -155,13 +165,29 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
         send(reading(&dev, 5000, NOW)).await,
         Outcome::Logged {
             partition: 0,
-            index: 5
+            index: 6
         }
     );
     assert_eq!(
         send(reading(&dev, 3, NOW)).await,
         Outcome::Rejected {
             reason: "replay".into()
+        }
+    );
+    // One absurd seq is refused instead of locking the device out.
+    for seq in [u64::MAX, 5000 + MAX_SEQ_JUMP + 1] {
+        assert_eq!(
+            send(reading(&dev, seq, NOW)).await,
+            Outcome::Rejected {
+                reason: "seq_jump".into()
+            }
+        );
+    }
+    assert_eq!(
+        send(reading(&dev, 5000 + MAX_SEQ_JUMP, NOW)).await,
+        Outcome::Logged {
+            partition: 0,
+            index: 7
         }
     );
     stop.send(true).unwrap();
@@ -175,9 +201,10 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
             "duplicate",
             "duplicate",
             "clock_skew",
-            "clock_skew",
             "duplicate",
-            "replay"
+            "replay",
+            "seq_jump",
+            "seq_jump"
         ]
     );
     assert!(
@@ -192,7 +219,7 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
         LogPublicKey::parse(&std::fs::read_to_string(pdir.join("log.vkey")).unwrap()).unwrap();
     let cps = read_checkpoints(&pdir).unwrap();
     assert!(!cps.is_empty());
-    assert_eq!(cps.last().unwrap().size, 6);
+    assert_eq!(cps.last().unwrap().size, 8);
     let log = vitaltrail_attestor::DurableLog::open(&pdir).unwrap();
     let mut prev: Option<Checkpoint> = None;
     for c in &cps {
@@ -209,18 +236,147 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
     clock.advance(10);
     let (tx, stop, h) = start(&cfg, clock.clone()).await;
     assert_eq!(
-        tx.send(reading(&dev, 5000, NOW)).await.unwrap(),
+        tx.send(reading(&dev, 5000 + MAX_SEQ_JUMP, NOW))
+            .await
+            .unwrap(),
         Outcome::Rejected {
             reason: "duplicate".into()
         }
     );
     assert_eq!(
-        tx.send(reading(&dev, 5001, NOW)).await.unwrap(),
+        tx.send(reading(&dev, 5001 + MAX_SEQ_JUMP, NOW))
+            .await
+            .unwrap(),
         Outcome::Logged {
             partition: 0,
-            index: 6
+            index: 8
         }
     );
     stop.send(true).unwrap();
     h.await.unwrap();
+}
+
+/// The fork guard: an older log restored beside a newer checkpoint is
+/// refused on open, before anything could be signed over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_older_log_beside_a_newer_checkpoint_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = AttestorConfig {
+        data_dir: d.path().to_owned(),
+        checkpoint_interval: Duration::from_millis(20),
+        checkpoint_every: 1,
+        ..Default::default()
+    };
+    let dev = SecretKey::from_seed(&[5; 32]).unwrap();
+    let pdir = cfg.partition_dir(0);
+    let backup = d.path().join("backup");
+    let log_files = ["leaves.dat", "leaves.idx", "hashes.dat", "HEAD"];
+    {
+        let (tx, stop, h) = start(&cfg, MockClock::new(NOW)).await;
+        for seq in 1..=3 {
+            tx.send(reading(&dev, seq, NOW)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The backup: the log files as they were at 3 leaves.
+        std::fs::create_dir_all(&backup).unwrap();
+        for f in log_files {
+            std::fs::copy(pdir.join(f), backup.join(f)).unwrap();
+        }
+        for seq in 4..=6 {
+            tx.send(reading(&dev, seq, NOW)).await.unwrap();
+        }
+        stop.send(true).unwrap();
+        h.await.unwrap();
+    }
+    let key = SecretKey::from_seed(&[42; 32]).unwrap();
+    let open = || {
+        let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+        let patients: vitaltrail_attestor::parquet_out::PatientLookup =
+            Arc::new(|_| vitaltrail_attestor::parquet_out::Registered::Active("p".into()));
+        PartitionState::open(&cfg, 0, &key, metrics, patients)
+    };
+    assert!(open().is_ok(), "the intact partition opens");
+    // Restore the older log files; the newer checkpoint stays.
+    for f in log_files {
+        std::fs::copy(backup.join(f), pdir.join(f)).unwrap();
+    }
+    match open() {
+        Err(e @ vitaltrail_attestor::Error::Fork { .. }) => {
+            assert!(e.to_string().contains("older log"), "{e}")
+        }
+        other => panic!("expected the fork guard, got {other:?}"),
+    }
+    // An edited log (same size, other content) is refused too: a log of 6
+    // other leaves beside the checkpoint of the real one.
+    let other = d.path().join("other");
+    {
+        let mut log = vitaltrail_attestor::DurableLog::open(&other).unwrap();
+        let leaves: Vec<Vec<u8>> = (0..6u8)
+            .map(|i| vec![1, 0, 0, 0, 0, 0, 0, 0, 0, i])
+            .collect();
+        log.append_batch(&leaves).unwrap();
+    }
+    for f in log_files {
+        std::fs::copy(other.join(f), pdir.join(f)).unwrap();
+    }
+    std::fs::remove_file(pdir.join("index.redb")).unwrap();
+    assert!(matches!(
+        open(),
+        Err(vitaltrail_attestor::Error::Fork { .. })
+    ));
+}
+
+/// A failed Parquet export stops the worker after the log commit; a
+/// restart with no new traffic writes the missing rows at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_missing_after_a_failed_export_are_written_on_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = AttestorConfig {
+        data_dir: d.path().to_owned(),
+        checkpoint_interval: Duration::from_millis(20),
+        checkpoint_every: 1,
+        ..Default::default()
+    };
+    let dev = SecretKey::from_seed(&[6; 32]).unwrap();
+    // A file where the export's date directory must go: the export fails.
+    let date_dir = d.path().join("readings").join(format!(
+        "date={}",
+        vitaltrail_attestor::parquet_out::utc_date(NOW)
+    ));
+    std::fs::create_dir_all(date_dir.parent().unwrap()).unwrap();
+    std::fs::write(&date_dir, b"in the way").unwrap();
+    let (tx, _stop, h) = start(&cfg, MockClock::new(NOW)).await;
+    for seq in 1..=4 {
+        // Logged (the commit precedes the export), then the worker stops.
+        let _ = tx.send(reading(&dev, seq, NOW)).await;
+    }
+    assert!(h.await.is_err(), "the worker must stop on a failed export");
+    let rows = || {
+        let mut n = 0;
+        for e in std::fs::read_dir(d.path().join("readings"))
+            .unwrap()
+            .flatten()
+        {
+            if e.path().is_dir() {
+                n += std::fs::read_dir(e.path()).unwrap().count();
+            }
+        }
+        n
+    };
+    assert_eq!(rows(), 0);
+    std::fs::remove_file(&date_dir).unwrap();
+    // Restart, and send nothing.
+    let (_tx, stop, h) = start(&cfg, MockClock::new(NOW + 1)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rows() > 0, "the missing rows were not written");
+    stop.send(true).unwrap();
+    h.await.unwrap();
+    let log = vitaltrail_attestor::DurableLog::open(cfg.partition_dir(0)).unwrap();
+    let hw: u64 = std::fs::read_to_string(cfg.partition_dir(0).join("parquet.hw"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(hw, log.size());
+    assert!(log.size() >= 1);
 }

@@ -112,6 +112,7 @@ impl PartitionSource for InProcPartition {
             partition: self.partition,
             offset: m.offset,
             record: m.record,
+            authentic: true,
             ack: Some(m.ack),
         }));
         Ok(true)

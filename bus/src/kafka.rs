@@ -25,6 +25,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
+use vitaltrail_core::busauth::BusKey;
+
 use crate::deadletter::Rejection;
 use crate::{Delivery, Error, Outcome, PartitionSource, Producer, Record, Result};
 
@@ -41,7 +43,7 @@ pub const DEVICES_TOPIC: &str = "vitals.devices";
 pub const CHECKPOINTS_TOPIC: &str = "vitals.checkpoints";
 
 /// Typed Kafka settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`.
     pub brokers: String,
@@ -49,6 +51,30 @@ pub struct KafkaConfig {
     pub partitions: i32,
     /// Consumer group of the attestors.
     pub group_id: String,
+    /// The key of the MAC on `vitals.verified` records (ingest adds it, the
+    /// attestor checks it). `None` disables both: any producer can then
+    /// append to the log.
+    pub bus_key: Option<BusKey>,
+    /// Further librdkafka client properties for every client of the
+    /// pipeline, e.g. `security.protocol=SASL_SSL`, `sasl.mechanisms=SCRAM-SHA-512`,
+    /// `sasl.username`, `sasl.password`, `ssl.ca.location` (values may be
+    /// secrets: never logged).
+    pub client: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("partitions", &self.partitions)
+            .field("group_id", &self.group_id)
+            .field("bus_key", &self.bus_key)
+            .field(
+                "client",
+                &self.client.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 impl Default for KafkaConfig {
@@ -57,9 +83,27 @@ impl Default for KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             partitions: 4,
             group_id: "vitaltrail-attestor".into(),
+            bus_key: None,
+            client: vec![],
         }
     }
 }
+
+impl KafkaConfig {
+    /// A librdkafka client configuration with the brokers and the extra
+    /// client properties.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.client {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+/// Name of the header carrying a record's MAC.
+pub const MAC_HEADER: &str = "vt-mac";
 
 fn kerr(e: impl std::fmt::Display) -> Error {
     Error::Kafka(e.to_string())
@@ -91,10 +135,7 @@ fn registry_topic() -> NewTopic<'static> {
 }
 
 async fn create_topics(cfg: &KafkaConfig, topics: &[NewTopic<'_>]) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.brokers)
-        .create()
-        .map_err(kerr)?;
+    let admin: AdminClient<DefaultClientContext> = cfg.client_config().create().map_err(kerr)?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for r in admin
         .create_topics(topics.iter(), &opts)
@@ -114,6 +155,7 @@ async fn create_topics(cfg: &KafkaConfig, topics: &[NewTopic<'_>]) -> Result<()>
 #[derive(Clone)]
 pub struct KafkaProducer {
     producer: FutureProducer,
+    bus_key: Option<BusKey>,
 }
 
 impl std::fmt::Debug for KafkaProducer {
@@ -127,8 +169,8 @@ impl std::fmt::Debug for KafkaProducer {
 impl KafkaProducer {
     /// An idempotent, `acks=all` producer.
     pub fn new(cfg: &KafkaConfig) -> Result<Self> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &cfg.brokers)
+        let producer: FutureProducer = cfg
+            .client_config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
@@ -137,7 +179,10 @@ impl KafkaProducer {
             .set("queue.buffering.max.messages", "100000")
             .create()
             .map_err(kerr)?;
-        Ok(KafkaProducer { producer })
+        Ok(KafkaProducer {
+            producer,
+            bus_key: cfg.bus_key.clone(),
+        })
     }
 
     /// Produce one keyed record and wait until Kafka has it.
@@ -178,10 +223,20 @@ impl KafkaProducer {
 impl Producer for KafkaProducer {
     async fn send(&self, record: Record) -> Result<Outcome> {
         let received = record.received_ms.to_be_bytes();
-        let headers = OwnedHeaders::new().insert(Header {
+        let mut headers = OwnedHeaders::new().insert(Header {
             key: "received_ms",
             value: Some(&received[..]),
         });
+        let mac = self
+            .bus_key
+            .as_ref()
+            .map(|k| k.mac(&record.key, record.received_ms, &record.payload));
+        if let Some(mac) = &mac {
+            headers = headers.insert(Header {
+                key: MAC_HEADER,
+                value: Some(&mac[..]),
+            });
+        }
         let fr = FutureRecord::to(VERIFIED_TOPIC)
             .key(&record.key)
             .payload(&record.payload)
@@ -212,6 +267,23 @@ impl std::fmt::Debug for KafkaConsumer {
     }
 }
 
+/// How many partitions `topic` has, from the cluster's metadata.
+pub fn topic_partitions(cfg: &KafkaConfig, topic: &str) -> Result<u32> {
+    let consumer: rdkafka::consumer::BaseConsumer = cfg.client_config().create().map_err(kerr)?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(kerr)?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| Error::Kafka(format!("topic {topic} is not in the metadata")))?;
+    if let Some(e) = t.error() {
+        return Err(Error::Kafka(format!("topic {topic}: {e:?}")));
+    }
+    Ok(t.partitions().len() as u32)
+}
+
 impl KafkaConsumer {
     /// Assign `topic` partitions, each starting at the given offset (`None`:
     /// from the beginning), and return one source per partition. The main
@@ -221,8 +293,8 @@ impl KafkaConsumer {
         topic: &str,
         starts: &[(u32, Option<u64>)],
     ) -> Result<(Self, Vec<KafkaPartition>)> {
-        let consumer: StreamConsumer<DefaultConsumerContext> = ClientConfig::new()
-            .set("bootstrap.servers", &cfg.brokers)
+        let consumer: StreamConsumer<DefaultConsumerContext> = cfg
+            .client_config()
             .set("group.id", &cfg.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -253,6 +325,10 @@ impl KafkaConsumer {
                 topic: topic.to_owned(),
                 queue,
                 consumer: consumer.clone(),
+                // Only ingest's readings carry a MAC.
+                bus_key: (topic == VERIFIED_TOPIC)
+                    .then(|| cfg.bus_key.clone())
+                    .flatten(),
             });
         }
         let main = consumer.clone();
@@ -276,6 +352,7 @@ pub struct KafkaPartition {
     topic: String,
     queue: StreamPartitionQueue<DefaultConsumerContext>,
     consumer: Arc<StreamConsumer>,
+    bus_key: Option<BusKey>,
 }
 
 impl std::fmt::Debug for KafkaPartition {
@@ -287,28 +364,35 @@ impl std::fmt::Debug for KafkaPartition {
     }
 }
 
-fn to_delivery(m: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {
-    let received_ms = m
-        .headers()
-        .and_then(|h| {
-            h.iter()
-                .find(|h| h.key == "received_ms")
-                .and_then(|h| h.value)
-        })
+fn to_delivery(m: &rdkafka::message::BorrowedMessage<'_>, bus_key: Option<&BusKey>) -> Delivery {
+    let header = |name: &str| {
+        m.headers()
+            .and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value))
+    };
+    let received_ms = header("received_ms")
         .and_then(|v| <[u8; 8]>::try_from(v).ok())
         .map(u64::from_be_bytes)
         .unwrap_or(0);
+    let record = Record {
+        key: m
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default(),
+        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        received_ms,
+    };
+    let authentic = match bus_key {
+        None => true,
+        Some(k) => header(MAC_HEADER).is_some_and(|mac| {
+            m.key().is_some_and(|raw| raw == record.key.as_bytes())
+                && k.check(&record.key, received_ms, &record.payload, mac)
+        }),
+    };
     Delivery {
         partition: m.partition() as u32,
         offset: m.offset().max(0) as u64,
-        record: Record {
-            key: m
-                .key()
-                .map(|k| String::from_utf8_lossy(k).into_owned())
-                .unwrap_or_default(),
-            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            received_ms,
-        },
+        record,
+        authentic,
         ack: None,
     }
 }
@@ -322,7 +406,7 @@ impl PartitionSource for KafkaPartition {
         loop {
             match self.queue.recv().await {
                 Ok(m) => {
-                    out.push(to_delivery(&m));
+                    out.push(to_delivery(&m, self.bus_key.as_ref()));
                     break;
                 }
                 Err(e) => {
@@ -334,7 +418,7 @@ impl PartitionSource for KafkaPartition {
         }
         while out.len() < max {
             match self.queue.recv().now_or_never() {
-                Some(Ok(m)) => out.push(to_delivery(&m)),
+                Some(Ok(m)) => out.push(to_delivery(&m, self.bus_key.as_ref())),
                 _ => break,
             }
         }
@@ -374,8 +458,8 @@ pub async fn follow_topic(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos())
     );
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.brokers)
+    let consumer: StreamConsumer = cfg
+        .client_config()
         .set("group.id", &group)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")

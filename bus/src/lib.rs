@@ -21,6 +21,7 @@
 pub mod deadletter;
 pub mod inproc;
 pub mod kafka;
+pub mod metrics;
 
 use std::future::Future;
 
@@ -85,12 +86,13 @@ pub struct Record {
     pub received_ms: u64,
 }
 
-/// The partition for `key` among `partitions` (stable across processes).
+/// The partition for `key` among `partitions`: librdkafka's default
+/// partitioner for keyed records (`consistent_random`: CRC-32 of the key,
+/// modulo the partition count), so the in-process bus and Kafka put a
+/// device in the same partition and a data directory can move between the
+/// two modes.
 pub fn partition_for(key: &str, partitions: u32) -> u32 {
-    let h = blake3::hash(key.as_bytes());
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&h.as_bytes()[..8]);
-    (u64::from_le_bytes(b) % u64::from(partitions.max(1))) as u32
+    crc32fast::hash(key.as_bytes()) % partitions.max(1)
 }
 
 /// The producing side (ingest).
@@ -111,6 +113,10 @@ pub struct Delivery {
     pub offset: u64,
     /// The record.
     pub record: Record,
+    /// Whether the record provably comes from ingest: always on the
+    /// in-process bus; on Kafka, when its MAC checks out (or no bus key is
+    /// configured).
+    pub authentic: bool,
     ack: Option<tokio::sync::oneshot::Sender<Result<Outcome>>>,
 }
 

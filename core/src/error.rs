@@ -78,6 +78,9 @@ pub enum Error {
     /// The checkpoint note or body is malformed.
     #[error("malformed checkpoint: {0}")]
     MalformedCheckpoint(String),
+    /// A receipt that does not parse, or an entry that cannot be checked.
+    #[error("malformed receipt: {0}")]
+    MalformedReceipt(String),
     /// No valid signature from the expected log key.
     #[error("checkpoint signature does not verify with the log key")]
     CheckpointSignature,
@@ -111,6 +114,7 @@ impl Error {
             Error::ProofMismatch(_) => "proof_mismatch",
             Error::HashCount { .. } => "hash_count",
             Error::MalformedCheckpoint(_) => "malformed_checkpoint",
+            Error::MalformedReceipt(_) => "malformed_receipt",
             Error::CheckpointSignature => "checkpoint_signature",
             Error::MalformedBundle(_) => "malformed_bundle",
         }

@@ -13,13 +13,18 @@
 //! | [`envelope`] | the signed reading: COSE_Sign1 over a CBOR payload | RFC 9052, RFC 8949; `docs/reading-envelope.md` |
 //! | [`leaf`] | what the log commits to for one reading | `docs/merkle-log.md` |
 //! | [`merkle`] | RFC 9162 tree math with BLAKE3, proofs, the stored-hash layout | RFC 9162; `docs/merkle-log.md` |
+//! | [`receipt`] | the pipeline's signed word to a device that its reading is in the log (or why not) | `docs/receipts.md` |
 //! | [`checkpoint`] | signed tree heads | C2SP tlog-checkpoint and signed-note; `docs/checkpoint.md` |
+//! | [`auth`] | bearer tokens and the same-origin rule of the HTTP endpoints | RFC 6750 |
+//! | [`busauth`] | the MAC on bus records from ingest to the attestor | `docs/kafka-topics.md` |
 //! | [`bundle`] | proof bundles that verify offline | `docs/proof-bundle.md` |
 //!
 //! Every decoder of untrusted bytes returns [`Result`] and never panics; each
 //! has a fuzz target under `fuzz/`.
 
+pub mod auth;
 pub mod bundle;
+pub mod busauth;
 pub mod checkpoint;
 pub mod clock;
 pub mod did;
@@ -27,6 +32,7 @@ pub mod envelope;
 mod error;
 pub mod leaf;
 pub mod merkle;
+pub mod receipt;
 pub mod sig;
 
 pub use bundle::ProofBundle;

@@ -34,6 +34,18 @@ pub enum Error {
     /// Not every reading was acknowledged in time.
     #[error("{missing} readings were not acknowledged within {waited_ms} ms")]
     Unacknowledged { missing: u64, waited_ms: u64 },
+    /// Receipts were on, and not every reading got one in time.
+    #[error(
+        "{missing} readings were not receipted within {waited_ms} ms (acknowledged by the broker: {acked})"
+    )]
+    Unreceipted {
+        missing: u64,
+        waited_ms: u64,
+        acked: u64,
+    },
+    /// A receipt did not verify: the pipeline claimed what it cannot prove.
+    #[error("{0} receipts did not verify against the log key")]
+    BadReceipts(u64),
     /// An ECG recording could not be read.
     #[error("ECG file {path}: {reason}")]
     Ecg { path: String, reason: String },

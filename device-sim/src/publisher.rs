@@ -1,14 +1,24 @@
 //! Drive simulated devices: sign readings at a steady rate, inject attacks,
 //! publish with QoS 1, and wait until the broker acknowledged everything.
+//!
+//! With receipts on ([`SimConfig::receipts`]) each device behaves as
+//! `docs/receipts.md` asks of a real one: it keeps every reading in a
+//! bounded store-and-forward buffer until the pipeline's receipt for it
+//! arrives on `receipts/<did>`, checks the receipt's proof against the log
+//! key when it has one, resends what is still unreceipted after
+//! [`SimConfig::resend_after`] or a reconnect, and reports `receipted`
+//! next to `acked` (the broker's PUBACK, which means only that the broker
+//! holds the message in memory).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use vitaltrail_core::envelope::{self, UnsignedReading};
-use vitaltrail_core::{Clock, SecretKey};
+use vitaltrail_core::receipt::{self, Receipt, Status};
+use vitaltrail_core::{Clock, LogPublicKey, SecretKey};
 
 use crate::attacks::{self, Attack};
 use crate::physiology::{Patient, Scenario};
@@ -33,6 +43,19 @@ pub struct SimConfig {
     pub attack_count: usize,
     /// How long to wait for the last acknowledgements.
     pub ack_timeout: Duration,
+    /// Keep readings until their receipt comes, resend the rest, and fail
+    /// if some never get one.
+    pub receipts: bool,
+    /// Resend a reading that has no receipt after this long.
+    pub resend_after: Duration,
+    /// How long to wait for the last receipts.
+    pub receipt_timeout: Duration,
+    /// Most unreceipted readings kept (the store-and-forward buffer); a full
+    /// buffer holds the device back.
+    pub buffer: usize,
+    /// Log verifier keys to check receipts against (by origin); receipts
+    /// of logs not listed are counted but not verified.
+    pub log_keys: Vec<LogPublicKey>,
 }
 
 impl Default for SimConfig {
@@ -46,6 +69,11 @@ impl Default for SimConfig {
             attacks: vec![],
             attack_count: 1,
             ack_timeout: Duration::from_secs(30),
+            receipts: false,
+            resend_after: Duration::from_secs(5),
+            receipt_timeout: Duration::from_secs(60),
+            buffer: 100_000,
+            log_keys: vec![],
         }
     }
 }
@@ -109,6 +137,15 @@ pub struct SimReport {
     pub published: u64,
     /// Messages the broker acknowledged.
     pub acked: u64,
+    /// Readings whose receipt says they are in the log (logged, or a
+    /// duplicate of a logged one).
+    pub receipted: u64,
+    /// Readings whose receipt verified against a log key.
+    pub receipts_verified: u64,
+    /// Readings finally rejected by receipt, by reason.
+    pub receipt_rejects: BTreeMap<String, u64>,
+    /// Readings sent again for want of a receipt.
+    pub resent: u64,
 }
 
 impl SimReport {
@@ -124,7 +161,7 @@ pub async fn run(
     devs: &mut [SimDevice],
     clock: Arc<dyn Clock>,
 ) -> Result<SimReport> {
-    let (client, acked, poller) = connect(cfg);
+    let mut session = connect(cfg, devs.iter().map(|d| d.key.did().to_string()).collect());
     let mut report = SimReport::default();
     let stranger = SecretKey::from_seed(blake3::hash(cfg.client_id.as_bytes()).as_bytes())?;
     let n = devs.len().max(1);
@@ -149,8 +186,13 @@ pub async fn run(
     let mut sent = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     let mut i = 0usize;
+    let mut last_resend = Instant::now();
     while sent < total_valid {
         tick.tick().await;
+        if session.receipts && last_resend.elapsed() >= Duration::from_millis(500) {
+            session.resend_due(cfg).await?;
+            last_resend = Instant::now();
+        }
         let due = ((start.elapsed().as_secs_f64() * per_sec) as u64).min(total_valid);
         while sent < due {
             let progress = sent as f64 / total_valid as f64;
@@ -185,7 +227,7 @@ pub async fn run(
                     .push(d.next_seq);
             }
             d.next_seq += 1;
-            publish(&client, &did, bytes).await?;
+            session.send(cfg, &did, bytes).await?;
             report.published += 1;
 
             while attack_iter.peek().is_some_and(|(at, _)| *at <= sent) {
@@ -208,7 +250,9 @@ pub async fn run(
                 let earlier = t.first.clone().unwrap_or_default();
                 let (claimed, bad) =
                     attacks::forge(attack, &t.key, &fresh, t.next_seq - 1, &earlier, &stranger)?;
-                publish(&client, claimed.as_str(), bad).await?;
+                // Attacks are not kept for resending: nothing but a
+                // rejection will ever come back for them.
+                publish(&session.client, claimed.as_str(), bad).await?;
                 report.published += 1;
                 *report
                     .expected_rejects
@@ -217,8 +261,8 @@ pub async fn run(
             }
         }
     }
-    // Wait for the broker to acknowledge everything.
-    finish(cfg, client, acked, poller, report).await
+    // Wait for the broker to acknowledge everything, and the receipts.
+    finish(cfg, session, report).await
 }
 
 async fn publish(client: &AsyncClient, did: &str, bytes: Vec<u8>) -> Result<()> {
@@ -226,6 +270,242 @@ async fn publish(client: &AsyncClient, did: &str, bytes: Vec<u8>) -> Result<()> 
         .publish(format!("vitals/{did}"), QoS::AtLeastOnce, false, bytes)
         .await
         .map_err(|e| Error::Mqtt(e.to_string()))
+}
+
+/// One reading waiting for its receipt.
+#[derive(Debug)]
+struct Unreceipted {
+    did: String,
+    bytes: Vec<u8>,
+    sent: Instant,
+}
+
+/// What the receipts said, shared with the connection task.
+#[derive(Debug, Default)]
+struct Tracker {
+    /// By message hash.
+    pending: HashMap<String, Unreceipted>,
+    receipted: u64,
+    verified: u64,
+    invalid: u64,
+    rejects: BTreeMap<String, u64>,
+    /// Set on a reconnect: resend everything pending.
+    reconnected: bool,
+}
+
+impl Tracker {
+    fn apply(&mut self, r: &Receipt, keys: &[LogPublicKey]) {
+        let key = r.checkpoint.as_deref().and_then(|note| {
+            let origin = vitaltrail_core::Checkpoint::parse_unverified(note)
+                .ok()?
+                .origin;
+            keys.iter().find(|k| k.name() == origin)
+        });
+        for e in &r.entries {
+            let Some(u) = self.pending.get(&e.message_hash) else {
+                continue;
+            };
+            if u.did != r.did {
+                continue;
+            }
+            match e.status {
+                Status::Logged | Status::Duplicate => {
+                    if let Some(k) = key {
+                        if r.verify_entry(e, &u.bytes, k).is_err() {
+                            // Not proven: keep it, so it is sent again.
+                            self.invalid += 1;
+                            continue;
+                        }
+                        self.verified += 1;
+                    }
+                    self.receipted += 1;
+                }
+                Status::Rejected => {
+                    *self
+                        .rejects
+                        .entry(e.reason.clone().unwrap_or_default())
+                        .or_default() += 1;
+                }
+            }
+            self.pending.remove(&e.message_hash);
+        }
+    }
+}
+
+/// One MQTT session of the simulator: a persistent session whose
+/// background task drives the connection (rumqttc reconnects and resends
+/// what the broker did not acknowledge), counts the broker's
+/// acknowledgements and, with receipts on, applies receipts.
+struct Session {
+    client: AsyncClient,
+    acked: Arc<AtomicU64>,
+    poller: tokio::task::JoinHandle<()>,
+    tracker: Arc<Mutex<Tracker>>,
+    receipts: bool,
+    resent: u64,
+}
+
+fn connect(cfg: &SimConfig, dids: Vec<String>) -> Session {
+    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
+    opts.set_keep_alive(Duration::from_secs(10))
+        .set_clean_session(false)
+        .set_inflight(1000)
+        .set_max_packet_size(256 * 1024, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(opts, 4096);
+    let acked = Arc::new(AtomicU64::new(0));
+    let tracker = Arc::new(Mutex::new(Tracker::default()));
+    let (acks, track, keys, sub) = (
+        acked.clone(),
+        tracker.clone(),
+        cfg.log_keys.clone(),
+        client.clone(),
+    );
+    let receipts = cfg.receipts;
+    let poller = tokio::spawn(async move {
+        let mut connected_before = false;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    acks.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Event::Incoming(Packet::ConnAck(_))) if receipts => {
+                    for d in &dids {
+                        let _ = sub
+                            .subscribe(format!("receipts/{d}"), QoS::AtLeastOnce)
+                            .await;
+                    }
+                    if connected_before && let Ok(mut t) = track.lock() {
+                        t.reconnected = true;
+                    }
+                    connected_before = true;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if receipts => {
+                    match Receipt::from_json(&p.payload) {
+                        Ok(r) => {
+                            if let Ok(mut t) = track.lock() {
+                                t.apply(&r, &keys);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "sim: a receipt does not parse"),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "sim: MQTT connection error; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    });
+    Session {
+        client,
+        acked,
+        poller,
+        tracker,
+        receipts,
+        resent: 0,
+    }
+}
+
+impl Session {
+    /// Publish one reading of `did`, keeping it until its receipt comes.
+    /// With a full buffer, first waits for receipts (resending as due).
+    async fn send(&mut self, cfg: &SimConfig, did: &str, bytes: Vec<u8>) -> Result<()> {
+        if self.receipts {
+            while self.unreceipted() >= cfg.buffer.max(1) {
+                self.resend_due(cfg).await?;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if let Ok(mut t) = self.tracker.lock() {
+                t.pending.insert(
+                    receipt::message_hash(&bytes),
+                    Unreceipted {
+                        did: did.to_owned(),
+                        bytes: bytes.clone(),
+                        sent: Instant::now(),
+                    },
+                );
+            }
+        }
+        publish(&self.client, did, bytes).await
+    }
+
+    fn unreceipted(&self) -> usize {
+        self.tracker.lock().map(|t| t.pending.len()).unwrap_or(0)
+    }
+
+    /// Resend what has waited too long for its receipt (everything, after
+    /// a reconnect).
+    async fn resend_due(&mut self, cfg: &SimConfig) -> Result<()> {
+        let due: Vec<(String, Vec<u8>)> = {
+            let Ok(mut t) = self.tracker.lock() else {
+                return Ok(());
+            };
+            let all = std::mem::take(&mut t.reconnected);
+            t.pending
+                .values_mut()
+                .filter(|u| all || u.sent.elapsed() >= cfg.resend_after)
+                .map(|u| {
+                    u.sent = Instant::now();
+                    (u.did.clone(), u.bytes.clone())
+                })
+                .collect()
+        };
+        for (did, bytes) in due {
+            publish(&self.client, &did, bytes).await?;
+            self.resent += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Wait until the broker acknowledged everything published, then, with
+/// receipts on, until every reading has its receipt (or time out).
+async fn finish(cfg: &SimConfig, mut s: Session, mut report: SimReport) -> Result<SimReport> {
+    let deadline = Instant::now() + cfg.ack_timeout;
+    // Resends are acknowledged too.
+    while s.acked.load(Ordering::Relaxed) < report.published + s.resent && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    report.acked = s.acked.load(Ordering::Relaxed).min(report.published);
+    if s.receipts {
+        let deadline = Instant::now() + cfg.receipt_timeout;
+        while s.unreceipted() > 0 && Instant::now() < deadline {
+            s.resend_due(cfg).await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let _ = s.client.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.poller.abort();
+    report.resent = s.resent;
+    let (missing, invalid) = match s.tracker.lock() {
+        Ok(t) => {
+            report.receipted = t.receipted;
+            report.receipts_verified = t.verified;
+            report.receipt_rejects = t.rejects.clone();
+            (t.pending.len() as u64, t.invalid)
+        }
+        Err(_) => (0, 0),
+    };
+    if report.acked < report.published {
+        return Err(Error::Unacknowledged {
+            missing: report.published - report.acked,
+            waited_ms: cfg.ack_timeout.as_millis() as u64,
+        });
+    }
+    if invalid > 0 {
+        return Err(Error::BadReceipts(invalid));
+    }
+    if s.receipts && missing > 0 {
+        return Err(Error::Unreceipted {
+            missing,
+            waited_ms: cfg.receipt_timeout.as_millis() as u64,
+            acked: report.acked,
+        });
+    }
+    Ok(report)
 }
 
 /// Publish prepared readings of one device, paced like the original
@@ -237,9 +517,9 @@ pub async fn replay(
     readings: &[UnsignedReading],
     speed: f64,
 ) -> Result<SimReport> {
-    let (client, acked, poller) = connect(cfg);
-    let mut report = SimReport::default();
     let did = key.did().to_string();
+    let mut session = connect(cfg, vec![did.clone()]);
+    let mut report = SimReport::default();
     let start = Instant::now();
     let t0 = readings.first().map_or(0, |r| r.time);
     for r in readings {
@@ -249,63 +529,9 @@ pub async fn replay(
                 tokio::time::sleep(wait).await;
             }
         }
-        publish(&client, &did, envelope::sign(key, r)?).await?;
+        session.send(cfg, &did, envelope::sign(key, r)?).await?;
         report.published += 1;
         report.valid.entry(did.clone()).or_default().push(r.seq);
     }
-    finish(cfg, client, acked, poller, report).await
-}
-
-/// Connect with a persistent session; a background task drives the
-/// connection (rumqttc reconnects and resends what was not acknowledged)
-/// and counts the broker's acknowledgements.
-fn connect(cfg: &SimConfig) -> (AsyncClient, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
-    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
-    opts.set_keep_alive(Duration::from_secs(10))
-        .set_clean_session(false)
-        .set_inflight(1000)
-        .set_max_packet_size(256 * 1024, 256 * 1024);
-    let (client, mut eventloop) = AsyncClient::new(opts, 4096);
-    let acked = Arc::new(AtomicU64::new(0));
-    let acks = acked.clone();
-    let poller = tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    acks.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "sim: MQTT connection error; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-    });
-    (client, acked, poller)
-}
-
-/// Wait until the broker acknowledged everything published (or time out).
-async fn finish(
-    cfg: &SimConfig,
-    client: AsyncClient,
-    acked: Arc<AtomicU64>,
-    poller: tokio::task::JoinHandle<()>,
-    mut report: SimReport,
-) -> Result<SimReport> {
-    let deadline = Instant::now() + cfg.ack_timeout;
-    while acked.load(Ordering::Relaxed) < report.published && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    report.acked = acked.load(Ordering::Relaxed);
-    let _ = client.disconnect().await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    poller.abort();
-    if report.acked < report.published {
-        return Err(Error::Unacknowledged {
-            missing: report.published - report.acked,
-            waited_ms: cfg.ack_timeout.as_millis() as u64,
-        });
-    }
-    Ok(report)
+    finish(cfg, session, report).await
 }

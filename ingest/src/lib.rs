@@ -2,8 +2,9 @@
 //!
 //! The stateless ingest tier. It owns:
 //!
-//! - the MQTT intake: a QoS-1 subscription to `vitals/+` (shared,
-//!   `$share/<group>/vitals/+`, so several ingest processes split the load),
+//! - the MQTT intake: a QoS-1 subscription to `vitals/#` (shared,
+//!   `$share/<group>/vitals/#`, so several ingest processes split the load;
+//!   a message on any topic but exactly `vitals/<did>` is dead-lettered),
 //!   with manual acknowledgements;
 //! - batch verification with `vitaltrail_core::envelope::verify_parsed`, after
 //!   checking that the topic names the signing device and that the device is
@@ -17,6 +18,7 @@
 
 mod error;
 pub mod metrics;
+pub mod receipts;
 pub mod registry;
 pub mod service;
 

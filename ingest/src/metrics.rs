@@ -21,12 +21,20 @@ pub struct Metrics {
     pub pending: IntGauge,
     /// Records waiting in the bus's bounded queues.
     pub queue_depth: IntGauge,
+    /// MQTT connections whose subscription the broker has acknowledged
+    /// (ingest is ready when all of them are).
+    pub subscribed: IntGauge,
 }
 
 impl Metrics {
     /// Create and register the metrics.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Metrics {
+            subscribed: IntGauge::new(
+                "vitaltrail_ingest_subscribed_connections",
+                "MQTT connections whose subscription the broker has acknowledged",
+            )?,
+
             readings_in: IntCounter::new(
                 "vitaltrail_ingest_readings_in_total",
                 "MQTT messages received",
@@ -74,6 +82,7 @@ impl Metrics {
                 "Records waiting in bus queues",
             )?,
         };
+        registry.register(Box::new(m.subscribed.clone()))?;
         registry.register(Box::new(m.readings_in.clone()))?;
         registry.register(Box::new(m.accepted.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;

@@ -194,6 +194,59 @@ impl RegistryFile {
     }
 }
 
+/// Domain of the operator's signature on a registry record.
+const ENTRY_DOMAIN: &[u8] = b"vitaltrail/registry-record/v1\n";
+
+/// A record of the `vitals.devices` topic: a [`DeviceEntry`]'s JSON bytes,
+/// signed by the operator key (`docs/kafka-topics.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedEntry {
+    /// Standard base64 of the entry's JSON bytes.
+    pub entry: String,
+    /// The operator's `did:key`.
+    pub signer: String,
+    /// Standard base64 of Ed25519(operator, "vitaltrail/registry-record/v1\n" ‖ entry bytes).
+    pub sig: String,
+}
+
+/// The topic record value for `entry`, signed by `operator`.
+pub fn sign_entry(entry: &DeviceEntry, operator: &vitaltrail_core::SecretKey) -> Vec<u8> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let bytes = serde_json::to_vec(entry).unwrap_or_default();
+    let mut msg = ENTRY_DOMAIN.to_vec();
+    msg.extend_from_slice(&bytes);
+    let rec = SignedEntry {
+        entry: b64.encode(&bytes),
+        signer: operator.did().to_string(),
+        sig: b64.encode(operator.sign(&msg)),
+    };
+    serde_json::to_vec(&rec).unwrap_or_default()
+}
+
+/// Check a topic record value's signature by `operator`; the entry bytes.
+pub fn open_entry(value: &[u8], operator: &DeviceId) -> Result<Vec<u8>> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let bad = |d: String| Error::InvalidArgument(format!("registry record: {d}"));
+    let rec: SignedEntry = serde_json::from_slice(value).map_err(|e| bad(e.to_string()))?;
+    if rec.signer != operator.as_str() {
+        return Err(bad(format!("signed by {}, not the operator", rec.signer)));
+    }
+    let bytes = b64.decode(&rec.entry).map_err(|e| bad(e.to_string()))?;
+    let sig: [u8; 64] = b64
+        .decode(&rec.sig)
+        .map_err(|e| bad(e.to_string()))?
+        .try_into()
+        .map_err(|_| bad("signature is not 64 bytes".into()))?;
+    let mut msg = ENTRY_DOMAIN.to_vec();
+    msg.extend_from_slice(&bytes);
+    vitaltrail_core::sig::verify(operator.verifying_key(), &msg, &sig)
+        .map_err(|_| bad("bad signature".into()))?;
+    Ok(bytes)
+}
+
 /// The sources a [`SharedRegistry`] merges.
 #[derive(Debug, Default)]
 struct Layers {
@@ -205,17 +258,18 @@ struct Layers {
     merged: Registry,
 }
 
+/// Where both sources know a device, the later event wins (a registration
+/// at `added_ms`, a revocation at `revoked_ms`); on a tie, the revocation.
+fn event(e: &DeviceEntry) -> (u64, bool) {
+    match e.revoked_ms {
+        Some(t) => (t.max(e.added_ms), true),
+        None => (e.added_ms, false),
+    }
+}
+
 impl Layers {
-    /// Where both sources know a device, the later event wins (a
-    /// registration at `added_ms`, a revocation at `revoked_ms`); on a tie,
-    /// the revocation.
+    /// Rebuild the whole merged view (after the file was reloaded).
     fn remerge(&mut self) {
-        fn event(e: &DeviceEntry) -> (u64, bool) {
-            match e.revoked_ms {
-                Some(t) => (t.max(e.added_ms), true),
-                None => (e.added_ms, false),
-            }
-        }
         let mut merged = self.file.devices.clone();
         for (did, t) in &self.topic {
             if merged.get(did).is_none_or(|f| event(t) > event(f)) {
@@ -223,6 +277,24 @@ impl Layers {
             }
         }
         self.merged = Registry { devices: merged };
+    }
+
+    /// Recompute the merged entry of one device: O(log n), no clone of the
+    /// registry (a topic record changes one device).
+    fn remerge_one(&mut self, did: &str) {
+        let winner = match (self.file.devices.get(did), self.topic.get(did)) {
+            (Some(f), Some(t)) => Some(if event(t) > event(f) { t } else { f }),
+            (f, t) => f.or(t),
+        }
+        .cloned();
+        match winner {
+            Some(e) => {
+                self.merged.devices.insert(did.to_owned(), e);
+            }
+            None => {
+                self.merged.devices.remove(did);
+            }
+        }
     }
 }
 
@@ -256,6 +328,15 @@ impl SharedRegistry {
         g.remerge();
     }
 
+    fn edit_one(&self, did: &str, f: impl FnOnce(&mut Layers)) {
+        let mut g = match self.inner.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut g);
+        g.remerge_one(did);
+    }
+
     /// Load `file` now and reload it every `every` while the task runs.
     pub fn watch(
         file: RegistryFile,
@@ -285,18 +366,29 @@ impl SharedRegistry {
     }
 
     /// Apply one record of the `vitals.devices` topic: key = DID, value =
-    /// the [`DeviceEntry`] as JSON; no value (a tombstone) forgets the
-    /// topic's entry. A record that does not parse, or whose key is not
-    /// its entry's DID, is skipped with a warning.
-    pub fn apply_topic_record(&self, key: &[u8], value: Option<&[u8]>) {
+    /// a [`SignedEntry`] by `operator` ([`sign_entry`]). A record that is
+    /// not signed by the operator, does not parse, or whose key is not its
+    /// entry's DID, is skipped with a warning. A tombstone (no value) is
+    /// ignored: deleting a record must never un-revoke a device.
+    pub fn apply_topic_record(&self, key: &[u8], value: Option<&[u8]>, operator: &DeviceId) {
         let did = String::from_utf8_lossy(key).into_owned();
-        match value {
-            None => self.edit(|l| {
-                l.topic.remove(&did);
-            }),
-            Some(v) => match serde_json::from_slice::<DeviceEntry>(v) {
+        let Some(v) = value else {
+            tracing::warn!(key = %did, "registry tombstone ignored: records are never deleted");
+            return;
+        };
+        let v = match open_entry(v, operator) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(key = %did, error = %e, "registry record is not signed by the operator; skipped");
+                return;
+            }
+        };
+        let v = v.as_slice();
+        {
+            match serde_json::from_slice::<DeviceEntry>(v) {
                 Ok(e) if e.did == did && DeviceId::parse(&e.did).is_ok() => {
-                    self.edit(|l| {
+                    let d = did.clone();
+                    self.edit_one(&d, |l| {
                         l.topic.insert(did, e);
                     });
                 }
@@ -306,7 +398,7 @@ impl SharedRegistry {
                 Err(e) => {
                     tracing::warn!(key = %did, error = %e, "registry record is not a device entry; skipped")
                 }
-            },
+            }
         }
     }
 
@@ -340,7 +432,8 @@ mod tests {
             .insert(a.did().to_string(), entry(&a, 10, None));
         let shared = SharedRegistry::fixed(file);
         let key = |k: &SecretKey| k.did().to_string().into_bytes();
-        let json = |e: &DeviceEntry| serde_json::to_vec(e).unwrap();
+        let op = SecretKey::from_seed(&[9; 32]).unwrap();
+        let json = |e: &DeviceEntry| sign_entry(e, &op);
         let state = |k: &SecretKey| {
             shared.with(|r| match r.lookup(k.did().as_str()) {
                 Lookup::Active(_) => "active",
@@ -348,21 +441,35 @@ mod tests {
                 Lookup::Unknown => "unknown",
             })
         };
+        let opd = op.did();
         assert_eq!(state(&b), "unknown");
-        shared.apply_topic_record(&key(&b), Some(&json(&entry(&b, 5, None))));
+        shared.apply_topic_record(&key(&b), Some(&json(&entry(&b, 5, None))), opd);
         assert_eq!(state(&b), "active");
         // A later revocation on the topic beats the file's registration.
-        shared.apply_topic_record(&key(&a), Some(&json(&entry(&a, 10, Some(20)))));
+        shared.apply_topic_record(&key(&a), Some(&json(&entry(&a, 10, Some(20)))), opd);
         assert_eq!(state(&a), "revoked");
         // A record under the wrong key, or that is not an entry, is skipped.
-        shared.apply_topic_record(&key(&a), Some(&json(&entry(&b, 1, None))));
-        shared.apply_topic_record(&key(&a), Some(b"{not json"));
+        shared.apply_topic_record(&key(&a), Some(&json(&entry(&b, 1, None))), opd);
+        shared.apply_topic_record(&key(&a), Some(b"{not json"), opd);
         assert_eq!(state(&a), "revoked");
-        // A tombstone forgets the topic's entry; the file's shows again.
-        shared.apply_topic_record(&key(&a), None);
-        assert_eq!(state(&a), "active");
-        shared.apply_topic_record(&key(&b), None);
-        assert_eq!(state(&b), "unknown");
+        // An unsigned entry, or one signed by anyone but the operator, is
+        // skipped: it cannot re-register a revoked device.
+        let later = entry(&a, 30, None);
+        shared.apply_topic_record(&key(&a), Some(&serde_json::to_vec(&later).unwrap()), opd);
+        let intruder = SecretKey::from_seed(&[10; 32]).unwrap();
+        shared.apply_topic_record(&key(&a), Some(&sign_entry(&later, &intruder)), opd);
+        let mut forged: SignedEntry = serde_json::from_slice(&json(&entry(&a, 1, None))).unwrap();
+        forged.entry = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&later).unwrap())
+        };
+        shared.apply_topic_record(&key(&a), Some(&serde_json::to_vec(&forged).unwrap()), opd);
+        assert_eq!(state(&a), "revoked");
+        // A tombstone un-revokes nothing and forgets nothing.
+        shared.apply_topic_record(&key(&a), None, opd);
+        assert_eq!(state(&a), "revoked");
+        shared.apply_topic_record(&key(&b), None, opd);
+        assert_eq!(state(&b), "active");
     }
 
     #[test]

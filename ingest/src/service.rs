@@ -9,6 +9,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::{mpsc, watch};
 use vitaltrail_bus::deadletter::Rejection;
 use vitaltrail_bus::{Outcome, Producer, Record, RejectSink};
+use vitaltrail_core::receipt::{Entry, Receipt};
 use vitaltrail_core::{Clock, DeviceId, DidCache, envelope};
 
 use crate::error::{Error, Result};
@@ -27,7 +28,7 @@ pub struct IngestConfig {
     pub mqtt_port: u16,
     /// MQTT client ID; must be unique per ingest process (persistent session).
     pub client_id: String,
-    /// Shared-subscription group; `None` subscribes to `vitals/+` directly.
+    /// Shared-subscription group; `None` subscribes to `vitals/#` directly.
     pub share_group: Option<String>,
     /// Most messages verified in one batch.
     pub max_batch: usize,
@@ -41,6 +42,11 @@ pub struct IngestConfig {
     /// connection carries at most that many readings per commit round trip.
     /// More than one needs a `share_group`.
     pub connections: usize,
+    /// On shutdown, keep taking messages until none has arrived for this
+    /// long (what the broker holds for ingest reaches the log)…
+    pub drain_quiet: Duration,
+    /// …or until this much time has passed.
+    pub drain_max: Duration,
 }
 
 impl Default for IngestConfig {
@@ -52,17 +58,21 @@ impl Default for IngestConfig {
             share_group: Some("vitaltrail-ingest".into()),
             max_batch: 256,
             max_pending: 4096,
-            connections: 1,
+            connections: 8,
+            drain_quiet: Duration::from_millis(300),
+            drain_max: Duration::from_secs(10),
         }
     }
 }
 
 impl IngestConfig {
-    /// The subscription filter.
+    /// The subscription filter: everything under `vitals/`, so a message
+    /// on any topic there that is not exactly `vitals/<did>` is
+    /// dead-lettered (`topic_mismatch`), never silently left unread.
     pub fn filter(&self) -> String {
         match &self.share_group {
-            Some(g) => format!("$share/{g}/{TOPIC_PREFIX}+"),
-            None => format!("{TOPIC_PREFIX}+"),
+            Some(g) => format!("$share/{g}/{TOPIC_PREFIX}#"),
+            None => format!("{TOPIC_PREFIX}#"),
         }
     }
 }
@@ -77,11 +87,13 @@ type Pending = std::pin::Pin<
 /// Run ingest until `shutdown` turns true: `cfg.connections` MQTT
 /// connections (client IDs `<client_id>-<i>` when more than one), each
 /// verifying and acknowledging its own share of the readings.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<P: Producer>(
     cfg: IngestConfig,
     producer: P,
     registry: SharedRegistry,
     rejects: RejectSink,
+    receipts: Option<mpsc::Sender<Receipt>>,
     clock: Arc<dyn Clock>,
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
@@ -103,6 +115,7 @@ pub async fn run<P: Producer>(
             producer.clone(),
             registry.clone(),
             rejects.clone(),
+            receipts.clone(),
             clock.clone(),
             metrics.clone(),
             shutdown.clone(),
@@ -121,11 +134,13 @@ pub async fn run<P: Producer>(
 }
 
 /// One MQTT connection's loop.
+#[allow(clippy::too_many_arguments)]
 async fn run_connection<P: Producer>(
     cfg: IngestConfig,
     producer: P,
     registry: SharedRegistry,
     rejects: RejectSink,
+    receipts: Option<mpsc::Sender<Receipt>>,
     clock: Arc<dyn Clock>,
     metrics: Metrics,
     mut shutdown: watch::Receiver<bool>,
@@ -144,14 +159,13 @@ async fn run_connection<P: Producer>(
     // The event loop drives the connection; it must keep running while
     // readings wait for the bus. A full channel stops it from reading more.
     let sub_client = client.clone();
-    let mut poll_shutdown = shutdown.clone();
+    let subscribed = metrics.subscribed.clone();
+    // It runs through the drain after `shutdown`; it is aborted at the end.
     let poller = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
+        let mut counted = false;
         loop {
-            let ev = tokio::select! {
-                ev = eventloop.poll() => ev,
-                _ = poll_shutdown.changed() => return,
-            };
+            let ev = eventloop.poll().await;
             match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(100);
@@ -165,8 +179,18 @@ async fn run_connection<P: Producer>(
                         return;
                     }
                 }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if !counted {
+                        subscribed.inc();
+                        counted = true;
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => {
+                    if counted {
+                        subscribed.dec();
+                        counted = false;
+                    }
                     tracing::warn!(error = %e, "MQTT connection error; reconnecting in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -180,22 +204,36 @@ async fn run_connection<P: Producer>(
     let mut dids = DidCache::default();
     // This connection's share of the `pending` gauge (all connections add up).
     let mut shown_pending = 0i64;
+    // After `shutdown`: keep taking what the broker already holds for us
+    // until it has been quiet for `drain_quiet`, or `drain_max` has passed.
+    let mut drain: Option<(tokio::time::Instant, tokio::time::Instant)> = None;
     loop {
         let now_pending = pending.len() as i64;
         metrics.pending.add(now_pending - shown_pending);
         shown_pending = now_pending;
         metrics.queue_depth.set(producer.queue_depth() as i64);
         let room = cfg.max_pending.saturating_sub(pending.len());
+        let drain_at = drain.map(|(quiet, hard)| quiet.min(hard));
         tokio::select! {
             n = rx.recv_many(&mut batch, cfg.max_batch.min(room.max(1))), if room > 0 => {
                 if n == 0 {
                     break;
                 }
+                if let Some((quiet, _)) = &mut drain {
+                    *quiet = tokio::time::Instant::now() + cfg.drain_quiet;
+                }
                 let taken = std::mem::take(&mut batch);
-                let (futures, rejections) =
+                let (futures, rejections, entries) =
                     process_batch(taken, &producer, &registry, &mut dids, clock.as_ref(), &metrics)?;
-                // Rejections are durable before any of them is acknowledged.
+                // Rejections are durable before any of them is acknowledged
+                // or receipted.
                 rejects.record(rejections).await?;
+                if let Some(tx) = &receipts {
+                    for r in group_receipts(entries) {
+                        // Full: the device resends; never wait on MQTT here.
+                        let _ = tx.try_send(r);
+                    }
+                }
                 for f in futures {
                     pending.push_back(f);
                 }
@@ -215,9 +253,26 @@ async fn run_connection<P: Producer>(
                     }
                 }
             }
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() {
+            _ = async {
+                match drain_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if pending.is_empty() || drain.is_some_and(|(_, hard)| tokio::time::Instant::now() >= hard) {
                     break;
+                }
+                // Quiet, but readings are still on their way to the log:
+                // wait for them (the pending branch), then look again.
+                if let Some((quiet, _)) = &mut drain {
+                    *quiet = tokio::time::Instant::now() + cfg.drain_quiet;
+                }
+            }
+            _ = shutdown.changed(), if drain.is_none() => {
+                if *shutdown.borrow() {
+                    let now = tokio::time::Instant::now();
+                    tracing::info!(pending = pending.len(), "draining ingest before shutdown");
+                    drain = Some((now + cfg.drain_quiet, now + cfg.drain_max));
                 }
             }
         }
@@ -248,10 +303,25 @@ fn topic_device(topic: &str) -> Option<&str> {
         .filter(|d| !d.is_empty() && !d.contains('/'))
 }
 
+/// One receipt per device for the rejections of a batch, in order.
+fn group_receipts(entries: Vec<(String, Entry)>) -> Vec<Receipt> {
+    let mut out: Vec<Receipt> = Vec::new();
+    for (did, e) in entries {
+        match out.iter_mut().find(|r| r.did == did) {
+            Some(r) => r.entries.push(e),
+            None => out.push(Receipt::new(&did, None, vec![e])),
+        }
+    }
+    out
+}
+
+type Decided = (Vec<Pending>, Vec<Rejection>, Vec<(String, Entry)>);
+
 /// Check and verify one batch, and hand accepted readings to the bus.
 /// Returns, in arrival order, one future per message that resolves when its
-/// fate is durable, and the rejections, which the caller must make durable
-/// before awaiting those futures.
+/// fate is durable, the rejections, which the caller must make durable
+/// before awaiting those futures, and a receipt entry for each rejection,
+/// for the device whose topic it came on.
 fn process_batch<P: Producer>(
     batch: Vec<Publish>,
     producer: &P,
@@ -259,7 +329,7 @@ fn process_batch<P: Producer>(
     dids: &mut DidCache,
     clock: &dyn Clock,
     metrics: &Metrics,
-) -> Result<(Vec<Pending>, Vec<Rejection>)> {
+) -> Result<Decided> {
     let now = clock.now_ms();
     metrics.readings_in.inc_by(batch.len() as u64);
     metrics.batch_size.observe(batch.len() as f64);
@@ -299,10 +369,15 @@ fn process_batch<P: Producer>(
             Ok(env) => {
                 let did = env.device().as_str().to_owned();
                 let verdict = if topic_dev != Some(did.as_str()) {
+                    // Name the signer, not the device the topic names.
                     reject(
                         "topic_mismatch",
                         format!("signed by {did} but published on {}", p.topic),
                     )
+                    .map(|mut r| {
+                        r.device = Some(did.clone());
+                        r
+                    })
                 } else {
                     match known {
                         Known::Active => None,
@@ -345,6 +420,14 @@ fn process_batch<P: Producer>(
         }
     }
     let recs: Vec<Rejection> = rejections.iter().map(|(_, r)| r.clone()).collect();
+    let entries: Vec<(String, Entry)> = rejections
+        .iter()
+        .filter_map(|(i, r)| {
+            let p = &batch[*i];
+            topic_device(&p.topic)
+                .map(|d| (d.to_owned(), Entry::rejected(r.seq, &p.payload, &r.reason)))
+        })
+        .collect();
     for r in &recs {
         metrics.rejected.with_label_values(&[&r.reason]).inc();
     }
@@ -381,5 +464,5 @@ fn process_batch<P: Producer>(
         .into_iter()
         .map(|f| f.ok_or_else(|| Error::Mqtt("internal: message without a fate".into())))
         .collect::<Result<Vec<_>>>()?;
-    Ok((futures, recs))
+    Ok((futures, recs, entries))
 }

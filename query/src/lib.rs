@@ -6,14 +6,28 @@
 //! |---|---|---|
 //! | `readings` | `<data>/readings/date=YYYY-MM-DD/*.parquet` | measurement (device, patient, seq, device_time, log_time, loinc, value, unit, partition, log_index, leaf_hash, date) |
 //! | `checkpoints` | `<data>/partitions/*/checkpoints.jsonl` | signed checkpoint (partition, origin, tree_size, root, signed_at, note) |
-//! | `rejected` | `<data>/rejected.jsonl` | rejected message (received_at, stage, reason, detail, device, seq, topic, size, source, envelope_b64) |
+//! | `rejected` | `<data>/rejected.jsonl` | rejected message (received_at, stage, reason, detail, device, seq, topic, size, source, envelope_b64, count), or a summary of `count` rejections past a dead-letter limit |
 //!
 //! Rejections that a crash made appear twice carry the same `source`;
 //! `rejected` lists each source once.
 //!
-//! It serves the CLI (`vitaltrail query`) and HTTP (`POST /sql`); proof
-//! bundles are built by `vitaltrail prove`. Flight SQL and alerts are still
-//! to come.
+//! It serves the CLI (`vitaltrail query`) and HTTP (`POST /sql`, [`http`]);
+//! proof bundles are built by `vitaltrail prove`. Flight SQL and alerts are
+//! still to come.
+//!
+//! **Read-only.** Every statement is planned, and the plan is refused
+//! ([`Error::ReadOnly`]) if any node of it (subqueries and `EXPLAIN`
+//! included) is DDL (`CREATE [EXTERNAL] TABLE`, `DROP`, views), DML
+//! (`INSERT`, `UPDATE`, `DELETE`, `COPY … TO`) or a statement (`SET`,
+//! transactions): a query can read the verified data, never write where
+//! another query reads, nor touch the file system. URL tables (`SELECT …
+//! FROM '/etc/passwd'`) are not enabled.
+//!
+//! **Bounded.** Results stream in batches ([`QueryEngine::stream`]) with a
+//! row cap and a byte cap ([`QueryLimits`]); execution runs in a memory pool
+//! of fixed size, so one `SELECT *` cannot take the service's memory.
+
+pub mod http;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -26,7 +40,11 @@ use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::ListingOptions;
-use datafusion::prelude::SessionContext;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::context::SQLOptions;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use futures::StreamExt as _;
 use vitaltrail_attestor::parquet_out::readings_schema;
 use vitaltrail_attestor::pipeline::read_checkpoints;
 use vitaltrail_bus::deadletter::RejectLog;
@@ -48,6 +66,129 @@ pub enum Error {
     /// An output format that cannot go where it was asked to.
     #[error("{0}")]
     Format(String),
+    /// The statement would write or change state; queries are read-only
+    /// (caller's fault).
+    #[error("read-only: {0}; only queries (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE) may run")]
+    ReadOnly(String),
+    /// The result is larger than the configured cap (caller's fault: add a
+    /// `LIMIT`, filter, or aggregate).
+    #[error("the result exceeds the cap of {limit} {what}; add a LIMIT, a filter or an aggregate")]
+    TooLarge {
+        /// `rows` or `bytes`.
+        what: &'static str,
+        /// The cap.
+        limit: u64,
+    },
+}
+
+impl Error {
+    /// True when the request itself is at fault (HTTP 4xx), false when the
+    /// data directory or the engine failed.
+    pub fn is_caller_fault(&self) -> bool {
+        match self {
+            Error::Sql(e) => !matches!(
+                e,
+                datafusion::error::DataFusionError::IoError(_)
+                    | datafusion::error::DataFusionError::ObjectStore(_)
+                    | datafusion::error::DataFusionError::Internal(_)
+            ),
+            Error::ReadOnly(_) | Error::TooLarge { .. } | Error::Format(_) => true,
+            Error::Arrow(_) | Error::Data(_) => false,
+        }
+    }
+}
+
+/// Caps on what one query may produce and use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryLimits {
+    /// Most rows a result may hold.
+    pub max_rows: u64,
+    /// Most bytes (Arrow in-memory size) a result may hold.
+    pub max_bytes: u64,
+    /// Memory pool of one query's execution (sorts, joins, aggregates).
+    pub memory_bytes: usize,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        QueryLimits {
+            max_rows: 1_000_000,
+            max_bytes: 256 * 1024 * 1024,
+            memory_bytes: 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// What a read-only session accepts: no DDL, no DML (`COPY` included), no
+/// statements.
+fn read_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
+/// A query's result batches, stopped with [`Error::TooLarge`] once a cap
+/// is passed.
+pub struct CappedStream {
+    inner: SendableRecordBatchStream,
+    limits: QueryLimits,
+    rows: u64,
+    bytes: u64,
+    failed: bool,
+}
+
+impl std::fmt::Debug for CappedStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CappedStream")
+            .field("rows", &self.rows)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CappedStream {
+    /// The result's schema.
+    pub fn schema(&self) -> arrow::datatypes::SchemaRef {
+        self.inner.schema()
+    }
+
+    /// The next batch, `None` at the end.
+    pub async fn next(&mut self) -> Option<Result<RecordBatch>> {
+        if self.failed {
+            return None;
+        }
+        let item = match self.inner.next().await? {
+            Ok(b) => b,
+            Err(e) => {
+                self.failed = true;
+                return Some(Err(e.into()));
+            }
+        };
+        self.rows += item.num_rows() as u64;
+        self.bytes += item.get_array_memory_size() as u64;
+        let over = if self.rows > self.limits.max_rows {
+            Some(("rows", self.limits.max_rows))
+        } else if self.bytes > self.limits.max_bytes {
+            Some(("bytes", self.limits.max_bytes))
+        } else {
+            None
+        };
+        if let Some((what, limit)) = over {
+            self.failed = true;
+            return Some(Err(Error::TooLarge { what, limit }));
+        }
+        Some(Ok(item))
+    }
+
+    /// Every batch, within the caps.
+    pub async fn collect(mut self) -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        while let Some(b) = self.next().await {
+            out.push(b?);
+        }
+        Ok(out)
+    }
 }
 
 /// Result alias for this crate.
@@ -57,9 +198,10 @@ fn ts() -> DataType {
     DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
 }
 
-/// A SQL session over one data directory.
+/// A read-only SQL session over one data directory.
 pub struct QueryEngine {
     ctx: SessionContext,
+    limits: QueryLimits,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -69,9 +211,18 @@ impl std::fmt::Debug for QueryEngine {
 }
 
 impl QueryEngine {
-    /// Register the tables of `data_dir` (a snapshot of what is durable now).
+    /// Register the tables of `data_dir` (a snapshot of what is durable
+    /// now), with the default [`QueryLimits`].
     pub async fn open(data_dir: &Path) -> Result<Self> {
-        let ctx = SessionContext::new();
+        Self::open_with(data_dir, QueryLimits::default()).await
+    }
+
+    /// Register the tables of `data_dir` under `limits`.
+    pub async fn open_with(data_dir: &Path, limits: QueryLimits) -> Result<Self> {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(limits.memory_bytes, 1.0)
+            .build_arc()?;
+        let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
         let readings = data_dir.join("readings");
         std::fs::create_dir_all(&readings)
             .map_err(|e| Error::Data(format!("{}: {e}", readings.display())))?;
@@ -89,12 +240,34 @@ impl QueryEngine {
             .await?;
         ctx.register_batch("checkpoints", checkpoints_batch(data_dir)?)?;
         ctx.register_batch("rejected", rejected_batch(data_dir)?)?;
-        Ok(QueryEngine { ctx })
+        Ok(QueryEngine { ctx, limits })
     }
 
-    /// Run one SQL statement.
+    /// Plan one statement and refuse it unless it only reads.
+    async fn plan(&self, sql: &str) -> Result<datafusion::logical_expr::LogicalPlan> {
+        let plan = self.ctx.state().create_logical_plan(sql).await?;
+        read_only().verify_plan(&plan).map_err(|e| {
+            Error::ReadOnly(e.strip_backtrace().replace("Error during planning: ", ""))
+        })?;
+        Ok(plan)
+    }
+
+    /// Run one read-only statement and stream its result within the caps.
+    pub async fn stream(&self, sql: &str) -> Result<CappedStream> {
+        let plan = self.plan(sql).await?;
+        let df = self.ctx.execute_logical_plan(plan).await?;
+        Ok(CappedStream {
+            inner: df.execute_stream().await?,
+            limits: self.limits,
+            rows: 0,
+            bytes: 0,
+            failed: false,
+        })
+    }
+
+    /// Run one read-only statement and collect its result within the caps.
     pub async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>> {
-        Ok(self.ctx.sql(sql).await?.collect().await?)
+        self.stream(sql).await?.collect().await
     }
 }
 
@@ -163,7 +336,11 @@ fn rejected_batch(data: &Path) -> Result<RecordBatch> {
         StringBuilder::new(),
         StringBuilder::new(),
     );
-    let (mut seq, mut size) = (UInt64Builder::new(), UInt64Builder::new());
+    let (mut seq, mut size, mut count) = (
+        UInt64Builder::new(),
+        UInt64Builder::new(),
+        UInt64Builder::new(),
+    );
     let mut seen = BTreeSet::new();
     for r in all {
         if let Some(s) = &r.source
@@ -181,6 +358,7 @@ fn rejected_batch(data: &Path) -> Result<RecordBatch> {
         size.append_value(r.size);
         source.append_option(r.source.as_deref());
         env.append_option(r.envelope_b64.as_deref());
+        count.append_value(r.count);
     }
     let schema = Arc::new(Schema::new(vec![
         Field::new("received_at", ts(), false),
@@ -193,6 +371,7 @@ fn rejected_batch(data: &Path) -> Result<RecordBatch> {
         Field::new("size", DataType::UInt64, false),
         Field::new("source", DataType::Utf8, true),
         Field::new("envelope_b64", DataType::Utf8, true),
+        Field::new("count", DataType::UInt64, false),
     ]));
     let cols: Vec<ArrayRef> = vec![
         Arc::new(at.finish().with_timezone("UTC")),
@@ -205,6 +384,7 @@ fn rejected_batch(data: &Path) -> Result<RecordBatch> {
         Arc::new(size.finish()),
         Arc::new(source.finish()),
         Arc::new(env.finish()),
+        Arc::new(count.finish()),
     ];
     Ok(RecordBatch::try_new(schema, cols)?)
 }
@@ -275,4 +455,205 @@ pub fn encode(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>> {
         }
     }
     Ok(out)
+}
+
+/// Encodes a result batch by batch, for formats that stream (JSON, CSV,
+/// Arrow IPC): what it returns can be sent as soon as a batch is ready.
+pub struct StreamEncoder {
+    state: EncState,
+}
+
+enum EncState {
+    Json { first: bool },
+    Csv { first: bool },
+    Ipc(Box<arrow::ipc::writer::StreamWriter<Vec<u8>>>),
+}
+
+impl std::fmt::Debug for StreamEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamEncoder").finish_non_exhaustive()
+    }
+}
+
+impl StreamEncoder {
+    /// Start encoding a result of `schema`; returns the encoder and the
+    /// bytes that open the output.
+    pub fn begin(format: Format, schema: &Schema) -> Result<(Self, Vec<u8>)> {
+        Ok(match format {
+            Format::Json => (
+                StreamEncoder {
+                    state: EncState::Json { first: true },
+                },
+                b"[".to_vec(),
+            ),
+            Format::Csv => (
+                StreamEncoder {
+                    state: EncState::Csv { first: true },
+                },
+                Vec::new(),
+            ),
+            Format::ArrowIpc => {
+                let mut w = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), schema)?;
+                let head = std::mem::take(w.get_mut());
+                (
+                    StreamEncoder {
+                        state: EncState::Ipc(Box::new(w)),
+                    },
+                    head,
+                )
+            }
+            Format::Table | Format::Parquet => {
+                return Err(Error::Format(
+                    "table and parquet output do not stream".into(),
+                ));
+            }
+        })
+    }
+
+    /// The bytes of one more batch.
+    pub fn batch(&mut self, b: &RecordBatch) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        match &mut self.state {
+            EncState::Json { first } => {
+                if b.num_rows() == 0 {
+                    return Ok(out);
+                }
+                let mut lines = Vec::new();
+                {
+                    let mut w = arrow::json::LineDelimitedWriter::new(&mut lines);
+                    w.write(b)?;
+                    w.finish()?;
+                }
+                // One JSON object per line (JSON escapes newlines in strings).
+                for line in lines.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
+                    if !*first {
+                        out.push(b',');
+                    }
+                    *first = false;
+                    out.extend_from_slice(line);
+                }
+            }
+            EncState::Csv { first } => {
+                let mut w = arrow::csv::WriterBuilder::new()
+                    .with_header(*first)
+                    .build(&mut out);
+                w.write(b)?;
+                *first = false;
+            }
+            EncState::Ipc(w) => {
+                w.write(b)?;
+                out = std::mem::take(w.get_mut());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The bytes that close the output.
+    pub fn finish(self) -> Result<Vec<u8>> {
+        Ok(match self.state {
+            EncState::Json { .. } => b"]\n".to_vec(),
+            EncState::Csv { .. } => Vec::new(),
+            EncState::Ipc(mut w) => {
+                w.finish()?;
+                std::mem::take(w.get_mut())
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn engine(limits: QueryLimits) -> (tempfile::TempDir, QueryEngine) {
+        let d = tempfile::tempdir().unwrap();
+        let q = QueryEngine::open_with(d.path(), limits).await.unwrap();
+        (d, q)
+    }
+
+    #[tokio::test]
+    async fn writes_and_state_changes_are_refused_before_they_run() {
+        let (d, q) = engine(QueryLimits::default()).await;
+        let target = d.path().join("out");
+        let refused = [
+            format!("COPY (SELECT 1) TO '{}/x.csv'", target.display()),
+            "INSERT INTO readings (device) VALUES ('forged')".to_owned(),
+            "DROP TABLE readings".to_owned(),
+            "CREATE TABLE t AS SELECT 1".to_owned(),
+            "CREATE VIEW v AS SELECT 1".to_owned(),
+            format!(
+                "CREATE EXTERNAL TABLE e STORED AS CSV LOCATION '{}/'",
+                target.display()
+            ),
+            "SET datafusion.execution.batch_size = 1".to_owned(),
+            format!(
+                "EXPLAIN ANALYZE COPY (SELECT 1) TO '{}/y.csv'",
+                target.display()
+            ),
+            "DELETE FROM readings".to_owned(),
+        ];
+        for sql in &refused {
+            match q.sql(sql).await {
+                Err(Error::ReadOnly(m)) => assert!(!m.is_empty()),
+                other => panic!("{sql}: {other:?}"),
+            }
+        }
+        assert!(!target.exists(), "a refused statement wrote files");
+        // The tables are untouched and queries still work.
+        let b = q.sql("SELECT count(*) AS n FROM readings").await.unwrap();
+        assert_eq!(b[0].num_rows(), 1);
+        // No URL tables: a query cannot read arbitrary files.
+        assert!(q.sql("SELECT * FROM '/etc/passwd'").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn results_past_a_cap_fail_with_a_clear_error() {
+        let limits = QueryLimits {
+            max_rows: 1000,
+            max_bytes: 1 << 30,
+            memory_bytes: 64 << 20,
+        };
+        let (_d, q) = engine(limits).await;
+        let ok = q.sql("SELECT * FROM range(1000)").await.unwrap();
+        assert_eq!(ok.iter().map(|b| b.num_rows()).sum::<usize>(), 1000);
+        match q.sql("SELECT * FROM range(1001)").await {
+            Err(Error::TooLarge {
+                what: "rows",
+                limit: 1000,
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        let limits = QueryLimits {
+            max_bytes: 4096,
+            ..limits
+        };
+        let (_d, q) = engine(limits).await;
+        match q.sql("SELECT repeat('x', 10000) AS big").await {
+            Err(e @ Error::TooLarge { what: "bytes", .. }) => assert!(e.is_caller_fault()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn stream_encoders_match_the_whole_result_encoders() {
+        let (_d, q) = engine(QueryLimits::default()).await;
+        let sql = "SELECT value AS v, CAST(value AS VARCHAR) || '\"\\n' AS s FROM range(10)";
+        let whole = q.sql(sql).await.unwrap();
+        for f in [Format::Json, Format::Csv, Format::ArrowIpc] {
+            let mut s = q.stream(sql).await.unwrap();
+            let (mut enc, mut out) = StreamEncoder::begin(f, &s.schema()).unwrap();
+            while let Some(b) = s.next().await {
+                out.extend(enc.batch(&b.unwrap()).unwrap());
+            }
+            out.extend(enc.finish().unwrap());
+            if f == Format::Json {
+                let a: serde_json::Value = serde_json::from_slice(&out).unwrap();
+                let b: serde_json::Value =
+                    serde_json::from_slice(&encode(&whole, f).unwrap()).unwrap();
+                assert_eq!(a, b);
+            } else {
+                assert_eq!(out, encode(&whole, f).unwrap(), "{f:?}");
+            }
+        }
+    }
 }

@@ -20,11 +20,46 @@ use vitaltrail_bus::kafka::{
 };
 use vitaltrail_bus::{PartitionSource, RejectSink};
 use vitaltrail_core::{Clock, SystemClock};
+use vitaltrail_core::{DeviceId, SecretKey};
 use vitaltrail_ingest::IngestConfig;
 use vitaltrail_ingest::metrics::Metrics as IngestMetrics;
-use vitaltrail_ingest::registry::{DeviceEntry, SharedRegistry};
+use vitaltrail_ingest::registry::{DeviceEntry, SharedRegistry, sign_entry};
 
 use crate::up::{log_key, registry_file, serve_metrics};
+
+/// The bus key at `path` (64 hex digits), created (mode 0600) if absent.
+/// Every ingest and attestor of one pipeline must use the same key.
+pub fn load_bus_key(path: &std::path::Path) -> Result<vitaltrail_core::busauth::BusKey> {
+    use vitaltrail_core::busauth::BusKey;
+    if !path.exists() {
+        let key = BusKey::generate(&mut rand::rngs::OsRng);
+        crate::up::write_secret(path, &format!("{}\n", key.to_hex()))?;
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    BusKey::from_hex(&text)
+        .with_context(|| format!("{} does not hold a bus key (64 hex digits)", path.display()))
+}
+
+/// librdkafka client properties from a file of `key=value` lines (`#`
+/// comments), e.g. `security.protocol=SASL_SSL` and `sasl.password=…`: a
+/// file, so no secret is ever on a command line.
+pub fn read_kafka_client_config(path: &std::path::Path) -> Result<Vec<(String, String)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .with_context(|| format!("{}:{}: expected key=value", path.display(), n + 1))?;
+        out.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    Ok(out)
+}
 
 /// Follow `vitals.devices` into `shared`: returns once every registration
 /// already in the topic is applied, so the process starts with the whole
@@ -32,34 +67,70 @@ use crate::up::{log_key, registry_file, serve_metrics};
 pub async fn follow_registry(
     kafka: &KafkaConfig,
     shared: &SharedRegistry,
+    operator: &DeviceId,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let s = shared.clone();
-    kafka::follow_topic(kafka, DEVICES_TOPIC, move |k, v| s.apply_topic_record(k, v))
-        .await
-        .context("reading the device registry topic vitals.devices")
+    let op = operator.clone();
+    kafka::follow_topic(kafka, DEVICES_TOPIC, move |k, v| {
+        s.apply_topic_record(k, v, &op)
+    })
+    .await
+    .context("reading the device registry topic vitals.devices")
 }
 
-/// Publish a device's registry entry to `vitals.devices` (and wait until
-/// Kafka has it).
-pub async fn publish_device(kafka: &KafkaConfig, entry: &DeviceEntry) -> Result<()> {
+/// Publish a device's registry entry to `vitals.devices`, signed by the
+/// operator key (and wait until Kafka has it).
+pub async fn publish_device(
+    kafka: &KafkaConfig,
+    entry: &DeviceEntry,
+    operator: &SecretKey,
+) -> Result<()> {
     kafka::ensure_registry_topic(kafka)
         .await
         .context("creating the Kafka topic vitals.devices")?;
     let producer = KafkaProducer::new(kafka)?;
     producer
-        .send_to(DEVICES_TOPIC, &entry.did, &serde_json::to_vec(entry)?)
+        .send_to(DEVICES_TOPIC, &entry.did, &sign_entry(entry, operator))
         .await
         .context("publishing to vitals.devices")
 }
 
 /// The registry as the `vitals.devices` topic holds it now.
-pub async fn topic_registry(kafka: &KafkaConfig) -> Result<SharedRegistry> {
+pub async fn topic_registry(kafka: &KafkaConfig, operator: &DeviceId) -> Result<SharedRegistry> {
     kafka::ensure_registry_topic(kafka)
         .await
         .context("creating the Kafka topic vitals.devices")?;
     let shared = SharedRegistry::fixed(Default::default());
-    follow_registry(kafka, &shared).await?.abort();
+    follow_registry(kafka, &shared, operator).await?.abort();
     Ok(shared)
+}
+
+/// The operator key of a data directory (`<data>/keys/operator.pem`),
+/// created on first use: it signs every `vitals.devices` record.
+pub fn operator_key(data_dir: &std::path::Path) -> Result<SecretKey> {
+    let path = data_dir.join("keys").join("operator.pem");
+    if !path.exists() {
+        let key = SecretKey::generate(&mut rand::rngs::OsRng);
+        crate::up::write_secret(&path, &key.to_pkcs8_pem()?)?;
+        eprintln!(
+            "created the operator key {} (DID {}): give every ingest and attestor --operator {}",
+            path.display(),
+            key.did(),
+            key.did()
+        );
+    }
+    let pem =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    SecretKey::from_pkcs8_pem(&pem).with_context(|| format!("operator key {}", path.display()))
+}
+
+/// Whose signature the registry topic must carry: `--operator`, else the
+/// data directory's own operator key.
+pub fn trusted_operator(given: Option<&DeviceId>, data_dir: &std::path::Path) -> Result<DeviceId> {
+    match given {
+        Some(d) => Ok(d.clone()),
+        None => Ok(operator_key(data_dir)?.did().clone()),
+    }
 }
 
 /// Typed configuration of `vitaltrail ingest`.
@@ -76,6 +147,9 @@ pub struct IngestProcessConfig {
     /// Register metrics here (served by the caller) instead of a registry
     /// of this stage's own.
     pub metrics: Option<prometheus::Registry>,
+    /// Whose signature `vitals.devices` records must carry (default: this
+    /// data directory's operator key).
+    pub operator: Option<DeviceId>,
 }
 
 /// Run one ingest process until `shutdown`.
@@ -88,17 +162,45 @@ pub async fn run_ingest(cfg: IngestProcessConfig, shutdown: watch::Receiver<bool
     let metrics = IngestMetrics::new(&registry)?;
     let (devices, _watch) =
         SharedRegistry::watch(registry_file(&cfg.data_dir), Duration::from_millis(500))?;
-    let follow = follow_registry(&cfg.kafka, &devices).await?;
+    let operator = trusted_operator(cfg.operator.as_ref(), &cfg.data_dir)?;
+    let follow = follow_registry(&cfg.kafka, &devices, &operator).await?;
     if let Some(listen) = cfg.metrics_listen {
-        tokio::spawn(serve_metrics(listen, registry, shutdown.clone()));
+        tokio::spawn(serve_metrics(
+            listen,
+            registry.clone(),
+            cfg.data_dir.clone(),
+            shutdown.clone(),
+        ));
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let sink = RejectSink::Kafka(producer.clone());
+    // Receipts of ingest's own final rejections, on the same broker.
+    let rcfg = vitaltrail_ingest::receipts::ReceiptConfig {
+        mqtt_host: cfg.ingest.mqtt_host.clone(),
+        mqtt_port: cfg.ingest.mqtt_port,
+        client_id: format!("{}-receipts", cfg.ingest.client_id),
+        ..Default::default()
+    };
+    let (rtx, rrx) = vitaltrail_ingest::receipts::queue(&rcfg);
+    let publisher = tokio::spawn(vitaltrail_ingest::receipts::publish(
+        rcfg,
+        rrx,
+        vitaltrail_ingest::receipts::ReceiptMetrics::new(&registry, "ingest")?,
+        shutdown.clone(),
+    ));
     let res = vitaltrail_ingest::run(
-        cfg.ingest, producer, devices, sink, clock, metrics, shutdown,
+        cfg.ingest,
+        producer,
+        devices,
+        sink,
+        Some(rtx),
+        clock,
+        metrics,
+        shutdown,
     )
     .await;
     follow.abort();
+    let _ = publisher.await;
     Ok(res?)
 }
 
@@ -111,6 +213,17 @@ pub struct AttestProcessConfig {
     pub partitions: Vec<u32>,
     /// Also copy `vitals.rejected` into `<data>/rejected.jsonl`.
     pub dead_letters: bool,
+    /// Limits of the local dead-letter store.
+    pub rejects: vitaltrail_bus::deadletter::RejectLimits,
+    /// The MQTT broker to publish receipts to (`receipts/<did>`); none
+    /// without it.
+    pub mqtt: Option<(String, u16)>,
+    /// Whose signature `vitals.devices` records must carry (default: this
+    /// data directory's operator key).
+    pub operator: Option<DeviceId>,
+    /// Other attestors own the topic's other partitions. Without it, the
+    /// partitions given must cover the whole topic.
+    pub partial: bool,
     /// Attestor settings (`data_dir` included).
     pub attestor: AttestorConfig,
     /// Where `/metrics` is served, if anywhere.
@@ -120,22 +233,46 @@ pub struct AttestProcessConfig {
     pub metrics: Option<prometheus::Registry>,
 }
 
+/// Check, from the topic's metadata, that `ours` are partitions of
+/// `vitals.verified`, and (unless `partial`) that they are all of them: a
+/// partition nobody attests is readings nobody logs.
+pub fn check_coverage(kafka: &KafkaConfig, ours: &[u32], partial: bool) -> Result<()> {
+    let n = kafka::topic_partitions(kafka, VERIFIED_TOPIC)?;
+    if let Some(p) = ours.iter().find(|&&p| p >= n) {
+        anyhow::bail!("{VERIFIED_TOPIC} has {n} partitions; partition {p} does not exist");
+    }
+    let missing: Vec<u32> = (0..n).filter(|p| !ours.contains(p)).collect();
+    if !missing.is_empty() && !partial {
+        anyhow::bail!(
+            "{VERIFIED_TOPIC} has {n} partitions but this attestor owns {ours:?}: nobody would log \
+             partitions {missing:?}. Give every partition (--partitions), or pass --partial when \
+             other attestors own the rest"
+        );
+    }
+    if !missing.is_empty() {
+        tracing::warn!(?missing, "partitions left to other attestors (--partial)");
+    }
+    Ok(())
+}
+
 /// Run one attestor process until `shutdown`.
 pub async fn run_attest(cfg: AttestProcessConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
     kafka::ensure_topics(&cfg.kafka)
         .await
         .context("creating Kafka topics")?;
+    check_coverage(&cfg.kafka, &cfg.partitions, cfg.partial)?;
     let data = cfg.attestor.data_dir.clone();
     std::fs::create_dir_all(&data)?;
     let key = log_key(&data)?;
     let registry = cfg.metrics.clone().unwrap_or_default();
     let metrics = AttestorMetrics::new(&registry)?;
-    let rejects = Arc::new(RejectLog::open(data.join("rejected.jsonl"))?);
+    let rejects = crate::up::open_rejects(&data, cfg.rejects, &registry)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
     let (devices, _watch) =
         SharedRegistry::watch(registry_file(&data), Duration::from_millis(500))?;
-    let follow = follow_registry(&cfg.kafka, &devices).await?;
+    let operator = trusted_operator(cfg.operator.as_ref(), &data)?;
+    let follow = follow_registry(&cfg.kafka, &devices, &operator).await?;
     let patients = crate::up::patient_lookup(&devices);
     let mut states = Vec::new();
     let mut starts = Vec::new();
@@ -161,6 +298,35 @@ pub async fn run_attest(cfg: AttestProcessConfig, shutdown: watch::Receiver<bool
         cp_rx,
         shutdown.clone(),
     ));
+    let receipts_tx = match &cfg.mqtt {
+        Some((host, port)) => {
+            let rcfg = vitaltrail_ingest::receipts::ReceiptConfig {
+                mqtt_host: host.clone(),
+                mqtt_port: *port,
+                client_id: format!(
+                    "vitaltrail-attest-receipts-{}",
+                    cfg.partitions
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join("-")
+                ),
+                ..Default::default()
+            };
+            let (tx, rx) = vitaltrail_ingest::receipts::queue(&rcfg);
+            let m = vitaltrail_ingest::receipts::ReceiptMetrics::new(&registry, "attestor")?;
+            tasks.spawn({
+                let stop = shutdown.clone();
+                async move {
+                    vitaltrail_ingest::receipts::publish(rcfg, rx, m, stop)
+                        .await
+                        .map_err(anyhow::Error::from)
+                }
+            });
+            Some(tx)
+        }
+        None => None,
+    };
     for (source, state) in sources.into_iter().zip(states) {
         let run = run_partition(
             source,
@@ -169,11 +335,13 @@ pub async fn run_attest(cfg: AttestProcessConfig, shutdown: watch::Receiver<bool
             rejects.clone(),
             clock.clone(),
             Some(cp_tx.clone()),
+            receipts_tx.clone(),
             shutdown.clone(),
         );
         tasks.spawn(async move { run.await.map_err(anyhow::Error::from) });
     }
     drop(cp_tx);
+    drop(receipts_tx);
     if cfg.dead_letters {
         let kcfg = cfg.kafka.clone();
         let rejects = rejects.clone();
@@ -182,7 +350,12 @@ pub async fn run_attest(cfg: AttestProcessConfig, shutdown: watch::Receiver<bool
         tasks.spawn(async move { copy_dead_letters(kcfg, rejects, data, shutdown).await });
     }
     if let Some(listen) = cfg.metrics_listen {
-        tasks.spawn(serve_metrics(listen, registry, shutdown.clone()));
+        tasks.spawn(serve_metrics(
+            listen,
+            registry,
+            data.clone(),
+            shutdown.clone(),
+        ));
     }
     tracing::info!(partitions = ?cfg.partitions, data = %data.display(), "attestor is up");
     let res = crate::up::join_stages(tasks).await;

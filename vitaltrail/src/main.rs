@@ -118,15 +118,40 @@ enum Command {
         /// Where /metrics is served.
         #[arg(long, env = "VITALTRAIL_METRICS_LISTEN")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// The bus key file shared by every ingest and attestor of the
+        /// pipeline (records on vitals.verified carry its MAC); default
+        /// <data>/keys/bus.key, created if absent.
+        #[arg(long, env = "VITALTRAIL_BUS_KEY_FILE")]
+        bus_key: Option<PathBuf>,
+        /// librdkafka client properties, one key=value per line (SASL,
+        /// TLS: security.protocol, sasl.mechanisms, sasl.username,
+        /// sasl.password, ssl.ca.location, …). A file, so that no secret
+        /// is on a command line.
+        #[arg(long, env = "VITALTRAIL_KAFKA_CONFIG_FILE")]
+        kafka_config_file: Option<PathBuf>,
+        /// The operator's DID, whose signature every vitals.devices record
+        /// must carry; default: the DID of <data>/keys/operator.pem (the
+        /// key `devices add --kafka` signs with).
+        #[arg(long, env = "VITALTRAIL_OPERATOR")]
+        operator: Option<String>,
     },
     /// Run one attestor process (distributed mode) for a set of partitions.
     Attest {
         /// Kafka bootstrap servers.
         #[arg(long, env = "VITALTRAIL_KAFKA")]
         kafka: String,
+        /// The MQTT broker (HOST:PORT) to publish receipts to
+        /// (`receipts/<did>`); without it, no receipts.
+        #[arg(long, env = "VITALTRAIL_MQTT")]
+        mqtt: Option<String>,
         /// The vitals.verified partitions this process owns, e.g. 0,1,2,3.
         #[arg(long, value_delimiter = ',', default_value = "0,1,2,3")]
         partitions: Vec<u32>,
+        /// Other attestors own the topic's other partitions. Without it,
+        /// --partitions must cover every partition of vitals.verified, or
+        /// the attestor refuses to start.
+        #[arg(long)]
+        partial: bool,
         /// Partitions of vitals.verified, if this process creates the topic.
         #[arg(long, default_value_t = 4)]
         topic_partitions: i32,
@@ -146,6 +171,22 @@ enum Command {
         /// Where /metrics is served.
         #[arg(long, env = "VITALTRAIL_METRICS_LISTEN")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// The bus key file shared by every ingest and attestor of the
+        /// pipeline (records on vitals.verified carry its MAC); default
+        /// <data>/keys/bus.key, created if absent.
+        #[arg(long, env = "VITALTRAIL_BUS_KEY_FILE")]
+        bus_key: Option<PathBuf>,
+        /// librdkafka client properties, one key=value per line (SASL,
+        /// TLS: security.protocol, sasl.mechanisms, sasl.username,
+        /// sasl.password, ssl.ca.location, …). A file, so that no secret
+        /// is on a command line.
+        #[arg(long, env = "VITALTRAIL_KAFKA_CONFIG_FILE")]
+        kafka_config_file: Option<PathBuf>,
+        /// The operator's DID, whose signature every vitals.devices record
+        /// must carry; default: the DID of <data>/keys/operator.pem (the
+        /// key `devices add --kafka` signs with).
+        #[arg(long, env = "VITALTRAIL_OPERATOR")]
+        operator: Option<String>,
     },
     /// Simulated wearables: sign readings and publish them over MQTT (QoS 1).
     Sim {
@@ -193,6 +234,17 @@ enum Command {
         /// (the beats then end now).
         #[arg(long, default_value_t = 1.0)]
         speed: f64,
+        /// Ignore receipts (docs/receipts.md): behave like a device that
+        /// trusts the broker's PUBACK. By default each device keeps every
+        /// reading until its receipt comes, resends the rest, and the run
+        /// fails if some reading never gets one.
+        #[arg(long)]
+        no_receipts: bool,
+        /// Log verifier keys (`name+keyid+base64`, repeatable) to check
+        /// receipts against; with --register, those of that data directory
+        /// are used too.
+        #[arg(long = "log-key")]
+        log_keys: Vec<String>,
     },
     /// Run SQL over the verified data: tables readings, checkpoints, rejected.
     Query {
@@ -429,9 +481,13 @@ fn main() -> ExitCode {
             replay_rr,
             replay_ecg,
             speed,
+            no_receipts,
+            log_keys,
         } => {
             init_tracing();
             pipeline_cmds::sim(pipeline_cmds::SimArgs {
+                receipts: !no_receipts,
+                log_keys,
                 mqtt,
                 devices,
                 rate,
@@ -465,6 +521,9 @@ fn main() -> ExitCode {
             data,
             topic_partitions,
             metrics_listen,
+            bus_key,
+            kafka_config_file,
+            operator,
         } => {
             init_tracing();
             pipeline_cmds::ingest(pipeline_cmds::IngestArgs {
@@ -476,26 +535,39 @@ fn main() -> ExitCode {
                 data,
                 topic_partitions,
                 metrics_listen,
+                bus_key,
+                kafka_config_file,
+                operator,
             })
         }
         Command::Attest {
             kafka,
+            mqtt,
             partitions,
+            partial,
             topic_partitions,
             data,
             no_dead_letters,
             checkpoint_interval_ms,
             metrics_listen,
+            bus_key,
+            kafka_config_file,
+            operator,
         } => {
             init_tracing();
             pipeline_cmds::attest(
                 kafka,
+                mqtt,
                 partitions,
                 topic_partitions,
                 data,
                 !no_dead_letters,
                 checkpoint_interval_ms,
                 metrics_listen,
+                bus_key,
+                kafka_config_file,
+                operator,
+                partial,
             )
         }
         Command::Devices {

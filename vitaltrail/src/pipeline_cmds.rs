@@ -59,6 +59,31 @@ pub struct IngestArgs {
     pub data: PathBuf,
     pub topic_partitions: i32,
     pub metrics_listen: Option<SocketAddr>,
+    pub bus_key: Option<PathBuf>,
+    pub kafka_config_file: Option<PathBuf>,
+    pub operator: Option<String>,
+}
+
+/// The Kafka settings of a distributed stage: brokers, partitions, the bus
+/// key (`--bus-key`, else `<data>/keys/bus.key`) and the client file.
+fn stage_kafka(
+    brokers: String,
+    partitions: i32,
+    data: &Path,
+    bus_key: Option<&Path>,
+    client_file: Option<&Path>,
+) -> Result<vitaltrail_bus::kafka::KafkaConfig> {
+    let key_path = bus_key.map_or_else(|| up::bus_key_path(data), Path::to_path_buf);
+    Ok(vitaltrail_bus::kafka::KafkaConfig {
+        brokers,
+        partitions,
+        bus_key: Some(vitaltrail::distributed::load_bus_key(&key_path)?),
+        client: client_file
+            .map(vitaltrail::distributed::read_kafka_client_config)
+            .transpose()?
+            .unwrap_or_default(),
+        ..Default::default()
+    })
 }
 
 /// `vitaltrail ingest`.
@@ -72,15 +97,21 @@ pub fn ingest(a: IngestArgs) -> Result<ExitCode> {
         data,
         topic_partitions,
         metrics_listen,
+        bus_key,
+        kafka_config_file,
+        operator,
     } = a;
     use vitaltrail::distributed::{IngestProcessConfig, run_ingest};
+    up::exit_on_panic();
     let (host, port) = host_port(&mqtt)?;
     let cfg = IngestProcessConfig {
-        kafka: vitaltrail_bus::kafka::KafkaConfig {
-            brokers: kafka,
-            partitions: topic_partitions,
-            ..Default::default()
-        },
+        kafka: stage_kafka(
+            kafka,
+            topic_partitions,
+            &data,
+            bus_key.as_deref(),
+            kafka_config_file.as_deref(),
+        )?,
         ingest: vitaltrail_ingest::IngestConfig {
             mqtt_host: host,
             mqtt_port: port,
@@ -92,30 +123,52 @@ pub fn ingest(a: IngestArgs) -> Result<ExitCode> {
         data_dir: data,
         metrics_listen,
         metrics: None,
+        operator: operator
+            .as_deref()
+            .map(DeviceId::parse)
+            .transpose()
+            .context("--operator")?,
     };
     runtime()?.block_on(async move { run_ingest(cfg, shutdown_on_ctrl_c()).await })?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `vitaltrail attest`.
+#[allow(clippy::too_many_arguments)]
 pub fn attest(
     kafka: String,
+    mqtt: Option<String>,
     partitions: Vec<u32>,
     topic_partitions: i32,
     data: PathBuf,
     dead_letters: bool,
     checkpoint_interval_ms: u64,
     metrics_listen: Option<SocketAddr>,
+    bus_key: Option<PathBuf>,
+    kafka_config_file: Option<PathBuf>,
+    operator: Option<String>,
+    partial: bool,
 ) -> Result<ExitCode> {
     use vitaltrail::distributed::{AttestProcessConfig, run_attest};
+    up::exit_on_panic();
     let cfg = AttestProcessConfig {
-        kafka: vitaltrail_bus::kafka::KafkaConfig {
-            brokers: kafka,
-            partitions: topic_partitions,
-            ..Default::default()
-        },
+        kafka: stage_kafka(
+            kafka,
+            topic_partitions,
+            &data,
+            bus_key.as_deref(),
+            kafka_config_file.as_deref(),
+        )?,
         partitions,
         dead_letters,
+        rejects: Default::default(),
+        mqtt: mqtt.as_deref().map(host_port).transpose()?,
+        operator: operator
+            .as_deref()
+            .map(DeviceId::parse)
+            .transpose()
+            .context("--operator")?,
+        partial,
         attestor: AttestorConfig {
             data_dir: data,
             checkpoint_interval: Duration::from_millis(checkpoint_interval_ms),
@@ -157,6 +210,7 @@ pub fn up(
         },
         ..UpConfig::default()
     };
+    up::exit_on_panic();
     runtime()?.block_on(async move {
         let stop = shutdown_on_ctrl_c();
         up::run(cfg, stop).await
@@ -185,6 +239,8 @@ pub struct SimArgs {
     pub replay_rr: Option<PathBuf>,
     pub replay_ecg: Option<PathBuf>,
     pub speed: f64,
+    pub receipts: bool,
+    pub log_keys: Vec<String>,
 }
 
 /// `vitaltrail sim`.
@@ -230,6 +286,13 @@ pub fn sim(a: SimArgs) -> Result<ExitCode> {
         // Ingest reloads the registry every 0.5 s.
         std::thread::sleep(Duration::from_millis(1200));
     }
+    let mut log_keys = Vec::new();
+    for k in &a.log_keys {
+        log_keys.push(vitaltrail_core::LogPublicKey::parse(k.trim()).context("--log-key")?);
+    }
+    if let Some(data) = &a.register {
+        log_keys.extend(data_log_keys(data));
+    }
     let cfg = SimConfig {
         mqtt_host: host,
         mqtt_port: port,
@@ -238,6 +301,8 @@ pub fn sim(a: SimArgs) -> Result<ExitCode> {
         duration: Duration::from_secs_f64(a.duration_secs),
         attacks,
         attack_count: a.attack_count,
+        receipts: a.receipts,
+        log_keys,
         ..SimConfig::default()
     };
     let report = if !replaying {
@@ -283,11 +348,27 @@ pub fn sim(a: SimArgs) -> Result<ExitCode> {
         })).collect::<Vec<_>>(),
         "published": report.published,
         "acked": report.acked,
+        "receipted": report.receipted,
+        "receipts_verified": report.receipts_verified,
+        "receipt_rejects": report.receipt_rejects,
+        "resent": report.resent,
         "valid_readings": report.valid_count(),
         "expected_rejects": report.expected_rejects,
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The log verifier keys of a data directory's partitions (those that
+/// exist yet).
+fn data_log_keys(data: &Path) -> Vec<vitaltrail_core::LogPublicKey> {
+    let Ok(dirs) = partition_dirs(data) else {
+        return vec![];
+    };
+    dirs.iter()
+        .filter_map(|d| std::fs::read_to_string(d.join("log.vkey")).ok())
+        .filter_map(|k| vitaltrail_core::LogPublicKey::parse(k.trim()).ok())
+        .collect()
 }
 
 /// `vitaltrail devices add`.
@@ -303,9 +384,11 @@ pub fn devices_add(
     file.add(&did, patient, ward, SystemClock.now_ms())?;
     if let Some(brokers) = kafka {
         let entry = local_entry(&file, &did)?;
+        let op = vitaltrail::distributed::operator_key(data)?;
         runtime()?.block_on(vitaltrail::distributed::publish_device(
             &kafka_cfg(brokers),
             &entry,
+            &op,
         ))?;
         println!("registered {did} for patient {patient} (published to vitals.devices)");
     } else {
@@ -344,6 +427,7 @@ pub fn devices_revoke(data: &Path, did: &str, kafka: Option<String>) -> Result<E
         return Ok(ExitCode::SUCCESS);
     };
     let cfg = kafka_cfg(brokers);
+    let op = vitaltrail::distributed::operator_key(data)?;
     let rt = runtime()?;
     let local = file.load()?;
     let mut entry = match local.lookup(did.as_str()) {
@@ -354,7 +438,7 @@ pub fn devices_revoke(data: &Path, did: &str, kafka: Option<String>) -> Result<E
         _ => {
             // Known only to the cluster, or revoked here already: revoke
             // what the topic holds.
-            let topic = rt.block_on(vitaltrail::distributed::topic_registry(&cfg))?;
+            let topic = rt.block_on(vitaltrail::distributed::topic_registry(&cfg, op.did()))?;
             match topic.with(|r| match r.lookup(did.as_str()) {
                 Lookup::Active(e) => Some(e.clone()),
                 _ => None,
@@ -365,7 +449,7 @@ pub fn devices_revoke(data: &Path, did: &str, kafka: Option<String>) -> Result<E
         }
     };
     entry.revoked_ms.get_or_insert(now);
-    rt.block_on(vitaltrail::distributed::publish_device(&cfg, &entry))?;
+    rt.block_on(vitaltrail::distributed::publish_device(&cfg, &entry, &op))?;
     println!("revoked {did} (published to vitals.devices)");
     Ok(ExitCode::SUCCESS)
 }

@@ -15,8 +15,9 @@ use anyhow::{Context, Result};
 use tokio::sync::watch;
 use vitaltrail_attestor::metrics::Metrics as AttestorMetrics;
 use vitaltrail_attestor::pipeline::{AttestorConfig, PartitionState, run_partition};
-use vitaltrail_bus::deadletter::RejectLog;
+use vitaltrail_bus::deadletter::{RejectLimits, RejectLog};
 use vitaltrail_bus::inproc;
+use vitaltrail_core::auth::Token;
 use vitaltrail_core::{Clock, SecretKey, SystemClock};
 use vitaltrail_ingest::IngestConfig;
 use vitaltrail_ingest::metrics::Metrics as IngestMetrics;
@@ -43,6 +44,10 @@ pub struct UpConfig {
     pub ingest: IngestConfig,
     /// Run the same stages over this Kafka cluster instead of the in-process bus.
     pub kafka: Option<String>,
+    /// Limits of the dead-letter store.
+    pub rejects: RejectLimits,
+    /// Extra librdkafka client properties (SASL, TLS) with `kafka`.
+    pub kafka_client: Vec<(String, String)>,
 }
 
 impl Default for UpConfig {
@@ -62,6 +67,8 @@ impl Default for UpConfig {
                 ..IngestConfig::default()
             },
             kafka: None,
+            rejects: RejectLimits::default(),
+            kafka_client: vec![],
         }
     }
 }
@@ -95,14 +102,17 @@ pub fn log_key(data_dir: &Path) -> Result<SecretKey> {
     Ok(key)
 }
 
-/// The patient of a device, from a shared registry (for Parquet rows).
+/// What a shared registry says about a device (for the attestor's own
+/// registry check and the patient in Parquet rows).
 pub fn patient_lookup(reg: &SharedRegistry) -> vitaltrail_attestor::parquet_out::PatientLookup {
     use vitaltrail_ingest::registry::Lookup;
     let reg = reg.clone();
+    use vitaltrail_attestor::parquet_out::Registered;
     Arc::new(move |did: &str| {
         reg.with(|r| match r.lookup(did) {
-            Lookup::Active(e) | Lookup::Revoked(e) => Some(e.patient.clone()),
-            Lookup::Unknown => None,
+            Lookup::Active(e) => Registered::Active(e.patient.clone()),
+            Lookup::Revoked(e) => Registered::Revoked(e.patient.clone()),
+            Lookup::Unknown => Registered::Unknown,
         })
     })
 }
@@ -120,7 +130,11 @@ pub fn existing_partitions(data_dir: &Path) -> u32 {
 }
 
 /// Start the embedded MQTT broker on `listen` (runs on its own threads).
-pub fn start_embedded_broker(listen: SocketAddr) -> Result<()> {
+/// The returned future resolves, with the reason, if the broker stops:
+/// the caller must treat that as the death of a stage.
+pub fn start_embedded_broker(
+    listen: SocketAddr,
+) -> Result<impl std::future::Future<Output = Result<()>> + Send + 'static> {
     use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
     let mut v4 = HashMap::new();
     v4.insert(
@@ -161,25 +175,57 @@ pub fn start_embedded_broker(listen: SocketAddr) -> Result<()> {
         metrics: None,
     };
     let mut broker = Broker::new(config);
+    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
     std::thread::Builder::new()
         .name("rumqttd".into())
         .spawn(move || {
-            if let Err(e) = broker.start() {
-                tracing::error!(error = %e, "embedded MQTT broker stopped");
-            }
+            // A panic here drops `tx` as well: the receiver sees it either way.
+            let why = match broker.start() {
+                Ok(()) => "the embedded MQTT broker returned".to_owned(),
+                Err(e) => format!("the embedded MQTT broker failed: {e}"),
+            };
+            let _ = tx.send(why);
         })?;
-    Ok(())
+    Ok(async move {
+        let why = rx
+            .await
+            .unwrap_or_else(|_| "the embedded MQTT broker thread panicked".to_owned());
+        tracing::error!(reason = %why, "a stage died");
+        Err(anyhow::anyhow!(why))
+    })
 }
 
+/// Make every panic, on any thread (the embedded broker's included), end
+/// the process: a stage that died must never leave a zombie that accepts
+/// connections and logs nothing. Every acknowledgement waits for
+/// durability, so a restart loses nothing that was acknowledged by the
+/// pipeline.
+pub fn exit_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        eprintln!(
+            "vitaltrail: a thread panicked; exiting so that a supervisor restarts the process"
+        );
+        std::process::exit(70);
+    }));
+}
+
+/// A stage's life: resolves (with an error) only if the stage dies.
+type Watchdog = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+
 /// The MQTT broker to use: the external one, or the embedded one, started
-/// here and ready to accept connections.
-async fn mqtt_endpoint(cfg: &UpConfig) -> Result<(String, u16)> {
+/// here and ready to accept connections, with its watchdog.
+async fn mqtt_endpoint(cfg: &UpConfig) -> Result<((String, u16), Watchdog)> {
     match &cfg.external_mqtt {
-        Some((h, p)) => Ok((h.clone(), *p)),
+        Some((h, p)) => Ok(((h.clone(), *p), Box::pin(std::future::pending()))),
         None => {
-            start_embedded_broker(cfg.mqtt_listen)?;
+            let dead = start_embedded_broker(cfg.mqtt_listen)?;
             wait_for_port(cfg.mqtt_listen, Duration::from_secs(5)).await?;
-            Ok((cfg.mqtt_listen.ip().to_string(), cfg.mqtt_listen.port()))
+            Ok((
+                (cfg.mqtt_listen.ip().to_string(), cfg.mqtt_listen.port()),
+                Box::pin(dead),
+            ))
         }
     }
 }
@@ -198,114 +244,164 @@ pub async fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
     }
 }
 
-/// Serve `/metrics` from `registry` until `shutdown`.
+/// The bus key of a data directory (`<data>/keys/bus.key`).
+pub fn bus_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("bus.key")
+}
+
+/// The bearer token of `/metrics` (`<data>/keys/metrics.token`).
+pub fn metrics_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("metrics.token")
+}
+
+/// The bearer token of `POST /sql` (`<data>/keys/sql.token`).
+pub fn sql_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("sql.token")
+}
+
+/// Serve `/metrics` from `registry` until `shutdown` (no SQL).
 pub async fn serve_metrics(
     listen: SocketAddr,
     registry: prometheus::Registry,
+    data_dir: PathBuf,
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    serve_http(listen, registry, None, shutdown).await
+    serve_http(listen, registry, data_dir, false, None, shutdown).await
 }
 
-#[cfg(feature = "sql")]
-/// `POST /sql`: the body is one SQL statement; the answer is a JSON array of
-/// rows, or an Arrow IPC stream when `Accept: application/vnd.apache.arrow.stream`.
-async fn sql_handler(
-    data: PathBuf,
-    headers: axum::http::HeaderMap,
-    body: String,
-) -> (
-    axum::http::StatusCode,
-    [(&'static str, &'static str); 1],
-    Vec<u8>,
-) {
-    use axum::http::StatusCode;
-    use vitaltrail_query::{Format, QueryEngine, encode};
-    const IPC: &str = "application/vnd.apache.arrow.stream";
-    let arrow = headers
-        .get("accept")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains(IPC));
-    let result = async {
-        let engine = QueryEngine::open(&data).await?;
-        let batches = engine.sql(&body).await?;
-        encode(
-            &batches,
-            if arrow {
-                Format::ArrowIpc
-            } else {
-                Format::Json
-            },
-        )
-    }
-    .await;
-    match result {
-        Ok(bytes) => (
-            StatusCode::OK,
-            [("content-type", if arrow { IPC } else { "application/json" })],
-            bytes,
-        ),
-        Err(e) => {
-            let status = match e {
-                vitaltrail_query::Error::Sql(_) | vitaltrail_query::Error::Format(_) => {
-                    StatusCode::BAD_REQUEST
-                }
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            let body = serde_json::json!({ "error": e.to_string() })
-                .to_string()
-                .into_bytes();
-            (status, [("content-type", "application/json")], body)
-        }
-    }
-}
+/// Whether the process is ready to take readings.
+pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// Serve `/metrics`, and `POST /sql` over `data` when given, until `shutdown`.
+/// Serve, until `shutdown`:
+/// - `GET /metrics` (Prometheus text), bearer token `<data>/keys/metrics.token`;
+/// - `POST /sql` over `data_dir` when `sql`, bearer token `<data>/keys/sql.token`
+///   (see `vitaltrail_query::http`);
+/// - `GET /healthz`, unauthenticated, which says only `ok`: the process
+///   exits when a stage dies, so a process that answers is serving;
+/// - `GET /readyz`, unauthenticated: 200 `ready` once every ingest
+///   connection is subscribed (a device publishing before that is
+///   acknowledged by the broker and dropped: it gets no receipt), else 503.
+///
+/// Both tokens are created (mode 0600) on first use; neither is logged.
 pub async fn serve_http(
     listen: SocketAddr,
     registry: prometheus::Registry,
-    data: Option<PathBuf>,
+    data_dir: PathBuf,
+    sql: bool,
+    ready: Option<Readiness>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     use axum::routing::get;
+    let metrics_token = load_or_create_token(&metrics_token_path(&data_dir))?;
     #[allow(unused_mut)]
     let mut app = axum::Router::new();
     #[cfg(feature = "sql")]
-    if let Some(data) = data {
-        app = app.route(
-            "/sql",
-            axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
-                sql_handler(data.clone(), headers, body)
-            }),
-        );
+    if sql {
+        let token = load_or_create_token(&sql_token_path(&data_dir))?;
+        app = app.merge(vitaltrail_query::http::router(
+            vitaltrail_query::http::SqlService {
+                data_dir: data_dir.clone(),
+                token,
+                limits: vitaltrail_query::QueryLimits::default(),
+            },
+        ));
     }
     #[cfg(not(feature = "sql"))]
-    let _ = data;
-    let app = app.route(
-        "/metrics",
-        get(move || {
-            let registry = registry.clone();
-            async move {
-                let text = prometheus::TextEncoder::new()
-                    .encode_to_string(&registry.gather())
-                    .unwrap_or_default();
-                ([("content-type", "text/plain; version=0.0.4")], text)
-            }
-        }),
-    );
+    let _ = sql;
+    let app = app
+        .route(
+            "/metrics",
+            get(move |headers: axum::http::HeaderMap| {
+                let registry = registry.clone();
+                let token = metrics_token.clone();
+                async move { metrics_page(&headers, &token, &registry) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.as_ref().is_none_or(|r| r());
+                async move {
+                    use axum::http::StatusCode;
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding the metrics listener {listen}"))?;
+        .with_context(|| format!("binding the HTTP listener {listen}"))?;
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
-            while shutdown.changed().await.is_ok() {
-                if *shutdown.borrow() {
-                    break;
-                }
-            }
+            let _ = shutdown.wait_for(|stop| *stop).await;
         })
         .await?;
     Ok(())
+}
+
+/// Write a new secret file (mode 0600); an existing file is kept.
+pub fn write_secret(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(mut f) => f
+            .write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("writing {}", path.display())),
+        // Another process created it first: theirs stands.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+    }
+}
+
+/// Read the bearer token at `path`, creating it (mode 0600) if absent.
+pub fn load_or_create_token(path: &Path) -> Result<Token> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => {
+            return Token::parse(s.trim()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let token = Token::generate(&mut rand::rngs::OsRng);
+    write_secret(path, &format!("{}\n", token.expose()))?;
+    // Read back: if another process won the race, its token stands.
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Token::parse(text.trim()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn metrics_page(
+    headers: &axum::http::HeaderMap,
+    token: &Token,
+    registry: &prometheus::Registry,
+) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let h = |n: header::HeaderName| headers.get(n).map(|v| v.as_bytes());
+    if let Err(r) = token.authorize(h(header::ORIGIN), h(header::HOST), h(header::AUTHORIZATION)) {
+        let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN);
+        return (
+            status,
+            [("www-authenticate", "Bearer")],
+            format!("{}\n", r.message()),
+        )
+            .into_response();
+    }
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap_or_default();
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// `up --kafka`: the distributed stages (ingest, attestor for every
@@ -316,28 +412,37 @@ async fn run_over_kafka(
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     use crate::distributed::{AttestProcessConfig, IngestProcessConfig, run_attest, run_ingest};
-    let (host, port) = mqtt_endpoint(&cfg).await?;
+    let ((host, port), broker) = mqtt_endpoint(&cfg).await?;
     let registry = prometheus::Registry::new();
     let kafka = vitaltrail_bus::kafka::KafkaConfig {
         brokers,
         partitions: cfg.partitions as i32,
+        bus_key: Some(crate::distributed::load_bus_key(&bus_key_path(
+            &cfg.data_dir,
+        ))?),
+        client: cfg.kafka_client.clone(),
         ..Default::default()
     };
     let ingest = IngestProcessConfig {
         kafka: kafka.clone(),
         ingest: IngestConfig {
-            mqtt_host: host,
+            mqtt_host: host.clone(),
             mqtt_port: port,
             ..cfg.ingest.clone()
         },
         data_dir: cfg.data_dir.clone(),
         metrics_listen: None,
         metrics: Some(registry.clone()),
+        operator: None,
     };
     let attest = AttestProcessConfig {
         kafka,
         partitions: (0..cfg.partitions).collect(),
         dead_letters: true,
+        rejects: cfg.rejects,
+        mqtt: Some((host.clone(), port)),
+        operator: None,
+        partial: false,
         attestor: AttestorConfig {
             data_dir: cfg.data_dir.clone(),
             ..cfg.attestor.clone()
@@ -347,16 +452,29 @@ async fn run_over_kafka(
     };
     // One /metrics (and POST /sql) for both stages.
     if let Some(listen) = cfg.metrics_listen {
-        tokio::spawn(serve_metrics(listen, registry, shutdown.clone()));
+        tokio::spawn(serve_http(
+            listen,
+            registry,
+            cfg.data_dir.clone(),
+            true,
+            None,
+            shutdown.clone(),
+        ));
     }
     // Topics first (both stages would create them), then both stages.
     vitaltrail_bus::kafka::ensure_topics(&ingest.kafka).await?;
     let a = tokio::spawn(run_attest(attest, shutdown.clone()));
     let i = tokio::spawn(run_ingest(ingest, shutdown));
-    let (a, i) = tokio::join!(a, i);
-    a.map_err(|e| anyhow::anyhow!("attestor panicked: {e}"))??;
-    i.map_err(|e| anyhow::anyhow!("ingest panicked: {e}"))??;
-    Ok(())
+    let both = async {
+        let (a, i) = tokio::join!(a, i);
+        a.map_err(|e| anyhow::anyhow!("attestor panicked: {e}"))??;
+        i.map_err(|e| anyhow::anyhow!("ingest panicked: {e}"))??;
+        Ok(())
+    };
+    tokio::select! {
+        r = both => r,
+        r = broker => r,
+    }
 }
 
 /// Run everything until `shutdown` turns true.
@@ -373,7 +491,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
     let a_metrics = AttestorMetrics::new(&registry)?;
     let i_metrics = IngestMetrics::new(&registry)?;
     let key = log_key(&cfg.data_dir)?;
-    let rejects = Arc::new(RejectLog::open(cfg.data_dir.join("rejected.jsonl"))?);
+    let rejects = open_rejects(&cfg.data_dir, cfg.rejects, &registry)?;
 
     let (devices, _watch) =
         SharedRegistry::watch(registry_file(&cfg.data_dir), Duration::from_millis(500))?;
@@ -388,7 +506,13 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
         );
     }
     let (producer, partitions) = inproc::bus(cfg.partitions, cfg.bus_capacity);
-    let mut tasks = tokio::task::JoinSet::new();
+    // Stop order: ingest drains first (what the broker holds for it reaches
+    // the log), then the attestors, then the HTTP server and the
+    // dead-letter flusher.
+    let (attest_stop, attest_stop_rx) = watch::channel(false);
+    let (rest_stop, rest_stop_rx) = watch::channel(false);
+    let mut attestors = tokio::task::JoinSet::new();
+    let (receipts_tx, receipts_rx) = vitaltrail_ingest::receipts::queue(&Default::default());
     for part in partitions {
         use vitaltrail_bus::PartitionSource as _;
         let state = PartitionState::open(
@@ -406,27 +530,63 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
             rejects.clone(),
             clock.clone(),
             None,
-            shutdown.clone(),
+            Some(receipts_tx.clone()),
+            attest_stop_rx.clone(),
         );
-        tasks.spawn(async move { run.await.map_err(anyhow::Error::from) });
+        attestors.spawn(async move { run.await.map_err(anyhow::Error::from) });
     }
 
-    let (host, port) = mqtt_endpoint(&cfg).await?;
+    let ((host, port), broker) = mqtt_endpoint(&cfg).await?;
+    let mut broker = broker;
+    let mut others = tokio::task::JoinSet::new();
+    others.spawn({
+        let cfg = vitaltrail_ingest::receipts::ReceiptConfig {
+            mqtt_host: host.clone(),
+            mqtt_port: port,
+            client_id: format!("{}-receipts", cfg.ingest.client_id),
+            ..Default::default()
+        };
+        let m = vitaltrail_ingest::receipts::ReceiptMetrics::new(&registry, "up")?;
+        let stop = rest_stop_rx.clone();
+        async move {
+            vitaltrail_ingest::receipts::publish(cfg, receipts_rx, m, stop)
+                .await
+                .map_err(anyhow::Error::from)
+        }
+    });
+    others.spawn(flush_rejects(
+        rejects.clone(),
+        clock.clone(),
+        rest_stop_rx.clone(),
+    ));
+    if let Some(listen) = cfg.metrics_listen {
+        let subscribed = i_metrics.subscribed.clone();
+        let want = cfg.ingest.connections.max(1) as i64;
+        let ready: Readiness = Arc::new(move || subscribed.get() >= want);
+        others.spawn(serve_http(
+            listen,
+            registry,
+            cfg.data_dir.clone(),
+            true,
+            Some(ready),
+            rest_stop_rx.clone(),
+        ));
+    }
     let ingest_cfg = IngestConfig {
         mqtt_host: host.clone(),
         mqtt_port: port,
         ..cfg.ingest.clone()
     };
-    tasks.spawn({
+    let mut ingest = tokio::spawn({
         let rejects = rejects.clone();
         let clock = clock.clone();
-        let shutdown = shutdown.clone();
         async move {
             vitaltrail_ingest::run(
                 ingest_cfg,
                 producer,
                 devices,
                 vitaltrail_bus::RejectSink::File(rejects),
+                Some(receipts_tx),
                 clock,
                 i_metrics,
                 shutdown,
@@ -435,16 +595,55 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
             .map_err(anyhow::Error::from)
         }
     });
-    if let Some(listen) = cfg.metrics_listen {
-        tasks.spawn(serve_http(
-            listen,
-            registry,
-            Some(cfg.data_dir.clone()),
-            shutdown.clone(),
-        ));
-    }
     tracing::info!(mqtt = %format!("{host}:{port}"), data = %cfg.data_dir.display(), partitions = cfg.partitions, "vitaltrail is up");
-    join_stages(tasks).await
+    // Until ingest has drained, any other stage ending is a failure.
+    tokio::select! {
+        r = &mut broker => r?,
+        r = &mut ingest => r.map_err(|e| anyhow::anyhow!("ingest panicked: {e}"))??,
+        Some(r) = attestors.join_next() => {
+            r.map_err(|e| anyhow::anyhow!("an attestor panicked: {e}"))??;
+            anyhow::bail!("an attestor stopped while ingest was running");
+        }
+        Some(r) = others.join_next() => {
+            r.map_err(|e| anyhow::anyhow!("a stage panicked: {e}"))??;
+            anyhow::bail!("the HTTP server or the dead-letter flusher stopped while ingest was running");
+        }
+    }
+    let _ = attest_stop.send(true);
+    join_stages(attestors).await?;
+    let _ = rest_stop.send(true);
+    join_stages(others).await
+}
+
+/// The data directory's dead-letter store, reporting to `registry`.
+pub fn open_rejects(
+    data_dir: &Path,
+    limits: RejectLimits,
+    registry: &prometheus::Registry,
+) -> Result<Arc<RejectLog>> {
+    let log = RejectLog::open_with(data_dir.join("rejected.jsonl"), limits)?
+        .with_metrics(vitaltrail_bus::metrics::Metrics::new(registry)?);
+    Ok(Arc::new(log))
+}
+
+/// Write the dead-letter store's counted rejections once a second until
+/// `shutdown`, then once more.
+pub async fn flush_rejects(
+    rejects: Arc<RejectLog>,
+    clock: Arc<dyn Clock>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = clock.now_ms();
+                tokio::task::block_in_place(|| rejects.tick(now))?;
+            }
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+    }
+    Ok(tokio::task::block_in_place(|| rejects.flush())?)
 }
 
 /// Wait for every stage; the first to fail stops everything (nothing is

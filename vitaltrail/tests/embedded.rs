@@ -56,12 +56,23 @@ async fn embedded_pipeline_logs_valid_readings_once_and_rejects_every_attack() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    // Devices that keep every reading until its receipt verifies against
+    // the log keys.
+    let log_keys = (0..partitions)
+        .map(|p| {
+            let k = data.path().join(format!("partitions/{p}/log.vkey"));
+            vitaltrail_core::LogPublicKey::parse(std::fs::read_to_string(k).unwrap().trim())
+                .unwrap()
+        })
+        .collect();
     let sim = SimConfig {
         mqtt_port: mqtt.port(),
         rate: 25.0,
         duration: Duration::from_secs(2),
         attacks: Attack::ALL.to_vec(),
         attack_count: 2,
+        receipts: true,
+        log_keys,
         ..SimConfig::default()
     };
     let report = publisher::run(&sim, &mut devs, Arc::new(SystemClock))
@@ -69,9 +80,28 @@ async fn embedded_pipeline_logs_valid_readings_once_and_rejects_every_attack() {
         .unwrap();
     assert_eq!(report.acked, report.published);
     assert!(report.valid_count() > 150, "{report:?}");
+    // Every valid reading has a receipt whose proof verified; the
+    // clock-skewed device's readings were rejected by receipt.
+    assert_eq!(report.receipted, report.valid_count(), "{report:?}");
+    assert_eq!(report.receipts_verified, report.valid_count(), "{report:?}");
+    assert_eq!(
+        report.receipt_rejects.get("clock_skew"),
+        report.expected_rejects.get("clock_skew"),
+        "{report:?}"
+    );
     common::wait_settled(data.path(), partitions, &report, Duration::from_secs(30)).await;
 
-    let body = common::http_get(metrics_addr, "/metrics").await;
+    let auth = format!("Bearer {}", common::token(data.path(), "metrics"));
+    let (status, _, body) = common::http(
+        metrics_addr,
+        "GET",
+        "/metrics",
+        &[("Authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let body = String::from_utf8(body).unwrap();
     assert!(
         body.contains("vitaltrail_ingest_readings_in_total"),
         "{body}"

@@ -107,9 +107,60 @@ async fn two_ingest_processes_and_an_attestor_over_kafka() {
         attack_count: 2,
         ..SimConfig::default()
     };
-    let report = publisher::run(&sim, &mut devs, Arc::new(SystemClock))
+    let mut report = publisher::run(&sim, &mut devs, Arc::new(SystemClock))
         .await
         .unwrap();
+    common::wait_settled(data.path(), PARTITIONS, &report, Duration::from_secs(60)).await;
+
+    // An outsider who can produce to Kafka: a validly signed reading of a
+    // registered device, straight to vitals.verified without the bus MAC,
+    // and one with the right MAC under another device's key. Neither may
+    // reach the log.
+    use vitaltrail_bus::Producer as _;
+    let env = |seq: u64| {
+        vitaltrail_core::envelope::sign(
+            &devs[0].key,
+            &vitaltrail_core::UnsignedReading {
+                seq,
+                time: vitaltrail_core::Clock::now_ms(&SystemClock),
+                measurements: vec![vitaltrail_core::Measurement {
+                    code: "8867-4".into(),
+                    value: 250.0,
+                    unit: "/min".into(),
+                }],
+                meta: None,
+            },
+        )
+        .unwrap()
+    };
+    let kcfg = |bus_key| vitaltrail_bus::kafka::KafkaConfig {
+        brokers: c.kafka.brokers(),
+        bus_key,
+        ..Default::default()
+    };
+    let outsider = vitaltrail_bus::kafka::KafkaProducer::new(&kcfg(None)).unwrap();
+    outsider
+        .send(vitaltrail_bus::Record {
+            key: devs[0].key.did().to_string(),
+            payload: env(1_000_000),
+            received_ms: vitaltrail_core::Clock::now_ms(&SystemClock),
+        })
+        .await
+        .unwrap();
+    let key = vitaltrail::distributed::load_bus_key(&up::bus_key_path(data.path())).unwrap();
+    let insider = vitaltrail_bus::kafka::KafkaProducer::new(&kcfg(Some(key))).unwrap();
+    insider
+        .send(vitaltrail_bus::Record {
+            key: devs[1].key.did().to_string(),
+            payload: env(1_000_001),
+            received_ms: vitaltrail_core::Clock::now_ms(&SystemClock),
+        })
+        .await
+        .unwrap();
+    report
+        .expected_rejects
+        .insert("unauthenticated_record".into(), 1);
+    report.expected_rejects.insert("key_mismatch".into(), 1);
     common::wait_settled(data.path(), PARTITIONS, &report, Duration::from_secs(60)).await;
     for p in c.ingest.iter_mut().chain([&mut c.attest]) {
         p.assert_running();
@@ -157,8 +208,10 @@ async fn kill_9_of_ingest_and_attestor_loses_and_duplicates_nothing() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(c);
     common::check_outcome_with(data.path(), PARTITIONS, &report, Rejects::AtLeast);
+    // …and in the tables: every reading's rows once, none missing.
+    common::check_tables(data.path(), &report).await;
     eprintln!(
-        "{kills} kills; {} readings logged exactly once",
+        "{kills} kills; {} readings logged exactly once, in the log and in the tables",
         report.valid_count()
     );
 }
@@ -261,6 +314,19 @@ async fn registry_and_checkpoints_travel_over_kafka() {
         &brokers,
     ]);
 
+    // The operator key that signed it; the stages trust it by its DID, and
+    // a second operator directory holds the same key.
+    let op_key = op.join("keys/operator.pem");
+    let operator =
+        vitaltrail_core::SecretKey::from_pkcs8_pem(&std::fs::read_to_string(&op_key).unwrap())
+            .unwrap()
+            .did()
+            .to_string();
+    std::fs::create_dir_all(op2.join("keys")).unwrap();
+    std::fs::copy(&op_key, op2.join("keys/operator.pem")).unwrap();
+    // One bus key for every stage (their data directories differ).
+    let bus_key = op.join("keys/bus.key").display().to_string();
+
     let s = |x: &str| x.to_owned();
     let mut procs: Vec<Proc> = (0..2)
         .map(|i| {
@@ -278,6 +344,10 @@ async fn registry_and_checkpoints_travel_over_kafka() {
                     d.display().to_string(),
                     s("--topic-partitions"),
                     PARTITIONS.to_string(),
+                    s("--operator"),
+                    operator.clone(),
+                    s("--bus-key"),
+                    bus_key.clone(),
                 ],
                 d.join("ingest.log"),
             )
@@ -296,6 +366,10 @@ async fn registry_and_checkpoints_travel_over_kafka() {
             att.display().to_string(),
             s("--checkpoint-interval-ms"),
             s("100"),
+            s("--operator"),
+            operator.clone(),
+            s("--bus-key"),
+            bus_key.clone(),
         ],
         att.join("attest.log"),
     ));
@@ -411,4 +485,71 @@ async fn registry_and_checkpoints_travel_over_kafka() {
         checked += local.len();
     }
     assert!(checked > 0, "no checkpoints at all");
+}
+
+/// An attestor whose partitions leave part of `vitals.verified` unowned
+/// refuses to start, unless told other attestors own the rest; the
+/// in-process partitioner is librdkafka's, so a device lands in the same
+/// partition on both buses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_coverage_and_partitioning_match_kafka() {
+    let kafka = Nisshi::start(false);
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path().to_str().unwrap().to_owned();
+    let b = kafka.brokers();
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "attest",
+            "--kafka",
+            &b,
+            "--partitions",
+            "0",
+            "--topic-partitions",
+            "2",
+            "--data",
+            &d,
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vitaltrail"))
+        .args(args(&[]))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("nobody would log partitions [1]"), "{err}");
+    let mut partial = Proc::spawn(&args(&["--partial"]), data.path().join("attest.log"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    partial.assert_running();
+    drop(partial);
+
+    // librdkafka's own partitioner puts each device where ours does.
+    use vitaltrail_bus::Producer as _;
+    let p = vitaltrail_bus::kafka::KafkaProducer::new(&vitaltrail_bus::kafka::KafkaConfig {
+        brokers: b.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    for dev in publisher::devices(40, 24, &[Scenario::Steady]) {
+        let key = dev.key.did().to_string();
+        let out = p
+            .send(vitaltrail_bus::Record {
+                key: key.clone(),
+                payload: b"x".to_vec(),
+                received_ms: 0,
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            vitaltrail_bus::Outcome::Accepted {
+                partition: vitaltrail_bus::partition_for(&key, 2)
+            },
+            "{key}"
+        );
+    }
 }

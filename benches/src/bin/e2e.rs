@@ -181,13 +181,21 @@ async fn publish(
     Ok(sent)
 }
 
+/// The bearer token the bench gives its pipelines' `/metrics`.
+const METRICS_TOKEN: &str = "bench-metrics-token-0123456789abcdef0123456789abcdef";
+
 /// The pipeline's own `/metrics` page.
 async fn scrape(listen: std::net::SocketAddr) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(listen).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .ok()?;
+    s.write_all(
+        format!(
+            "GET /metrics HTTP/1.0\r\nHost: {listen}\r\nAuthorization: Bearer {METRICS_TOKEN}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).await.ok()?;
     Some(body)
@@ -249,6 +257,11 @@ async fn run_path(
     }
     let mqtt: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let metrics_listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    std::fs::create_dir_all(data.path().join("keys"))?;
+    std::fs::write(
+        up::metrics_token_path(data.path()),
+        format!("{METRICS_TOKEN}\n"),
+    )?;
     let mut cfg = UpConfig {
         data_dir: data.path().to_owned(),
         mqtt_listen: mqtt,
@@ -387,7 +400,9 @@ impl Drop for Nisshi {
 async fn transport_to_kafka(msgs: &[Signed], brokers: &str, connections: usize) -> Result<f64> {
     use futures::StreamExt as _;
     let port = free_port();
-    up::start_embedded_broker(format!("127.0.0.1:{port}").parse()?)?;
+    tokio::spawn(up::start_embedded_broker(
+        format!("127.0.0.1:{port}").parse()?,
+    )?);
     up::wait_for_port(format!("127.0.0.1:{port}").parse()?, Duration::from_secs(5)).await?;
     let kcfg = KafkaConfig {
         brokers: brokers.to_owned(),
@@ -465,7 +480,9 @@ async fn main() -> Result<()> {
 
     // 2. Transport alone: MQTT QoS 1 through rumqttd to an acking subscriber.
     let port = free_port();
-    up::start_embedded_broker(format!("127.0.0.1:{port}").parse()?)?;
+    tokio::spawn(up::start_embedded_broker(
+        format!("127.0.0.1:{port}").parse()?,
+    )?);
     up::wait_for_port(format!("127.0.0.1:{port}").parse()?, Duration::from_secs(5)).await?;
     let got = Arc::new(AtomicU64::new(0));
     {

@@ -514,3 +514,66 @@ pub async fn check_tables(data: &Path, report: &SimReport) {
     );
     assert_eq!(v[0]["readings"], report.valid_count(), "{v}");
 }
+
+/// One HTTP/1.1 request; returns the status, the head (lower-cased) and
+/// the (de-chunked) body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&out[..split]).to_ascii_lowercase();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = out[split..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    (status, head, body)
+}
+
+/// The bearer token `vitaltrail up` keeps in `<data>/keys/<name>.token`.
+pub fn token(data: &Path, name: &str) -> String {
+    let p = data.join("keys").join(format!("{name}.token"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(t) = std::fs::read_to_string(&p)
+            && t.ends_with('\n')
+        {
+            return t.trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "{} was not created", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait until `vitaltrail up`'s `/readyz` says ingest is subscribed.
+pub async fn wait_ready(http: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if tokio::net::TcpStream::connect(http).await.is_ok() {
+            let (status, _, _) = self::http(http, "GET", "/readyz", &[], "").await;
+            if status == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{http}/readyz never said ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

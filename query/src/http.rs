@@ -1,0 +1,168 @@
+//! `POST /sql` over HTTP: one read-only statement per request.
+//!
+//! - **Authentication**: `Authorization: Bearer <token>`, the token in
+//!   `<data>/keys/sql.token` ([`Token`]); anything else gets 401.
+//! - **No cross-origin use**: a request whose `Origin` is not this server's
+//!   own (`http://<Host>`) gets 403, so a web page in a nurse's or a
+//!   researcher's browser cannot query the service on their behalf. No CORS
+//!   headers are ever sent, so preflighted requests fail in the browser too.
+//! - **Answer**: the body is the SQL text. The result streams as a JSON
+//!   array of objects, CSV (`Accept: text/csv`) or an Arrow IPC stream
+//!   (`Accept: application/vnd.apache.arrow.stream`). A refused statement
+//!   (DDL, DML, `COPY`, `SET`) or invalid SQL gets 400 with `{"error": …}`.
+//! - **Caps**: a result past [`QueryLimits`] is refused with 400 when that
+//!   is known before the first byte is sent; past that point the response
+//!   is cut off (the chunked body never terminates properly), so a client
+//!   never mistakes a truncated result for a whole one.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::{CappedStream, Error, Format, QueryEngine, QueryLimits, StreamEncoder};
+use vitaltrail_core::auth::Token;
+
+/// Arrow IPC stream media type.
+pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
+
+/// What `POST /sql` serves.
+#[derive(Debug, Clone)]
+pub struct SqlService {
+    /// The data directory whose tables are queried.
+    pub data_dir: PathBuf,
+    /// The bearer token callers must present.
+    pub token: Token,
+    /// Caps on each query.
+    pub limits: QueryLimits,
+}
+
+/// The `/sql` route.
+pub fn router(svc: SqlService) -> axum::Router {
+    axum::Router::new()
+        .route("/sql", axum::routing::post(sql_handler))
+        .with_state(Arc::new(svc))
+}
+
+fn json_error(status: StatusCode, msg: &str) -> Response {
+    let body = serde_json::json!({ "error": msg }).to_string();
+    let mut r = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+/// The checks every authenticated endpoint makes ([`Token::authorize`]);
+/// `Some` is the refusal to send.
+pub fn refusal(headers: &HeaderMap, token: &Token) -> Option<Response> {
+    let h = |n: header::HeaderName| headers.get(n).map(|v| v.as_bytes());
+    token
+        .authorize(h(header::ORIGIN), h(header::HOST), h(header::AUTHORIZATION))
+        .err()
+        .map(|r| {
+            json_error(
+                StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN),
+                r.message(),
+            )
+        })
+}
+
+fn status_of(e: &Error) -> StatusCode {
+    if e.is_caller_fault() {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    }
+}
+
+async fn sql_handler(
+    State(svc): State<Arc<SqlService>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    if let Some(r) = refusal(&headers, &svc.token) {
+        return r;
+    }
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let (format, ctype) = if accept.contains(ARROW_STREAM) {
+        (Format::ArrowIpc, ARROW_STREAM)
+    } else if accept.contains("text/csv") {
+        (Format::Csv, "text/csv")
+    } else {
+        (Format::Json, "application/json")
+    };
+    match start(&svc, &body, format).await {
+        Ok(stream) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, ctype)],
+            Body::from_stream(stream),
+        )
+            .into_response(),
+        Err(e) => json_error(status_of(&e), &e.to_string()),
+    }
+}
+
+type Chunk = Result<Bytes, std::io::Error>;
+
+/// Plan and start the query; the first batch is computed before the
+/// response begins, so an error there still gets a proper status.
+async fn start(
+    svc: &SqlService,
+    sql: &str,
+    format: Format,
+) -> crate::Result<impl futures::Stream<Item = Chunk> + Send + 'static> {
+    let engine = QueryEngine::open_with(&svc.data_dir, svc.limits).await?;
+    let mut rows = engine.stream(sql).await?;
+    let (enc, head) = StreamEncoder::begin(format, &rows.schema())?;
+    let first = rows.next().await.transpose()?;
+    let mut head = head;
+    let mut enc = enc;
+    if let Some(b) = &first {
+        head.extend(enc.batch(b)?);
+    }
+    struct St {
+        _engine: QueryEngine,
+        rows: CappedStream,
+        enc: Option<StreamEncoder>,
+        head: Option<Vec<u8>>,
+    }
+    let st = St {
+        _engine: engine,
+        rows,
+        enc: Some(enc),
+        head: Some(head),
+    };
+    let cut = |e: Error| std::io::Error::other(e.to_string());
+    Ok(futures::stream::unfold(st, move |mut st| async move {
+        if let Some(h) = st.head.take() {
+            return Some((Ok(Bytes::from(h)), st));
+        }
+        let enc = st.enc.as_mut()?;
+        match st.rows.next().await {
+            Some(Ok(b)) => {
+                let r = enc.batch(&b).map(Bytes::from).map_err(cut);
+                if r.is_err() {
+                    st.enc = None;
+                }
+                Some((r, st))
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "SQL result cut off");
+                st.enc = None;
+                Some((Err(cut(e)), st))
+            }
+            None => {
+                let enc = st.enc.take()?;
+                Some((enc.finish().map(Bytes::from).map_err(cut), st))
+            }
+        }
+    }))
+}
