@@ -668,11 +668,9 @@ impl PartitionState {
         now_ms: u64,
     ) -> Result<Vec<Receipt>> {
         let size = self.log.size();
-        // (device, entry position) in decision order; proofs are filled in
-        // below for every leaf index named.
-        // (device, the leaf index its proof is for, entry position).
-        let mut wanted: Vec<(String, Option<u64>, usize)> =
-            Vec::with_capacity(fates.len());
+        // (device, the leaf index its proof is for, entry position), in
+        // decision order; proofs are filled in below for every index named.
+        let mut wanted: Vec<(String, Option<u64>, usize)> = Vec::with_capacity(fates.len());
         let mut entries: Vec<Entry> = Vec::with_capacity(fates.len());
         for (d, fate) in fates {
             let msg = &d.record.payload;

@@ -238,6 +238,8 @@ struct Path {
     name: &'static str,
     kafka: Option<String>,
     partitions: u32,
+    /// Build and publish receipts (docs/receipts.md).
+    receipts: bool,
 }
 
 /// Full speed, then latency at a fixed rate, through `up::run` on `path`.
@@ -273,6 +275,7 @@ async fn run_path(
     if let Some(ms) = a.checkpoint_interval_ms {
         cfg.attestor.checkpoint_interval = Duration::from_millis(ms);
     }
+    cfg.attestor.receipts = path.receipts;
     if let Some(n) = a.ingest_connections {
         cfg.ingest.connections = n;
     }
@@ -515,9 +518,18 @@ async fn main() -> Result<()> {
         name: "embedded",
         kafka: None,
         partitions,
+        receipts: true,
     };
     if !a.skip_embedded {
         run_path(&a, &embedded, &keys, &msgs, verify_rate, transport_rate).await?;
+        // The same without receipts: what one signature per commit and the
+        // proofs cost.
+        let off = Path {
+            name: "embedded, receipts off",
+            receipts: false,
+            ..embedded
+        };
+        run_path(&a, &off, &keys, &msgs, verify_rate, transport_rate).await?;
     }
 
     // The same on the Kafka path: `up --kafka` against a real broker.
@@ -531,6 +543,7 @@ async fn main() -> Result<()> {
             name: "kafka",
             kafka: Some(broker.brokers.clone()),
             partitions: a.kafka_partitions,
+            receipts: true,
         };
         run_path(&a, &kafka, &keys, &msgs, verify_rate, k_transport).await?;
     }
