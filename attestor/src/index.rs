@@ -82,8 +82,19 @@ pub struct Logged {
 }
 
 impl SeqIndex {
-    /// Open (or create) the index in `dir` and bring it up to `log`'s size.
+    /// Open (or create) the index in `dir` and bring it up to `log`'s size,
+    /// keeping at most [`WINDOW_CACHE`] windows in memory.
     pub fn open(dir: &Path, log: &DurableLog, dids: &mut DidCache) -> Result<Self> {
+        Self::open_with(dir, log, dids, WINDOW_CACHE)
+    }
+
+    /// [`SeqIndex::open`], keeping at most `cache` windows in memory.
+    pub fn open_with(
+        dir: &Path,
+        log: &DurableLog,
+        dids: &mut DidCache,
+        cache: usize,
+    ) -> Result<Self> {
         let path = dir.join("index.redb");
         let db = Database::create(&path).map_err(|e| db_err(&path, e))?;
         let covered = {
@@ -113,7 +124,7 @@ impl SeqIndex {
         let mut idx = SeqIndex {
             path,
             db,
-            cache: lru::LruCache::new(NonZeroUsize::new(WINDOW_CACHE).unwrap_or(NonZeroUsize::MIN)),
+            cache: lru::LruCache::new(NonZeroUsize::new(cache).unwrap_or(NonZeroUsize::MIN)),
             covered,
         };
         // Scan what the index has not seen yet, in chunks.
@@ -286,6 +297,30 @@ mod tests {
         assert_eq!(idx.window(&db).unwrap().unwrap().max(), 29);
         assert!(idx.window("did:key:zNobody").unwrap().is_none());
         drop(idx);
+        // Memory is bounded: with room for 1 window, the idle device's
+        // window is evicted, and read back from disk when it sends again.
+        let mut small = SeqIndex::open_with(d.path(), &log, &mut dids, 1).unwrap();
+        assert_eq!(small.window(&da).unwrap().unwrap().max(), 40);
+        assert_eq!(small.window(&db).unwrap().unwrap().max(), 29);
+        assert_eq!(small.cached(), 1);
+        let mut w = small.window(&da).unwrap().unwrap();
+        w.insert(41);
+        let logged = [Logged {
+            did: da.clone(),
+            seq: 41,
+            index: 40,
+        }];
+        small
+            .commit(&HashMap::from([(da.clone(), w)]), &logged, 41, false)
+            .unwrap();
+        assert_eq!(small.window(&db).unwrap().unwrap().max(), 29);
+        assert_eq!(
+            small.window(&da).unwrap().unwrap().max(),
+            41,
+            "read back from disk"
+        );
+        assert_eq!(small.cached(), 1);
+        drop(small);
         // A log older than its index is refused, never silently used.
         let older = tempfile::tempdir().unwrap();
         let mut small = DurableLog::open(older.path()).unwrap();
