@@ -4,9 +4,10 @@
 //!
 //! 1. decodes every envelope (the signature was batch-verified by ingest;
 //!    proof verifiers re-check it, because the leaf holds the exact bytes);
-//! 2. rejects a `(device, seq)` pair that was already logged (`duplicate`) or
-//!    is older than the per-device anti-replay window of [`SEQ_WINDOW`] seqs
-//!    (`replay`), a seq more than [`MAX_SEQ_JUMP`] past the device's highest
+//! 2. rejects a `(device, seq)` pair that was already logged (`duplicate`:
+//!    the per-device window of the last [`SEQ_WINDOW`] seqs answers at once,
+//!    the exact seq index on disk for anything older; a never-logged old seq
+//!    is a late resend and is kept), a seq more than [`MAX_SEQ_JUMP`] past the device's highest
 //!    (`seq_jump`: one bad seq must not lock the device out), and readings
 //!    whose device time is more than `max_future_ms` after the time ingest
 //!    received them (`clock_skew`). Readings from the past are kept however
@@ -37,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use vitaltrail_bus::deadletter::{RejectLog, Rejection};
 use vitaltrail_bus::{Delivery, Outcome, PartitionSource};
-use vitaltrail_core::receipt::{self, Entry, Receipt};
+use vitaltrail_core::receipt::{Entry, Receipt};
 use vitaltrail_core::{Checkpoint, Clock, DidCache, LogSigner, SecretKey, envelope, leaf};
 
 use crate::durable::{DurableLog, write_atomic};
@@ -65,6 +66,11 @@ pub struct AttestorConfig {
     pub max_future_ms: u64,
     /// Build a signed receipt per device per commit (`docs/receipts.md`).
     pub receipts: bool,
+    /// With Kafka: the partition count of `vitals.verified`. A record is
+    /// then logged only in the partition the partitioner puts its device
+    /// in, so a genuine record copied into another partition (whose log
+    /// does not know the device's seqs) is rejected (`wrong_partition`).
+    pub topic_partitions: Option<u32>,
 }
 
 impl Default for AttestorConfig {
@@ -77,6 +83,7 @@ impl Default for AttestorConfig {
             max_batch: 1024,
             max_future_ms: 5 * 60 * 1000,
             receipts: true,
+            topic_partitions: None,
         }
     }
 }
@@ -124,7 +131,8 @@ pub enum SeqCheck {
     Fresh,
     /// Already logged.
     Seen,
-    /// Older than the window: cannot be told apart from a replay.
+    /// Older than the window: the window cannot tell; the exact seq index
+    /// on disk decides.
     TooOld,
 }
 
@@ -199,7 +207,12 @@ impl SeqWindow {
     }
 
     /// Record `seq` as logged (it must have checked [`SeqCheck::Fresh`]).
+    /// A seq older than the window leaves the window as it is (the exact
+    /// index in redb records it).
     pub fn insert(&mut self, seq: u64) {
+        if seq.saturating_add(SEQ_WINDOW) <= self.max {
+            return;
+        }
         if seq > self.max {
             // Slots of the seqs entering the window start empty.
             let steps = (seq - self.max).min(SEQ_WINDOW);
@@ -476,6 +489,9 @@ impl PartitionState {
                 };
             let did = reading.did.as_str().to_owned();
             // Not as ingest checked it, or not a device we log.
+            let home = cfg
+                .topic_partitions
+                .map(|n| vitaltrail_bus::partition_for(&did, n));
             let refusal = if d.record.key != did {
                 Some((
                     "key_mismatch",
@@ -483,6 +499,11 @@ impl PartitionState {
                         "record key {} is not the envelope's signer {did}",
                         d.record.key
                     ),
+                ))
+            } else if let Some(h) = home.filter(|&h| h != d.partition) {
+                Some((
+                    "wrong_partition",
+                    format!("{did} belongs in partition {h}, not {}", d.partition),
                 ))
             } else {
                 match (self.patients)(&did) {
@@ -519,18 +540,27 @@ impl PartitionState {
                 pending.insert(did.clone(), w);
             }
             let window = pending.get(&did);
-            let seen = window.map_or(SeqCheck::Fresh, |w| w.check(reading.seq));
+            let mut seen = window.map_or(SeqCheck::Fresh, |w| w.check(reading.seq));
             let jump = window.and_then(|w| reading.seq.checked_sub(w.max()));
             let received = d.record.received_ms;
+            // Seen by the window, or older than it: the exact index decides.
+            // Logged before means a duplicate (with the original's index);
+            // never logged means a late resend, which is kept.
+            let mut original = None;
+            if seen != SeqCheck::Fresh {
+                original = match in_batch.get(&(did.clone(), reading.seq)) {
+                    Some(&pos) => Some(Original::InBatch(pos)),
+                    None => self
+                        .index
+                        .index_of(&did, reading.seq)?
+                        .map(Original::Logged),
+                };
+                if original.is_none() && seen == SeqCheck::TooOld {
+                    seen = SeqCheck::Fresh;
+                }
+            }
             let reason = match seen {
                 SeqCheck::Seen => {
-                    let original = match in_batch.get(&(did.clone(), reading.seq)) {
-                        Some(&pos) => Some(Original::InBatch(pos)),
-                        None => self
-                            .index
-                            .index_of(&did, reading.seq)?
-                            .map(Original::Logged),
-                    };
                     self.metrics
                         .rejected
                         .with_label_values(&["duplicate"])
@@ -550,13 +580,27 @@ impl PartitionState {
                     fates.push((d, Fate::Duplicate { did, seq, original }));
                     continue;
                 }
-                SeqCheck::TooOld => Some((
-                    "replay",
-                    format!(
-                        "seq {} is older than the {SEQ_WINDOW}-reading anti-replay window",
-                        reading.seq
-                    ),
-                )),
+                // Older than the window and logged before: a duplicate.
+                SeqCheck::TooOld => {
+                    self.metrics
+                        .rejected
+                        .with_label_values(&["duplicate"])
+                        .inc();
+                    let mut rj = Rejection::new(
+                        "attestor",
+                        "duplicate",
+                        format!("seq {} of this device was already logged", reading.seq),
+                        payload,
+                        received,
+                    );
+                    rj.device = Some(did.clone());
+                    rj.seq = Some(reading.seq);
+                    rj.source = source;
+                    rejected.push(rj);
+                    let seq = reading.seq;
+                    fates.push((d, Fate::Duplicate { did, seq, original }));
+                    continue;
+                }
                 _ if jump.is_some_and(|j| j > MAX_SEQ_JUMP) => Some((
                     "seq_jump",
                     format!(
@@ -740,10 +784,7 @@ impl PartitionState {
         }
         Ok(by_device
             .into_iter()
-            .map(|(did, es)| {
-                let needs = es.iter().any(|e| e.status != receipt::Status::Rejected);
-                Receipt::new(&did, needs.then(|| note.clone()).flatten(), es)
-            })
+            .flat_map(|(did, es)| Receipt::split(&did, note.clone(), es))
             .collect())
     }
 

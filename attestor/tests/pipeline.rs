@@ -160,7 +160,9 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
             reason: "duplicate".into()
         }
     );
-    // One older than the anti-replay window is refused.
+    // Older than the anti-replay window: the exact index decides. Logged
+    // before (seq 3): a duplicate; never logged (seq 6): a late resend,
+    // kept (a crash or a resend in another order must not lose it).
     assert_eq!(
         send(reading(&dev, 5000, NOW)).await,
         Outcome::Logged {
@@ -171,10 +173,23 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
     assert_eq!(
         send(reading(&dev, 3, NOW)).await,
         Outcome::Rejected {
-            reason: "replay".into()
+            reason: "duplicate".into()
         }
     );
-    // One absurd seq is refused instead of locking the device out.
+    assert_eq!(
+        send(reading(&dev, 6, NOW)).await,
+        Outcome::Logged {
+            partition: 0,
+            index: 7
+        }
+    );
+    assert_eq!(
+        send(reading(&dev, 6, NOW)).await,
+        Outcome::Rejected {
+            reason: "duplicate".into()
+        }
+    );
+    // One absurd seq is refused instead of moving the window away.
     for seq in [u64::MAX, 5000 + MAX_SEQ_JUMP + 1] {
         assert_eq!(
             send(reading(&dev, seq, NOW)).await,
@@ -187,7 +202,24 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
         send(reading(&dev, 5000 + MAX_SEQ_JUMP, NOW)).await,
         Outcome::Logged {
             partition: 0,
-            index: 7
+            index: 8
+        }
+    );
+    // A new device whose first seq is absurd cannot lock itself out: its
+    // normal seqs are older than the window, never logged, and kept.
+    let dev3 = SecretKey::from_seed(&[3; 32]).unwrap();
+    assert_eq!(
+        send(reading(&dev3, u64::MAX, NOW)).await,
+        Outcome::Logged {
+            partition: 0,
+            index: 9
+        }
+    );
+    assert_eq!(
+        send(reading(&dev3, 1, NOW)).await,
+        Outcome::Logged {
+            partition: 0,
+            index: 10
         }
     );
     stop.send(true).unwrap();
@@ -202,7 +234,8 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
             "duplicate",
             "clock_skew",
             "duplicate",
-            "replay",
+            "duplicate",
+            "duplicate",
             "seq_jump",
             "seq_jump"
         ]
@@ -219,7 +252,7 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
         LogPublicKey::parse(&std::fs::read_to_string(pdir.join("log.vkey")).unwrap()).unwrap();
     let cps = read_checkpoints(&pdir).unwrap();
     assert!(!cps.is_empty());
-    assert_eq!(cps.last().unwrap().size, 8);
+    assert_eq!(cps.last().unwrap().size, 11);
     let log = vitaltrail_attestor::DurableLog::open(&pdir).unwrap();
     let mut prev: Option<Checkpoint> = None;
     for c in &cps {
@@ -249,7 +282,7 @@ async fn duplicates_replays_and_skew_are_rejected_and_survive_restart() {
             .unwrap(),
         Outcome::Logged {
             partition: 0,
-            index: 8
+            index: 11
         }
     );
     stop.send(true).unwrap();
@@ -379,4 +412,47 @@ async fn rows_missing_after_a_failed_export_are_written_on_restart() {
         .unwrap();
     assert_eq!(hw, log.size());
     assert!(log.size() >= 1);
+}
+
+/// A genuine record in a partition its device does not belong to (copied
+/// there by someone who can produce to Kafka) is not logged a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_in_the_wrong_partition_is_rejected() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = AttestorConfig {
+        data_dir: d.path().to_owned(),
+        topic_partitions: Some(2),
+        ..Default::default()
+    };
+    // A device whose home is partition 1 and one whose home is 0; the
+    // worker here is partition 0.
+    let (away, home) = {
+        let mut away = None;
+        let mut home = None;
+        for i in 0..64u8 {
+            let k = SecretKey::from_seed(&[i + 100; 32]).unwrap();
+            match vitaltrail_bus::partition_for(k.did().as_str(), 2) {
+                1 if away.is_none() => away = Some(k),
+                0 if home.is_none() => home = Some(k),
+                _ => {}
+            }
+        }
+        (away.unwrap(), home.unwrap())
+    };
+    let (tx, stop, h) = start(&cfg, MockClock::new(NOW)).await;
+    assert_eq!(
+        tx.send(reading(&away, 1, NOW)).await.unwrap(),
+        Outcome::Rejected {
+            reason: "wrong_partition".into()
+        }
+    );
+    assert_eq!(
+        tx.send(reading(&home, 1, NOW)).await.unwrap(),
+        Outcome::Logged {
+            partition: 0,
+            index: 0
+        }
+    );
+    stop.send(true).unwrap();
+    h.await.unwrap();
 }

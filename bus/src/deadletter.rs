@@ -76,6 +76,21 @@ fn is_one(n: &u64) -> bool {
     *n == 1
 }
 
+/// Longest topic or device kept in a rejection (and used as a rate-limit
+/// source), in bytes; longer ones are cut at a character boundary.
+pub const MAX_FIELD_CHARS: usize = 256;
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Most summary records one flush writes; the rest merge into one.
 pub const MAX_SUMMARY_LINES: usize = 64;
 
@@ -132,12 +147,28 @@ impl Rejection {
         }
     }
 
-    /// The source a rejection is rate-limited under.
+    /// The source a rejection is rate-limited under (at most
+    /// [`MAX_FIELD_CHARS`] characters, so hostile topics cannot blow up the
+    /// limiter's memory).
     fn limit_key(&self) -> &str {
-        self.device
+        let k = self
+            .device
             .as_deref()
             .or(self.topic.as_deref())
-            .unwrap_or("unknown")
+            .unwrap_or("unknown");
+        truncate(k, MAX_FIELD_CHARS)
+    }
+
+    /// Cut the free-text fields a sender controls (topic, device, detail)
+    /// to [`MAX_FIELD_CHARS`] characters.
+    pub fn bounded(mut self) -> Self {
+        for s in [&mut self.topic, &mut self.device].into_iter().flatten() {
+            let cut = truncate(s, MAX_FIELD_CHARS).len();
+            s.truncate(cut);
+        }
+        let cut = truncate(&self.detail, 4 * MAX_FIELD_CHARS).len();
+        self.detail.truncate(cut);
+        self
     }
 }
 
@@ -217,10 +248,10 @@ impl State {
             (r.stage.clone(), r.reason.clone(), "*".to_owned())
         };
         let t = self.tallies.entry(key).or_default();
-        t.count += r.count;
-        t.bytes += r.size;
+        t.count = t.count.saturating_add(r.count);
+        t.bytes = t.bytes.saturating_add(r.size);
         t.last_ms = t.last_ms.max(r.received_ms);
-        self.stats.summarised += r.count;
+        self.stats.summarised = self.stats.summarised.saturating_add(r.count);
     }
 
     /// Summary records of the counted rejections, if a flush is due.
@@ -244,8 +275,8 @@ impl State {
             if i + 1 < MAX_SUMMARY_LINES {
                 out.push(summary(&stage, &reason, &source, &t));
             } else {
-                rest.count += t.count;
-                rest.bytes += t.bytes;
+                rest.count = rest.count.saturating_add(t.count);
+                rest.bytes = rest.bytes.saturating_add(t.bytes);
                 rest.last_ms = rest.last_ms.max(t.last_ms);
             }
         }
@@ -426,7 +457,7 @@ impl RejectLog {
             if room && r.count == 1 && st.admit(r.limit_key(), now) {
                 st.stats.kept += 1;
                 adding += line;
-                keep.push(r.clone());
+                keep.push(r.clone().bounded());
                 if let Some(m) = &self.metrics {
                     m.kept.inc();
                 }
@@ -542,6 +573,23 @@ mod tests {
         let st = log.stats();
         assert_eq!(st.kept + st.summarised, sent);
         assert_eq!(st.bytes, std::fs::metadata(&p).unwrap().len());
+    }
+
+    #[test]
+    fn hostile_topics_are_cut_and_share_bounded_sources() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("rejected.jsonl");
+        let log = RejectLog::open(&p).unwrap();
+        let long = format!("vitals/{}", "é".repeat(30_000));
+        let mut r = Rejection::new("ingest", "topic_mismatch", long.clone(), b"x", 1);
+        r.topic = Some(long.clone());
+        log.append(&[r]).unwrap();
+        let back = &RejectLog::read_all(&p).unwrap()[0];
+        assert!(back.topic.as_ref().unwrap().len() <= MAX_FIELD_CHARS);
+        assert!(long.starts_with(back.topic.as_deref().unwrap()));
+        assert!(back.detail.len() <= 4 * MAX_FIELD_CHARS);
+        let st = log.state.lock().unwrap();
+        assert!(st.buckets.keys().all(|k| k.len() <= MAX_FIELD_CHARS));
     }
 
     #[test]

@@ -27,6 +27,9 @@ use crate::merkle::{self, Hash};
 pub const FORMAT_V1: &str = "vitaltrail/receipt/v1";
 /// Largest receipt parsed.
 pub const MAX_RECEIPT_BYTES: usize = 256 * 1024;
+/// Largest receipt published: below [`MAX_RECEIPT_BYTES`] and below the
+/// brokers' 256 KiB message limit. Larger ones are split ([`Receipt::split`]).
+pub const MAX_PUBLISHED_RECEIPT_BYTES: usize = 192 * 1024;
 
 /// What became of one message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,6 +139,35 @@ impl Receipt {
             checkpoint,
             entries,
         }
+    }
+
+    /// Receipts for `did` holding `entries` in order, each at most
+    /// [`MAX_PUBLISHED_RECEIPT_BYTES`] as JSON; every one carries the same
+    /// checkpoint (when any of its entries needs it).
+    pub fn split(did: &str, checkpoint: Option<String>, entries: Vec<Entry>) -> Vec<Receipt> {
+        let base = Receipt::new(did, None, vec![]).to_json().len()
+            + checkpoint.as_ref().map_or(0, |c| c.len() * 2 + 16);
+        let mut out = Vec::new();
+        let mut cur: Vec<Entry> = Vec::new();
+        let mut size = base;
+        for e in entries {
+            let n = serde_json::to_vec(&e).map_or(0, |v| v.len()) + 1;
+            if !cur.is_empty() && size + n > MAX_PUBLISHED_RECEIPT_BYTES {
+                out.push(std::mem::take(&mut cur));
+                size = base;
+            }
+            size += n;
+            cur.push(e);
+        }
+        if !cur.is_empty() {
+            out.push(cur);
+        }
+        out.into_iter()
+            .map(|es| {
+                let needs = es.iter().any(|e| e.status != Status::Rejected);
+                Receipt::new(did, needs.then(|| checkpoint.clone()).flatten(), es)
+            })
+            .collect()
     }
 
     /// Serialize (compact JSON).
@@ -298,6 +330,24 @@ mod tests {
                 }
             }
         }
+        // Large receipts are split below the broker's limit, in order, each
+        // with the checkpoint.
+        let many: Vec<Entry> = (0..3000u64)
+            .map(|i| {
+                let proof = vec![Hash([7; 32]); 20];
+                Entry::in_log(i, &i.to_be_bytes(), i, 1, &proof, false)
+            })
+            .collect();
+        let parts = Receipt::split("did:key:zT", r.checkpoint.clone(), many.clone());
+        assert!(parts.len() > 1);
+        assert!(
+            parts
+                .iter()
+                .all(|p| p.to_json().len() <= MAX_PUBLISHED_RECEIPT_BYTES)
+        );
+        assert!(parts.iter().all(|p| p.checkpoint == r.checkpoint));
+        let back: Vec<Entry> = parts.into_iter().flat_map(|p| p.entries).collect();
+        assert_eq!(back, many);
         // A 1-leaf tree's proof is empty, and still present.
         let one = Receipt::new(
             "did:key:zT",

@@ -43,6 +43,9 @@ pub enum Error {
         waited_ms: u64,
         acked: u64,
     },
+    /// Readings meant to be logged were rejected by receipt.
+    #[error("readings that should have been logged were rejected: {0}")]
+    UnexpectedRejections(String),
     /// A receipt did not verify: the pipeline claimed what it cannot prove.
     #[error("{0} receipts did not verify against the log key")]
     BadReceipts(u64),

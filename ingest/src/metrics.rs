@@ -24,12 +24,18 @@ pub struct Metrics {
     /// MQTT connections whose subscription the broker has acknowledged
     /// (ingest is ready when all of them are).
     pub subscribed: IntGauge,
+    /// Rejection receipts dropped because the publisher's queue was full.
+    pub receipts_dropped: IntCounter,
 }
 
 impl Metrics {
     /// Create and register the metrics.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Metrics {
+            receipts_dropped: IntCounter::new(
+                "vitaltrail_ingest_receipts_dropped_total",
+                "Rejection receipts dropped because the publisher's bounded queue was full",
+            )?,
             subscribed: IntGauge::new(
                 "vitaltrail_ingest_subscribed_connections",
                 "MQTT connections whose subscription the broker has acknowledged",
@@ -82,6 +88,7 @@ impl Metrics {
                 "Records waiting in bus queues",
             )?,
         };
+        registry.register(Box::new(m.receipts_dropped.clone()))?;
         registry.register(Box::new(m.subscribed.clone()))?;
         registry.register(Box::new(m.readings_in.clone()))?;
         registry.register(Box::new(m.accepted.clone()))?;

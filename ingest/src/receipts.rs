@@ -21,6 +21,8 @@ pub struct ReceiptMetrics {
     pub published: prometheus::IntCounter,
     /// Receipts waiting in the bounded queue.
     pub queued: prometheus::IntGauge,
+    /// Receipts not published: not for a valid DID, or refused by the client.
+    pub skipped: prometheus::IntCounter,
 }
 
 impl ReceiptMetrics {
@@ -36,9 +38,14 @@ impl ReceiptMetrics {
                 "vitaltrail_ingest_receipts_queued",
                 "Receipts waiting in the publisher's bounded queue",
             )))?,
+            skipped: prometheus::IntCounter::with_opts(label(prometheus::Opts::new(
+                "vitaltrail_ingest_receipts_skipped_total",
+                "Receipts not published: not for a valid DID, or refused by the MQTT client",
+            )))?,
         };
         registry.register(Box::new(m.published.clone()))?;
         registry.register(Box::new(m.queued.clone()))?;
+        registry.register(Box::new(m.skipped.clone()))?;
         Ok(m)
     }
 }
@@ -120,14 +127,25 @@ pub async fn publish(
         let Some(r) = r else {
             break;
         };
-        let topic = format!("{RECEIPTS_PREFIX}{}", r.did);
         metrics.queued.set(rx.len() as i64);
-        if client
+        // The DID comes from a record (Kafka) or an MQTT topic: publish only
+        // to a valid DID's topic, never to one a hostile key could shape
+        // (wildcards, levels).
+        if vitaltrail_core::DeviceId::parse(&r.did).is_err() {
+            metrics.skipped.inc();
+            continue;
+        }
+        let topic = format!("{RECEIPTS_PREFIX}{}", r.did);
+        if let Err(e) = client
             .publish(topic, QoS::AtLeastOnce, false, r.to_json())
             .await
-            .is_err()
         {
-            break;
+            if poller.is_finished() {
+                break;
+            }
+            tracing::warn!(error = %e, "receipt not published");
+            metrics.skipped.inc();
+            continue;
         }
         metrics.published.inc();
     }

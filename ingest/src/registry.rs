@@ -389,7 +389,14 @@ impl SharedRegistry {
                 Ok(e) if e.did == did && DeviceId::parse(&e.did).is_ok() => {
                     let d = did.clone();
                     self.edit_one(&d, |l| {
-                        l.topic.insert(did, e);
+                        // An older record replayed onto the topic (a signed
+                        // registration from before a revocation) never
+                        // wins: the later event stands.
+                        if l.topic.get(&did).is_none_or(|old| event(&e) >= event(old)) {
+                            l.topic.insert(did, e);
+                        } else {
+                            tracing::warn!(key = %did, "registry record older than the one applied; skipped");
+                        }
                     });
                 }
                 Ok(_) => {
@@ -464,6 +471,10 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&later).unwrap())
         };
         shared.apply_topic_record(&key(&a), Some(&serde_json::to_vec(&forged).unwrap()), opd);
+        assert_eq!(state(&a), "revoked");
+        // The operator's own older registration, replayed after the
+        // revocation, does not un-revoke it either.
+        shared.apply_topic_record(&key(&a), Some(&json(&entry(&a, 10, None))), opd);
         assert_eq!(state(&a), "revoked");
         // A tombstone un-revokes nothing and forgets nothing.
         shared.apply_topic_record(&key(&a), None, opd);

@@ -47,6 +47,13 @@ pub struct IngestConfig {
     pub drain_quiet: Duration,
     /// …or until this much time has passed.
     pub drain_max: Duration,
+    /// Connect with a clean session. Right for a broker that lives in this
+    /// process (its sessions die with it anyway, and rumqttd 0.20 panics
+    /// when the last member of a share group leaves a persistent session
+    /// with messages in flight); wrong for an external broker, whose
+    /// persistent session keeps unacknowledged readings across a restart
+    /// of ingest.
+    pub clean_session: bool,
 }
 
 impl Default for IngestConfig {
@@ -61,6 +68,7 @@ impl Default for IngestConfig {
             connections: 8,
             drain_quiet: Duration::from_millis(300),
             drain_max: Duration::from_secs(10),
+            clean_session: false,
         }
     }
 }
@@ -147,7 +155,7 @@ async fn run_connection<P: Producer>(
 ) -> Result<()> {
     let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
     opts.set_keep_alive(Duration::from_secs(10))
-        .set_clean_session(false)
+        .set_clean_session(cfg.clean_session)
         .set_manual_acks(true)
         // Room for oversize messages, so they are rejected with a reason
         // instead of breaking the connection.
@@ -231,7 +239,9 @@ async fn run_connection<P: Producer>(
                 if let Some(tx) = &receipts {
                     for r in group_receipts(entries) {
                         // Full: the device resends; never wait on MQTT here.
-                        let _ = tx.try_send(r);
+                        if tx.try_send(r).is_err() {
+                            metrics.receipts_dropped.inc();
+                        }
                     }
                 }
                 for f in futures {
@@ -303,16 +313,20 @@ fn topic_device(topic: &str) -> Option<&str> {
         .filter(|d| !d.is_empty() && !d.contains('/'))
 }
 
-/// One receipt per device for the rejections of a batch, in order.
+/// Receipts per device for the rejections of a batch, in order (split
+/// below the brokers' message limit).
 fn group_receipts(entries: Vec<(String, Entry)>) -> Vec<Receipt> {
-    let mut out: Vec<Receipt> = Vec::new();
+    let mut by_device: Vec<(String, Vec<Entry>)> = Vec::new();
     for (did, e) in entries {
-        match out.iter_mut().find(|r| r.did == did) {
-            Some(r) => r.entries.push(e),
-            None => out.push(Receipt::new(&did, None, vec![e])),
+        match by_device.iter_mut().find(|(d, _)| *d == did) {
+            Some((_, es)) => es.push(e),
+            None => by_device.push((did, vec![e])),
         }
     }
-    out
+    by_device
+        .into_iter()
+        .flat_map(|(did, es)| Receipt::split(&did, None, es))
+        .collect()
 }
 
 type Decided = (Vec<Pending>, Vec<Rejection>, Vec<(String, Entry)>);
@@ -424,8 +438,12 @@ fn process_batch<P: Producer>(
         .iter()
         .filter_map(|(i, r)| {
             let p = &batch[*i];
+            // The device the topic names, else the signer (a message on
+            // `vitals/<did>/extra` still gets its rejection).
             topic_device(&p.topic)
-                .map(|d| (d.to_owned(), Entry::rejected(r.seq, &p.payload, &r.reason)))
+                .map(str::to_owned)
+                .or_else(|| r.device.clone())
+                .map(|d| (d, Entry::rejected(r.seq, &p.payload, &r.reason)))
         })
         .collect();
     for r in &recs {

@@ -38,7 +38,12 @@ pub struct SqlService {
     pub token: Token,
     /// Caps on each query.
     pub limits: QueryLimits,
+    /// Queries running at once; more get 503.
+    pub concurrent: Arc<tokio::sync::Semaphore>,
 }
+
+/// Queries `POST /sql` runs at once by default.
+pub const MAX_CONCURRENT_QUERIES: usize = 4;
 
 /// The `/sql` route.
 pub fn router(svc: SqlService) -> axum::Router {
@@ -99,7 +104,13 @@ async fn sql_handler(
     } else {
         (Format::Json, "application/json")
     };
-    match start(&svc, &body, format).await {
+    let Ok(permit) = svc.concurrent.clone().try_acquire_owned() else {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many queries at once; retry shortly",
+        );
+    };
+    match start(&svc, &body, format, permit).await {
         Ok(stream) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, ctype)],
@@ -118,6 +129,7 @@ async fn start(
     svc: &SqlService,
     sql: &str,
     format: Format,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> crate::Result<impl futures::Stream<Item = Chunk> + Send + 'static> {
     let engine = QueryEngine::open_with(&svc.data_dir, svc.limits).await?;
     let mut rows = engine.stream(sql).await?;
@@ -129,12 +141,14 @@ async fn start(
         head.extend(enc.batch(b)?);
     }
     struct St {
+        _permit: tokio::sync::OwnedSemaphorePermit,
         _engine: QueryEngine,
         rows: CappedStream,
         enc: Option<StreamEncoder>,
         head: Option<Vec<u8>>,
     }
     let st = St {
+        _permit: permit,
         _engine: engine,
         rows,
         enc: Some(enc),

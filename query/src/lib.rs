@@ -70,6 +70,13 @@ pub enum Error {
     /// (caller's fault).
     #[error("read-only: {0}; only queries (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE) may run")]
     ReadOnly(String),
+    /// The query ran past [`QueryLimits::timeout`].
+    #[error("the query ran longer than {0:?}")]
+    Timeout(std::time::Duration),
+    /// A string function asked to build a string beyond
+    /// [`MAX_STRING_ARG`] (caller's fault).
+    #[error("{0}")]
+    TooBig(String),
     /// The result is larger than the configured cap (caller's fault: add a
     /// `LIMIT`, filter, or aggregate).
     #[error("the result exceeds the cap of {limit} {what}; add a LIMIT, a filter or an aggregate")]
@@ -92,7 +99,11 @@ impl Error {
                     | datafusion::error::DataFusionError::ObjectStore(_)
                     | datafusion::error::DataFusionError::Internal(_)
             ),
-            Error::ReadOnly(_) | Error::TooLarge { .. } | Error::Format(_) => true,
+            Error::ReadOnly(_)
+            | Error::TooLarge { .. }
+            | Error::Format(_)
+            | Error::Timeout(_)
+            | Error::TooBig(_) => true,
             Error::Arrow(_) | Error::Data(_) => false,
         }
     }
@@ -107,6 +118,8 @@ pub struct QueryLimits {
     pub max_bytes: u64,
     /// Memory pool of one query's execution (sorts, joins, aggregates).
     pub memory_bytes: usize,
+    /// Longest a query may run, from planning to its last batch.
+    pub timeout: std::time::Duration,
 }
 
 impl Default for QueryLimits {
@@ -115,7 +128,51 @@ impl Default for QueryLimits {
             max_rows: 1_000_000,
             max_bytes: 256 * 1024 * 1024,
             memory_bytes: 1024 * 1024 * 1024,
+            timeout: std::time::Duration::from_secs(60),
         }
+    }
+}
+
+/// Largest literal length or count a string-building function (`repeat`,
+/// `lpad`, `rpad`) may be given: the memory pool does not see what one
+/// scalar function allocates, so `repeat('x', 2e9)` is refused at planning.
+pub const MAX_STRING_ARG: i64 = 1 << 20;
+
+/// Refuse string-building calls whose literal size argument is beyond
+/// [`MAX_STRING_ARG`].
+fn check_string_growth(plan: &datafusion::logical_expr::LogicalPlan) -> Result<()> {
+    use datafusion::common::tree_node::{TreeNode as _, TreeNodeRecursion};
+    use datafusion::logical_expr::Expr;
+    use datafusion::scalar::ScalarValue;
+    let mut bad = None;
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|e| {
+            e.apply(|x| {
+                if let Expr::ScalarFunction(f) = x
+                    && matches!(f.name(), "repeat" | "lpad" | "rpad")
+                {
+                    for a in f.args.iter().skip(1) {
+                        let n = match a {
+                            Expr::Literal(ScalarValue::Int64(Some(n)), _) => Some(*n),
+                            Expr::Literal(ScalarValue::Int32(Some(n)), _) => Some(i64::from(*n)),
+                            Expr::Literal(ScalarValue::Float64(Some(n)), _) => Some(*n as i64),
+                            _ => None,
+                        };
+                        if n.is_some_and(|n| n > MAX_STRING_ARG) {
+                            bad = Some(f.name().to_owned());
+                            return Ok(TreeNodeRecursion::Stop);
+                        }
+                    }
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    match bad {
+        Some(name) => Err(Error::TooBig(format!(
+            "{name}() may build strings of at most {MAX_STRING_ARG} characters"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -136,6 +193,7 @@ pub struct CappedStream {
     rows: u64,
     bytes: u64,
     failed: bool,
+    deadline: tokio::time::Instant,
 }
 
 impl std::fmt::Debug for CappedStream {
@@ -158,9 +216,15 @@ impl CappedStream {
         if self.failed {
             return None;
         }
-        let item = match self.inner.next().await? {
-            Ok(b) => b,
-            Err(e) => {
+        let next = tokio::time::timeout_at(self.deadline, self.inner.next()).await;
+        let item = match next {
+            Err(_) => {
+                self.failed = true;
+                return Some(Err(Error::Timeout(self.limits.timeout)));
+            }
+            Ok(None) => return None,
+            Ok(Some(Ok(b))) => b,
+            Ok(Some(Err(e))) => {
                 self.failed = true;
                 return Some(Err(e.into()));
             }
@@ -222,6 +286,12 @@ impl QueryEngine {
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(limits.memory_bytes, 1.0)
             .build_arc()?;
+        if !data_dir.is_dir() {
+            return Err(Error::Data(format!(
+                "{} is not a data directory",
+                data_dir.display()
+            )));
+        }
         let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
         let readings = data_dir.join("readings");
         std::fs::create_dir_all(&readings)
@@ -249,11 +319,13 @@ impl QueryEngine {
         read_only().verify_plan(&plan).map_err(|e| {
             Error::ReadOnly(e.strip_backtrace().replace("Error during planning: ", ""))
         })?;
+        check_string_growth(&plan)?;
         Ok(plan)
     }
 
     /// Run one read-only statement and stream its result within the caps.
     pub async fn stream(&self, sql: &str) -> Result<CappedStream> {
+        let deadline = tokio::time::Instant::now() + self.limits.timeout;
         let plan = self.plan(sql).await?;
         let df = self.ctx.execute_logical_plan(plan).await?;
         Ok(CappedStream {
@@ -262,6 +334,7 @@ impl QueryEngine {
             rows: 0,
             bytes: 0,
             failed: false,
+            deadline,
         })
     }
 
@@ -612,6 +685,7 @@ mod tests {
             max_rows: 1000,
             max_bytes: 1 << 30,
             memory_bytes: 64 << 20,
+            ..QueryLimits::default()
         };
         let (_d, q) = engine(limits).await;
         let ok = q.sql("SELECT * FROM range(1000)").await.unwrap();
@@ -630,6 +704,32 @@ mod tests {
         let (_d, q) = engine(limits).await;
         match q.sql("SELECT repeat('x', 10000) AS big").await {
             Err(e @ Error::TooLarge { what: "bytes", .. }) => assert!(e.is_caller_fault()),
+            other => panic!("{other:?}"),
+        }
+        // A string the memory pool would not see is refused at planning.
+        for sql in [
+            "SELECT length(repeat('x', 2100000000))",
+            "SELECT lpad('x', 2000000000)",
+            "SELECT * FROM range(1) WHERE rpad('a', 1e12) = 'b'",
+        ] {
+            match q.sql(sql).await {
+                Err(e @ Error::TooBig(_)) => assert!(e.is_caller_fault()),
+                other => panic!("{sql}: {other:?}"),
+            }
+        }
+        // A query that runs too long is cut off.
+        let limits = QueryLimits {
+            timeout: std::time::Duration::from_millis(50),
+            ..QueryLimits::default()
+        };
+        let (_d, q) = engine(limits).await;
+        match q
+            .sql(
+                "SELECT count(*) FROM range(100000000) a, range(100) b WHERE a.value % 7 = b.value",
+            )
+            .await
+        {
+            Err(Error::Timeout(_)) => {}
             other => panic!("{other:?}"),
         }
     }

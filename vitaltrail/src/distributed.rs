@@ -236,7 +236,7 @@ pub struct AttestProcessConfig {
 /// Check, from the topic's metadata, that `ours` are partitions of
 /// `vitals.verified`, and (unless `partial`) that they are all of them: a
 /// partition nobody attests is readings nobody logs.
-pub fn check_coverage(kafka: &KafkaConfig, ours: &[u32], partial: bool) -> Result<()> {
+pub fn check_coverage(kafka: &KafkaConfig, ours: &[u32], partial: bool) -> Result<u32> {
     let n = kafka::topic_partitions(kafka, VERIFIED_TOPIC)?;
     if let Some(p) = ours.iter().find(|&&p| p >= n) {
         anyhow::bail!("{VERIFIED_TOPIC} has {n} partitions; partition {p} does not exist");
@@ -252,7 +252,7 @@ pub fn check_coverage(kafka: &KafkaConfig, ours: &[u32], partial: bool) -> Resul
     if !missing.is_empty() {
         tracing::warn!(?missing, "partitions left to other attestors (--partial)");
     }
-    Ok(())
+    Ok(n)
 }
 
 /// Run one attestor process until `shutdown`.
@@ -260,7 +260,9 @@ pub async fn run_attest(cfg: AttestProcessConfig, shutdown: watch::Receiver<bool
     kafka::ensure_topics(&cfg.kafka)
         .await
         .context("creating Kafka topics")?;
-    check_coverage(&cfg.kafka, &cfg.partitions, cfg.partial)?;
+    let n = check_coverage(&cfg.kafka, &cfg.partitions, cfg.partial)?;
+    let mut cfg = cfg;
+    cfg.attestor.topic_partitions = Some(n);
     let data = cfg.attestor.data_dir.clone();
     std::fs::create_dir_all(&data)?;
     let key = log_key(&data)?;
@@ -436,6 +438,10 @@ async fn copy_dead_letters(
                         )
                     });
                 r.source = Some(format!("{REJECTED_TOPIC}/0@{}", d.offset));
+                // The topic is not authenticated: a record stands for one
+                // rejection, at a time no later than now.
+                r.count = 1;
+                r.received_ms = r.received_ms.min(SystemClock.now_ms());
                 r
             })
             .collect();

@@ -303,6 +303,9 @@ pub async fn serve_http(
                 data_dir: data_dir.clone(),
                 token,
                 limits: vitaltrail_query::QueryLimits::default(),
+                concurrent: Arc::new(tokio::sync::Semaphore::new(
+                    vitaltrail_query::http::MAX_CONCURRENT_QUERIES,
+                )),
             },
         ));
     }
@@ -575,6 +578,8 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
     let ingest_cfg = IngestConfig {
         mqtt_host: host.clone(),
         mqtt_port: port,
+        // The embedded broker's sessions die with this process.
+        clean_session: cfg.external_mqtt.is_none(),
         ..cfg.ingest.clone()
     };
     let mut ingest = tokio::spawn({

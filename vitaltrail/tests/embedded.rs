@@ -113,5 +113,7 @@ async fn embedded_pipeline_logs_valid_readings_once_and_rejects_every_attack() {
 
     stop.send(true).unwrap();
     pipeline.await.unwrap().unwrap();
-    common::check_outcome(data.path(), partitions, &report, false);
+    // Rejections are resent a few times before a device believes them
+    // (docs/receipts.md §4), so a rejected reading may be rejected again.
+    common::check_outcome_with(data.path(), partitions, &report, common::Rejects::AtLeast);
 }

@@ -416,3 +416,89 @@ async fn kill_9_of_up_twenty_times_loses_and_duplicates_nothing() {
     common::check_outcome_with(data.path(), 1, &report, common::Rejects::Redelivery);
     common::check_tables(data.path(), &report).await;
 }
+
+/// A device that checks receipts is not fooled by forged ones: with no
+/// pipeline behind the broker, a forger answers every reading with a
+/// `logged` entry (without a checkpoint, and with one signed by another
+/// key). The simulator must not count a single one as receipted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_receipts_are_not_believed() {
+    use vitaltrail_core::receipt::{Entry, Receipt, message_hash};
+    let mqtt = common::free_addr();
+    tokio::spawn(up::start_embedded_broker(mqtt).unwrap());
+    up::wait_for_port(mqtt, Duration::from_secs(10))
+        .await
+        .unwrap();
+    // The forger reads every reading and answers it.
+    let mut opts = MqttOptions::new("forger", mqtt.ip().to_string(), mqtt.port());
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut ev) = AsyncClient::new(opts, 256);
+    client
+        .subscribe("vitals/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let other = vitaltrail_core::LogSigner::new(
+        "vitaltrail.local/log/0",
+        vitaltrail_core::SecretKey::from_seed(&[13; 32]).unwrap(),
+    )
+    .unwrap();
+    let forged_cp = vitaltrail_core::Checkpoint {
+        origin: "vitaltrail.local/log/0".into(),
+        size: 1,
+        root: vitaltrail_core::merkle::Hash([0; 32]),
+        extensions: vec![],
+    }
+    .sign(&other)
+    .unwrap();
+    let forger = tokio::spawn(async move {
+        let mut n = 0u64;
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = ev.poll().await {
+                let did = p.topic.trim_start_matches("vitals/").to_owned();
+                let e = |i| Entry::in_log(1, &p.payload, i, 1, &[], false);
+                for r in [
+                    Receipt::new(&did, None, vec![e(0)]),
+                    Receipt::new(&did, Some(forged_cp.clone()), vec![e(0)]),
+                ] {
+                    let _ = client
+                        .publish(
+                            format!("receipts/{did}"),
+                            QoS::AtLeastOnce,
+                            false,
+                            r.to_json(),
+                        )
+                        .await;
+                }
+                n += 1;
+                let _ = message_hash(&p.payload);
+            }
+            if n > 10_000 {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let real_key = vitaltrail_core::LogSigner::new(
+        "vitaltrail.local/log/0",
+        vitaltrail_core::SecretKey::from_seed(&[14; 32]).unwrap(),
+    )
+    .unwrap()
+    .public_key();
+    let mut devs = publisher::devices(500, 2, &[Scenario::Steady]);
+    let sim = SimConfig {
+        mqtt_port: mqtt.port(),
+        client_id: "sim-forged".into(),
+        rate: 10.0,
+        duration: Duration::from_secs(1),
+        receipts: true,
+        receipt_timeout: Duration::from_secs(3),
+        log_keys: vec![real_key],
+        ..SimConfig::default()
+    };
+    let r = publisher::run(&sim, &mut devs, Arc::new(SystemClock)).await;
+    forger.abort();
+    match r {
+        Err(vitaltrail_device_sim::Error::BadReceipts(n)) => assert!(n > 0),
+        other => panic!("forged receipts were believed: {other:?}"),
+    }
+}

@@ -55,6 +55,9 @@ fn start(data: &Path, persistent_kafka: bool) -> Cluster {
             s("attest"),
             s("--kafka"),
             kafka.brokers(),
+            // Receipts go to the same broker the devices use.
+            s("--mqtt"),
+            format!("127.0.0.1:{}", mqtt.port),
             s("--partitions"),
             s("0,1"),
             s("--topic-partitions"),
@@ -147,6 +150,16 @@ async fn two_ingest_processes_and_an_attestor_over_kafka() {
         })
         .await
         .unwrap();
+    // A key no DID has (a topic with wildcards): rejected, and the receipt
+    // publisher must not stumble over it.
+    outsider
+        .send(vitaltrail_bus::Record {
+            key: "vitals/#".into(),
+            payload: env(1_000_002),
+            received_ms: 0,
+        })
+        .await
+        .unwrap();
     let key = vitaltrail::distributed::load_bus_key(&up::bus_key_path(data.path())).unwrap();
     let insider = vitaltrail_bus::kafka::KafkaProducer::new(&kcfg(Some(key))).unwrap();
     insider
@@ -159,7 +172,7 @@ async fn two_ingest_processes_and_an_attestor_over_kafka() {
         .unwrap();
     report
         .expected_rejects
-        .insert("unauthenticated_record".into(), 1);
+        .insert("unauthenticated_record".into(), 2);
     report.expected_rejects.insert("key_mismatch".into(), 1);
     common::wait_settled(data.path(), PARTITIONS, &report, Duration::from_secs(60)).await;
     for p in c.ingest.iter_mut().chain([&mut c.attest]) {
