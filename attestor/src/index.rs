@@ -9,13 +9,14 @@
 //!
 //! Memory is bounded: only the windows of the most recently active
 //! [`WINDOW_CACHE`] devices are kept in memory; an idle device's window is
-//! read back from disk when it sends again. Each log commit writes only the
-//! windows it changed and the new seqs, in one redb transaction that is not
-//! fsynced ([`redb::Durability::None`]); a checkpoint makes the index
-//! durable. The log is the source of truth: after a crash the index opens
-//! at its last durable state (redb guarantees a consistent one) and the
-//! leaves past `covered` are scanned back in, so nothing is lost and the
-//! snapshot is incremental, never the whole map.
+//! read back from disk when it sends again. What each log commit changes
+//! (the windows it touched and the new seqs) is staged in memory and
+//! written in one durable redb transaction at the next checkpoint, or once
+//! [`STAGE_MAX`] seqs are staged; so the index costs one write a second,
+//! not one per commit, and never the whole map. The log is the source of
+//! truth: after a crash the index opens at its last durable state (redb
+//! guarantees a consistent one) and the leaves past `covered` are scanned
+//! back in, so nothing is lost.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -35,6 +36,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Windows kept in memory at most (about 200 bytes each).
 pub const WINDOW_CACHE: usize = 100_000;
 
+/// Seqs staged in memory at most before they are written out.
+pub const STAGE_MAX: usize = 50_000;
+
 fn did_key(did: &str) -> [u8; 32] {
     *blake3::hash(did.as_bytes()).as_bytes()
 }
@@ -51,6 +55,10 @@ pub struct SeqIndex {
     path: PathBuf,
     db: Database,
     cache: lru::LruCache<String, SeqWindow>,
+    /// What the log holds that redb does not yet: windows and seqs.
+    staged_windows: HashMap<String, SeqWindow>,
+    staged_seqs: HashMap<(String, u64), u64>,
+    /// The log size the staged state reflects.
     covered: u64,
 }
 
@@ -125,6 +133,8 @@ impl SeqIndex {
             path,
             db,
             cache: lru::LruCache::new(NonZeroUsize::new(cache).unwrap_or(NonZeroUsize::MIN)),
+            staged_windows: HashMap::new(),
+            staged_seqs: HashMap::new(),
             covered,
         };
         // Scan what the index has not seen yet, in chunks.
@@ -176,6 +186,11 @@ impl SeqIndex {
         if let Some(w) = self.cache.get(did) {
             return Ok(Some(w.clone()));
         }
+        if let Some(w) = self.staged_windows.get(did) {
+            let w = w.clone();
+            self.cache.put(did.to_owned(), w.clone());
+            return Ok(Some(w));
+        }
         let tx = self.db.begin_read().map_err(|e| db_err(&self.path, e))?;
         let t = tx.open_table(WINDOWS).map_err(|e| db_err(&self.path, e))?;
         let Some(v) = t.get(&did_key(did)).map_err(|e| db_err(&self.path, e))? else {
@@ -189,6 +204,9 @@ impl SeqIndex {
 
     /// The leaf index of `did`'s reading `seq`, if it is logged.
     pub fn index_of(&self, did: &str, seq: u64) -> Result<Option<u64>> {
+        if let Some(&i) = self.staged_seqs.get(&(did.to_owned(), seq)) {
+            return Ok(Some(i));
+        }
         let tx = self.db.begin_read().map_err(|e| db_err(&self.path, e))?;
         let t = tx.open_table(SEQS).map_err(|e| db_err(&self.path, e))?;
         Ok(t.get(&seq_key(did, seq))
@@ -197,8 +215,8 @@ impl SeqIndex {
     }
 
     /// Record what a log commit appended: the windows it changed and the
-    /// readings, the index then covering `covered` leaves. `durable` makes
-    /// this and every earlier commit survive a crash (fsync).
+    /// readings, the index then covering `covered` leaves. Staged in memory;
+    /// `durable` (or a full stage) writes everything out and fsyncs.
     pub fn commit(
         &mut self,
         windows: &HashMap<String, SeqWindow>,
@@ -206,41 +224,50 @@ impl SeqIndex {
         covered: u64,
         durable: bool,
     ) -> Result<()> {
-        let p = &self.path;
-        let mut tx = self.db.begin_write().map_err(|e| db_err(p, e))?;
-        tx.set_durability(if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })
-        .map_err(|e| db_err(p, e))?;
-        {
-            let mut wt = tx.open_table(WINDOWS).map_err(|e| db_err(p, e))?;
-            for (did, w) in windows {
-                wt.insert(&did_key(did), w.to_bytes().as_slice())
-                    .map_err(|e| db_err(p, e))?;
-            }
-            let mut st = tx.open_table(SEQS).map_err(|e| db_err(p, e))?;
-            for l in logged {
-                st.insert(&seq_key(&l.did, l.seq), l.index)
-                    .map_err(|e| db_err(p, e))?;
-            }
-            let mut mt = tx.open_table(META).map_err(|e| db_err(p, e))?;
-            mt.insert("covered", covered).map_err(|e| db_err(p, e))?;
-        }
-        tx.commit().map_err(|e| db_err(p, e))?;
-        self.covered = covered;
         for (did, w) in windows {
             self.cache.put(did.clone(), w.clone());
+            self.staged_windows.insert(did.clone(), w.clone());
+        }
+        for l in logged {
+            self.staged_seqs.insert((l.did.clone(), l.seq), l.index);
+        }
+        self.covered = covered;
+        if durable || self.staged_seqs.len() >= STAGE_MAX {
+            self.write_out()?;
         }
         Ok(())
     }
 
-    /// Make every commit so far durable.
-    pub fn sync(&mut self) -> Result<()> {
+    /// Write what is staged in one durable transaction.
+    fn write_out(&mut self) -> Result<()> {
         let p = &self.path;
-        let tx = self.db.begin_write().map_err(|e| db_err(p, e))?;
-        tx.commit().map_err(|e| db_err(p, e))
+        let mut tx = self.db.begin_write().map_err(|e| db_err(p, e))?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(|e| db_err(p, e))?;
+        {
+            let mut wt = tx.open_table(WINDOWS).map_err(|e| db_err(p, e))?;
+            for (did, w) in &self.staged_windows {
+                wt.insert(&did_key(did), w.to_bytes().as_slice())
+                    .map_err(|e| db_err(p, e))?;
+            }
+            let mut st = tx.open_table(SEQS).map_err(|e| db_err(p, e))?;
+            for ((did, seq), index) in &self.staged_seqs {
+                st.insert(&seq_key(did, *seq), *index)
+                    .map_err(|e| db_err(p, e))?;
+            }
+            let mut mt = tx.open_table(META).map_err(|e| db_err(p, e))?;
+            mt.insert("covered", self.covered)
+                .map_err(|e| db_err(p, e))?;
+        }
+        tx.commit().map_err(|e| db_err(p, e))?;
+        self.staged_windows.clear();
+        self.staged_seqs.clear();
+        Ok(())
+    }
+
+    /// Write out and make durable everything staged.
+    pub fn sync(&mut self) -> Result<()> {
+        self.write_out()
     }
 }
 

@@ -683,31 +683,41 @@ impl PartitionState {
             .commit_seconds
             .with_label_values(&[&part])
             .observe(start.elapsed().as_secs_f64());
-        let receipts = if cfg.receipts {
-            self.receipts(&fates, first, now_ms)?
-        } else {
-            vec![]
-        };
-        for (d, fate) in fates {
-            match fate {
+        // Report the outcomes first (ingest acknowledges MQTT on them), then
+        // build the receipts from the messages kept back.
+        let mut decided: Vec<(Vec<u8>, Fate)> = Vec::with_capacity(fates.len());
+        for (mut d, fate) in fates {
+            let payload = if cfg.receipts {
+                std::mem::take(&mut d.record.payload)
+            } else {
+                Vec::new()
+            };
+            match &fate {
                 Fate::Leaf { pos, .. } => d.complete(Outcome::Logged {
                     partition: self.partition,
-                    index: first + pos as u64,
+                    index: first + *pos as u64,
                 }),
                 Fate::Duplicate { .. } => d.complete(Outcome::Rejected {
                     reason: "duplicate".into(),
                 }),
-                Fate::Rejected { reason, .. } => d.complete(Outcome::Rejected { reason }),
+                Fate::Rejected { reason, .. } => d.complete(Outcome::Rejected {
+                    reason: reason.clone(),
+                }),
             }
+            decided.push((payload, fate));
         }
-        Ok(receipts)
+        if cfg.receipts {
+            self.receipts(&decided, first, now_ms)
+        } else {
+            Ok(vec![])
+        }
     }
 
     /// The receipts of one commit: one checkpoint signed for the tree as
     /// this commit left it, and per device its entries with their proofs.
     fn receipts(
         &mut self,
-        fates: &[(Delivery, Fate)],
+        fates: &[(Vec<u8>, Fate)],
         first: u64,
         now_ms: u64,
     ) -> Result<Vec<Receipt>> {
@@ -716,8 +726,7 @@ impl PartitionState {
         // decision order; proofs are filled in below for every index named.
         let mut wanted: Vec<(String, Option<u64>, usize)> = Vec::with_capacity(fates.len());
         let mut entries: Vec<Entry> = Vec::with_capacity(fates.len());
-        for (d, fate) in fates {
-            let msg = &d.record.payload;
+        for (msg, fate) in fates {
             let (did, at) = match fate {
                 Fate::Leaf { pos, did, seq } => {
                     let idx = first + *pos as u64;
