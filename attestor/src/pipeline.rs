@@ -560,28 +560,9 @@ impl PartitionState {
                 }
             }
             let reason = match seen {
-                SeqCheck::Seen => {
-                    self.metrics
-                        .rejected
-                        .with_label_values(&["duplicate"])
-                        .inc();
-                    let mut rj = Rejection::new(
-                        "attestor",
-                        "duplicate",
-                        format!("seq {} of this device was already logged", reading.seq),
-                        payload,
-                        received,
-                    );
-                    rj.device = Some(did.clone());
-                    rj.seq = Some(reading.seq);
-                    rj.source = source;
-                    rejected.push(rj);
-                    let seq = reading.seq;
-                    fates.push((d, Fate::Duplicate { did, seq, original }));
-                    continue;
-                }
-                // Older than the window and logged before: a duplicate.
-                SeqCheck::TooOld => {
+                // In the window, or older than it and in the index: logged
+                // before.
+                SeqCheck::Seen | SeqCheck::TooOld => {
                     self.metrics
                         .rejected
                         .with_label_values(&["duplicate"])
