@@ -546,6 +546,16 @@ async fn main() -> Result<()> {
             receipts: true,
         };
         run_path(&a, &kafka, &keys, &msgs, verify_rate, k_transport).await?;
+        // A fresh broker: the first run's records must not be read again.
+        drop(broker);
+        let broker = Nisshi::start()?;
+        let off = Path {
+            name: "kafka, receipts off",
+            kafka: Some(broker.brokers.clone()),
+            receipts: false,
+            ..kafka
+        };
+        run_path(&a, &off, &keys, &msgs, verify_rate, k_transport).await?;
     }
     println!(
         "peak memory (RSS, whole process):              {:>9.0} MB",
