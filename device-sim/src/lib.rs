@@ -36,7 +36,9 @@ pub enum Error {
     Unacknowledged { missing: u64, waited_ms: u64 },
     /// Receipts were on, and not every reading got one in time.
     #[error(
-        "{missing} readings were not receipted within {waited_ms} ms (acknowledged by the broker: {acked})"
+        "{missing} readings were not receipted within {waited_ms} ms (acknowledged by the broker: \
+         {acked}); does the pipeline publish receipts (embedded `up` does; `attest` needs --mqtt)? \
+         --no-receipts ignores them"
     )]
     Unreceipted {
         missing: u64,
