@@ -265,6 +265,43 @@ enum Fate {
     },
 }
 
+impl Fate {
+    fn rejected(did: &str, seq: Option<u64>, reason: &str) -> Self {
+        Fate::Rejected {
+            did: did.to_owned(),
+            seq,
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+/// What one batch decided: the dead letters, and every delivery's fate in
+/// arrival order.
+#[derive(Debug, Default)]
+struct Decided {
+    rejected: Vec<Rejection>,
+    fates: Vec<(Delivery, Fate)>,
+}
+
+impl Decided {
+    /// Refuse `d` (rejected or duplicate, as `fate` says): its dead letter
+    /// names the fate's device, seq and reason.
+    fn refuse(&mut self, d: Delivery, detail: String, source: Option<String>, fate: Fate) {
+        let (did, seq, reason) = match &fate {
+            Fate::Rejected { did, seq, reason } => (did.as_str(), *seq, reason.as_str()),
+            Fate::Duplicate { did, seq, .. } => (did.as_str(), Some(*seq), "duplicate"),
+            Fate::Leaf { .. } => return self.fates.push((d, fate)),
+        };
+        let p = &d.record;
+        let mut rj = Rejection::new("attestor", reason, detail, &p.payload, p.received_ms);
+        rj.device = Some(did.to_owned());
+        rj.seq = seq;
+        rj.source = source;
+        self.rejected.push(rj);
+        self.fates.push((d, fate));
+    }
+}
+
 /// One line of `checkpoints.jsonl`: every checkpoint a partition signed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CheckpointRecord {
@@ -427,8 +464,7 @@ impl PartitionState {
             .observe(batch.len() as f64);
         let mut leaves = Vec::with_capacity(batch.len());
         let mut logged = Vec::with_capacity(batch.len());
-        let mut rejected = Vec::new();
-        let mut fates: Vec<(Delivery, Fate)> = Vec::with_capacity(batch.len());
+        let mut dec = Decided::default();
         // Windows of the devices this batch touched, applied once durable.
         let mut pending: HashMap<String, SeqWindow> = HashMap::new();
         // (device, seq) → position in `leaves`, for duplicates in one batch.
@@ -439,51 +475,18 @@ impl PartitionState {
             // Not from ingest: refuse before looking at the envelope
             // (docs/threat-model.md, the bus).
             if !d.authentic {
-                let code = "unauthenticated_record";
-                let mut rj = Rejection::new(
-                    "attestor",
-                    code,
-                    "the record's bus MAC is missing or wrong: it did not come from ingest",
-                    payload,
-                    d.record.received_ms,
-                );
-                rj.device = Some(d.record.key.clone());
-                rj.source = source;
-                rejected.push(rj);
-                let did = d.record.key.clone();
-                fates.push((
-                    d,
-                    Fate::Rejected {
-                        did,
-                        seq: None,
-                        reason: code.to_owned(),
-                    },
-                ));
+                let fate = Fate::rejected(&d.record.key, None, "unauthenticated_record");
+                let detail =
+                    "the record's bus MAC is missing or wrong: it did not come from ingest";
+                dec.refuse(d, detail.into(), source, fate);
                 continue;
             }
             let reading =
                 match envelope::decode_verified_upstream_with(payload, |s| self.dids.resolve(s)) {
                     Ok(r) => r,
                     Err(e) => {
-                        let mut rj = Rejection::new(
-                            "attestor",
-                            e.code(),
-                            e.to_string(),
-                            payload,
-                            d.record.received_ms,
-                        );
-                        rj.device = Some(d.record.key.clone());
-                        rj.source = source;
-                        rejected.push(rj);
-                        let did = d.record.key.clone();
-                        fates.push((
-                            d,
-                            Fate::Rejected {
-                                did,
-                                seq: None,
-                                reason: e.code().to_owned(),
-                            },
-                        ));
+                        let fate = Fate::rejected(&d.record.key, None, e.code());
+                        dec.refuse(d, e.to_string(), source, fate);
                         continue;
                     }
                 };
@@ -517,21 +520,8 @@ impl PartitionState {
                 }
             };
             if let Some((code, detail)) = refusal {
-                let mut rj =
-                    Rejection::new("attestor", code, detail, payload, d.record.received_ms);
-                rj.device = Some(did.clone());
-                rj.seq = Some(reading.seq);
-                rj.source = source;
-                rejected.push(rj);
-                let seq = Some(reading.seq);
-                fates.push((
-                    d,
-                    Fate::Rejected {
-                        did,
-                        seq,
-                        reason: code.to_owned(),
-                    },
-                ));
+                let fate = Fate::rejected(&did, Some(reading.seq), code);
+                dec.refuse(d, detail, source, fate);
                 continue;
             }
             if !pending.contains_key(&did)
@@ -567,19 +557,9 @@ impl PartitionState {
                         .rejected
                         .with_label_values(&["duplicate"])
                         .inc();
-                    let mut rj = Rejection::new(
-                        "attestor",
-                        "duplicate",
-                        format!("seq {} of this device was already logged", reading.seq),
-                        payload,
-                        received,
-                    );
-                    rj.device = Some(did.clone());
-                    rj.seq = Some(reading.seq);
-                    rj.source = source;
-                    rejected.push(rj);
+                    let detail = format!("seq {} of this device was already logged", reading.seq);
                     let seq = reading.seq;
-                    fates.push((d, Fate::Duplicate { did, seq, original }));
+                    dec.refuse(d, detail, source, Fate::Duplicate { did, seq, original });
                     continue;
                 }
                 _ if jump.is_some_and(|j| j > MAX_SEQ_JUMP) => Some((
@@ -601,20 +581,8 @@ impl PartitionState {
             };
             match reason {
                 Some((code, detail)) => {
-                    let mut rj = Rejection::new("attestor", code, detail, payload, received);
-                    rj.device = Some(did.clone());
-                    rj.seq = Some(reading.seq);
-                    rj.source = source;
-                    rejected.push(rj);
-                    let seq = Some(reading.seq);
-                    fates.push((
-                        d,
-                        Fate::Rejected {
-                            did,
-                            seq,
-                            reason: code.to_owned(),
-                        },
-                    ));
+                    let fate = Fate::rejected(&did, Some(reading.seq), code);
+                    dec.refuse(d, detail, source, fate);
                 }
                 None => {
                     record_seq(&mut pending, &did, reading.seq);
@@ -622,12 +590,13 @@ impl PartitionState {
                     let (pos, seq) = (leaves.len(), reading.seq);
                     leaves.push(leaf::encode(now_ms, payload));
                     logged.push(reading);
-                    fates.push((d, Fate::Leaf { pos, did, seq }));
+                    dec.fates.push((d, Fate::Leaf { pos, did, seq }));
                 }
             }
         }
         // Rejections first: a crash between the two writes redelivers the
         // batch, which repeats a rejection (same `source`), never loses one.
+        let Decided { rejected, fates } = dec;
         rejects.append(&rejected)?;
         let appended = self.log.append_batch_at(&leaves, cursor)?;
         // Durable: now the index may follow, and the outcomes be reported.
