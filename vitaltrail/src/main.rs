@@ -118,22 +118,8 @@ enum Command {
         /// Where /metrics is served.
         #[arg(long, env = "VITALTRAIL_METRICS_LISTEN")]
         metrics_listen: Option<std::net::SocketAddr>,
-        /// The bus key file shared by every ingest and attestor of the
-        /// pipeline (records on vitals.verified carry its MAC); default
-        /// <data>/keys/bus.key, created if absent.
-        #[arg(long, env = "VITALTRAIL_BUS_KEY_FILE")]
-        bus_key: Option<PathBuf>,
-        /// librdkafka client properties, one key=value per line (SASL,
-        /// TLS: security.protocol, sasl.mechanisms, sasl.username,
-        /// sasl.password, ssl.ca.location, …). A file, so that no secret
-        /// is on a command line.
-        #[arg(long, env = "VITALTRAIL_KAFKA_CONFIG_FILE")]
-        kafka_config_file: Option<PathBuf>,
-        /// The operator's DID, whose signature every vitals.devices record
-        /// must carry; default: the DID of <data>/keys/operator.pem (the
-        /// key `devices add --kafka` signs with).
-        #[arg(long, env = "VITALTRAIL_OPERATOR")]
-        operator: Option<String>,
+        #[command(flatten)]
+        trust: pipeline_cmds::TrustArgs,
     },
     /// Run one attestor process (distributed mode) for a set of partitions.
     Attest {
@@ -171,22 +157,8 @@ enum Command {
         /// Where /metrics is served.
         #[arg(long, env = "VITALTRAIL_METRICS_LISTEN")]
         metrics_listen: Option<std::net::SocketAddr>,
-        /// The bus key file shared by every ingest and attestor of the
-        /// pipeline (records on vitals.verified carry its MAC); default
-        /// <data>/keys/bus.key, created if absent.
-        #[arg(long, env = "VITALTRAIL_BUS_KEY_FILE")]
-        bus_key: Option<PathBuf>,
-        /// librdkafka client properties, one key=value per line (SASL,
-        /// TLS: security.protocol, sasl.mechanisms, sasl.username,
-        /// sasl.password, ssl.ca.location, …). A file, so that no secret
-        /// is on a command line.
-        #[arg(long, env = "VITALTRAIL_KAFKA_CONFIG_FILE")]
-        kafka_config_file: Option<PathBuf>,
-        /// The operator's DID, whose signature every vitals.devices record
-        /// must carry; default: the DID of <data>/keys/operator.pem (the
-        /// key `devices add --kafka` signs with).
-        #[arg(long, env = "VITALTRAIL_OPERATOR")]
-        operator: Option<String>,
+        #[command(flatten)]
+        trust: pipeline_cmds::TrustArgs,
     },
     /// Simulated wearables: sign readings and publish them over MQTT (QoS 1).
     Sim {
@@ -521,9 +493,7 @@ fn main() -> ExitCode {
             data,
             topic_partitions,
             metrics_listen,
-            bus_key,
-            kafka_config_file,
-            operator,
+            trust,
         } => {
             init_tracing();
             pipeline_cmds::ingest(pipeline_cmds::IngestArgs {
@@ -535,9 +505,7 @@ fn main() -> ExitCode {
                 data,
                 topic_partitions,
                 metrics_listen,
-                bus_key,
-                kafka_config_file,
-                operator,
+                trust,
             })
         }
         Command::Attest {
@@ -550,9 +518,7 @@ fn main() -> ExitCode {
             no_dead_letters,
             checkpoint_interval_ms,
             metrics_listen,
-            bus_key,
-            kafka_config_file,
-            operator,
+            trust,
         } => {
             init_tracing();
             pipeline_cmds::attest(
@@ -564,9 +530,7 @@ fn main() -> ExitCode {
                 !no_dead_letters,
                 checkpoint_interval_ms,
                 metrics_listen,
-                bus_key,
-                kafka_config_file,
-                operator,
+                trust,
                 partial,
             )
         }

@@ -59,31 +59,65 @@ pub struct IngestArgs {
     pub data: PathBuf,
     pub topic_partitions: i32,
     pub metrics_listen: Option<SocketAddr>,
-    pub bus_key: Option<PathBuf>,
-    pub kafka_config_file: Option<PathBuf>,
-    pub operator: Option<String>,
+    pub trust: TrustArgs,
 }
 
-/// The Kafka settings of a distributed stage: brokers, partitions, the bus
-/// key (`--bus-key`, else `<data>/keys/bus.key`) and the client file.
-fn stage_kafka(
-    brokers: String,
-    partitions: i32,
-    data: &Path,
-    bus_key: Option<&Path>,
-    client_file: Option<&Path>,
-) -> Result<vitaltrail_bus::kafka::KafkaConfig> {
-    let key_path = bus_key.map_or_else(|| up::bus_key_path(data), Path::to_path_buf);
-    Ok(vitaltrail_bus::kafka::KafkaConfig {
-        brokers,
-        partitions,
-        bus_key: Some(vitaltrail::distributed::load_bus_key(&key_path)?),
-        client: client_file
-            .map(vitaltrail::distributed::read_kafka_client_config)
-            .transpose()?
-            .unwrap_or_default(),
-        ..Default::default()
-    })
+/// What a distributed stage trusts and how it reaches Kafka securely
+/// (`vitaltrail ingest` and `vitaltrail attest` alike).
+#[derive(Debug, clap::Args)]
+pub struct TrustArgs {
+    /// The bus key file shared by every ingest and attestor of the
+    /// pipeline (records on vitals.verified carry its MAC); default
+    /// <data>/keys/bus.key, created if absent.
+    #[arg(long, env = "VITALTRAIL_BUS_KEY_FILE")]
+    bus_key: Option<PathBuf>,
+    /// librdkafka client properties, one key=value per line (SASL, TLS:
+    /// security.protocol, sasl.mechanisms, sasl.username, sasl.password,
+    /// ssl.ca.location, …). A file, so that no secret is on a command line.
+    #[arg(long, env = "VITALTRAIL_KAFKA_CONFIG_FILE")]
+    kafka_config_file: Option<PathBuf>,
+    /// The operator's DID, whose signature every vitals.devices record
+    /// must carry; default: the DID of <data>/keys/operator.pem (the key
+    /// `devices add --kafka` signs with).
+    #[arg(long, env = "VITALTRAIL_OPERATOR")]
+    operator: Option<String>,
+}
+
+impl TrustArgs {
+    /// The Kafka settings: brokers, partitions, the bus key (`--bus-key`,
+    /// else `<data>/keys/bus.key`) and the client file.
+    fn kafka(
+        &self,
+        brokers: String,
+        partitions: i32,
+        data: &Path,
+    ) -> Result<vitaltrail_bus::kafka::KafkaConfig> {
+        let key_path = self
+            .bus_key
+            .clone()
+            .unwrap_or_else(|| up::bus_key_path(data));
+        Ok(vitaltrail_bus::kafka::KafkaConfig {
+            brokers,
+            partitions,
+            bus_key: Some(vitaltrail::distributed::load_bus_key(&key_path)?),
+            client: self
+                .kafka_config_file
+                .as_deref()
+                .map(vitaltrail::distributed::read_kafka_client_config)
+                .transpose()?
+                .unwrap_or_default(),
+            ..Default::default()
+        })
+    }
+
+    /// `--operator`, parsed.
+    fn operator(&self) -> Result<Option<DeviceId>> {
+        self.operator
+            .as_deref()
+            .map(DeviceId::parse)
+            .transpose()
+            .context("--operator")
+    }
 }
 
 /// `vitaltrail ingest`.
@@ -97,21 +131,13 @@ pub fn ingest(a: IngestArgs) -> Result<ExitCode> {
         data,
         topic_partitions,
         metrics_listen,
-        bus_key,
-        kafka_config_file,
-        operator,
+        trust,
     } = a;
     use vitaltrail::distributed::{IngestProcessConfig, run_ingest};
     up::exit_on_panic();
     let (host, port) = host_port(&mqtt)?;
     let cfg = IngestProcessConfig {
-        kafka: stage_kafka(
-            kafka,
-            topic_partitions,
-            &data,
-            bus_key.as_deref(),
-            kafka_config_file.as_deref(),
-        )?,
+        kafka: trust.kafka(kafka, topic_partitions, &data)?,
         ingest: vitaltrail_ingest::IngestConfig {
             mqtt_host: host,
             mqtt_port: port,
@@ -123,11 +149,7 @@ pub fn ingest(a: IngestArgs) -> Result<ExitCode> {
         data_dir: data,
         metrics_listen,
         metrics: None,
-        operator: operator
-            .as_deref()
-            .map(DeviceId::parse)
-            .transpose()
-            .context("--operator")?,
+        operator: trust.operator()?,
     };
     runtime()?.block_on(async move { run_ingest(cfg, shutdown_on_ctrl_c()).await })?;
     Ok(ExitCode::SUCCESS)
@@ -144,30 +166,18 @@ pub fn attest(
     dead_letters: bool,
     checkpoint_interval_ms: u64,
     metrics_listen: Option<SocketAddr>,
-    bus_key: Option<PathBuf>,
-    kafka_config_file: Option<PathBuf>,
-    operator: Option<String>,
+    trust: TrustArgs,
     partial: bool,
 ) -> Result<ExitCode> {
     use vitaltrail::distributed::{AttestProcessConfig, run_attest};
     up::exit_on_panic();
     let cfg = AttestProcessConfig {
-        kafka: stage_kafka(
-            kafka,
-            topic_partitions,
-            &data,
-            bus_key.as_deref(),
-            kafka_config_file.as_deref(),
-        )?,
+        kafka: trust.kafka(kafka, topic_partitions, &data)?,
         partitions,
         dead_letters,
         rejects: Default::default(),
         mqtt: mqtt.as_deref().map(host_port).transpose()?,
-        operator: operator
-            .as_deref()
-            .map(DeviceId::parse)
-            .transpose()
-            .context("--operator")?,
+        operator: trust.operator()?,
         partial,
         attestor: AttestorConfig {
             data_dir: data,
