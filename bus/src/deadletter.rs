@@ -422,10 +422,23 @@ impl RejectLog {
         }
         let mut buf = Vec::with_capacity(recs.len() * 256);
         for r in recs {
-            serde_json::to_writer(&mut buf, r).map_err(|e| err(&self.path, e))?;
-            buf.push(b'\n');
+            self.line(&mut buf, r)?;
         }
-        st.file.write_all(&buf).map_err(|e| err(&self.path, e))?;
+        self.write_bytes(st, &buf)
+    }
+
+    /// Serialize one record as a line onto `buf`.
+    fn line(&self, buf: &mut Vec<u8>, r: &Rejection) -> Result<()> {
+        serde_json::to_writer(&mut *buf, r).map_err(|e| err(&self.path, e))?;
+        buf.push(b'\n');
+        Ok(())
+    }
+
+    fn write_bytes(&self, st: &mut State, buf: &[u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        st.file.write_all(buf).map_err(|e| err(&self.path, e))?;
         st.file.sync_data().map_err(|e| err(&self.path, e))?;
         st.stats.bytes += buf.len() as u64;
         if let Some(m) = &self.metrics {
@@ -446,30 +459,32 @@ impl RejectLog {
             .state
             .lock()
             .map_err(|_| err(&self.path, "lock poisoned"))?;
-        let mut keep = Vec::with_capacity(rejections.len());
-        // What this append will add, so one batch cannot overshoot the cap.
-        let mut adding = 0u64;
+        // The lines this append writes, each serialized once; their size
+        // counts against the cap, so one batch cannot overshoot it.
+        let mut buf = Vec::with_capacity(rejections.len() * 256);
         for r in rejections {
             st.now_ms = st.now_ms.max(r.received_ms);
             let now = st.now_ms;
-            let line = serde_json::to_vec(r).map_err(|e| err(&self.path, e))?.len() as u64 + 1;
-            let room = st.stats.bytes + adding + line <= st.limits.max_bytes;
+            let start = buf.len();
+            self.line(&mut buf, &r.clone().bounded())?;
+            let room = st.stats.bytes + buf.len() as u64 <= st.limits.max_bytes;
             if room && r.count == 1 && st.admit(r.limit_key(), now) {
                 st.stats.kept += 1;
-                adding += line;
-                keep.push(r.clone().bounded());
                 if let Some(m) = &self.metrics {
                     m.kept.inc();
                 }
             } else {
+                buf.truncate(start);
                 st.tally(r);
                 if let Some(m) = &self.metrics {
                     m.summarised.inc_by(r.count);
                 }
             }
         }
-        keep.extend(st.flush(false));
-        self.write(&mut st, &keep)
+        for r in st.flush(false) {
+            self.line(&mut buf, &r)?;
+        }
+        self.write_bytes(&mut st, &buf)
     }
 
     /// Read every rejection (for tests and small stores).
