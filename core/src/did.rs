@@ -230,9 +230,16 @@ impl SecretKey {
         Ok(SecretKey { key, id })
     }
 
-    /// Encode as PKCS#8 PEM. The returned string is zeroized on drop.
+    /// Encode as PKCS#8 PEM, version 1 (RFC 8410 §7: the private key only,
+    /// what `openssl genpkey -algorithm ed25519` writes and every TLS stack
+    /// reads; OpenSSL 3.0 refuses ed25519-dalek's version 2 encoding). The
+    /// returned string is zeroized on drop.
     pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>> {
-        self.key
+        let bytes = ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: self.key.to_bytes(),
+            public_key: None,
+        };
+        bytes
             .to_pkcs8_pem(Default::default())
             .map_err(|e| Error::InvalidKey(format!("cannot encode key: {e}")))
     }

@@ -34,6 +34,7 @@ pub mod leaf;
 pub mod merkle;
 pub mod receipt;
 pub mod sig;
+pub mod topics;
 
 pub use bundle::ProofBundle;
 pub use checkpoint::{Checkpoint, LogPublicKey, LogSigner};

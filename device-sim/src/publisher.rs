@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use vitaltrail_core::envelope::{self, UnsignedReading};
 use vitaltrail_core::receipt::{self, Receipt, Status};
 use vitaltrail_core::{Clock, LogPublicKey, SecretKey};
+use vitaltrail_mqtt::{MqttEndpoint, Pki};
 
 use crate::attacks::{self, Attack};
 use crate::physiology::{Patient, Scenario};
@@ -27,12 +28,15 @@ use crate::{Error, Result};
 /// Typed simulator configuration.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
-    /// MQTT broker host.
-    pub mqtt_host: String,
-    /// MQTT broker port.
-    pub mqtt_port: u16,
-    /// MQTT client ID.
+    /// The MQTT broker.
+    pub mqtt: MqttEndpoint,
+    /// MQTT client ID (of the one connection all devices share when
+    /// `device_tls` is off).
     pub client_id: String,
+    /// Each device connects on its own, over mutual TLS, with a certificate
+    /// this CA issues for its key now (what a real device gets once, when
+    /// it is registered). Off: one shared plain connection.
+    pub device_tls: Option<Arc<Pki>>,
     /// Readings per second, per device.
     pub rate: f64,
     /// How long to send for.
@@ -61,9 +65,9 @@ pub struct SimConfig {
 impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
-            mqtt_host: "127.0.0.1".into(),
-            mqtt_port: 1883,
+            mqtt: MqttEndpoint::default(),
             client_id: "vitaltrail-sim".into(),
+            device_tls: None,
             rate: 1.0,
             duration: Duration::from_secs(10),
             attacks: vec![],
@@ -161,7 +165,8 @@ pub async fn run(
     devs: &mut [SimDevice],
     clock: Arc<dyn Clock>,
 ) -> Result<SimReport> {
-    let mut session = connect(cfg, devs.iter().map(|d| d.key.did().to_string()).collect());
+    let keys: Vec<&SecretKey> = devs.iter().map(|d| &d.key).collect();
+    let mut session = connect(cfg, &keys)?;
     let mut report = SimReport::default();
     let stranger = SecretKey::from_seed(blake3::hash(cfg.client_id.as_bytes()).as_bytes())?;
     let n = devs.len().max(1);
@@ -252,8 +257,13 @@ pub async fn run(
                 let (claimed, bad) =
                     attacks::forge(attack, &t.key, &fresh, t.next_seq - 1, &earlier, &stranger)?;
                 // Attacks are not kept for resending: nothing but a
-                // rejection will ever come back for them.
-                publish(&session.client, claimed.as_str(), bad).await?;
+                // rejection will ever come back for them. With device TLS
+                // a device that is not registered has no connection (the
+                // broker's gate refuses it), so its attack cannot be sent.
+                if !session.publish(claimed.as_str(), bad).await? {
+                    tracing::info!(attack = ?attack, "sim: no connection for the claimed device; attack not sent");
+                    continue;
+                }
                 report.published += 1;
                 *report
                     .expected_rejects
@@ -264,13 +274,6 @@ pub async fn run(
     }
     // Wait for the broker to acknowledge everything, and the receipts.
     finish(cfg, session, report).await
-}
-
-async fn publish(client: &AsyncClient, did: &str, bytes: Vec<u8>) -> Result<()> {
-    client
-        .publish(format!("vitals/{did}"), QoS::AtLeastOnce, false, bytes)
-        .await
-        .map_err(|e| Error::Mqtt(e.to_string()))
 }
 
 /// How often a device resends a message the pipeline rejected before it
@@ -358,78 +361,112 @@ impl Tracker {
     }
 }
 
-/// One MQTT session of the simulator: a persistent session whose
+/// The MQTT sessions of the simulator: one shared by every device, or,
+/// with device TLS, one per device. Each is a persistent session whose
 /// background task drives the connection (rumqttc reconnects and resends
 /// what the broker did not acknowledge), counts the broker's
 /// acknowledgements and, with receipts on, applies receipts.
 struct Session {
-    client: AsyncClient,
+    /// By DID; the shared connection is under "".
+    clients: HashMap<String, AsyncClient>,
     acked: Arc<AtomicU64>,
-    poller: tokio::task::JoinHandle<()>,
+    pollers: Vec<tokio::task::JoinHandle<()>>,
     tracker: Arc<Mutex<Tracker>>,
     receipts: bool,
     resent: u64,
 }
 
-fn connect(cfg: &SimConfig, dids: Vec<String>) -> Session {
-    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
-    opts.set_keep_alive(Duration::from_secs(10))
-        .set_clean_session(false)
-        .set_inflight(1000)
-        .set_max_packet_size(256 * 1024, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(opts, 4096);
-    let acked = Arc::new(AtomicU64::new(0));
-    let tracker = Arc::new(Mutex::new(Tracker::default()));
-    let (acks, track, keys, sub) = (
-        acked.clone(),
-        tracker.clone(),
-        cfg.log_keys.clone(),
-        client.clone(),
-    );
-    let receipts = cfg.receipts;
-    let poller = tokio::spawn(async move {
-        let mut connected_before = false;
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    acks.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Event::Incoming(Packet::ConnAck(_))) if receipts => {
-                    for d in &dids {
-                        let _ = sub
-                            .subscribe(format!("receipts/{d}"), QoS::AtLeastOnce)
-                            .await;
-                    }
-                    if connected_before && let Ok(mut t) = track.lock() {
-                        t.reconnected = true;
-                    }
-                    connected_before = true;
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) if receipts => {
-                    match Receipt::from_json(&p.payload) {
-                        Ok(r) => {
-                            if let Ok(mut t) = track.lock() {
-                                t.apply(&r, &keys);
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "sim: a receipt does not parse"),
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "sim: MQTT connection error; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+fn connect(cfg: &SimConfig, keys: &[&SecretKey]) -> Result<Session> {
+    let mut s = Session {
+        clients: HashMap::new(),
+        acked: Arc::new(AtomicU64::new(0)),
+        pollers: vec![],
+        tracker: Arc::new(Mutex::new(Tracker::default())),
+        receipts: cfg.receipts,
+        resent: 0,
+    };
+    let mut open = |endpoint: &MqttEndpoint, client_id: &str, dids: Vec<String>, name: String| {
+        let mut opts = endpoint.options(client_id);
+        opts.set_keep_alive(Duration::from_secs(10))
+            .set_clean_session(false)
+            .set_inflight(1000)
+            .set_max_packet_size(256 * 1024, 1 << 20);
+        let (client, eventloop) = AsyncClient::new(opts, 4096);
+        s.pollers.push(tokio::spawn(poll(
+            eventloop,
+            client.clone(),
+            dids,
+            s.acked.clone(),
+            s.tracker.clone(),
+            cfg.log_keys.clone(),
+            cfg.receipts,
+        )));
+        s.clients.insert(name, client);
+    };
+    match &cfg.device_tls {
+        None => open(
+            &cfg.mqtt,
+            &cfg.client_id,
+            keys.iter().map(|k| k.did().to_string()).collect(),
+            String::new(),
+        ),
+        Some(pki) => {
+            for k in keys {
+                let did = k.did().to_string();
+                let endpoint = cfg
+                    .mqtt
+                    .clone()
+                    .with_tls(pki.device_tls(k).map_err(|e| Error::Mqtt(e.to_string()))?);
+                open(&endpoint, &did, vec![did.clone()], did.clone());
             }
         }
-    });
-    Session {
-        client,
-        acked,
-        poller,
-        tracker,
-        receipts,
-        resent: 0,
+    }
+    Ok(s)
+}
+
+/// Drive one connection until aborted.
+async fn poll(
+    mut eventloop: EventLoop,
+    sub: AsyncClient,
+    dids: Vec<String>,
+    acks: Arc<AtomicU64>,
+    track: Arc<Mutex<Tracker>>,
+    keys: Vec<LogPublicKey>,
+    receipts: bool,
+) {
+    let mut connected_before = false;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                acks.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Event::Incoming(Packet::ConnAck(_))) if receipts => {
+                for d in &dids {
+                    if let Some(t) = vitaltrail_core::topics::receipts_topic(d) {
+                        let _ = sub.subscribe(t, QoS::AtLeastOnce).await;
+                    }
+                }
+                if connected_before && let Ok(mut t) = track.lock() {
+                    t.reconnected = true;
+                }
+                connected_before = true;
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if receipts => {
+                match Receipt::from_json(&p.payload) {
+                    Ok(r) => {
+                        if let Ok(mut t) = track.lock() {
+                            t.apply(&r, &keys);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "sim: a receipt does not parse"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "sim: MQTT connection error; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
     }
 }
 
@@ -464,7 +501,20 @@ impl Session {
                 );
             }
         }
-        publish(&self.client, did, bytes).await
+        self.publish(did, bytes).await.map(|_| ())
+    }
+
+    /// Publish a message on `did`'s topic, over that device's connection
+    /// (or the shared one). `false`: there is none for `did`.
+    async fn publish(&self, did: &str, bytes: Vec<u8>) -> Result<bool> {
+        let Some(client) = self.clients.get(did).or_else(|| self.clients.get("")) else {
+            return Ok(false);
+        };
+        client
+            .publish(format!("vitals/{did}"), QoS::AtLeastOnce, false, bytes)
+            .await
+            .map_err(|e| Error::Mqtt(e.to_string()))?;
+        Ok(true)
     }
 
     fn unreceipted(&self) -> usize {
@@ -492,7 +542,7 @@ impl Session {
         // Oldest first, as the device produced them.
         due.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         for (did, _, bytes) in due {
-            publish(&self.client, &did, bytes).await?;
+            self.publish(&did, bytes).await?;
             self.resent += 1;
         }
         Ok(())
@@ -516,9 +566,13 @@ async fn finish(cfg: &SimConfig, mut s: Session, mut report: SimReport) -> Resul
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let _ = s.client.disconnect().await;
+    for c in s.clients.values() {
+        let _ = c.disconnect().await;
+    }
     tokio::time::sleep(Duration::from_millis(50)).await;
-    s.poller.abort();
+    for p in &s.pollers {
+        p.abort();
+    }
     report.resent = s.resent;
     let (missing, invalid, unexpected) = match s.tracker.lock() {
         Ok(t) => {
@@ -564,7 +618,7 @@ pub async fn replay(
     speed: f64,
 ) -> Result<SimReport> {
     let did = key.did().to_string();
-    let mut session = connect(cfg, vec![did.clone()]);
+    let mut session = connect(cfg, &[key])?;
     let mut report = SimReport::default();
     let start = Instant::now();
     let t0 = readings.first().map_or(0, |r| r.time);

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, QoS};
+use rumqttc::{AsyncClient, Event, QoS};
 use tokio::sync::{mpsc, watch};
 use vitaltrail_core::receipt::Receipt;
 
@@ -51,15 +51,13 @@ impl ReceiptMetrics {
 }
 
 /// Topic prefix of receipts: `receipts/<device DID>`.
-pub const RECEIPTS_PREFIX: &str = "receipts/";
+pub const RECEIPTS_PREFIX: &str = vitaltrail_core::topics::RECEIPTS;
 
 /// Where receipts go.
 #[derive(Debug, Clone)]
 pub struct ReceiptConfig {
-    /// MQTT broker host.
-    pub mqtt_host: String,
-    /// MQTT broker port.
-    pub mqtt_port: u16,
+    /// The MQTT broker, and how the publisher authenticates to it.
+    pub mqtt: vitaltrail_mqtt::MqttEndpoint,
     /// The publisher's client ID.
     pub client_id: String,
     /// Receipts queued for publishing at most.
@@ -69,8 +67,7 @@ pub struct ReceiptConfig {
 impl Default for ReceiptConfig {
     fn default() -> Self {
         ReceiptConfig {
-            mqtt_host: "127.0.0.1".into(),
-            mqtt_port: 1883,
+            mqtt: vitaltrail_mqtt::MqttEndpoint::default(),
             client_id: "vitaltrail-receipts".into(),
             queue: 65_536,
         }
@@ -90,7 +87,7 @@ pub async fn publish(
     metrics: ReceiptMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) -> crate::Result<()> {
-    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
+    let mut opts = cfg.mqtt.options(&cfg.client_id);
     opts.set_keep_alive(Duration::from_secs(10))
         .set_clean_session(true)
         .set_inflight(1000)
@@ -131,11 +128,13 @@ pub async fn publish(
         // The DID comes from a record (Kafka) or an MQTT topic: publish only
         // to a valid DID's topic, never to one a hostile key could shape
         // (wildcards, levels).
-        if vitaltrail_core::DeviceId::parse(&r.did).is_err() {
-            metrics.skipped.inc();
-            continue;
-        }
-        let topic = format!("{RECEIPTS_PREFIX}{}", r.did);
+        let topic = match vitaltrail_core::topics::receipts_topic(&r.did) {
+            Some(t) if vitaltrail_core::DeviceId::parse(&r.did).is_ok() => t,
+            _ => {
+                metrics.skipped.inc();
+                continue;
+            }
+        };
         if let Err(e) = client
             .publish(topic, QoS::AtLeastOnce, false, r.to_json())
             .await

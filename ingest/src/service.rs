@@ -5,27 +5,26 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use futures::stream::FuturesOrdered;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
 use tokio::sync::{mpsc, watch};
 use vitaltrail_bus::deadletter::Rejection;
 use vitaltrail_bus::{Outcome, Producer, Record, RejectSink};
 use vitaltrail_core::receipt::{Entry, Receipt};
 use vitaltrail_core::{Clock, DeviceId, DidCache, envelope};
+use vitaltrail_mqtt::MqttEndpoint;
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::registry::{Lookup, SharedRegistry};
 
 /// Topic prefix devices publish under: `vitals/<device DID>`.
-pub const TOPIC_PREFIX: &str = "vitals/";
+pub const TOPIC_PREFIX: &str = vitaltrail_core::topics::VITALS;
 
 /// Typed ingest configuration.
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
-    /// MQTT broker host.
-    pub mqtt_host: String,
-    /// MQTT broker port.
-    pub mqtt_port: u16,
+    /// The MQTT broker, and how ingest authenticates to it.
+    pub mqtt: MqttEndpoint,
     /// MQTT client ID; must be unique per ingest process (persistent session).
     pub client_id: String,
     /// Shared-subscription group; `None` subscribes to `vitals/#` directly.
@@ -59,8 +58,7 @@ pub struct IngestConfig {
 impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
-            mqtt_host: "127.0.0.1".into(),
-            mqtt_port: 1883,
+            mqtt: MqttEndpoint::default(),
             client_id: "vitaltrail-ingest-0".into(),
             share_group: Some("vitaltrail-ingest".into()),
             max_batch: 256,
@@ -153,7 +151,7 @@ async fn run_connection<P: Producer>(
     metrics: Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
+    let mut opts = cfg.mqtt.options(&cfg.client_id);
     opts.set_keep_alive(Duration::from_secs(10))
         .set_clean_session(cfg.clean_session)
         .set_manual_acks(true)
@@ -308,9 +306,7 @@ enum Known {
 }
 
 fn topic_device(topic: &str) -> Option<&str> {
-    topic
-        .strip_prefix(TOPIC_PREFIX)
-        .filter(|d| !d.is_empty() && !d.contains('/'))
+    vitaltrail_core::topics::vitals_device(topic)
 }
 
 /// Receipts per device for the rejections of a batch, in order (split

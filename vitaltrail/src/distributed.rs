@@ -176,8 +176,7 @@ pub async fn run_ingest(cfg: IngestProcessConfig, shutdown: watch::Receiver<bool
     let sink = RejectSink::Kafka(producer.clone());
     // Receipts of ingest's own final rejections, on the same broker.
     let rcfg = vitaltrail_ingest::receipts::ReceiptConfig {
-        mqtt_host: cfg.ingest.mqtt_host.clone(),
-        mqtt_port: cfg.ingest.mqtt_port,
+        mqtt: cfg.ingest.mqtt.clone(),
         client_id: format!("{}-receipts", cfg.ingest.client_id),
         ..Default::default()
     };
@@ -217,7 +216,7 @@ pub struct AttestProcessConfig {
     pub rejects: vitaltrail_bus::deadletter::RejectLimits,
     /// The MQTT broker to publish receipts to (`receipts/<did>`); none
     /// without it.
-    pub mqtt: Option<(String, u16)>,
+    pub mqtt: Option<vitaltrail_mqtt::MqttEndpoint>,
     /// Whose signature `vitals.devices` records must carry (default: this
     /// data directory's operator key).
     pub operator: Option<DeviceId>,
@@ -301,10 +300,9 @@ pub async fn run_attest(cfg: AttestProcessConfig, shutdown: watch::Receiver<bool
         shutdown.clone(),
     ));
     let receipts_tx = match &cfg.mqtt {
-        Some((host, port)) => {
+        Some(mqtt) => {
             let rcfg = vitaltrail_ingest::receipts::ReceiptConfig {
-                mqtt_host: host.clone(),
-                mqtt_port: *port,
+                mqtt: mqtt.clone(),
                 client_id: format!(
                     "vitaltrail-attest-receipts-{}",
                     cfg.partitions

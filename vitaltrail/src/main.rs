@@ -56,12 +56,18 @@ enum Command {
         /// Data directory (logs, checkpoints, rejects, registry, log key).
         #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
         data: PathBuf,
-        /// Where the embedded MQTT broker listens.
-        #[arg(long, env = "VITALTRAIL_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
+        /// Where devices connect to the embedded MQTT broker: mutual TLS
+        /// with a certificate of <data>/mqtt/ca.pem (`vitaltrail devices
+        /// cert`), each device held to vitals/<did> and receipts/<did>.
+        #[arg(long, env = "VITALTRAIL_MQTT_LISTEN", default_value = "127.0.0.1:8883")]
         mqtt_listen: std::net::SocketAddr,
         /// Use this external MQTT broker (HOST:PORT) instead of the embedded one.
         #[arg(long, env = "VITALTRAIL_MQTT")]
         mqtt: Option<String>,
+        /// Connect to the external broker over TLS with the pipeline's client
+        /// certificate from <data>/mqtt (see `vitaltrail mqtt mosquitto`).
+        #[arg(long, requires = "mqtt")]
+        mqtt_tls: bool,
         /// Run the same stages over this Kafka cluster instead of the
         /// in-process bus (bootstrap servers).
         #[arg(long, env = "VITALTRAIL_KAFKA")]
@@ -163,8 +169,18 @@ enum Command {
     /// Simulated wearables: sign readings and publish them over MQTT (QoS 1).
     Sim {
         /// The MQTT broker.
-        #[arg(long, env = "VITALTRAIL_MQTT", default_value = "127.0.0.1:1883")]
+        #[arg(long, env = "VITALTRAIL_MQTT", default_value = "127.0.0.1:8883")]
         mqtt: String,
+        /// Connect each device on its own, over mutual TLS, with a
+        /// certificate for its key from this data directory's device CA
+        /// (<DIR>/mqtt, which `vitaltrail up` creates). Default: the
+        /// --register directory, once it has a CA.
+        #[arg(long)]
+        tls: Option<PathBuf>,
+        /// Connect plainly, one connection for every device (a broker
+        /// without authentication).
+        #[arg(long, conflicts_with = "tls")]
+        no_tls: bool,
         /// Number of devices.
         #[arg(long, default_value_t = 10)]
         devices: usize,
@@ -218,6 +234,11 @@ enum Command {
         #[arg(long = "log-key")]
         log_keys: Vec<String>,
     },
+    /// MQTT broker configuration.
+    Mqtt {
+        #[command(subcommand)]
+        cmd: MqttCmd,
+    },
     /// Run SQL over the verified data: tables readings, checkpoints, rejected.
     Query {
         /// One SQL statement, e.g. "SELECT loinc, avg(value) FROM readings GROUP BY loinc".
@@ -264,7 +285,47 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum MqttCmd {
+    /// Write a Mosquitto 2.0 configuration that holds devices and the
+    /// pipeline to the embedded broker's rules: mutual TLS, the DID as user
+    /// name and client ID, and an ACL from the registry. Run it again after
+    /// registry changes, then send Mosquitto SIGHUP.
+    Mosquitto {
+        /// Write mosquitto.conf, acl and the certificates here.
+        #[arg(long)]
+        out: PathBuf,
+        /// The devices' listener.
+        #[arg(long, default_value = "127.0.0.1:8883")]
+        listen: std::net::SocketAddr,
+        /// The pipeline's listener (ingest and attest --mqtt-tls).
+        #[arg(long, default_value = "127.0.0.1:8884")]
+        pipeline_listen: std::net::SocketAddr,
+        /// More names for the broker's certificate (besides localhost,
+        /// 127.0.0.1 and the listeners' addresses).
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// The user Mosquitto runs as (default: its own, `mosquitto`, which
+        /// must then be able to read <out>/server.key).
+        #[arg(long)]
+        user: Option<String>,
+        /// The data directory (registry, CA).
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        data: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DevicesCmd {
+    /// Print a device's MQTT client certificate (PEM), issued by
+    /// <data>/mqtt/ca.pem for the device's own key; the device is its DID's
+    /// key holder and must be registered and active.
+    Cert {
+        /// The device DID.
+        did: String,
+        /// The data directory.
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        data: PathBuf,
+    },
     /// Register a device for a patient.
     Add {
         /// The device DID.
@@ -424,6 +485,7 @@ fn main() -> ExitCode {
             data,
             mqtt_listen,
             mqtt,
+            mqtt_tls,
             kafka,
             partitions,
             metrics_listen,
@@ -434,6 +496,7 @@ fn main() -> ExitCode {
                 data,
                 mqtt_listen,
                 mqtt,
+                mqtt_tls,
                 kafka,
                 partitions,
                 metrics_listen,
@@ -442,6 +505,8 @@ fn main() -> ExitCode {
         }
         Command::Sim {
             mqtt,
+            tls,
+            no_tls,
             devices,
             rate,
             duration,
@@ -458,6 +523,8 @@ fn main() -> ExitCode {
         } => {
             init_tracing();
             pipeline_cmds::sim(pipeline_cmds::SimArgs {
+                tls,
+                no_tls,
                 receipts: !no_receipts,
                 log_keys,
                 mqtt,
@@ -537,6 +604,20 @@ fn main() -> ExitCode {
         Command::Devices {
             cmd: DevicesCmd::List { data },
         } => pipeline_cmds::devices_list(&data),
+        Command::Devices {
+            cmd: DevicesCmd::Cert { did, data },
+        } => pipeline_cmds::devices_cert(&data, &did),
+        Command::Mqtt {
+            cmd:
+                MqttCmd::Mosquitto {
+                    out,
+                    listen,
+                    pipeline_listen,
+                    names,
+                    user,
+                    data,
+                },
+        } => pipeline_cmds::mqtt_mosquitto(&data, &out, listen, pipeline_listen, names, user),
         Command::Devices {
             cmd: DevicesCmd::Revoke { did, data, kafka },
         } => pipeline_cmds::devices_revoke(&data, &did, kafka),

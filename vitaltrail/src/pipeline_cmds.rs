@@ -15,17 +15,6 @@ use vitaltrail_device_sim::attacks::Attack;
 use vitaltrail_device_sim::physiology::Scenario;
 use vitaltrail_device_sim::publisher::{self, SimConfig};
 
-/// Split `host:port`.
-pub fn host_port(s: &str) -> Result<(String, u16)> {
-    let (h, p) = s
-        .rsplit_once(':')
-        .with_context(|| format!("{s:?} is not HOST:PORT"))?;
-    Ok((
-        h.to_owned(),
-        p.parse().with_context(|| format!("bad port in {s:?}"))?,
-    ))
-}
-
 /// A shutdown signal that turns true on Ctrl-C or SIGTERM.
 fn shutdown_on_ctrl_c() -> tokio::sync::watch::Receiver<bool> {
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -81,6 +70,27 @@ pub struct TrustArgs {
     /// `devices add --kafka` signs with).
     #[arg(long, env = "VITALTRAIL_OPERATOR")]
     operator: Option<String>,
+    /// Connect to the MQTT broker over TLS with the pipeline's client
+    /// certificate from <data>/mqtt (`vitaltrail mqtt mosquitto` writes a
+    /// Mosquitto configuration that requires it).
+    #[arg(long)]
+    mqtt_tls: bool,
+}
+
+/// The MQTT broker at `addr`; with `tls`, over TLS with the pipeline's
+/// client certificate from `<data>/mqtt`.
+pub fn pipeline_mqtt(addr: &str, tls: bool, data: &Path) -> Result<vitaltrail_mqtt::MqttEndpoint> {
+    let e = vitaltrail_mqtt::MqttEndpoint::parse(addr)?;
+    if !tls {
+        return Ok(e);
+    }
+    let pki = vitaltrail_mqtt::Pki::open(data).with_context(|| {
+        format!(
+            "--mqtt-tls needs the pipeline certificate in {}/mqtt (`vitaltrail mqtt mosquitto` makes it)",
+            data.display()
+        )
+    })?;
+    Ok(e.with_tls(pki.pipeline_tls()?))
 }
 
 impl TrustArgs {
@@ -135,12 +145,10 @@ pub fn ingest(a: IngestArgs) -> Result<ExitCode> {
     } = a;
     use vitaltrail::distributed::{IngestProcessConfig, run_ingest};
     up::exit_on_panic();
-    let (host, port) = host_port(&mqtt)?;
     let cfg = IngestProcessConfig {
         kafka: trust.kafka(kafka, topic_partitions, &data)?,
         ingest: vitaltrail_ingest::IngestConfig {
-            mqtt_host: host,
-            mqtt_port: port,
+            mqtt: pipeline_mqtt(&mqtt, trust.mqtt_tls, &data)?,
             client_id,
             share_group: Some(share_group),
             connections,
@@ -176,7 +184,10 @@ pub fn attest(
         partitions,
         dead_letters,
         rejects: Default::default(),
-        mqtt: mqtt.as_deref().map(host_port).transpose()?,
+        mqtt: mqtt
+            .as_deref()
+            .map(|m| pipeline_mqtt(m, trust.mqtt_tls, &data))
+            .transpose()?,
         operator: trust.operator()?,
         partial,
         attestor: AttestorConfig {
@@ -192,10 +203,12 @@ pub fn attest(
 }
 
 /// `vitaltrail up`.
+#[allow(clippy::too_many_arguments)]
 pub fn up(
     data: PathBuf,
     mqtt_listen: SocketAddr,
     mqtt: Option<String>,
+    mqtt_tls: bool,
     kafka: Option<String>,
     partitions: Option<u32>,
     metrics_listen: SocketAddr,
@@ -207,10 +220,14 @@ pub fn up(
         (None, 0) => 1,
         (None, n) => n,
     };
+    let external_mqtt = mqtt
+        .as_deref()
+        .map(|m| pipeline_mqtt(m, mqtt_tls, &data))
+        .transpose()?;
     let cfg = UpConfig {
         data_dir: data,
         mqtt_listen,
-        external_mqtt: mqtt.as_deref().map(host_port).transpose()?,
+        external_mqtt,
         kafka,
         partitions,
         metrics_listen: Some(metrics_listen),
@@ -251,6 +268,8 @@ pub struct SimArgs {
     pub speed: f64,
     pub receipts: bool,
     pub log_keys: Vec<String>,
+    pub tls: Option<PathBuf>,
+    pub no_tls: bool,
 }
 
 /// `vitaltrail sim`.
@@ -273,7 +292,27 @@ pub fn sim(a: SimArgs) -> Result<ExitCode> {
             })?);
         }
     }
-    let (host, port) = host_port(&a.mqtt)?;
+    let mqtt = vitaltrail_mqtt::MqttEndpoint::parse(&a.mqtt)?;
+    // Device certificates: from --tls, else from the --register directory
+    // once `up` has made its CA there.
+    let tls_dir = match (&a.tls, &a.register) {
+        _ if a.no_tls => None,
+        (Some(d), _) => Some(d.clone()),
+        (None, Some(d)) if d.join("mqtt").join("ca.key").exists() => Some(d.clone()),
+        _ => None,
+    };
+    let device_tls = tls_dir
+        .map(|d| {
+            vitaltrail_mqtt::Pki::open(&d)
+                .map(Arc::new)
+                .with_context(|| {
+                    format!(
+                        "the device CA of {} (does `vitaltrail up` run there?)",
+                        d.display()
+                    )
+                })
+        })
+        .transpose()?;
     let replaying = a.replay_rr.is_some() || a.replay_ecg.is_some();
     let devices = if replaying { 1 } else { a.devices };
     let mut devs = publisher::devices(a.seed, devices, &scenarios);
@@ -304,8 +343,8 @@ pub fn sim(a: SimArgs) -> Result<ExitCode> {
         log_keys.extend(data_log_keys(data));
     }
     let cfg = SimConfig {
-        mqtt_host: host,
-        mqtt_port: port,
+        mqtt,
+        device_tls,
         client_id: format!("vitaltrail-sim-{}", a.seed),
         rate: a.rate,
         duration: Duration::from_secs_f64(a.duration_secs),
@@ -379,6 +418,59 @@ fn data_log_keys(data: &Path) -> Vec<vitaltrail_core::LogPublicKey> {
         .filter_map(|d| std::fs::read_to_string(d.join("log.vkey")).ok())
         .filter_map(|k| vitaltrail_core::LogPublicKey::parse(k.trim()).ok())
         .collect()
+}
+
+/// The DIDs the registry of `data` holds as active.
+fn active_devices(data: &Path) -> Result<Vec<String>> {
+    let reg = up::registry_file(data).load()?;
+    Ok(reg
+        .devices()
+        .filter(|e| e.revoked_ms.is_none())
+        .map(|e| e.did.clone())
+        .collect())
+}
+
+/// `vitaltrail devices cert`.
+pub fn devices_cert(data: &Path, did: &str) -> Result<ExitCode> {
+    let did = DeviceId::parse(did).context("DID")?;
+    if !active_devices(data)?.iter().any(|d| d == did.as_str()) {
+        bail!(
+            "{} is not an active device of {}: register it first (`vitaltrail devices add`)",
+            did.as_str(),
+            data.display()
+        );
+    }
+    let pki = vitaltrail_mqtt::Pki::load_or_create(data, &[])?;
+    print!("{}", pki.issue_device(&did)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vitaltrail mqtt mosquitto`.
+pub fn mqtt_mosquitto(
+    data: &Path,
+    out: &Path,
+    listen: SocketAddr,
+    pipeline_listen: SocketAddr,
+    mut names: Vec<String>,
+    user: Option<String>,
+) -> Result<ExitCode> {
+    names.push(listen.ip().to_string());
+    names.push(pipeline_listen.ip().to_string());
+    let pki = vitaltrail_mqtt::Pki::load_or_create(data, &names)?;
+    let active = active_devices(data)?;
+    let cfg = vitaltrail_mqtt::mosquitto::MosquittoConfig {
+        devices: listen,
+        pipeline: pipeline_listen,
+        user,
+    };
+    vitaltrail_mqtt::mosquitto::write(&pki, &cfg, &active, out)?;
+    eprintln!(
+        "wrote {}/mosquitto.conf and its ACL for {} active device(s); start `mosquitto -c {}/mosquitto.conf`",
+        out.display(),
+        active.len(),
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `vitaltrail devices add`.

@@ -5,7 +5,6 @@
 //! durable Merkle log is the write-ahead log, and an MQTT acknowledgement
 //! waits for it), one attestor worker per partition, and `/metrics`.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,10 +27,12 @@ use vitaltrail_ingest::registry::{RegistryFile, SharedRegistry};
 pub struct UpConfig {
     /// Everything durable lives here.
     pub data_dir: PathBuf,
-    /// Where the embedded MQTT broker listens; ignored with `external_mqtt`.
+    /// Where devices connect to the embedded broker (mutual TLS, through
+    /// the gate); ignored with `external_mqtt`.
     pub mqtt_listen: SocketAddr,
-    /// Use this broker instead of the embedded one.
-    pub external_mqtt: Option<(String, u16)>,
+    /// Use this broker instead of the embedded one (how the pipeline
+    /// authenticates to it included).
+    pub external_mqtt: Option<vitaltrail_mqtt::MqttEndpoint>,
     /// Partitions of the in-process bus (one attestor worker and log each).
     pub partitions: u32,
     /// Records each bus partition holds in flight.
@@ -54,7 +55,7 @@ impl Default for UpConfig {
     fn default() -> Self {
         UpConfig {
             data_dir: PathBuf::from("vitaltrail-data"),
-            mqtt_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            mqtt_listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
             external_mqtt: None,
             partitions: 1,
             bus_capacity: 8192,
@@ -129,70 +130,35 @@ pub fn existing_partitions(data_dir: &Path) -> u32 {
         .count() as u32
 }
 
-/// Start the embedded MQTT broker on `listen` (runs on its own threads).
-/// The returned future resolves, with the reason, if the broker stops:
-/// the caller must treat that as the death of a stage.
+/// Start an open embedded MQTT broker on `listen`, with no gate and no
+/// authentication: for benchmarks and tests of the transport only, never
+/// for devices. The returned future resolves, with the reason, if the
+/// broker stops.
 pub fn start_embedded_broker(
     listen: SocketAddr,
 ) -> Result<impl std::future::Future<Output = Result<()>> + Send + 'static> {
-    use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
-    let mut v4 = HashMap::new();
-    v4.insert(
-        "1".to_owned(),
-        ServerSettings {
-            name: "vitaltrail-v4".into(),
-            listen,
-            tls: None,
-            next_connection_delay_ms: 1,
-            connections: ConnectionSettings {
-                connection_timeout_ms: 60_000,
-                max_payload_size: 256 * 1024,
-                max_inflight_count: 1000,
-                auth: None,
-                external_auth: None,
-                dynamic_filters: true,
-            },
-        },
-    );
-    let config = Config {
-        id: 0,
-        router: RouterConfig {
-            max_connections: 10_010,
-            max_outgoing_packet_count: 1000,
-            max_segment_size: 16 * 1024 * 1024,
-            max_segment_count: 10,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v4: Some(v4),
-        v5: None,
-        ws: None,
-        cluster: None,
-        console: None,
-        bridge: None,
-        prometheus: None,
-        metrics: None,
-    };
-    let mut broker = Broker::new(config);
-    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
-    std::thread::Builder::new()
-        .name("rumqttd".into())
-        .spawn(move || {
-            // A panic here drops `tx` as well: the receiver sees it either way.
-            let why = match broker.start() {
-                Ok(()) => "the embedded MQTT broker returned".to_owned(),
-                Err(e) => format!("the embedded MQTT broker failed: {e}"),
-            };
-            let _ = tx.send(why);
-        })?;
-    Ok(async move {
-        let why = rx
-            .await
-            .unwrap_or_else(|_| "the embedded MQTT broker thread panicked".to_owned());
-        tracing::error!(reason = %why, "a stage died");
-        Err(anyhow::anyhow!(why))
-    })
+    let dead =
+        vitaltrail_mqtt::embedded::start(&vitaltrail_mqtt::embedded::EmbeddedConfig::open(listen))?;
+    Ok(async move { dead.await.map_err(anyhow::Error::from) })
+}
+
+/// The pipeline's token for the embedded broker (`<data>/keys/mqtt.token`).
+pub fn mqtt_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("mqtt.token")
+}
+
+/// Whether the registry holds a device as active (the gate's check).
+pub fn device_check(reg: &SharedRegistry) -> vitaltrail_mqtt::gate::DeviceCheck {
+    use vitaltrail_ingest::registry::Lookup;
+    let reg = reg.clone();
+    Arc::new(move |did: &str| reg.with(|r| matches!(r.lookup(did), Lookup::Active(_))))
+}
+
+/// A free TCP port on loopback (for the embedded broker, which only the
+/// gate and the pipeline in this process reach).
+fn free_loopback_port() -> Result<SocketAddr> {
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(l.local_addr()?)
 }
 
 /// Make every panic, on any thread (the embedded broker's included), end
@@ -214,20 +180,57 @@ pub fn exit_on_panic() {
 /// A stage's life: resolves (with an error) only if the stage dies.
 type Watchdog = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
-/// The MQTT broker to use: the external one, or the embedded one, started
-/// here and ready to accept connections, with its watchdog.
-async fn mqtt_endpoint(cfg: &UpConfig) -> Result<((String, u16), Watchdog)> {
-    match &cfg.external_mqtt {
-        Some((h, p)) => Ok(((h.clone(), *p), Box::pin(std::future::pending()))),
-        None => {
-            let dead = start_embedded_broker(cfg.mqtt_listen)?;
-            wait_for_port(cfg.mqtt_listen, Duration::from_secs(5)).await?;
-            Ok((
-                (cfg.mqtt_listen.ip().to_string(), cfg.mqtt_listen.port()),
-                Box::pin(dead),
-            ))
-        }
+/// The MQTT broker the pipeline uses: the external one, or the embedded
+/// one, started here with its device gate and ready to accept
+/// connections, with their watchdog. The embedded broker listens on a
+/// loopback port for the gate and the pipeline only (token
+/// `<data>/keys/mqtt.token`); devices reach it through the gate on
+/// `cfg.mqtt_listen`, with a certificate of `<data>/mqtt/ca.pem`.
+async fn mqtt_endpoint(
+    cfg: &UpConfig,
+    devices: &SharedRegistry,
+    registry: &prometheus::Registry,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(vitaltrail_mqtt::MqttEndpoint, Watchdog)> {
+    use vitaltrail_mqtt::{Login, MqttEndpoint, PIPELINE_USER, Pki, embedded, gate};
+    if let Some(e) = &cfg.external_mqtt {
+        return Ok((e.clone(), Box::pin(std::future::pending())));
     }
+    let token = load_or_create_token(&mqtt_token_path(&cfg.data_dir))?;
+    let pki = Pki::load_or_create(&cfg.data_dir, &[cfg.mqtt_listen.ip().to_string()])
+        .context("the MQTT certificate authority (<data>/mqtt)")?;
+    let internal = free_loopback_port()?;
+    let broker = embedded::start(&embedded::EmbeddedConfig {
+        listen: internal,
+        token: Some(token.clone()),
+        max_connections: 10_010,
+    })?;
+    wait_for_port(internal, Duration::from_secs(5)).await?;
+    let gate_cfg = gate::GateConfig::new(cfg.mqtt_listen, &pki, internal, token.clone())?;
+    let metrics = vitaltrail_mqtt::metrics::GateMetrics::new(registry)?;
+    let gate = tokio::spawn(gate::run(
+        gate_cfg,
+        device_check(devices),
+        metrics,
+        shutdown,
+    ));
+    wait_for_port(cfg.mqtt_listen, Duration::from_secs(5)).await?;
+    let watchdog = async move {
+        tokio::select! {
+            r = broker => r.map_err(anyhow::Error::from),
+            r = gate => match r {
+                Ok(Ok(())) => std::future::pending().await,
+                Ok(Err(e)) => Err(anyhow::Error::from(e).context("the MQTT device gate stopped")),
+                Err(e) => Err(anyhow::anyhow!("the MQTT device gate panicked: {e}")),
+            },
+        }
+    };
+    let mut endpoint = MqttEndpoint::plain("127.0.0.1", internal.port());
+    endpoint.login = Some(Login {
+        username: PIPELINE_USER.into(),
+        password: token,
+    });
+    Ok((endpoint, Box::pin(watchdog)))
 }
 
 /// Wait until something accepts TCP connections on `addr`.
@@ -415,7 +418,6 @@ async fn run_over_kafka(
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     use crate::distributed::{AttestProcessConfig, IngestProcessConfig, run_attest, run_ingest};
-    let ((host, port), broker) = mqtt_endpoint(&cfg).await?;
     let registry = prometheus::Registry::new();
     let kafka = vitaltrail_bus::kafka::KafkaConfig {
         brokers,
@@ -426,11 +428,20 @@ async fn run_over_kafka(
         client: cfg.kafka_client.clone(),
         ..Default::default()
     };
+    // Topics first (both stages would create them, and the registry
+    // follower reads one), then the gate's registry check (the local file
+    // and vitals.devices, as ingest and the attestor keep their own), then
+    // both stages.
+    vitaltrail_bus::kafka::ensure_topics(&kafka).await?;
+    let (devices, _watch) =
+        SharedRegistry::watch(registry_file(&cfg.data_dir), Duration::from_millis(500))?;
+    let operator = crate::distributed::trusted_operator(None, &cfg.data_dir)?;
+    let _follow = crate::distributed::follow_registry(&kafka, &devices, &operator).await?;
+    let (mqtt, broker) = mqtt_endpoint(&cfg, &devices, &registry, shutdown.clone()).await?;
     let ingest = IngestProcessConfig {
         kafka: kafka.clone(),
         ingest: IngestConfig {
-            mqtt_host: host.clone(),
-            mqtt_port: port,
+            mqtt: mqtt.clone(),
             ..cfg.ingest.clone()
         },
         data_dir: cfg.data_dir.clone(),
@@ -443,7 +454,7 @@ async fn run_over_kafka(
         partitions: (0..cfg.partitions).collect(),
         dead_letters: true,
         rejects: cfg.rejects,
-        mqtt: Some((host.clone(), port)),
+        mqtt: Some(mqtt.clone()),
         operator: None,
         partial: false,
         attestor: AttestorConfig {
@@ -464,8 +475,6 @@ async fn run_over_kafka(
             shutdown.clone(),
         ));
     }
-    // Topics first (both stages would create them), then both stages.
-    vitaltrail_bus::kafka::ensure_topics(&ingest.kafka).await?;
     let a = tokio::spawn(run_attest(attest, shutdown.clone()));
     let i = tokio::spawn(run_ingest(ingest, shutdown));
     let both = async {
@@ -539,13 +548,12 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
         attestors.spawn(async move { run.await.map_err(anyhow::Error::from) });
     }
 
-    let ((host, port), broker) = mqtt_endpoint(&cfg).await?;
+    let (mqtt, broker) = mqtt_endpoint(&cfg, &devices, &registry, rest_stop_rx.clone()).await?;
     let mut broker = broker;
     let mut others = tokio::task::JoinSet::new();
     others.spawn({
         let cfg = vitaltrail_ingest::receipts::ReceiptConfig {
-            mqtt_host: host.clone(),
-            mqtt_port: port,
+            mqtt: mqtt.clone(),
             client_id: format!("{}-receipts", cfg.ingest.client_id),
             ..Default::default()
         };
@@ -576,8 +584,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
         ));
     }
     let ingest_cfg = IngestConfig {
-        mqtt_host: host.clone(),
-        mqtt_port: port,
+        mqtt: mqtt.clone(),
         // The embedded broker's sessions die with this process.
         clean_session: cfg.external_mqtt.is_none(),
         ..cfg.ingest.clone()
@@ -600,7 +607,11 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
             .map_err(anyhow::Error::from)
         }
     });
-    tracing::info!(mqtt = %format!("{host}:{port}"), data = %cfg.data_dir.display(), partitions = cfg.partitions, "vitaltrail is up");
+    let devices_at = match &cfg.external_mqtt {
+        Some(e) => format!("{}:{}", e.host, e.port),
+        None => cfg.mqtt_listen.to_string(),
+    };
+    tracing::info!(mqtt = %devices_at, data = %cfg.data_dir.display(), partitions = cfg.partitions, "vitaltrail is up");
     // Until ingest has drained, any other stage ending is a failure.
     tokio::select! {
         r = &mut broker => r?,

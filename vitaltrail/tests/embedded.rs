@@ -66,7 +66,8 @@ async fn embedded_pipeline_logs_valid_readings_once_and_rejects_every_attack() {
         })
         .collect();
     let sim = SimConfig {
-        mqtt_port: mqtt.port(),
+        mqtt: vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", mqtt.port()),
+        device_tls: common::device_tls(data.path()),
         rate: 25.0,
         duration: Duration::from_secs(2),
         attacks: Attack::ALL.to_vec(),

@@ -103,7 +103,7 @@ async fn two_ingest_processes_and_an_attestor_over_kafka() {
         p.assert_running();
     }
     let sim = SimConfig {
-        mqtt_port: c.mqtt.port,
+        mqtt: vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", c.mqtt.port),
         rate: 20.0,
         duration: Duration::from_secs(3),
         attacks: Attack::ALL.to_vec(),
@@ -191,7 +191,7 @@ async fn kill_9_of_ingest_and_attestor_loses_and_duplicates_nothing() {
     let mut c = start(data.path(), false);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let sim = SimConfig {
-        mqtt_port: c.mqtt.port,
+        mqtt: vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", c.mqtt.port),
         rate: 20.0,
         duration: Duration::from_secs(8),
         attacks: Attack::ALL.to_vec(),
@@ -237,7 +237,7 @@ async fn nothing_is_lost_when_the_kafka_broker_restarts() {
     let mut c = start(data.path(), true);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let sim = SimConfig {
-        mqtt_port: c.mqtt.port,
+        mqtt: vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", c.mqtt.port),
         rate: 20.0,
         duration: Duration::from_secs(5),
         attacks: vec![Attack::ForgedSignature, Attack::Replay],
@@ -283,7 +283,8 @@ async fn up_with_kafka_runs_the_same_stages_in_one_process() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let sim = SimConfig {
-        mqtt_port: mqtt.port(),
+        device_tls: common::device_tls(data.path()),
+        mqtt: vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", mqtt.port()),
         rate: 20.0,
         duration: Duration::from_secs(2),
         attacks: Attack::ALL.to_vec(),
@@ -405,7 +406,7 @@ async fn registry_and_checkpoints_travel_over_kafka() {
     }
 
     let sim = SimConfig {
-        mqtt_port: mqtt.port,
+        mqtt: vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", mqtt.port),
         rate: 20.0,
         duration: Duration::from_secs(2),
         ..SimConfig::default()

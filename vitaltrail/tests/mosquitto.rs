@@ -21,7 +21,7 @@ use vitaltrail_ingest::IngestConfig;
 fn config(data: &std::path::Path, mqtt_port: u16, partitions: u32) -> UpConfig {
     UpConfig {
         data_dir: data.to_owned(),
-        external_mqtt: Some(("127.0.0.1".into(), mqtt_port)),
+        external_mqtt: Some(vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", mqtt_port)),
         partitions,
         metrics_listen: None,
         attestor: AttestorConfig {
@@ -61,7 +61,7 @@ async fn pipeline_over_mosquitto_with_a_shared_subscription() {
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sim = SimConfig {
-        mqtt_port: broker.port,
+        mqtt: vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", broker.port),
         rate: 20.0,
         duration: Duration::from_secs(2),
         attacks: Attack::ALL.to_vec(),
@@ -178,7 +178,7 @@ async fn nothing_is_lost_when_mosquitto_restarts_mid_run() {
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sim = SimConfig {
-        mqtt_port: broker.port,
+        mqtt: vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", broker.port),
         rate: 25.0,
         duration: Duration::from_secs(4),
         attacks: vec![Attack::ForgedSignature, Attack::UnknownDevice],

@@ -29,6 +29,21 @@ fn python() -> std::path::PathBuf {
     py
 }
 
+/// The flags that give the Python device its mutual-TLS files: the CA of
+/// `up`'s data directory, a certificate for the key, and the key (PKCS#8).
+fn device_files(data: &std::path::Path, key: &SecretKey) -> Vec<String> {
+    let pki = vitaltrail_mqtt::Pki::open(data).unwrap();
+    let dir = data.join("py-device");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), pki.issue_device(key.did()).unwrap()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.to_pkcs8_pem().unwrap().as_bytes()).unwrap();
+    vec![
+        format!("--ca={}", pki.path("ca.pem").display()),
+        format!("--cert={}", dir.join("cert.pem").display()),
+        format!("--key={}", dir.join("key.pem").display()),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_independent_device_verifies_its_receipts() {
     let py = python();
@@ -88,6 +103,7 @@ async fn an_independent_device_verifies_its_receipts() {
     let out = tokio::task::spawn_blocking({
         let (py, vkey, files) = (py.clone(), vkey.clone(), files.clone());
         let port = mqtt.port().to_string();
+        let tls = device_files(data.path(), &key);
         move || {
             std::process::Command::new(py)
                 .arg(script)
@@ -95,6 +111,7 @@ async fn an_independent_device_verifies_its_receipts() {
                 .arg(&vkey)
                 .args(&files)
                 .args(["--junk", "--resend-first"])
+                .args(tls)
                 .output()
                 .unwrap()
         }

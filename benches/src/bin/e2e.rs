@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::Parser;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
@@ -136,25 +136,43 @@ async fn publish(
     port: u16,
     msgs: &[Signed],
     rate: Option<f64>,
+    tls: Option<(&vitaltrail_mqtt::Pki, &[SecretKey])>,
 ) -> Result<HashMap<(String, u64), u64>> {
-    let mut opts = MqttOptions::new(format!("bench-pub-{}", free_port()), "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30))
-        .set_inflight(1000)
-        .set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut el) = AsyncClient::new(opts, 10_000);
     let acked = Arc::new(AtomicU64::new(0));
-    let a = acked.clone();
-    let poller = tokio::spawn(async move {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    a.fetch_add(1, Ordering::Relaxed);
+    let mut pollers = Vec::new();
+    // One plain connection for every device (an open broker), or, through
+    // the gate, one mutual-TLS connection per device, as real devices do.
+    let mut clients: HashMap<String, AsyncClient> = HashMap::new();
+    let mut open = |id: String, endpoint: vitaltrail_mqtt::MqttEndpoint, did: String| {
+        let mut opts = endpoint.options(&id);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_inflight(1000)
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut el) = AsyncClient::new(opts, 10_000);
+        let a = acked.clone();
+        pollers.push(tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        a.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }));
+        clients.insert(did, client);
+    };
+    let plain = vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", port);
+    match tls {
+        None => open(format!("bench-pub-{}", free_port()), plain, String::new()),
+        Some((pki, keys)) => {
+            for k in keys {
+                let did = k.did().to_string();
+                open(did.clone(), plain.clone().with_tls(pki.device_tls(k)?), did);
             }
         }
-    });
+    }
     let mut sent = HashMap::with_capacity(msgs.len());
     let start = Instant::now();
     for (i, m) in msgs.iter().enumerate() {
@@ -165,6 +183,10 @@ async fn publish(
             }
         }
         sent.insert((m.did.clone(), m.seq), SystemClock.now_ms());
+        let client = clients
+            .get(&m.did)
+            .or_else(|| clients.get(""))
+            .context("no connection for a device")?;
         client
             .publish(
                 format!("vitals/{}", m.did),
@@ -177,7 +199,9 @@ async fn publish(
     while acked.load(Ordering::Relaxed) < msgs.len() as u64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    poller.abort();
+    for p in pollers {
+        p.abort();
+    }
     Ok(sent)
 }
 
@@ -287,7 +311,8 @@ async fn run_path(
     let name = path.name;
     let cpu0 = cpu_seconds();
     let t = Instant::now();
-    publish(mqtt.port(), msgs, None).await?;
+    let pki = vitaltrail_mqtt::Pki::open(data.path())?;
+    publish(mqtt.port(), msgs, None, Some((&pki, keys))).await?;
     while appended(metrics_listen).await < msgs.len() as u64 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -307,7 +332,13 @@ async fn run_path(
     let msgs2 = sign_all(keys, n, 1_000_000)?;
     let before = appended(metrics_listen).await;
     let cpu0 = cpu_seconds();
-    let sent = publish(mqtt.port(), &msgs2, Some(a.latency_rate)).await?;
+    let sent = publish(
+        mqtt.port(),
+        &msgs2,
+        Some(a.latency_rate),
+        Some((&pki, keys)),
+    )
+    .await?;
     while appended(metrics_listen).await < before + n as u64 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -451,7 +482,7 @@ async fn transport_to_kafka(msgs: &[Signed], brokers: &str, connections: usize) 
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t = Instant::now();
-    publish(port, msgs, None).await?;
+    publish(port, msgs, None, None).await?;
     while got.load(Ordering::Relaxed) < msgs.len() as u64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -506,7 +537,7 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let t = Instant::now();
-    publish(port, &msgs, None).await?;
+    publish(port, &msgs, None, None).await?;
     while got.load(Ordering::Relaxed) < a.readings as u64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -14,6 +14,15 @@ use vitaltrail_bus::deadletter::RejectLog;
 use vitaltrail_core::{Checkpoint, LogPublicKey, ProofBundle, envelope, leaf, merkle};
 use vitaltrail_device_sim::publisher::SimReport;
 
+/// The device CA `vitaltrail up` made in `data` (devices connect through
+/// its gate with certificates of it).
+#[allow(dead_code)]
+pub fn device_tls(data: &Path) -> Option<std::sync::Arc<vitaltrail_mqtt::Pki>> {
+    Some(std::sync::Arc::new(
+        vitaltrail_mqtt::Pki::open(data).expect("up made its CA in the data directory"),
+    ))
+}
+
 pub fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -70,6 +79,24 @@ impl Mosquitto {
             child: None,
             conf,
             _dir: dir,
+        };
+        m.spawn(&bin);
+        m
+    }
+
+    /// A Mosquitto with this configuration file, whose first listener is
+    /// on `port`.
+    #[allow(dead_code)]
+    pub fn with_config(conf: PathBuf, port: u16) -> Mosquitto {
+        let bin = require(
+            "mosquitto",
+            "install Debian packages `mosquitto mosquitto-clients`",
+        );
+        let mut m = Mosquitto {
+            port,
+            child: None,
+            conf,
+            _dir: tempfile::tempdir().unwrap(),
         };
         m.spawn(&bin);
         m

@@ -83,7 +83,8 @@ def verify_inclusion(leaf, index, size, proof, root):
 
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    flags = {a for a in sys.argv[1:] if a.startswith("--")}
+    flags = {a for a in sys.argv[1:] if a.startswith("--") and "=" not in a}
+    opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
     host, port, did, vkey = args[0], int(args[1]), args[2], args[3]
     key = parse_vkey(open(vkey).read())
     pending = {}  # message_hash -> bytes
@@ -131,6 +132,9 @@ def main():
 
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"py-{did[-12:]}", clean_session=False)
     c.on_connect, c.on_message, c.on_subscribe = on_connect, on_message, on_subscribe
+    if "ca" in opts:
+        # Mutual TLS: the broker's CA, and this device's certificate and key.
+        c.tls_set(ca_certs=opts["ca"], certfile=opts["cert"], keyfile=opts["key"])
     c.connect(host, port)
     c.loop_start()
     assert subscribed.wait(10), "no SUBACK"

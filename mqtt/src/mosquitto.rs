@@ -1,0 +1,132 @@
+//! Mosquitto configuration from the device registry.
+//!
+//! [`write`] writes, into one directory, everything a Mosquitto 2.0 needs
+//! to hold devices and the pipeline to the same rules as the embedded
+//! broker's gate:
+//! - `mosquitto.conf`: two listeners and no anonymous clients.
+//!   - **devices**: TLS with a required client certificate of the device
+//!     CA; the certificate's common name (the DID) is the user name
+//!     (`use_identity_as_username`) and the client ID
+//!     (`use_username_as_clientid`), so no device can take over another
+//!     client's ID or session.
+//!   - **pipeline**: TLS with a required client certificate of the
+//!     *pipeline* CA, which signs nothing but the pipeline's own, so no
+//!     device can connect there and pick the pipeline's client IDs.
+//!   - `retain_available false`: nothing a client sends is kept.
+//!   - the same packet limit as the embedded broker (256 KiB + 1 KiB), at
+//!     most 100 unacknowledged messages in flight and 100,000 queued per
+//!     client, so one slow client cannot grow the broker without bound.
+//! - `acl`: the pipeline may read `vitals/#` (and so join the ingest share
+//!   group) and write `receipts/#`; each **active** registered device may
+//!   write `vitals/<did>` (and below it, which ingest dead-letters) and
+//!   read `receipts/<did>`. A revoked or unknown device gets no line, so it
+//!   can neither publish nor subscribe.
+//! - the certificates and keys the listeners name.
+//!
+//! Run it again after the registry changes and send Mosquitto `SIGHUP`; it
+//! re-reads the ACL.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use crate::{Error, PIPELINE_USER, Pki, Result};
+
+/// Where the two listeners are.
+#[derive(Debug, Clone)]
+pub struct MosquittoConfig {
+    /// Devices connect here.
+    pub devices: SocketAddr,
+    /// The pipeline (ingest, the receipt publisher) connects here.
+    pub pipeline: SocketAddr,
+    /// The user Mosquitto runs as (`user`); `None` keeps its default
+    /// (`mosquitto`), which must be able to read `server.key`.
+    pub user: Option<String>,
+}
+
+/// The ACL for these active devices.
+pub fn acl(active: &[String]) -> String {
+    let mut s = String::from(
+        "# Written by `vitaltrail mqtt mosquitto` from the device registry.\n\
+         # The pipeline: every device's readings, every device's receipts.\n",
+    );
+    s.push_str(&format!(
+        "user {PIPELINE_USER}\ntopic read vitals/#\ntopic write receipts/#\n\n"
+    ));
+    s.push_str("# Active devices: their own readings and receipts, nothing else.\n");
+    for did in active {
+        // Only a DID that is safe in a topic gets a line.
+        let (Some(v), Some(r)) = (
+            vitaltrail_core::topics::vitals_topic(did),
+            vitaltrail_core::topics::receipts_topic(did),
+        ) else {
+            continue;
+        };
+        s.push_str(&format!(
+            "user {did}\ntopic write {v}\ntopic write {v}/#\ntopic read {r}\n\n"
+        ));
+    }
+    s
+}
+
+fn copy(pki: &Pki, name: &str, out: &Path) -> Result<()> {
+    let to = out.join(name);
+    std::fs::copy(pki.path(name), &to).map_err(|e| Error::io(&to, e))?;
+    Ok(())
+}
+
+/// Write the configuration for `active` devices into `out`.
+pub fn write(pki: &Pki, cfg: &MosquittoConfig, active: &[String], out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    for f in ["ca.pem", "pipeline-ca.pem", "server.pem", "server.key"] {
+        copy(pki, f, out)?;
+    }
+    let o = out.display();
+    let listener = |addr: &SocketAddr, ca: &str, clientid: bool| {
+        format!(
+            "listener {port} {host}\n\
+             cafile {o}/{ca}\ncertfile {o}/server.pem\nkeyfile {o}/server.key\n\
+             require_certificate true\nuse_identity_as_username true\n{extra}\n",
+            port = addr.port(),
+            host = addr.ip(),
+            extra = if clientid {
+                "use_username_as_clientid true\n"
+            } else {
+                ""
+            },
+        )
+    };
+    let conf = format!(
+        "# Written by `vitaltrail mqtt mosquitto`; see docs/threat-model.md (Broker).\n\
+         per_listener_settings false\nallow_anonymous false\nretain_available false\n\
+         max_packet_size {max_packet}\nmax_inflight_messages 100\nmax_queued_messages 100000\n\
+         acl_file {o}/acl\n{user}\n\
+         # Devices: a device-CA certificate; the DID is user name and client ID.\n{}\
+         # The pipeline: only a pipeline-CA certificate.\n{}",
+        listener(&cfg.devices, "ca.pem", true),
+        listener(&cfg.pipeline, "pipeline-ca.pem", false),
+        max_packet = crate::embedded::MAX_PAYLOAD + 1024,
+        user = cfg
+            .user
+            .as_ref()
+            .map_or(String::new(), |u| format!("user {u}\n")),
+    );
+    let acl_path = out.join("acl");
+    std::fs::write(&acl_path, acl(active)).map_err(|e| Error::io(&acl_path, e))?;
+    let conf_path = out.join("mosquitto.conf");
+    std::fs::write(&conf_path, conf).map_err(|e| Error::io(&conf_path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_active_well_formed_devices_get_acl_lines() {
+        let did = "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK";
+        let a = acl(&[did.to_owned(), "did:key:#".to_owned()]);
+        assert!(a.contains(&format!("user {did}\ntopic write vitals/{did}\n")));
+        assert!(a.contains(&format!("topic read receipts/{did}\n")));
+        assert!(!a.contains("did:key:#"));
+        assert_eq!(a.matches("topic read vitals/#").count(), 1);
+    }
+}

@@ -1,0 +1,298 @@
+//! The certificate authorities of a data directory (`<data>/mqtt/`).
+//!
+//! | file | what |
+//! |---|---|
+//! | `ca.pem`, `ca.key` | the device CA: signs device certificates and the broker's |
+//! | `server.pem`, `server.key` | the broker's certificate (names: `localhost`, `127.0.0.1`, and any given) |
+//! | `pipeline-ca.pem`, `pipeline-ca.key` | the pipeline CA: signs only pipeline client certificates |
+//! | `pipeline.pem`, `pipeline.key` | the pipeline's client certificate (CN `vitaltrail-pipeline`) |
+//!
+//! Keys are Ed25519, in mode-0600 PKCS#8 PEM files. A **device
+//! certificate** carries the device's own `did:key` public key, and its DID
+//! as common name (Mosquitto's user name) and URI name. Issuing one
+//! needs no secret from the device, and only the holder of the device key
+//! can use it. It is issued only for a device the registry holds as
+//! active (the caller checks).
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ED25519, SanType, SerialNumber,
+};
+use time::{Duration, OffsetDateTime};
+use vitaltrail_core::DeviceId;
+
+use crate::{Error, PIPELINE_USER, Result};
+
+/// The directory under a data directory that holds the files.
+pub const DIR: &str = "mqtt";
+
+/// How long a device certificate is valid.
+pub const DEVICE_CERT_DAYS: i64 = 365;
+
+/// The authorities of one data directory, loaded.
+pub struct Pki {
+    dir: PathBuf,
+    ca_pem: String,
+    ca_key: KeyPair,
+}
+
+impl std::fmt::Debug for Pki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pki")
+            .field("dir", &self.dir)
+            .field("ca_key", &"<redacted>")
+            .finish()
+    }
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
+/// Write a file atomically (temporary file, fsync, rename); `secret` files
+/// get mode 0600.
+fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn validity(p: &mut CertificateParams, days: i64) {
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - Duration::hours(1);
+    p.not_after = now + Duration::days(days);
+}
+
+fn serial() -> SerialNumber {
+    let mut b = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
+    b[0] &= 0x7f;
+    SerialNumber::from_slice(&b)
+}
+
+fn ca_params(name: &str) -> Result<CertificateParams> {
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.serial_number = Some(serial());
+    validity(&mut p, 3650);
+    Ok(p)
+}
+
+/// Create a CA's two files unless they exist.
+fn ensure_ca(dir: &Path, stem: &str, name: &str) -> Result<()> {
+    let (pem, key) = (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}.key")),
+    );
+    if pem.exists() && key.exists() {
+        return Ok(());
+    }
+    let (k, k_pem) = new_key()?;
+    let cert = ca_params(name)?.self_signed(&k)?;
+    write(&key, &k_pem, true)?;
+    write(&pem, &cert.pem(), false)
+}
+
+/// A new Ed25519 key, and its PKCS#8 v1 PEM (the form OpenSSL 3.0 reads,
+/// for Mosquitto; rcgen with ring would write version 2).
+fn new_key() -> Result<(KeyPair, zeroize::Zeroizing<String>)> {
+    let sk = vitaltrail_core::SecretKey::generate(&mut rand::rngs::OsRng);
+    let pem = sk
+        .to_pkcs8_pem()
+        .map_err(|e| Error::Certificate(e.to_string()))?;
+    let kp = KeyPair::from_pem_and_sign_algo(&pem, &PKCS_ED25519)?;
+    Ok((kp, pem))
+}
+
+fn issuer(ca_pem: &str, key: &KeyPair) -> Result<Issuer<'static, KeyPair>> {
+    let key = KeyPair::from_pem_and_sign_algo(&key.serialize_pem(), &PKCS_ED25519)?;
+    Ok(Issuer::from_ca_cert_pem(ca_pem, key)?)
+}
+
+/// The SubjectPublicKeyInfo of an Ed25519 public key (RFC 8410).
+fn ed25519_spki(raw: &[u8; 32]) -> Result<rcgen::SubjectPublicKeyInfo> {
+    let mut der = vec![
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+    der.extend_from_slice(raw);
+    Ok(rcgen::SubjectPublicKeyInfo::from_der(&der)?)
+}
+
+impl Pki {
+    /// Open the authorities of `data_dir`, creating whatever is missing,
+    /// and (re)issue the broker's certificate for `localhost`, `127.0.0.1`
+    /// and `server_names`.
+    pub fn load_or_create(data_dir: &Path, server_names: &[String]) -> Result<Pki> {
+        let dir = data_dir.join(DIR);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        ensure_ca(&dir, "ca", "vitaltrail device CA")?;
+        ensure_ca(&dir, "pipeline-ca", "vitaltrail pipeline CA")?;
+        let pki = Self::open(data_dir)?;
+        pki.issue_server(server_names)?;
+        if !(dir.join("pipeline.pem").exists() && dir.join("pipeline.key").exists()) {
+            pki.issue_pipeline()?;
+        }
+        Ok(pki)
+    }
+
+    /// Open the authorities of `data_dir`, which must exist
+    /// ([`Pki::load_or_create`] makes them; `vitaltrail up` calls it).
+    pub fn open(data_dir: &Path) -> Result<Pki> {
+        let dir = data_dir.join(DIR);
+        let ca_pem = read(&dir.join("ca.pem"))?;
+        let ca_key = KeyPair::from_pem_and_sign_algo(&read(&dir.join("ca.key"))?, &PKCS_ED25519)?;
+        Ok(Pki {
+            dir,
+            ca_pem,
+            ca_key,
+        })
+    }
+
+    /// Where the files are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// One of the files, by name (`ca.pem`, `server.key`, ...).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The device CA's certificate (PEM): devices trust it for the broker's
+    /// certificate, and the broker for devices' certificates.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// A certificate (PEM) for this device's own key.
+    pub fn issue_device(&self, did: &DeviceId) -> Result<String> {
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, did.as_str());
+        p.subject_alt_names = vec![SanType::URI(did.as_str().try_into()?)];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.serial_number = Some(serial());
+        validity(&mut p, DEVICE_CERT_DAYS);
+        let spki = ed25519_spki(&did.verifying_key().to_bytes())?;
+        let issuer = issuer(&self.ca_pem, &self.ca_key)?;
+        Ok(p.signed_by(&spki, &issuer)?.pem())
+    }
+
+    /// (Re)issue the broker's certificate (`server.pem`, `server.key`).
+    pub fn issue_server(&self, names: &[String]) -> Result<()> {
+        let mut all = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        for n in names {
+            if !all.contains(n) {
+                all.push(n.clone());
+            }
+        }
+        let mut p = CertificateParams::new(all)?;
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name
+            .push(DnType::CommonName, "vitaltrail MQTT broker");
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.serial_number = Some(serial());
+        validity(&mut p, 825);
+        let (key, key_pem) = new_key()?;
+        let cert = p.signed_by(&key, &issuer(&self.ca_pem, &self.ca_key)?)?;
+        write(&self.path("server.key"), &key_pem, true)?;
+        write(&self.path("server.pem"), &cert.pem(), false)
+    }
+
+    /// Issue the pipeline's client certificate (`pipeline.pem`,
+    /// `pipeline.key`), signed by the pipeline CA.
+    pub fn issue_pipeline(&self) -> Result<()> {
+        let ca_pem = read(&self.path("pipeline-ca.pem"))?;
+        let ca_key =
+            KeyPair::from_pem_and_sign_algo(&read(&self.path("pipeline-ca.key"))?, &PKCS_ED25519)?;
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, PIPELINE_USER);
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.serial_number = Some(serial());
+        validity(&mut p, 825);
+        let (key, key_pem) = new_key()?;
+        let cert = p.signed_by(&key, &issuer(&ca_pem, &ca_key)?)?;
+        write(&self.path("pipeline.key"), &key_pem, true)?;
+        write(&self.path("pipeline.pem"), &cert.pem(), false)
+    }
+
+    /// TLS for the pipeline's own connections to an external broker: trust
+    /// the device CA (which signs the broker's certificate), and prove
+    /// itself with the pipeline certificate.
+    pub fn pipeline_tls(&self) -> Result<crate::ClientTls> {
+        crate::ClientTls::new(
+            &self.ca_pem,
+            &read(&self.path("pipeline.pem"))?,
+            &read(&self.path("pipeline.key"))?,
+        )
+    }
+
+    /// TLS for a device's connection, with a certificate issued now for its
+    /// key (the simulator does this; a real device keeps its certificate).
+    pub fn device_tls(&self, key: &vitaltrail_core::SecretKey) -> Result<crate::ClientTls> {
+        let cert = self.issue_device(key.did())?;
+        let pem = key
+            .to_pkcs8_pem()
+            .map_err(|e| Error::Certificate(e.to_string()))?;
+        crate::ClientTls::new(&self.ca_pem, &cert, &pem)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_certificate_names_the_device_and_carries_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path(), &[]).unwrap();
+        let key = vitaltrail_core::SecretKey::from_seed(&[7; 32]).unwrap();
+        let pem = pki.issue_device(key.did()).unwrap();
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let issuer = issuer(pki.ca_pem(), &pki.ca_key).unwrap();
+        // The certificate's key is the device's own: its raw bytes appear
+        // in the DER, and rustls accepts it as a client certificate.
+        let raw = key.did().verifying_key().to_bytes();
+        assert!(der.windows(32).any(|w| w == raw));
+        assert!(pem.len() > 100);
+        drop(issuer);
+        crate::ClientTls::new(pki.ca_pem(), &pem, &key.to_pkcs8_pem().unwrap()).unwrap();
+        // Opening again keeps the CA.
+        let again = Pki::load_or_create(dir.path(), &["broker.example".into()]).unwrap();
+        assert_eq!(again.ca_pem(), pki.ca_pem());
+        let key_mode = std::fs::metadata(dir.path().join("mqtt/ca.key")).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(key_mode.permissions().mode() & 0o777, 0o600);
+        assert!(!format!("{again:?}").contains("PRIVATE"));
+    }
+
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+}

@@ -1,0 +1,397 @@
+//! Who may do what on the broker (docs/threat-model.md, "Broker"), tried by
+//! an independent hostile client (`tests/interop/outsider.py`, paho-mqtt)
+//! while devices publish, against the embedded broker's gate and against a
+//! real Mosquitto configured by `vitaltrail mqtt mosquitto`. Nothing the
+//! outsider does may let it read a reading or a receipt, publish as another
+//! device, take the pipeline's place, or cost a reading.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use vitaltrail::up::{self, UpConfig};
+use vitaltrail_attestor::pipeline::AttestorConfig;
+use vitaltrail_core::{SecretKey, SystemClock};
+use vitaltrail_device_sim::physiology::Scenario;
+use vitaltrail_device_sim::publisher::{self, SimConfig, SimDevice};
+use vitaltrail_ingest::IngestConfig;
+use vitaltrail_mqtt::{MqttEndpoint, Pki};
+
+fn whoami() -> String {
+    let o = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    String::from_utf8(o.stdout).unwrap().trim().to_owned()
+}
+
+fn python() -> std::path::PathBuf {
+    let venv = std::env::var("VITALTRAIL_VENV").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/vitaltrail-tools/venv",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let py = Path::new(&venv).join("bin/python");
+    assert!(
+        py.is_file(),
+        "{} is missing: run scripts/setup (it installs paho-mqtt and cryptography there)",
+        py.display()
+    );
+    py
+}
+
+/// The devices of a run: five honest ones, an insider (registered, active,
+/// hostile) and a device revoked after it got its certificate.
+struct Cast {
+    devs: Vec<SimDevice>,
+    insider: SecretKey,
+    revoked: SecretKey,
+}
+
+fn register(data: &Path) -> Cast {
+    let devs = publisher::devices(61, 5, &[Scenario::Steady]);
+    let insider = SecretKey::from_seed(&[91; 32]).unwrap();
+    let revoked = SecretKey::from_seed(&[92; 32]).unwrap();
+    let reg = up::registry_file(data);
+    for (i, d) in devs.iter().enumerate() {
+        reg.add(d.key.did(), &format!("p{i}"), None, 0).unwrap();
+    }
+    reg.add(insider.did(), "p-insider", None, 0).unwrap();
+    reg.add(revoked.did(), "p-revoked", None, 0).unwrap();
+    Cast {
+        devs,
+        insider,
+        revoked,
+    }
+}
+
+/// Certificates and keys for the outsider, written to files.
+fn identity(data: &Path, pki: &Pki, key: &SecretKey, name: &str) -> (String, String) {
+    let dir = data.join("outsider");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (c, k) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&c, pki.issue_device(key.did()).unwrap()).unwrap();
+    std::fs::write(&k, key.to_pkcs8_pem().unwrap().as_bytes()).unwrap();
+    (c.display().to_string(), k.display().to_string())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_outsider(
+    port: u16,
+    ca: &Path,
+    insider: (String, String),
+    revoked: (String, String),
+    own: &str,
+    victim: &str,
+    pipeline_id: &str,
+    share_group: &str,
+) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/outsider.py");
+    let args = vec![
+        "127.0.0.1".to_owned(),
+        port.to_string(),
+        format!("--ca={}", ca.display()),
+        format!("--cert={}", insider.0),
+        format!("--key={}", insider.1),
+        format!("--revoked-cert={}", revoked.0),
+        format!("--revoked-key={}", revoked.1),
+        format!("--own={own}"),
+        format!("--victim={victim}"),
+        format!("--pipeline-id={pipeline_id}"),
+        format!("--share-group={share_group}"),
+        "--listen-seconds=1.5".to_owned(),
+    ];
+    let py = python();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(py)
+            .arg(script)
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "outsider.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// What holds on any authenticated broker: nothing received but the
+/// insider's own receipt, and no connection without a valid device
+/// certificate. `revoked_connects`: Mosquitto lets a revoked device's
+/// still-valid certificate connect, with no ACL line (so no rights); the
+/// gate refuses it outright.
+fn check_refused(r: &serde_json::Value, revoked_connects: bool) {
+    let attempts = r.as_object().unwrap();
+    assert!(attempts.len() >= 13, "{r}");
+    // The control: its own topics work, so the zeros below mean refusal.
+    assert_eq!(r["control_own_topics"]["connected"], true, "{r}");
+    assert!(
+        r["control_own_topics"]["received"].as_u64().unwrap() >= 1,
+        "the insider's own rejection receipt never came: {r}"
+    );
+    for (name, a) in attempts {
+        if name != "control_own_topics" {
+            assert_eq!(a["received"], 0, "{name} received messages: {r}");
+        }
+    }
+    for name in [
+        "plain_tcp",
+        "tls_without_certificate",
+        "foreign_certificate",
+    ] {
+        assert_eq!(r[name]["connected"], false, "{name} was let in: {r}");
+    }
+    assert_eq!(r["revoked_device"]["connected"], revoked_connects, "{r}");
+}
+
+/// The dead letters after a run: only the insider's own junk (the
+/// control). Its reason.
+fn check_dead_letters(data: &Path, insider: &SecretKey) -> String {
+    let text = std::fs::read_to_string(data.join("rejected.jsonl")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "dead letters: {text}");
+    assert!(
+        lines[0].contains(&format!("vitals/{}", insider.did().as_str())),
+        "{text}"
+    );
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    v["reason"].as_str().unwrap().to_owned()
+}
+
+fn sim(port: u16, data: &Path, log_keys: Vec<vitaltrail_core::LogPublicKey>) -> SimConfig {
+    SimConfig {
+        mqtt: MqttEndpoint::plain("127.0.0.1", port),
+        device_tls: Some(Arc::new(Pki::open(data).unwrap())),
+        rate: 10.0,
+        duration: Duration::from_secs(12),
+        receipts: true,
+        receipt_timeout: Duration::from_secs(60),
+        log_keys,
+        ..SimConfig::default()
+    }
+}
+
+fn log_key(data: &Path) -> vitaltrail_core::LogPublicKey {
+    let vkey = data.join("partitions/0/log.vkey");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !vkey.exists() {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    vitaltrail_core::LogPublicKey::parse(std::fs::read_to_string(vkey).unwrap().trim()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outsider_on_the_embedded_broker_gets_nothing_and_costs_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let mut cast = register(data.path());
+    let mqtt = common::free_addr();
+    let http = common::free_addr();
+    let cfg = UpConfig {
+        data_dir: data.path().to_owned(),
+        mqtt_listen: mqtt,
+        metrics_listen: Some(http),
+        attestor: AttestorConfig {
+            checkpoint_interval: Duration::from_millis(100),
+            ..AttestorConfig::default()
+        },
+        ..UpConfig::default()
+    };
+    let pipeline_id = format!("{}-0", cfg.ingest.client_id);
+    let share_group = cfg.ingest.share_group.clone().unwrap();
+    let (stop, stop_rx) = watch::channel(false);
+    let mut pipeline = tokio::spawn(up::run(cfg, stop_rx));
+    common::wait_ready(http).await;
+    let pki = Pki::open(data.path()).unwrap();
+    let insider = identity(data.path(), &pki, &cast.insider, "insider");
+    let revoked = identity(data.path(), &pki, &cast.revoked, "revoked");
+    up::registry_file(data.path())
+        .revoke(cast.revoked.did(), 1)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // Connections that never start TLS must not hold up anyone else
+    // (rumqttd's own TLS listener would stall on the first of them).
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        idle.push(tokio::net::TcpStream::connect(mqtt).await.unwrap());
+    }
+    let victim = cast.devs[0].key.did().to_string();
+    let sim_cfg = sim(mqtt.port(), data.path(), vec![log_key(data.path())]);
+    let mut devs = std::mem::take(&mut cast.devs);
+    let devices =
+        tokio::spawn(
+            async move { publisher::run(&sim_cfg, &mut devs, Arc::new(SystemClock)).await },
+        );
+    let own = cast.insider.did().to_string();
+    let r = run_outsider(
+        mqtt.port(),
+        &pki.path("ca.pem"),
+        insider,
+        revoked,
+        &own,
+        &victim,
+        &pipeline_id,
+        &share_group,
+    )
+    .await;
+    check_refused(&r, false);
+    // The gate closes a connection at its first step out of bounds.
+    for name in [
+        "subscribe_all_vitals",
+        "subscribe_victim_vitals",
+        "join_ingest_share_group",
+        "subscribe_all_receipts",
+        "subscribe_victim_receipts",
+        "subscribe_everything",
+        "publish_as_victim",
+    ] {
+        assert_eq!(r[name]["closed"], true, "{name} was not closed: {r}");
+    }
+    let report = devices.await.unwrap().unwrap();
+    assert!(report.valid_count() >= 500, "{report:?}");
+    assert_eq!(report.receipts_verified, report.valid_count(), "{report:?}");
+    assert!(!pipeline.is_finished(), "up stopped");
+    drop(idle);
+    common::wait_settled(data.path(), 1, &report, Duration::from_secs(30)).await;
+
+    // Every refusal is counted, by reason.
+    let auth = format!("Bearer {}", common::token(data.path(), "metrics"));
+    let (_, _, body) = common::http(http, "GET", "/metrics", &[("Authorization", &auth)], "").await;
+    let body = String::from_utf8(body).unwrap();
+    for reason in ["subscribe", "topic", "not_registered", "tls"] {
+        assert!(
+            body.contains(&format!(
+                "vitaltrail_mqtt_gate_refused_total{{reason=\"{reason}\"}}"
+            )),
+            "no {reason} refusal counted:\n{body}"
+        );
+    }
+    stop.send(true).unwrap();
+    (&mut pipeline).await.unwrap().unwrap();
+    // Exactly the devices' readings, once each; nothing the outsider sent
+    // reached ingest (not even as a dead letter).
+    let mut expected = report.clone();
+    let reason = check_dead_letters(data.path(), &cast.insider);
+    expected.expected_rejects.insert(reason, 1);
+    common::check_outcome(data.path(), 1, &expected, false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outsider_on_a_configured_mosquitto_gets_nothing_and_costs_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path().to_str().unwrap().to_owned();
+    let mut cast = register(data.path());
+    // The revoked device got its certificate while it was active.
+    let pki = Pki::load_or_create(data.path(), &[]).unwrap();
+    let insider = identity(data.path(), &pki, &cast.insider, "insider");
+    let revoked = identity(data.path(), &pki, &cast.revoked, "revoked");
+    up::registry_file(data.path())
+        .revoke(cast.revoked.did(), 1)
+        .unwrap();
+    let (dev_port, pipe_port) = (common::free_addr().port(), common::free_addr().port());
+    let out = data.path().join("mosquitto");
+    common::vt(&[
+        "mqtt",
+        "mosquitto",
+        "--data",
+        &d,
+        "--out",
+        out.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{dev_port}"),
+        "--pipeline-listen",
+        &format!("127.0.0.1:{pipe_port}"),
+        // The test runs as whoever runs it; so does its broker.
+        "--user",
+        &whoami(),
+    ]);
+    let acl = std::fs::read_to_string(out.join("acl")).unwrap();
+    assert!(!acl.contains(cast.revoked.did().as_str()), "{acl}");
+    assert!(acl.contains(cast.insider.did().as_str()), "{acl}");
+    let _broker = common::Mosquitto::with_config(out.join("mosquitto.conf"), dev_port);
+    common::wait_port(pipe_port);
+
+    // The pipeline on its own listener, with its certificate.
+    let pki = Pki::open(data.path()).unwrap();
+    let mqtt = MqttEndpoint::plain("127.0.0.1", pipe_port).with_tls(pki.pipeline_tls().unwrap());
+    let cfg = UpConfig {
+        data_dir: data.path().to_owned(),
+        external_mqtt: Some(mqtt),
+        metrics_listen: None,
+        attestor: AttestorConfig {
+            checkpoint_interval: Duration::from_millis(100),
+            ..AttestorConfig::default()
+        },
+        ingest: IngestConfig {
+            share_group: Some("vitaltrail-ingest".into()),
+            ..IngestConfig::default()
+        },
+        ..UpConfig::default()
+    };
+    let pipeline_id = format!("{}-0", cfg.ingest.client_id);
+    let (stop, stop_rx) = watch::channel(false);
+    let mut pipeline = tokio::spawn(up::run(cfg, stop_rx));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let victim = cast.devs[0].key.did().to_string();
+    let sim_cfg = sim(dev_port, data.path(), vec![log_key(data.path())]);
+    let mut devs = std::mem::take(&mut cast.devs);
+    let devices =
+        tokio::spawn(
+            async move { publisher::run(&sim_cfg, &mut devs, Arc::new(SystemClock)).await },
+        );
+    let own = cast.insider.did().to_string();
+    let r = run_outsider(
+        dev_port,
+        &pki.path("ca.pem"),
+        insider.clone(),
+        revoked,
+        &own,
+        &victim,
+        &pipeline_id,
+        "vitaltrail-ingest",
+    )
+    .await;
+    check_refused(&r, true);
+    // A device certificate does not open the pipeline's listener.
+    let r2 = run_outsider(
+        pipe_port,
+        &pki.path("ca.pem"),
+        insider.clone(),
+        insider,
+        &own,
+        &victim,
+        &pipeline_id,
+        "vitaltrail-ingest",
+    )
+    .await;
+    for (name, a) in r2.as_object().unwrap() {
+        assert_eq!(
+            a["connected"], false,
+            "pipeline listener let in {name}: {r2}"
+        );
+    }
+    let report = devices.await.unwrap().unwrap();
+    assert!(report.valid_count() >= 500, "{report:?}");
+    assert_eq!(report.receipts_verified, report.valid_count(), "{report:?}");
+    assert!(!pipeline.is_finished(), "up stopped");
+    common::wait_settled(data.path(), 1, &report, Duration::from_secs(30)).await;
+    stop.send(true).unwrap();
+    (&mut pipeline).await.unwrap().unwrap();
+    let mut expected = report.clone();
+    let reason = check_dead_letters(data.path(), &cast.insider);
+    expected.expected_rejects.insert(reason, 1);
+    common::check_outcome(data.path(), 1, &expected, true);
+}
