@@ -2,27 +2,36 @@
 //! stream that may touch only the device's own topics.
 //!
 //! For each connection, in order:
-//! 1. a free slot (at most [`GateConfig::max_connections`]), else closed;
+//! 1. a handshake slot: at most [`GateConfig::max_handshakes`] connections
+//!    in the handshake at once, and [`GateConfig::max_handshakes_per_ip`]
+//!    from one address, else closed at once;
 //! 2. the TLS handshake, within [`GateConfig::handshake_timeout`], with a
 //!    client certificate of the device CA ([`crate::pki`]);
-//! 3. the device is the certificate's public key (its `did:key`), and the
+//! 3. the device is the certificate's Ed25519 public key (its `did:key`;
+//!    the certificate's common name, if any, must be that DID too), and the
 //!    registry must hold it as active;
-//! 4. the first packet is CONNECT, within the same timeout. The gate
-//!    replaces its client ID with the DID (so no device can take over
-//!    another client's ID or session, the pipeline's included) and its
-//!    login with the gate's own, and drops a will for any topic but the
-//!    device's;
-//! 5. then every packet from the device is checked before it is passed on:
-//!    PUBLISH only to `vitals/<did>` or below it (below it reaches ingest,
-//!    which dead-letters it), never retained, and only while the device is
-//!    still active; SUBSCRIBE only to `receipts/<did>`. Anything else
-//!    closes the connection. What the broker sends back is passed through.
+//! 4. a device slot (at most [`GateConfig::max_connections`] devices), so
+//!    connections that never finish TLS cannot keep devices out;
+//! 5. the first packet is CONNECT (at most 16 KiB), within the same
+//!    timeout. The gate replaces its client ID with the DID (so no device
+//!    can take over another client's ID or session, the pipeline's
+//!    included), its login with the gate's own, caps its keep-alive at
+//!    [`MAX_KEEP_ALIVE_SECS`], and drops a will for any topic but the
+//!    device's own;
+//! 6. then every packet from the device is checked before it is passed on:
+//!    PUBLISH at QoS 0 or 1 only to exactly `vitals/<did>`, never retained,
+//!    and only while the device is still active; SUBSCRIBE only to
+//!    `receipts/<did>`; acknowledgements of QoS 1, pings, unsubscribes.
+//!    Anything else (QoS 2 included: rumqttd would hold such messages
+//!    until a PUBREL that need never come) closes the connection. What the
+//!    broker sends back is passed through.
 //!
 //! A closed connection costs the device nothing it cannot resend: the
 //! broker acknowledged none of what the gate did not pass on. Every
 //! refusal is counted by reason (`vitaltrail_mqtt_gate_refused_total`).
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,7 +65,11 @@ pub struct GateConfig {
     pub token: Token,
     /// Time allowed for the TLS handshake, and again for CONNECT.
     pub handshake_timeout: Duration,
-    /// Most device connections at once.
+    /// Most connections in the TLS handshake at once.
+    pub max_handshakes: usize,
+    /// Most connections in the TLS handshake at once from one IP address.
+    pub max_handshakes_per_ip: usize,
+    /// Most device connections at once (after their certificate verified).
     pub max_connections: usize,
     /// Largest MQTT packet a device may send.
     pub max_packet: usize,
@@ -98,11 +111,41 @@ impl GateConfig {
             tls: Arc::new(tls),
             upstream,
             token,
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            max_handshakes: 512,
+            max_handshakes_per_ip: 128,
             max_connections: 10_000,
             max_packet: crate::embedded::MAX_PAYLOAD + 1024,
         })
     }
+}
+
+/// Raise this process's soft limit of open files to its hard limit, and
+/// return the device connections the gate can then hold: each costs three
+/// descriptors in this process (the device's socket, the gate's socket to
+/// the broker, the broker's end of it), and 1,024 are kept for the logs,
+/// Parquet, redb and the pipeline's own connections. At most 10,000.
+pub fn connection_capacity() -> usize {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let soft = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(_) => 1024,
+    };
+    let n = (soft.saturating_sub(1024) / 3).min(10_000) as usize;
+    if n < 100 {
+        tracing::warn!(
+            open_files = soft,
+            devices = n,
+            "the open-file limit leaves room for few device connections; raise `ulimit -n`"
+        );
+    }
+    n.max(16)
 }
 
 /// Run the gate until `shutdown`.
@@ -118,24 +161,38 @@ pub async fn run(
     tracing::info!(listen = %cfg.listen, "MQTT device gate (mutual TLS) listening");
     metrics.max_connections.set(cfg.max_connections as i64);
     let acceptor = TlsAcceptor::from(cfg.tls.clone());
-    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(cfg.max_handshakes));
+    let devices = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    let per_ip: PerIp = Arc::new(std::sync::Mutex::new(HashMap::new()));
     let cfg = Arc::new(cfg);
+    let mut pause = false;
     loop {
+        if std::mem::take(&mut pause) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         tokio::select! {
             r = listener.accept() => {
-                let Ok((tcp, peer)) = r else { continue };
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    metrics.refused.with_label_values(&["full"]).inc();
+                let (tcp, peer) = match r {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors, say: wait, never spin.
+                        tracing::warn!(error = %e, "gate: accept failed; pausing");
+                        metrics.refused.with_label_values(&["accept"]).inc();
+                        pause = true;
+                        continue;
+                    }
+                };
+                let Some(hs) = HandshakeSlot::take(&handshakes, &per_ip, peer.ip(), cfg.max_handshakes_per_ip) else {
+                    metrics.refused.with_label_values(&["busy"]).inc();
                     continue;
                 };
-                let (acceptor, cfg, check, metrics) =
-                    (acceptor.clone(), cfg.clone(), check.clone(), metrics.clone());
+                let (acceptor, cfg, check, metrics, devices) =
+                    (acceptor.clone(), cfg.clone(), check.clone(), metrics.clone(), devices.clone());
                 tokio::spawn(async move {
-                    if let Err(reason) = connection(tcp, acceptor, &cfg, &check, &metrics).await {
+                    if let Err(reason) = connection(tcp, hs, acceptor, &cfg, &check, &metrics, &devices).await {
                         tracing::debug!(%peer, reason, "gate closed a device connection");
                         metrics.refused.with_label_values(&[reason]).inc();
                     }
-                    drop(slot);
                 });
             }
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
@@ -143,24 +200,82 @@ pub async fn run(
     }
 }
 
-/// The device a verified client certificate names: its public key.
-fn device_of(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, x) = x509_parser::parse_x509_certificate(cert).ok()?;
-    let raw: [u8; 32] = x
-        .public_key()
-        .subject_public_key
-        .data
-        .as_ref()
-        .try_into()
-        .ok()?;
-    let key = ed25519_dalek::VerifyingKey::from_bytes(&raw).ok()?;
-    Some(
-        vitaltrail_core::DeviceId::from_verifying_key(key)
-            .ok()?
-            .as_str()
-            .to_owned(),
-    )
+type PerIp = Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>;
+
+/// A connection's place among those in the TLS handshake; given back when
+/// the handshake ends, however it ends.
+struct HandshakeSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    per_ip: PerIp,
+    ip: IpAddr,
 }
+
+impl HandshakeSlot {
+    fn take(
+        all: &Arc<tokio::sync::Semaphore>,
+        per_ip: &PerIp,
+        ip: IpAddr,
+        max_per_ip: usize,
+    ) -> Option<Self> {
+        let permit = all.clone().try_acquire_owned().ok()?;
+        let mut m = per_ip.lock().ok()?;
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(HandshakeSlot {
+            _permit: permit,
+            per_ip: per_ip.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.per_ip.lock()
+            && let Some(n) = m.get_mut(&self.ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The device a verified client certificate names: its Ed25519 public key
+/// (its `did:key`). A common name, if the certificate has one, must be that
+/// same DID, so that the gate and Mosquitto (which goes by the common
+/// name) can never take one certificate for two different devices.
+fn device_of(cert: &CertificateDer<'_>) -> Option<String> {
+    const ED25519: &str = "1.3.101.112";
+    let (_, x) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let spki = x.public_key();
+    if spki.algorithm.algorithm.to_id_string() != ED25519 {
+        return None;
+    }
+    let raw: [u8; 32] = spki.subject_public_key.data.as_ref().try_into().ok()?;
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&raw).ok()?;
+    let did = vitaltrail_core::DeviceId::from_verifying_key(key)
+        .ok()?
+        .as_str()
+        .to_owned();
+    for cn in x.subject().iter_common_name() {
+        if cn.as_str().ok()? != did {
+            return None;
+        }
+    }
+    Some(did)
+}
+
+/// The longest keep-alive a device may ask for: the broker notices a dead
+/// device within 1.5 times this.
+pub const MAX_KEEP_ALIVE_SECS: u16 = 300;
+
+/// The largest CONNECT packet the gate reads.
+const MAX_CONNECT: usize = 16 * 1024;
 
 type Refused = &'static str;
 
@@ -188,14 +303,16 @@ async fn read_packet<R: AsyncRead + Unpin>(
 fn own_publish_topic(did: &str, topic: &str) -> bool {
     topic
         .strip_prefix(topics::VITALS)
-        .and_then(|rest| rest.strip_prefix(did))
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        .is_some_and(|rest| rest == did)
 }
 
 /// What the device sent, checked; `Err` closes the connection.
 fn admit(p: Packet, did: &str, check: &DeviceCheck) -> std::result::Result<Packet, Refused> {
     match p {
         Packet::Publish(mut p) => {
+            if p.qos == rumqttc::mqttbytes::QoS::ExactlyOnce {
+                return Err("qos");
+            }
             if !own_publish_topic(did, &p.topic) {
                 return Err("topic");
             }
@@ -213,23 +330,22 @@ fn admit(p: Packet, did: &str, check: &DeviceCheck) -> std::result::Result<Packe
                 Err("subscribe")
             }
         }
-        p @ (Packet::Unsubscribe(_)
-        | Packet::PubAck(_)
-        | Packet::PubRec(_)
-        | Packet::PubRel(_)
-        | Packet::PubComp(_)
-        | Packet::PingReq
-        | Packet::Disconnect) => Ok(p),
+        p @ (Packet::Unsubscribe(_) | Packet::PubAck(_) | Packet::PingReq | Packet::Disconnect) => {
+            Ok(p)
+        }
+        Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => Err("qos"),
         _ => Err("protocol"),
     }
 }
 
 async fn connection(
     tcp: TcpStream,
+    handshake: HandshakeSlot,
     acceptor: TlsAcceptor,
     cfg: &GateConfig,
     check: &DeviceCheck,
     metrics: &GateMetrics,
+    devices: &Arc<tokio::sync::Semaphore>,
 ) -> std::result::Result<(), Refused> {
     let _ = tcp.set_nodelay(true);
     let tls = match tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(tcp)).await {
@@ -251,15 +367,21 @@ async fn connection(
     let mut buf = BytesMut::with_capacity(4096);
     let first = tokio::time::timeout(
         cfg.handshake_timeout,
-        read_packet(&mut rd, &mut buf, cfg.max_packet),
+        read_packet(&mut rd, &mut buf, MAX_CONNECT),
     )
     .await
     .map_err(|_| "no_connect")??;
     let Some(Packet::Connect(mut c)) = first else {
         return Err("no_connect");
     };
+    // A verified device: it now holds a device slot, not a handshake slot.
+    let _device = devices.clone().try_acquire_owned().map_err(|_| "full")?;
+    drop(handshake);
     c.client_id = did.clone();
     c.login = Some(Login::new(crate::GATE_USER, cfg.token.expose()));
+    if c.keep_alive == 0 || c.keep_alive > MAX_KEEP_ALIVE_SECS {
+        c.keep_alive = MAX_KEEP_ALIVE_SECS;
+    }
     if let Some(w) = &mut c.last_will {
         if own_publish_topic(&did, &w.topic) {
             w.retain = false;
@@ -297,7 +419,9 @@ async fn connection(
                 let p = match admit(p, &did, check) {
                     Ok(p) => p,
                     Err(r) => {
-                        tracing::warn!(device = %did, reason = r, "gate closed a device connection");
+                        // Counted by the caller; per-connection logs are
+                        // debug, so a device cannot flood the log.
+                        tracing::debug!(device = %did, reason = r, "gate closed a device connection");
                         break Err(r);
                     }
                 };
@@ -326,8 +450,8 @@ mod tests {
     #[test]
     fn a_device_publishes_only_under_its_own_topic() {
         assert!(own_publish_topic(DID, &format!("vitals/{DID}")));
-        assert!(own_publish_topic(DID, &format!("vitals/{DID}/extra")));
         for t in [
+            format!("vitals/{DID}/extra"),
             "vitals/#".to_owned(),
             "vitals/".to_owned(),
             format!("vitals/{DID}x"),
@@ -379,5 +503,17 @@ mod tests {
             "a device revoked while connected is closed at its next publish"
         );
         assert_eq!(admit(Packet::PingResp, DID, &yes).err(), Some("protocol"));
+        // QoS 2 would make the broker hold messages until a PUBREL.
+        let q2 = Publish::new(format!("vitals/{DID}"), QoS::ExactlyOnce, vec![1u8]);
+        assert_eq!(admit(Packet::Publish(q2), DID, &yes).err(), Some("qos"));
+        assert_eq!(
+            admit(
+                Packet::PubRel(rumqttc::mqttbytes::v4::PubRel::new(1)),
+                DID,
+                &yes
+            )
+            .err(),
+            Some("qos")
+        );
     }
 }

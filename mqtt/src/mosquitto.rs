@@ -14,13 +14,18 @@
 //!     device can connect there and pick the pipeline's client IDs.
 //!   - `retain_available false`: nothing a client sends is kept.
 //!   - the same packet limit as the embedded broker (256 KiB + 1 KiB), at
-//!     most 100 unacknowledged messages in flight and 100,000 queued per
-//!     client, so one slow client cannot grow the broker without bound.
+//!     most 100 unacknowledged messages in flight, and at most 100,000
+//!     messages or 256 MiB queued per client, so one slow or offline client
+//!     cannot grow the broker without bound.
+//!
+//! `server.key` is written mode 0600: Mosquitto must run as its owner
+//! (`--user`), or the operator gives it to Mosquitto's user
+//! (`chown mosquitto <out>/server.key`).
 //! - `acl`: the pipeline may read `vitals/#` (and so join the ingest share
 //!   group) and write `receipts/#`; each **active** registered device may
-//!   write `vitals/<did>` (and below it, which ingest dead-letters) and
-//!   read `receipts/<did>`. A revoked or unknown device gets no line, so it
-//!   can neither publish nor subscribe.
+//!   write exactly `vitals/<did>` and read `receipts/<did>`. A revoked or
+//!   unknown device gets no line, so it can neither publish nor receive.
+//!   (Mosquitto grants any subscription; the ACL decides what is delivered.)
 //! - the certificates and keys the listeners name.
 //!
 //! Run it again after the registry changes and send Mosquitto `SIGHUP`; it
@@ -61,23 +66,29 @@ pub fn acl(active: &[String]) -> String {
         ) else {
             continue;
         };
-        s.push_str(&format!(
-            "user {did}\ntopic write {v}\ntopic write {v}/#\ntopic read {r}\n\n"
-        ));
+        s.push_str(&format!("user {did}\ntopic write {v}\ntopic read {r}\n\n"));
     }
     s
 }
 
+/// Copy a file of the CA directory into `out`, atomically (never through a
+/// symlink there); keys stay mode 0600.
 fn copy(pki: &Pki, name: &str, out: &Path) -> Result<()> {
-    let to = out.join(name);
-    std::fs::copy(pki.path(name), &to).map_err(|e| Error::io(&to, e))?;
-    Ok(())
+    let from = pki.path(name);
+    let text = std::fs::read_to_string(&from).map_err(|e| Error::io(&from, e))?;
+    crate::pki::write(&out.join(name), &text, name.ends_with(".key"))
 }
 
 /// Write the configuration for `active` devices into `out`.
 pub fn write(pki: &Pki, cfg: &MosquittoConfig, active: &[String], out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    for f in ["ca.pem", "pipeline-ca.pem", "server.pem", "server.key"] {
+    for f in [
+        "ca.pem",
+        "server-ca.pem",
+        "pipeline-ca.pem",
+        "server.pem",
+        "server.key",
+    ] {
         copy(pki, f, out)?;
     }
     let o = out.display();
@@ -98,7 +109,8 @@ pub fn write(pki: &Pki, cfg: &MosquittoConfig, active: &[String], out: &Path) ->
     let conf = format!(
         "# Written by `vitaltrail mqtt mosquitto`; see docs/threat-model.md (Broker).\n\
          per_listener_settings false\nallow_anonymous false\nretain_available false\n\
-         max_packet_size {max_packet}\nmax_inflight_messages 100\nmax_queued_messages 100000\n\
+         max_packet_size {max_packet}\nmax_inflight_messages 100\n\
+         max_queued_messages 100000\nmax_queued_bytes 268435456\n\
          acl_file {o}/acl\n{user}\n\
          # Devices: a device-CA certificate; the DID is user name and client ID.\n{}\
          # The pipeline: only a pipeline-CA certificate.\n{}",
@@ -110,10 +122,9 @@ pub fn write(pki: &Pki, cfg: &MosquittoConfig, active: &[String], out: &Path) ->
             .as_ref()
             .map_or(String::new(), |u| format!("user {u}\n")),
     );
-    let acl_path = out.join("acl");
-    std::fs::write(&acl_path, acl(active)).map_err(|e| Error::io(&acl_path, e))?;
-    let conf_path = out.join("mosquitto.conf");
-    std::fs::write(&conf_path, conf).map_err(|e| Error::io(&conf_path, e))
+    // Atomic, so a SIGHUP never reads half an ACL.
+    crate::pki::write(&out.join("acl"), &acl(active), false)?;
+    crate::pki::write(&out.join("mosquitto.conf"), &conf, false)
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `ca.pem`, `ca.key` | the device CA: signs device certificates and the broker's |
+//! | `ca.pem`, `ca.key` | the device CA: signs device certificates, nothing else; the broker trusts it for clients |
+//! | `server-ca.pem`, `server-ca.key` | the server CA: signs only the broker's certificate; devices and the pipeline trust it |
 //! | `server.pem`, `server.key` | the broker's certificate (names: `localhost`, `127.0.0.1`, and any given) |
 //! | `pipeline-ca.pem`, `pipeline-ca.key` | the pipeline CA: signs only pipeline client certificates |
 //! | `pipeline.pem`, `pipeline.key` | the pipeline's client certificate (CN `vitaltrail-pipeline`) |
@@ -51,13 +52,19 @@ fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
 }
 
-/// Write a file atomically (temporary file, fsync, rename); `secret` files
-/// get mode 0600.
-fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
+/// Write a file atomically: a temporary file of its own (name, process,
+/// random), fsync, rename over the target (which replaces a symlink there,
+/// never writes through it), fsync of the directory. `secret` files get
+/// mode 0600.
+pub(crate) fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(
+        ".{name}.{}.{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -67,7 +74,16 @@ fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
     f.write_all(text.as_bytes())
         .and_then(|_| f.sync_all())
         .map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(())
 }
 
 fn validity(p: &mut CertificateParams, days: i64) {
@@ -98,14 +114,25 @@ fn ca_params(name: &str) -> Result<CertificateParams> {
     Ok(p)
 }
 
-/// Create a CA's two files unless they exist.
+/// Create a CA's two files unless they exist. Only one of them there
+/// (say the key was moved offline) is an error: making a new CA would
+/// silently invalidate every certificate the old one issued.
 fn ensure_ca(dir: &Path, stem: &str, name: &str) -> Result<()> {
     let (pem, key) = (
         dir.join(format!("{stem}.pem")),
         dir.join(format!("{stem}.key")),
     );
-    if pem.exists() && key.exists() {
-        return Ok(());
+    match (pem.exists(), key.exists()) {
+        (true, true) => return Ok(()),
+        (false, false) => {}
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "{} and {} must both exist or both be absent; restore the missing one \
+                 (a new CA would invalidate every certificate issued so far)",
+                pem.display(),
+                key.display()
+            )));
+        }
     }
     let (k, k_pem) = new_key()?;
     let cert = ca_params(name)?.self_signed(&k)?;
@@ -146,6 +173,7 @@ impl Pki {
         let dir = data_dir.join(DIR);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         ensure_ca(&dir, "ca", "vitaltrail device CA")?;
+        ensure_ca(&dir, "server-ca", "vitaltrail server CA")?;
         ensure_ca(&dir, "pipeline-ca", "vitaltrail pipeline CA")?;
         let pki = Self::open(data_dir)?;
         pki.issue_server(server_names)?;
@@ -178,10 +206,17 @@ impl Pki {
         self.dir.join(name)
     }
 
-    /// The device CA's certificate (PEM): devices trust it for the broker's
-    /// certificate, and the broker for devices' certificates.
+    /// The device CA's certificate (PEM): the broker trusts it for
+    /// devices' certificates.
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
+    }
+
+    /// The server CA's certificate (PEM): devices and the pipeline trust it
+    /// for the broker's certificate. A separate CA, so that no device
+    /// certificate can ever pass for the broker's.
+    pub fn server_ca_pem(&self) -> Result<String> {
+        read(&self.path("server-ca.pem"))
     }
 
     /// A certificate (PEM) for this device's own key.
@@ -218,7 +253,10 @@ impl Pki {
         p.serial_number = Some(serial());
         validity(&mut p, 825);
         let (key, key_pem) = new_key()?;
-        let cert = p.signed_by(&key, &issuer(&self.ca_pem, &self.ca_key)?)?;
+        let ca_pem = read(&self.path("server-ca.pem"))?;
+        let ca_key =
+            KeyPair::from_pem_and_sign_algo(&read(&self.path("server-ca.key"))?, &PKCS_ED25519)?;
+        let cert = p.signed_by(&key, &issuer(&ca_pem, &ca_key)?)?;
         write(&self.path("server.key"), &key_pem, true)?;
         write(&self.path("server.pem"), &cert.pem(), false)
     }
@@ -244,11 +282,10 @@ impl Pki {
     }
 
     /// TLS for the pipeline's own connections to an external broker: trust
-    /// the device CA (which signs the broker's certificate), and prove
-    /// itself with the pipeline certificate.
+    /// the server CA, and prove itself with the pipeline certificate.
     pub fn pipeline_tls(&self) -> Result<crate::ClientTls> {
         crate::ClientTls::new(
-            &self.ca_pem,
+            &self.server_ca_pem()?,
             &read(&self.path("pipeline.pem"))?,
             &read(&self.path("pipeline.key"))?,
         )
@@ -261,7 +298,7 @@ impl Pki {
         let pem = key
             .to_pkcs8_pem()
             .map_err(|e| Error::Certificate(e.to_string()))?;
-        crate::ClientTls::new(&self.ca_pem, &cert, &pem)
+        crate::ClientTls::new(&self.server_ca_pem()?, &cert, &pem)
     }
 }
 
@@ -283,7 +320,12 @@ mod tests {
         assert!(der.windows(32).any(|w| w == raw));
         assert!(pem.len() > 100);
         drop(issuer);
-        crate::ClientTls::new(pki.ca_pem(), &pem, &key.to_pkcs8_pem().unwrap()).unwrap();
+        crate::ClientTls::new(
+            &pki.server_ca_pem().unwrap(),
+            &pem,
+            &key.to_pkcs8_pem().unwrap(),
+        )
+        .unwrap();
         // Opening again keeps the CA.
         let again = Pki::load_or_create(dir.path(), &["broker.example".into()]).unwrap();
         assert_eq!(again.ca_pem(), pki.ca_pem());
@@ -291,6 +333,14 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         assert_eq!(key_mode.permissions().mode() & 0o777, 0o600);
         assert!(!format!("{again:?}").contains("PRIVATE"));
+        // Half a CA is refused, not replaced.
+        std::fs::remove_file(dir.path().join("mqtt/ca.key")).unwrap();
+        let e = Pki::load_or_create(dir.path(), &[]).unwrap_err();
+        assert!(e.to_string().contains("both"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("mqtt/ca.pem")).unwrap(),
+            pki.ca_pem()
+        );
     }
 
     use rustls_pki_types::CertificateDer;

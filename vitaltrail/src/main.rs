@@ -61,6 +61,10 @@ enum Command {
         /// cert`), each device held to vitals/<did> and receipts/<did>.
         #[arg(long, env = "VITALTRAIL_MQTT_LISTEN", default_value = "127.0.0.1:8883")]
         mqtt_listen: std::net::SocketAddr,
+        /// Host names devices reach the broker by (repeatable), for its
+        /// certificate besides localhost, 127.0.0.1 and the listen address.
+        #[arg(long = "mqtt-name")]
+        mqtt_names: Vec<String>,
         /// Use this external MQTT broker (HOST:PORT) instead of the embedded one.
         #[arg(long, env = "VITALTRAIL_MQTT")]
         mqtt: Option<String>,
@@ -484,6 +488,7 @@ fn main() -> ExitCode {
         Command::Up {
             data,
             mqtt_listen,
+            mqtt_names,
             mqtt,
             mqtt_tls,
             kafka,
@@ -495,6 +500,7 @@ fn main() -> ExitCode {
             pipeline_cmds::up(
                 data,
                 mqtt_listen,
+                mqtt_names,
                 mqtt,
                 mqtt_tls,
                 kafka,

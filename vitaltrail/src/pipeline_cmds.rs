@@ -207,6 +207,7 @@ pub fn attest(
 pub fn up(
     data: PathBuf,
     mqtt_listen: SocketAddr,
+    mqtt_names: Vec<String>,
     mqtt: Option<String>,
     mqtt_tls: bool,
     kafka: Option<String>,
@@ -227,6 +228,7 @@ pub fn up(
     let cfg = UpConfig {
         data_dir: data,
         mqtt_listen,
+        mqtt_names,
         external_mqtt,
         kafka,
         partitions,
@@ -440,7 +442,12 @@ pub fn devices_cert(data: &Path, did: &str) -> Result<ExitCode> {
             data.display()
         );
     }
-    let pki = vitaltrail_mqtt::Pki::load_or_create(data, &[])?;
+    let pki = vitaltrail_mqtt::Pki::open(data).with_context(|| {
+        format!(
+            "no device CA in {}/mqtt yet: `vitaltrail up` or `vitaltrail mqtt mosquitto` makes it",
+            data.display()
+        )
+    })?;
     print!("{}", pki.issue_device(&did)?);
     Ok(ExitCode::SUCCESS)
 }

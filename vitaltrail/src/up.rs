@@ -30,6 +30,9 @@ pub struct UpConfig {
     /// Where devices connect to the embedded broker (mutual TLS, through
     /// the gate); ignored with `external_mqtt`.
     pub mqtt_listen: SocketAddr,
+    /// More names for the embedded broker's certificate (besides
+    /// `localhost`, `127.0.0.1` and the listen address).
+    pub mqtt_names: Vec<String>,
     /// Use this broker instead of the embedded one (how the pipeline
     /// authenticates to it included).
     pub external_mqtt: Option<vitaltrail_mqtt::MqttEndpoint>,
@@ -56,6 +59,7 @@ impl Default for UpConfig {
         UpConfig {
             data_dir: PathBuf::from("vitaltrail-data"),
             mqtt_listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
+            mqtt_names: vec![],
             external_mqtt: None,
             partitions: 1,
             bus_capacity: 8192,
@@ -142,11 +146,6 @@ pub fn start_embedded_broker(
     Ok(async move { dead.await.map_err(anyhow::Error::from) })
 }
 
-/// The pipeline's token for the embedded broker (`<data>/keys/mqtt.token`).
-pub fn mqtt_token_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("keys").join("mqtt.token")
-}
-
 /// Whether the registry holds a device as active (the gate's check).
 pub fn device_check(reg: &SharedRegistry) -> vitaltrail_mqtt::gate::DeviceCheck {
     use vitaltrail_ingest::registry::Lookup;
@@ -183,9 +182,9 @@ type Watchdog = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> +
 /// The MQTT broker the pipeline uses: the external one, or the embedded
 /// one, started here with its device gate and ready to accept
 /// connections, with their watchdog. The embedded broker listens on a
-/// loopback port for the gate and the pipeline only (token
-/// `<data>/keys/mqtt.token`); devices reach it through the gate on
-/// `cfg.mqtt_listen`, with a certificate of `<data>/mqtt/ca.pem`.
+/// loopback port for the gate and the pipeline only (with a token made for
+/// this run); devices reach it through the gate on `cfg.mqtt_listen`, with
+/// a certificate of `<data>/mqtt/ca.pem`.
 async fn mqtt_endpoint(
     cfg: &UpConfig,
     devices: &SharedRegistry,
@@ -196,8 +195,14 @@ async fn mqtt_endpoint(
     if let Some(e) = &cfg.external_mqtt {
         return Ok((e.clone(), Box::pin(std::future::pending())));
     }
-    let token = load_or_create_token(&mqtt_token_path(&cfg.data_dir))?;
-    let pki = Pki::load_or_create(&cfg.data_dir, &[cfg.mqtt_listen.ip().to_string()])
+    // Fresh for every run and never written down: only this process's
+    // gate and pipeline use it.
+    let token = Token::generate(&mut rand::rngs::OsRng);
+    let mut names = cfg.mqtt_names.clone();
+    if !cfg.mqtt_listen.ip().is_unspecified() {
+        names.push(cfg.mqtt_listen.ip().to_string());
+    }
+    let pki = Pki::load_or_create(&cfg.data_dir, &names)
         .context("the MQTT certificate authority (<data>/mqtt)")?;
     let internal = free_loopback_port()?;
     let broker = embedded::start(&embedded::EmbeddedConfig {
@@ -206,7 +211,8 @@ async fn mqtt_endpoint(
         max_connections: 10_010,
     })?;
     wait_for_port(internal, Duration::from_secs(5)).await?;
-    let gate_cfg = gate::GateConfig::new(cfg.mqtt_listen, &pki, internal, token.clone())?;
+    let mut gate_cfg = gate::GateConfig::new(cfg.mqtt_listen, &pki, internal, token.clone())?;
+    gate_cfg.max_connections = gate::connection_capacity();
     let metrics = vitaltrail_mqtt::metrics::GateMetrics::new(registry)?;
     let gate = tokio::spawn(gate::run(
         gate_cfg,

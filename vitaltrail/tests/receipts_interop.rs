@@ -38,7 +38,7 @@ fn device_files(data: &std::path::Path, key: &SecretKey) -> Vec<String> {
     std::fs::write(dir.join("cert.pem"), pki.issue_device(key.did()).unwrap()).unwrap();
     std::fs::write(dir.join("key.pem"), key.to_pkcs8_pem().unwrap().as_bytes()).unwrap();
     vec![
-        format!("--ca={}", pki.path("ca.pem").display()),
+        format!("--ca={}", pki.path("server-ca.pem").display()),
         format!("--cert={}", dir.join("cert.pem").display()),
         format!("--key={}", dir.join("key.pem").display()),
     ]

@@ -56,9 +56,14 @@ def foreign_identity(dirname):
     return c, k
 
 
+OWN = [None]  # the insider's DID: what comes on its own receipts topic is its own
+
+
 def attempt(host, port, client_id, tls, subscribe=None, publish=None, listen=2.0):
-    """One connection: connect, maybe subscribe or publish, listen."""
-    out = {"connected": False, "received": 0, "closed": False, "suback_refused": False}
+    """One connection: connect, maybe subscribe or publish, listen.
+    `received` counts what is not the insider's own (its own receipts,
+    which its session may be subscribed to by a wildcard, are `own`)."""
+    out = {"connected": False, "received": 0, "own": 0, "closed": False, "suback_refused": False}
     connected = threading.Event()
     listening = [True]
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
@@ -76,7 +81,10 @@ def attempt(host, port, client_id, tls, subscribe=None, publish=None, listen=2.0
         connected.set()
 
     def on_message(_c, _u, msg):
-        out["received"] += 1
+        if OWN[0] and msg.topic == f"receipts/{OWN[0]}":
+            out["own"] += 1
+        else:
+            out["received"] += 1
 
     def on_subscribe(_c, _u, _mid, codes, _p=None):
         if any(getattr(rc, "is_failure", False) or rc == 128 for rc in codes):
@@ -101,7 +109,7 @@ def attempt(host, port, client_id, tls, subscribe=None, publish=None, listen=2.0
         if subscribe:
             c.subscribe(subscribe, qos=1)
         if publish:
-            c.publish(publish[0], publish[1], qos=1)
+            c.publish(publish[0], publish[1], qos=publish[2] if len(publish) > 2 else 1)
         time.sleep(listen)
     listening[0] = False
     c.loop_stop()
@@ -118,7 +126,8 @@ def main():
     host, port = args[0], int(args[1])
     listen = float(o.get("listen-seconds", "2"))
     insider = (o["ca"], o["cert"], o["key"])
-    victim, group = o["victim"], o["share-group"]
+    victim, group, own = o["victim"], o["share-group"], o["own"]
+    OWN[0] = own
     r = {}
     with tempfile.TemporaryDirectory() as d:
         fc, fk = foreign_identity(d)
@@ -135,12 +144,14 @@ def main():
         ("subscribe_everything", "#"),
     ]:
         r[name] = attempt(host, port, f"outsider-{name}", insider, f, listen=listen)
-    # The control: the insider's own topics work (a junk message on its own
-    # topic comes back as a rejection receipt), so "received 0" elsewhere
-    # is the broker's refusal, not a broken client.
-    own = o["own"]
-    r["control_own_topics"] = attempt(
-        host, port, "outsider-own", insider, f"receipts/{own}", (f"vitals/{own}", b"outsider-own-junk"), listen=max(listen, 3.0)
+    r["forge_victim_receipt"] = attempt(
+        host, port, "outsider-forge-receipt", insider, None, (f"receipts/{victim}", b'{"receipt":"forged"}'), listen=listen
+    )
+    r["publish_below_own_topic"] = attempt(
+        host, port, "outsider-subtopic", insider, None, (f"vitals/{own}/" + "x" * 1000, b"junk"), listen=listen
+    )
+    r["publish_qos2"] = attempt(
+        host, port, "outsider-qos2", insider, None, (f"vitals/{own}", b"junk", 2), listen=listen
     )
     r["publish_as_victim"] = attempt(
         host, port, "outsider-forge", insider, None, (f"vitals/{victim}", b"outsider-forged-\xa5" * 4), listen=listen
@@ -148,6 +159,13 @@ def main():
     # Take over the pipeline's client ID with a persistent session, and
     # listen on every topic it might be handed.
     r["take_over_pipeline_client_id"] = attempt(host, port, o["pipeline-id"], insider, "vitals/#", listen=listen)
+    # Last (Mosquitto keeps one session per device, and later attempts would
+    # inherit its subscription), the control: the insider's own topics work (a junk message on its own
+    # topic comes back as a rejection receipt), so "received 0" elsewhere
+    # is the broker's refusal, not a broken client.
+    r["control_own_topics"] = attempt(
+        host, port, "outsider-own", insider, f"receipts/{own}", (f"vitals/{own}", b"outsider-own-junk"), listen=max(listen, 3.0)
+    )
     print(json.dumps(r))
 
 
