@@ -10,10 +10,11 @@
 //! 3. the device is the certificate's Ed25519 public key (its `did:key`;
 //!    the certificate's common name, if any, must be that DID too), and the
 //!    registry must hold it as active;
-//! 4. a device slot (at most [`GateConfig::max_connections`] devices), so
-//!    connections that never finish TLS cannot keep devices out;
-//! 5. the first packet is CONNECT (at most 16 KiB), within the same
-//!    timeout. The gate replaces its client ID with the DID (so no device
+//! 4. the first packet is CONNECT (at most 16 KiB), within the same
+//!    timeout again (the handshake slot is held until then);
+//! 5. a device slot (at most [`GateConfig::max_connections`] devices), so
+//!    connections that never finish TLS and CONNECT cannot keep devices
+//!    out; the handshake slot is given back. The gate replaces its client ID with the DID (so no device
 //!    can take over another client's ID or session, the pipeline's
 //!    included), its login with the gate's own, caps its keep-alive at
 //!    [`MAX_KEEP_ALIVE_SECS`], and drops a will for any topic but the
@@ -113,7 +114,7 @@ impl GateConfig {
             token,
             handshake_timeout: Duration::from_secs(5),
             max_handshakes: 512,
-            max_handshakes_per_ip: 128,
+            max_handshakes_per_ip: 32,
             max_connections: 10_000,
             max_packet: crate::embedded::MAX_PAYLOAD + 1024,
         })
@@ -137,7 +138,7 @@ pub fn connection_capacity() -> usize {
         }
         Err(_) => 1024,
     };
-    let n = (soft.saturating_sub(1024) / 3).min(10_000) as usize;
+    let n = ((soft.saturating_sub(1024) / 3).min(10_000) as usize).max(16);
     if n < 100 {
         tracing::warn!(
             open_files = soft,
@@ -145,7 +146,7 @@ pub fn connection_capacity() -> usize {
             "the open-file limit leaves room for few device connections; raise `ulimit -n`"
         );
     }
-    n.max(16)
+    n
 }
 
 /// Run the gate until `shutdown`.
@@ -182,7 +183,7 @@ pub async fn run(
                         continue;
                     }
                 };
-                let Some(hs) = HandshakeSlot::take(&handshakes, &per_ip, peer.ip(), cfg.max_handshakes_per_ip) else {
+                let Some(hs) = HandshakeSlot::take(&handshakes, &per_ip, source(peer.ip()), cfg.max_handshakes_per_ip) else {
                     metrics.refused.with_label_values(&["busy"]).inc();
                     continue;
                 };
@@ -202,6 +203,19 @@ pub async fn run(
 
 type PerIp = Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>;
 
+/// Whom a handshake slot is counted against: the IPv4 address (also when
+/// mapped into IPv6), or an IPv6 address's /64 (one host usually holds a
+/// whole /64).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
 /// A connection's place among those in the TLS handshake; given back when
 /// the handshake ends, however it ends.
 struct HandshakeSlot {
@@ -219,11 +233,11 @@ impl HandshakeSlot {
     ) -> Option<Self> {
         let permit = all.clone().try_acquire_owned().ok()?;
         let mut m = per_ip.lock().ok()?;
-        let n = m.entry(ip).or_insert(0);
-        if *n >= max_per_ip {
+        let n = m.get(&ip).copied().unwrap_or(0);
+        if n >= max_per_ip {
             return None;
         }
-        *n += 1;
+        m.insert(ip, n + 1);
         Some(HandshakeSlot {
             _permit: permit,
             per_ip: per_ip.clone(),
@@ -322,9 +336,18 @@ fn admit(p: Packet, did: &str, check: &DeviceCheck) -> std::result::Result<Packe
             p.retain = false;
             Ok(Packet::Publish(p))
         }
-        Packet::Subscribe(s) => {
+        Packet::Subscribe(mut s) => {
             let own = topics::receipts_topic(did);
             if s.filters.iter().all(|f| Some(&f.path) == own.as_ref()) && !s.filters.is_empty() {
+                // rumqttd delivers at the subscription's QoS, not the lower
+                // of it and the publisher's: grant at most QoS 1, so that
+                // receipts never come at QoS 2 (whose PUBREC the gate
+                // refuses).
+                for f in &mut s.filters {
+                    if f.qos == rumqttc::mqttbytes::QoS::ExactlyOnce {
+                        f.qos = rumqttc::mqttbytes::QoS::AtLeastOnce;
+                    }
+                }
                 Ok(Packet::Subscribe(s))
             } else {
                 Err("subscribe")
@@ -478,6 +501,11 @@ mod tests {
         };
         let own = format!("receipts/{DID}");
         assert!(admit(sub(&[&own]), DID, &yes).is_ok());
+        let q2 = Packet::Subscribe(Subscribe::new(own.clone(), QoS::ExactlyOnce));
+        match admit(q2, DID, &yes) {
+            Ok(Packet::Subscribe(s)) => assert_eq!(s.filters[0].qos, QoS::AtLeastOnce),
+            other => panic!("{other:?}"),
+        }
         for bad in [
             vec!["vitals/#"],
             vec!["#"],

@@ -15,8 +15,9 @@
 //!   - `retain_available false`: nothing a client sends is kept.
 //!   - the same packet limit as the embedded broker (256 KiB + 1 KiB), at
 //!     most 100 unacknowledged messages in flight, and at most 100,000
-//!     messages or 256 MiB queued per client, so one slow or offline client
-//!     cannot grow the broker without bound.
+//!     messages or 256 MiB queued per client, and sessions of clients gone
+//!     for 14 days expire, so one slow or offline client cannot grow the
+//!     broker without bound.
 //!
 //! `server.key` is written mode 0600: Mosquitto must run as its owner
 //! (`--user`), or the operator gives it to Mosquitto's user
@@ -111,6 +112,7 @@ pub fn write(pki: &Pki, cfg: &MosquittoConfig, active: &[String], out: &Path) ->
          per_listener_settings false\nallow_anonymous false\nretain_available false\n\
          max_packet_size {max_packet}\nmax_inflight_messages 100\n\
          max_queued_messages 100000\nmax_queued_bytes 268435456\n\
+         persistent_client_expiration 14d\n\
          acl_file {o}/acl\n{user}\n\
          # Devices: a device-CA certificate; the DID is user name and client ID.\n{}\
          # The pipeline: only a pipeline-CA certificate.\n{}",

@@ -65,25 +65,27 @@ pub(crate) fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
         std::process::id(),
         rand::random::<u64>()
     ));
-    let mut f = std::fs::OpenOptions::new()
+    let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(if secret { 0o600 } else { 0o644 })
         .open(&tmp)
-        .map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(text.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(dir, e))?;
+        return Err(Error::io(path, e));
     }
-    Ok(())
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        Ok(()) => Ok(()),
+        // Some file systems cannot sync a directory; the rename stands.
+        Err(e) if matches!(e.raw_os_error(), Some(22) | Some(95)) => Ok(()),
+        Err(e) => Err(Error::io(dir, e)),
+    }
 }
 
 fn validity(p: &mut CertificateParams, days: i64) {
@@ -125,7 +127,14 @@ fn ensure_ca(dir: &Path, stem: &str, name: &str) -> Result<()> {
     match (pem.exists(), key.exists()) {
         (true, true) => return Ok(()),
         (false, false) => {}
-        _ => {
+        (false, true) => {
+            // A crash between writing the key and the certificate: sign
+            // the certificate again from the same key (certificates it
+            // issued name it by its key, so they still verify).
+            let k = KeyPair::from_pem_and_sign_algo(&read(&key)?, &PKCS_ED25519)?;
+            return write(&pem, &ca_params(name)?.self_signed(&k)?.pem(), false);
+        }
+        (true, false) => {
             return Err(Error::InvalidArgument(format!(
                 "{} and {} must both exist or both be absent; restore the missing one \
                  (a new CA would invalidate every certificate issued so far)",
@@ -172,6 +181,16 @@ impl Pki {
     pub fn load_or_create(data_dir: &Path, server_names: &[String]) -> Result<Pki> {
         let dir = data_dir.join(DIR);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        // One process at a time makes or changes these files (so no key is
+        // ever paired with another process's certificate).
+        let lock_path = dir.join(".lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        lock.lock().map_err(|e| Error::io(&lock_path, e))?;
         ensure_ca(&dir, "ca", "vitaltrail device CA")?;
         ensure_ca(&dir, "server-ca", "vitaltrail server CA")?;
         ensure_ca(&dir, "pipeline-ca", "vitaltrail pipeline CA")?;

@@ -153,17 +153,17 @@ fn check_refused(r: &serde_json::Value, revoked_connects: bool) {
     assert_eq!(r["revoked_device"]["connected"], revoked_connects, "{r}");
 }
 
-/// The dead letters after a run: only `n` of the insider's own junk, on
-/// its own topic (the control, and on Mosquitto its QoS 2 message, which
-/// Mosquitto takes). Their reasons, counted.
+/// The dead letters after a run: only the insider's own junk, on its own
+/// topic (the control, and on Mosquitto perhaps its QoS 2 message, which
+/// Mosquitto takes), `n` of them. Their reasons, counted.
 fn check_dead_letters(
     data: &Path,
     insider: &SecretKey,
-    n: usize,
+    n: std::ops::RangeInclusive<usize>,
 ) -> std::collections::BTreeMap<String, u64> {
     let text = std::fs::read_to_string(data.join("rejected.jsonl")).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), n, "dead letters: {text}");
+    assert!(n.contains(&lines.len()), "dead letters: {text}");
     let mut reasons = std::collections::BTreeMap::new();
     for l in lines {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
@@ -234,7 +234,7 @@ async fn an_outsider_on_the_embedded_broker_gets_nothing_and_costs_nothing() {
     // Connections that never start TLS must not hold up anyone else
     // (rumqttd's own TLS listener would stall on the first of them).
     let mut idle = Vec::new();
-    for _ in 0..50 {
+    for _ in 0..20 {
         idle.push(tokio::net::TcpStream::connect(mqtt).await.unwrap());
     }
     let victim = cast.devs[0].key.did().to_string();
@@ -296,7 +296,7 @@ async fn an_outsider_on_the_embedded_broker_gets_nothing_and_costs_nothing() {
     // Exactly the devices' readings, once each; nothing the outsider sent
     // reached ingest (not even as a dead letter).
     let mut expected = report.clone();
-    let reason = check_dead_letters(data.path(), &cast.insider, 1);
+    let reason = check_dead_letters(data.path(), &cast.insider, 1..=1);
     expected.expected_rejects.extend(reason);
     common::check_outcome(data.path(), 1, &expected, false);
 }
@@ -407,7 +407,7 @@ async fn an_outsider_on_a_configured_mosquitto_gets_nothing_and_costs_nothing() 
     stop.send(true).unwrap();
     (&mut pipeline).await.unwrap().unwrap();
     let mut expected = report.clone();
-    let reason = check_dead_letters(data.path(), &cast.insider, 2);
+    let reason = check_dead_letters(data.path(), &cast.insider, 1..=2);
     expected.expected_rejects.extend(reason);
     common::check_outcome(data.path(), 1, &expected, true);
 }
