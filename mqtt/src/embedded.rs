@@ -22,6 +22,13 @@ use crate::{Error, Result};
 /// The largest message the broker takes (and what ingest and the gate allow).
 pub const MAX_PAYLOAD: usize = 256 * 1024;
 
+/// The memory rumqttd keeps per subscription filter (a device's receipt
+/// topic): this many segments of this many bytes, whether or not the
+/// messages were delivered.
+pub const SEGMENT_SIZE: usize = 64 * 1024;
+/// See [`SEGMENT_SIZE`].
+pub const SEGMENT_COUNT: usize = 2;
+
 /// Typed configuration of the embedded broker.
 #[derive(Debug, Clone)]
 pub struct EmbeddedConfig {
@@ -89,9 +96,20 @@ pub fn start(
         router: RouterConfig {
             max_connections: cfg.max_connections,
             max_outgoing_packet_count: 1000,
-            max_segment_size: 16 * 1024 * 1024,
-            max_segment_count: 10,
-            custom_segment: None,
+            // rumqttd keeps every message of a filter in memory, delivered
+            // or not, up to size × count. Per receipt topic (one filter per
+            // device) that would be 160 MiB: keep 2 × 64 KiB (an offline
+            // device's older receipts are dropped; it resends and gets a
+            // duplicate receipt). Only the readings filter keeps more.
+            max_segment_size: SEGMENT_SIZE,
+            max_segment_count: SEGMENT_COUNT,
+            custom_segment: Some(HashMap::from([(
+                vitaltrail_core::topics::VITALS_FILTER.to_owned(),
+                rumqttd::SegmentConfig {
+                    max_segment_size: 16 * 1024 * 1024,
+                    max_segment_count: 10,
+                },
+            )])),
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
