@@ -165,13 +165,33 @@ fn issuer(ca_pem: &str, key: &KeyPair) -> Result<Issuer<'static, KeyPair>> {
     Ok(Issuer::from_ca_cert_pem(ca_pem, key)?)
 }
 
-/// The SubjectPublicKeyInfo of an Ed25519 public key (RFC 8410).
-fn ed25519_spki(raw: &[u8; 32]) -> Result<rcgen::SubjectPublicKeyInfo> {
-    let mut der = vec![
-        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-    ];
-    der.extend_from_slice(raw);
-    Ok(rcgen::SubjectPublicKeyInfo::from_der(&der)?)
+/// The SubjectPublicKeyInfo of a device's Ed25519 public key (RFC 8410).
+fn device_spki(did: &DeviceId) -> Result<rcgen::SubjectPublicKeyInfo> {
+    use ed25519_dalek::pkcs8::EncodePublicKey as _;
+    let der = did
+        .verifying_key()
+        .to_public_key_der()
+        .map_err(|e| Error::Certificate(e.to_string()))?;
+    Ok(rcgen::SubjectPublicKeyInfo::from_der(der.as_bytes())?)
+}
+
+/// The parameters of an end-entity certificate: this common name, these
+/// DNS or IP names, one extended key use, valid for `days`.
+fn leaf_params(
+    cn: &str,
+    names: Vec<String>,
+    eku: ExtendedKeyUsagePurpose,
+    days: i64,
+) -> Result<CertificateParams> {
+    let mut p = CertificateParams::new(names)?;
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![eku];
+    p.serial_number = Some(serial());
+    validity(&mut p, days);
+    Ok(p)
 }
 
 impl Pki {
@@ -240,18 +260,29 @@ impl Pki {
 
     /// A certificate (PEM) for this device's own key.
     pub fn issue_device(&self, did: &DeviceId) -> Result<String> {
-        let mut p = CertificateParams::new(Vec::<String>::new())?;
-        p.distinguished_name = DistinguishedName::new();
-        p.distinguished_name.push(DnType::CommonName, did.as_str());
+        let mut p = leaf_params(
+            did.as_str(),
+            vec![],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            DEVICE_CERT_DAYS,
+        )?;
         p.subject_alt_names = vec![SanType::URI(did.as_str().try_into()?)];
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        p.serial_number = Some(serial());
-        validity(&mut p, DEVICE_CERT_DAYS);
-        let spki = ed25519_spki(&did.verifying_key().to_bytes())?;
         let issuer = issuer(&self.ca_pem, &self.ca_key)?;
-        Ok(p.signed_by(&spki, &issuer)?.pem())
+        Ok(p.signed_by(&device_spki(did)?, &issuer)?.pem())
+    }
+
+    /// Issue an end-entity certificate with a new key, signed by the CA
+    /// `ca` (`<ca>.pem`, `<ca>.key`), into `<stem>.pem` and `<stem>.key`.
+    fn issue_with_new_key(&self, p: CertificateParams, ca: &str, stem: &str) -> Result<()> {
+        let ca_pem = read(&self.path(&format!("{ca}.pem")))?;
+        let ca_key = KeyPair::from_pem_and_sign_algo(
+            &read(&self.path(&format!("{ca}.key")))?,
+            &PKCS_ED25519,
+        )?;
+        let (key, key_pem) = new_key()?;
+        let cert = p.signed_by(&key, &issuer(&ca_pem, &ca_key)?)?;
+        write(&self.path(&format!("{stem}.key")), &key_pem, true)?;
+        write(&self.path(&format!("{stem}.pem")), &cert.pem(), false)
     }
 
     /// (Re)issue the broker's certificate (`server.pem`, `server.key`).
@@ -262,42 +293,25 @@ impl Pki {
                 all.push(n.clone());
             }
         }
-        let mut p = CertificateParams::new(all)?;
-        p.distinguished_name = DistinguishedName::new();
-        p.distinguished_name
-            .push(DnType::CommonName, "vitaltrail MQTT broker");
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        p.serial_number = Some(serial());
-        validity(&mut p, 825);
-        let (key, key_pem) = new_key()?;
-        let ca_pem = read(&self.path("server-ca.pem"))?;
-        let ca_key =
-            KeyPair::from_pem_and_sign_algo(&read(&self.path("server-ca.key"))?, &PKCS_ED25519)?;
-        let cert = p.signed_by(&key, &issuer(&ca_pem, &ca_key)?)?;
-        write(&self.path("server.key"), &key_pem, true)?;
-        write(&self.path("server.pem"), &cert.pem(), false)
+        let p = leaf_params(
+            "vitaltrail MQTT broker",
+            all,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            825,
+        )?;
+        self.issue_with_new_key(p, "server-ca", "server")
     }
 
     /// Issue the pipeline's client certificate (`pipeline.pem`,
     /// `pipeline.key`), signed by the pipeline CA.
     pub fn issue_pipeline(&self) -> Result<()> {
-        let ca_pem = read(&self.path("pipeline-ca.pem"))?;
-        let ca_key =
-            KeyPair::from_pem_and_sign_algo(&read(&self.path("pipeline-ca.key"))?, &PKCS_ED25519)?;
-        let mut p = CertificateParams::new(Vec::<String>::new())?;
-        p.distinguished_name = DistinguishedName::new();
-        p.distinguished_name.push(DnType::CommonName, PIPELINE_USER);
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        p.serial_number = Some(serial());
-        validity(&mut p, 825);
-        let (key, key_pem) = new_key()?;
-        let cert = p.signed_by(&key, &issuer(&ca_pem, &ca_key)?)?;
-        write(&self.path("pipeline.key"), &key_pem, true)?;
-        write(&self.path("pipeline.pem"), &cert.pem(), false)
+        let p = leaf_params(
+            PIPELINE_USER,
+            vec![],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            825,
+        )?;
+        self.issue_with_new_key(p, "pipeline-ca", "pipeline")
     }
 
     /// TLS for the pipeline's own connections to an external broker: trust

@@ -28,22 +28,6 @@ fn whoami() -> String {
     String::from_utf8(o.stdout).unwrap().trim().to_owned()
 }
 
-fn python() -> std::path::PathBuf {
-    let venv = std::env::var("VITALTRAIL_VENV").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/vitaltrail-tools/venv",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let py = Path::new(&venv).join("bin/python");
-    assert!(
-        py.is_file(),
-        "{} is missing: run scripts/setup (it installs paho-mqtt and cryptography there)",
-        py.display()
-    );
-    py
-}
-
 /// The devices of a run: five honest ones, an insider (registered, active,
 /// hostile) and a device revoked after it got its certificate.
 struct Cast {
@@ -108,7 +92,7 @@ async fn run_outsider(
         format!("--share-group={share_group}"),
         "--listen-seconds=1.5".to_owned(),
     ];
-    let py = python();
+    let py = common::python();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(py)
             .arg(script)

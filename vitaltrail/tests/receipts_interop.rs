@@ -13,22 +13,6 @@ use vitaltrail_attestor::pipeline::AttestorConfig;
 use vitaltrail_core::SecretKey;
 use vitaltrail_core::envelope::{Measurement, UnsignedReading, sign};
 
-fn python() -> std::path::PathBuf {
-    let venv = std::env::var("VITALTRAIL_VENV").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/vitaltrail-tools/venv",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let py = std::path::Path::new(&venv).join("bin/python");
-    assert!(
-        py.is_file(),
-        "{} is missing: run scripts/setup (it installs paho-mqtt, cryptography and blake3 there)",
-        py.display()
-    );
-    py
-}
-
 /// The flags that give the Python device its mutual-TLS files: the CA of
 /// `up`'s data directory, a certificate for the key, and the key (PKCS#8).
 fn device_files(data: &std::path::Path, key: &SecretKey) -> Vec<String> {
@@ -46,7 +30,7 @@ fn device_files(data: &std::path::Path, key: &SecretKey) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_independent_device_verifies_its_receipts() {
-    let py = python();
+    let py = common::python();
     let data = tempfile::tempdir().unwrap();
     let mqtt = common::free_addr();
     let cfg = UpConfig {

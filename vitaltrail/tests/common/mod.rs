@@ -14,6 +14,25 @@ use vitaltrail_bus::deadletter::RejectLog;
 use vitaltrail_core::{Checkpoint, LogPublicKey, ProofBundle, envelope, leaf, merkle};
 use vitaltrail_device_sim::publisher::SimReport;
 
+/// The Python of the test venv scripts/setup makes (paho-mqtt,
+/// `cryptography`, `blake3`), for the independent clients.
+#[allow(dead_code)]
+pub fn python() -> PathBuf {
+    let venv = std::env::var("VITALTRAIL_VENV").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/vitaltrail-tools/venv",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let py = Path::new(&venv).join("bin/python");
+    assert!(
+        py.is_file(),
+        "{} is missing: run scripts/setup (it installs paho-mqtt, cryptography and blake3 there)",
+        py.display()
+    );
+    py
+}
+
 /// The device CA `vitaltrail up` made in `data` (devices connect through
 /// its gate with certificates of it).
 #[allow(dead_code)]
