@@ -26,12 +26,18 @@ pub struct Metrics {
     pub subscribed: IntGauge,
     /// Rejection receipts dropped because the publisher's queue was full.
     pub receipts_dropped: IntCounter,
+    /// Acknowledgements waiting for room in the MQTT client's queue.
+    pub deferred_acks: IntGauge,
 }
 
 impl Metrics {
     /// Create and register the metrics.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Metrics {
+            deferred_acks: IntGauge::new(
+                "vitaltrail_ingest_deferred_acks",
+                "MQTT acknowledgements waiting for room in the client's queue",
+            )?,
             receipts_dropped: IntCounter::new(
                 "vitaltrail_ingest_receipts_dropped_total",
                 "Rejection receipts dropped because the publisher's bounded queue was full",
@@ -89,6 +95,7 @@ impl Metrics {
             )?,
         };
         registry.register(Box::new(m.receipts_dropped.clone()))?;
+        registry.register(Box::new(m.deferred_acks.clone()))?;
         registry.register(Box::new(m.subscribed.clone()))?;
         registry.register(Box::new(m.readings_in.clone()))?;
         registry.register(Box::new(m.accepted.clone()))?;

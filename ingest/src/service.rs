@@ -213,7 +213,20 @@ async fn run_connection<P: Producer>(
     // After `shutdown`: keep taking what the broker already holds for us
     // until it has been quiet for `drain_quiet`, or `drain_max` has passed.
     let mut drain: Option<(tokio::time::Instant, tokio::time::Instant)> = None;
+    // Acknowledgements the client's queue had no room for yet. The loop
+    // never waits to queue one: the queue is drained only by the event
+    // loop, which may itself be waiting for this loop to take a message
+    // (a deadlock, shutdown included, that a flood through Mosquitto
+    // reached). Each entry keeps only what the ack needs (no payload).
+    let mut deferred: std::collections::VecDeque<Publish> = std::collections::VecDeque::new();
     loop {
+        while let Some(p) = deferred.front() {
+            if client.try_ack(p).is_err() {
+                break;
+            }
+            deferred.pop_front();
+        }
+        metrics.deferred_acks.set(deferred.len() as i64);
         let now_pending = pending.len() as i64;
         metrics.pending.add(now_pending - shown_pending);
         shown_pending = now_pending;
@@ -246,11 +259,12 @@ async fn run_connection<P: Producer>(
                     pending.push_back(f);
                 }
             }
-            Some((publish, res)) = pending.next(), if !pending.is_empty() => {
+            Some((mut publish, res)) = pending.next(), if !pending.is_empty() => {
                 match res {
                     Ok(()) => {
-                        if let Err(e) = client.ack(&publish).await {
-                            tracing::warn!(error = %e, "could not send PUBACK; the broker will redeliver");
+                        if !deferred.is_empty() || client.try_ack(&publish).is_err() {
+                            publish.payload = Default::default();
+                            deferred.push_back(publish);
                         }
                     }
                     Err(e) => {
@@ -276,6 +290,7 @@ async fn run_connection<P: Producer>(
                     *quiet = tokio::time::Instant::now() + cfg.drain_quiet;
                 }
             }
+            _ = tokio::time::sleep(Duration::from_millis(5)), if !deferred.is_empty() => {}
             _ = shutdown.changed(), if drain.is_none() => {
                 if *shutdown.borrow() {
                     let now = tokio::time::Instant::now();
@@ -285,12 +300,27 @@ async fn run_connection<P: Producer>(
             }
         }
     }
+    // What the broker still hands over is not taken (not acknowledged, so
+    // redelivered later): keep the event loop moving so that the
+    // acknowledgements below go out.
+    let discard = tokio::spawn(async move { while rx.recv().await.is_some() {} });
     // Let readings already handed to the bus finish, and acknowledge them.
-    while let Some((publish, res)) = pending.next().await {
-        if res.is_ok() {
-            let _ = client.ack(&publish).await;
+    let acks = async {
+        for p in deferred.drain(..) {
+            let _ = client.ack(&p).await;
         }
+        while let Some((publish, res)) = pending.next().await {
+            if res.is_ok() {
+                let _ = client.ack(&publish).await;
+            }
+        }
+    };
+    if tokio::time::timeout(cfg.drain_max, acks).await.is_err() {
+        tracing::warn!(
+            "not every acknowledgement went out before shutdown; the broker will redeliver"
+        );
     }
+    discard.abort();
     metrics.pending.sub(shown_pending);
     let _ = client.disconnect().await;
     poller.abort();

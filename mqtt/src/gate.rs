@@ -72,6 +72,13 @@ pub struct GateConfig {
     pub max_handshakes_per_ip: usize,
     /// Most device connections at once (after their certificate verified).
     pub max_connections: usize,
+    /// Publishes per second one device may send, on average…
+    pub max_publish_rate: f64,
+    /// …and in a burst (a device resending its buffer after a reconnect).
+    pub publish_burst: f64,
+    /// Close a device that has not read what the broker sends it for this
+    /// long.
+    pub stall_timeout: Duration,
     /// Largest MQTT packet a device may send.
     pub max_packet: usize,
 }
@@ -116,6 +123,9 @@ impl GateConfig {
             max_handshakes: 512,
             max_handshakes_per_ip: 32,
             max_connections: 10_000,
+            max_publish_rate: 1000.0,
+            publish_burst: 10_000.0,
+            stall_timeout: Duration::from_secs(10),
             max_packet: crate::embedded::MAX_PAYLOAD + 1024,
         })
     }
@@ -288,10 +298,44 @@ fn device_of(cert: &CertificateDer<'_>) -> Option<String> {
 /// device within 1.5 times this.
 pub const MAX_KEEP_ALIVE_SECS: u16 = 300;
 
+/// The kernel send buffer of a device connection.
+const SEND_BUFFER: usize = 64 * 1024;
+
 /// The largest CONNECT packet the gate reads.
 const MAX_CONNECT: usize = 16 * 1024;
 
 type Refused = &'static str;
+
+/// A token bucket: `rate` per second, at most `burst` saved up.
+#[derive(Debug)]
+struct Pace {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Option<tokio::time::Instant>,
+}
+
+impl Pace {
+    fn new(rate: f64, burst: f64) -> Self {
+        Pace {
+            rate: rate.max(1.0),
+            burst: burst.max(1.0),
+            tokens: burst.max(1.0),
+            at: None,
+        }
+    }
+
+    /// Take one token at `now`; how long to wait first, if any.
+    fn take(&mut self, now: tokio::time::Instant) -> Option<Duration> {
+        if let Some(at) = self.at {
+            let refill = now.saturating_duration_since(at).as_secs_f64() * self.rate;
+            self.tokens = (self.tokens + refill).min(self.burst);
+        }
+        self.at = Some(now);
+        self.tokens -= 1.0;
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+}
 
 async fn read_packet<R: AsyncRead + Unpin>(
     rd: &mut R,
@@ -371,6 +415,9 @@ async fn connection(
     devices: &Arc<tokio::sync::Semaphore>,
 ) -> std::result::Result<(), Refused> {
     let _ = tcp.set_nodelay(true);
+    // A small send buffer, so that a device that stops reading is noticed
+    // (and closed, `stall_timeout` later) after little has piled up.
+    let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(SEND_BUFFER);
     let tls = match tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(_)) => return Err("tls"),
@@ -425,11 +472,28 @@ async fn connection(
     metrics.accepted.inc();
     metrics.connections.inc();
     tracing::debug!(device = %did, "device connected through the gate");
-    // Broker → device: passed through as it comes.
+    // Broker → device: passed through as it comes. A device that stops
+    // reading is closed after `stall_timeout`: the broker would otherwise
+    // keep everything for it (acknowledgements of what it still sends
+    // included) for as long as the connection lasts.
+    let stall = cfg.stall_timeout;
     let mut down = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut urd, &mut wr).await;
+        let mut b = vec![0u8; 16 * 1024];
+        let r = loop {
+            let n = match urd.read(&mut b).await {
+                Ok(0) | Err(_) => break Ok(()),
+                Ok(n) => n,
+            };
+            match tokio::time::timeout(stall, wr.write_all(&b[..n])).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break Ok(()),
+                Err(_) => break Err("stalled"),
+            }
+        };
         let _ = wr.shutdown().await;
+        r
     });
+    let mut pace = Pace::new(cfg.max_publish_rate, cfg.publish_burst);
     // Device → broker: checked packet by packet.
     let result = loop {
         tokio::select! {
@@ -439,6 +503,13 @@ async fn connection(
                     Ok(None) => break Ok(()),
                     Err(r) => break Err(r),
                 };
+                if matches!(p, Packet::Publish(_)) {
+                    // Over its rate, a device is read more slowly (TCP holds
+                    // it back); nothing it sent is lost.
+                    if let Some(wait) = pace.take(tokio::time::Instant::now()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
                 let p = match admit(p, &did, check) {
                     Ok(p) => p,
                     Err(r) => {
@@ -456,7 +527,7 @@ async fn connection(
                     break Ok(());
                 }
             }
-            _ = &mut down => break Ok(()),
+            r = &mut down => break r.unwrap_or(Ok(())),
         }
     };
     down.abort();
@@ -469,6 +540,24 @@ mod tests {
     use super::*;
 
     const DID: &str = "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK";
+
+    #[test]
+    fn a_device_over_its_rate_is_slowed_after_its_burst() {
+        let t0 = tokio::time::Instant::now();
+        let mut p = Pace::new(100.0, 10.0);
+        for _ in 0..10 {
+            assert_eq!(p.take(t0), None);
+        }
+        // The 11th at once waits one token's time; a second later there
+        // is room for the burst again.
+        let w = p.take(t0).unwrap();
+        assert!((w.as_secs_f64() - 0.01).abs() < 1e-9, "{w:?}");
+        let later = t0 + Duration::from_secs(1);
+        for _ in 0..10 {
+            assert_eq!(p.take(later), None);
+        }
+        assert!(p.take(later).is_some());
+    }
 
     #[test]
     fn a_device_publishes_only_under_its_own_topic() {

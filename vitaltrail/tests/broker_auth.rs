@@ -285,20 +285,14 @@ async fn an_outsider_on_the_embedded_broker_gets_nothing_and_costs_nothing() {
     common::check_outcome(data.path(), 1, &expected, false);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_outsider_on_a_configured_mosquitto_gets_nothing_and_costs_nothing() {
-    let data = tempfile::tempdir().unwrap();
-    let d = data.path().to_str().unwrap().to_owned();
-    let mut cast = register(data.path());
-    // The revoked device got its certificate while it was active.
-    let pki = Pki::load_or_create(data.path(), &[]).unwrap();
-    let insider = identity(data.path(), &pki, &cast.insider, "insider");
-    let revoked = identity(data.path(), &pki, &cast.revoked, "revoked");
-    up::registry_file(data.path())
-        .revoke(cast.revoked.did(), 1)
-        .unwrap();
+/// A Mosquitto configured by `vitaltrail mqtt mosquitto` from the
+/// registry of `data`, and an `up` configuration whose pipeline uses its
+/// pipeline listener with the pipeline certificate. (Broker, device port,
+/// pipeline port, config.)
+fn configured_mosquitto(data: &Path, cast: &Cast) -> (common::Mosquitto, u16, u16, UpConfig) {
+    let d = data.to_str().unwrap().to_owned();
     let (dev_port, pipe_port) = (common::free_addr().port(), common::free_addr().port());
-    let out = data.path().join("mosquitto");
+    let out = data.join("mosquitto");
     common::vt(&[
         "mqtt",
         "mosquitto",
@@ -321,10 +315,10 @@ async fn an_outsider_on_a_configured_mosquitto_gets_nothing_and_costs_nothing() 
     common::wait_port(pipe_port);
 
     // The pipeline on its own listener, with its certificate.
-    let pki = Pki::open(data.path()).unwrap();
+    let pki = Pki::open(data).unwrap();
     let mqtt = MqttEndpoint::plain("127.0.0.1", pipe_port).with_tls(pki.pipeline_tls().unwrap());
     let cfg = UpConfig {
-        data_dir: data.path().to_owned(),
+        data_dir: data.to_owned(),
         external_mqtt: Some(mqtt),
         metrics_listen: None,
         attestor: AttestorConfig {
@@ -337,6 +331,21 @@ async fn an_outsider_on_a_configured_mosquitto_gets_nothing_and_costs_nothing() 
         },
         ..UpConfig::default()
     };
+    (_broker, dev_port, pipe_port, cfg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outsider_on_a_configured_mosquitto_gets_nothing_and_costs_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let mut cast = register(data.path());
+    // The revoked device got its certificate while it was active.
+    let pki = Pki::load_or_create(data.path(), &[]).unwrap();
+    let insider = identity(data.path(), &pki, &cast.insider, "insider");
+    let revoked = identity(data.path(), &pki, &cast.revoked, "revoked");
+    up::registry_file(data.path())
+        .revoke(cast.revoked.did(), 1)
+        .unwrap();
+    let (_broker, dev_port, pipe_port, cfg) = configured_mosquitto(data.path(), &cast);
     let pipeline_id = format!("{}-0", cfg.ingest.client_id);
     let (stop, stop_rx) = watch::channel(false);
     let mut pipeline = tokio::spawn(up::run(cfg, stop_rx));
@@ -394,4 +403,81 @@ async fn an_outsider_on_a_configured_mosquitto_gets_nothing_and_costs_nothing() 
     let reason = check_dead_letters(data.path(), &cast.insider, 1..=2);
     expected.expected_rejects.extend(reason);
     common::check_outcome(data.path(), 1, &expected, true);
+}
+
+/// A device that floods its own topic with junk through Mosquitto, faster
+/// than ingest takes it, must not wedge ingest: afterwards other devices'
+/// readings are still receipted, and `up` still stops when asked. (Ingest
+/// used to wait to queue an acknowledgement while its MQTT event loop
+/// waited for ingest to take a message: a deadlock, shutdown included.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_through_mosquitto_does_not_wedge_ingest() {
+    use rumqttc::{AsyncClient, Event, Packet, QoS};
+    let data = tempfile::tempdir().unwrap();
+    let mut cast = register(data.path());
+    up::registry_file(data.path())
+        .revoke(cast.revoked.did(), 1)
+        .unwrap();
+    let (_broker, dev_port, _pipe, mut cfg) = configured_mosquitto(data.path(), &cast);
+    // One connection, so one connection's acknowledgements pile up.
+    cfg.ingest.connections = 1;
+    let (stop, stop_rx) = watch::channel(false);
+    let pipeline = tokio::spawn(up::run(cfg, stop_rx));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let pki = Pki::open(data.path()).unwrap();
+    let e =
+        MqttEndpoint::plain("127.0.0.1", dev_port).with_tls(pki.device_tls(&cast.insider).unwrap());
+    let mut opts = e.options("flood");
+    opts.set_inflight(1000);
+    let (client, mut ev) = AsyncClient::new(opts, 4096);
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let a = acked.clone();
+    let poll = tokio::spawn(async move {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    a.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let topic = format!("vitals/{}", cast.insider.did());
+    let junk = vec![0xa5u8; 1024];
+    let n = 30_000u64;
+    for _ in 0..n {
+        client
+            .publish(topic.clone(), QoS::AtLeastOnce, false, junk.clone())
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while acked.load(std::sync::atomic::Ordering::Relaxed) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Mosquitto did not take the flood"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    poll.abort();
+
+    // Other devices still get their receipts...
+    let mut sim_cfg = sim(dev_port, data.path(), vec![log_key(data.path())]);
+    sim_cfg.duration = Duration::from_secs(2);
+    sim_cfg.receipt_timeout = Duration::from_secs(90);
+    sim_cfg.ack_timeout = Duration::from_secs(90);
+    let mut devs = std::mem::take(&mut cast.devs);
+    let report = publisher::run(&sim_cfg, &mut devs, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    assert_eq!(report.receipts_verified, report.valid_count(), "{report:?}");
+    // ...and `up` stops when asked.
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), pipeline)
+        .await
+        .expect("up did not stop within 30 s of the signal")
+        .unwrap()
+        .unwrap();
 }
