@@ -35,6 +35,19 @@ pub enum Error {
     /// edited one). Signing now would fork the history; needs an operator.
     #[error("fork guard: log at {path}: {detail}; refusing to sign")]
     Fork { path: PathBuf, detail: String },
+    /// The partitions asked for do not match the topic (a partition that
+    /// does not exist, or one nobody would attest). Needs an operator.
+    #[error("partition coverage: {0}")]
+    Coverage(String),
+    /// The receipt publisher failed.
+    #[error(transparent)]
+    Mqtt(#[from] vitaltrail_mqtt::Error),
+    /// Metrics could not be registered (a name registered twice).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A partition worker panicked.
+    #[error("a partition worker panicked: {0}")]
+    Panicked(String),
     /// A state file (index, checkpoint list) is not what we wrote.
     #[error("state file {path}: {detail}")]
     State { path: PathBuf, detail: String },

@@ -11,7 +11,9 @@
 //! * [`index`]: per device, its anti-replay window and (seq → leaf index),
 //!   on disk (redb) with a bounded cache in memory;
 //! * [`parquet_out`]: the `readings` table, exactly once;
-//! * [`metrics`]: its Prometheus metrics.
+//! * [`metrics`]: its Prometheus metrics;
+//! * [`stage`]: [`run`], the stage: its partitions, over Kafka or the
+//!   in-process bus, with the checkpoint, receipt and dead-letter tasks.
 //!
 //! After each commit a worker builds one signed receipt per device
 //! (`docs/receipts.md`) and hands it to the caller's publisher.
@@ -25,6 +27,8 @@ pub mod index;
 pub mod metrics;
 pub mod parquet_out;
 pub mod pipeline;
+pub mod stage;
 
 pub use durable::DurableLog;
 pub use error::{Error, Result};
+pub use stage::{AttestBus, StageConfig, run};

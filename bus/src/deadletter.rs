@@ -95,7 +95,8 @@ fn truncate(s: &str, max: usize) -> &str {
 pub const MAX_SUMMARY_LINES: usize = 64;
 
 /// The limits of a [`RejectLog`].
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RejectLimits {
     /// Past this file size only summaries are written.
     pub max_bytes: u64,

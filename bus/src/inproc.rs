@@ -23,6 +23,10 @@ impl std::fmt::Debug for Msg {
     }
 }
 
+/// Records each partition of the in-process bus holds in flight, by
+/// default (`[bus] capacity`).
+pub const DEFAULT_CAPACITY: usize = 8192;
+
 /// Create a bus of `partitions` partitions, each holding at most `capacity`
 /// records in flight.
 pub fn bus(partitions: u32, capacity: usize) -> (InProcProducer, Vec<InProcPartition>) {

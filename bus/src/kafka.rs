@@ -35,7 +35,7 @@ pub const VERIFIED_TOPIC: &str = "vitals.verified";
 /// Topic of rejected readings.
 pub const REJECTED_TOPIC: &str = "vitals.rejected";
 /// The device registry, compacted: key = DID, value = the device's entry
-/// (JSON, see `vitaltrail_ingest::registry::DeviceEntry`). Every ingest and
+/// (JSON, see `vitaltrail_bus::registry::DeviceEntry`). Every ingest and
 /// attestor process reads it from the start and follows it.
 pub const DEVICES_TOPIC: &str = "vitals.devices";
 /// Signed checkpoints: key = log origin, value = JSON

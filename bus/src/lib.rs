@@ -18,10 +18,12 @@
 //! partition and the attestor that owns the partition sees its readings in
 //! order.
 
+pub mod datadir;
 pub mod deadletter;
 pub mod inproc;
 pub mod kafka;
 pub mod metrics;
+pub mod registry;
 
 use std::future::Future;
 
@@ -44,12 +46,34 @@ pub enum Error {
     /// Kafka failed (the broker is down, a topic is missing…). Retryable.
     #[error("kafka: {0}")]
     Kafka(String),
+    /// The device registry file could not be read or written.
+    #[error("device registry {path}: {detail}")]
+    Registry {
+        path: std::path::PathBuf,
+        detail: String,
+    },
+    /// A key, token or settings file of the data directory could not be
+    /// read, made or parsed.
+    #[error("{path}: {detail}")]
+    DataDir {
+        path: std::path::PathBuf,
+        detail: String,
+    },
+    /// A bad argument from the operator (a registry change that cannot be
+    /// made). Not retryable.
+    #[error("{0}")]
+    InvalidArgument(String),
 }
 
 impl Error {
-    /// Bus errors are never the caller's fault; they are worth a retry.
+    /// Bus errors other than a bad argument are worth a retry.
     pub fn is_retryable(&self) -> bool {
-        true
+        !self.is_caller_fault()
+    }
+
+    /// True when the operator asked for something invalid.
+    pub fn is_caller_fault(&self) -> bool {
+        matches!(self, Error::InvalidArgument(_))
     }
 }
 

@@ -1,7 +1,5 @@
 //! The one error type of `vitaltrail-ingest`.
 
-use std::path::PathBuf;
-
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -10,15 +8,18 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The registry file could not be read or written.
-    #[error("device registry {path}: {detail}")]
-    Registry { path: PathBuf, detail: String },
     /// A bad argument from the operator.
     #[error("{0}")]
     InvalidArgument(String),
     /// The bus or dead-letter store failed (retryable).
     #[error(transparent)]
     Bus(#[from] vitaltrail_bus::Error),
+    /// The receipt publisher or the MQTT settings failed.
+    #[error(transparent)]
+    MqttSetup(#[from] vitaltrail_mqtt::Error),
+    /// Metrics could not be registered (a name registered twice).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     /// The MQTT client could not be driven.
     #[error("mqtt: {0}")]
     Mqtt(String),

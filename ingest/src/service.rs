@@ -15,7 +15,7 @@ use vitaltrail_mqtt::MqttEndpoint;
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::registry::{Lookup, SharedRegistry};
+use vitaltrail_bus::registry::{Lookup, SharedRegistry};
 
 /// Topic prefix devices publish under: `vitals/<device DID>`.
 pub const TOPIC_PREFIX: &str = vitaltrail_core::topics::VITALS;
@@ -90,11 +90,11 @@ type Pending = std::pin::Pin<
     >,
 >;
 
-/// Run ingest until `shutdown` turns true: `cfg.connections` MQTT
+/// Serve ingest until `shutdown` turns true: `cfg.connections` MQTT
 /// connections (client IDs `<client_id>-<i>` when more than one), each
 /// verifying and acknowledging its own share of the readings.
 #[allow(clippy::too_many_arguments)]
-pub async fn run<P: Producer>(
+pub async fn serve<P: Producer>(
     cfg: IngestConfig,
     producer: P,
     registry: SharedRegistry,

@@ -13,6 +13,7 @@
 //!   certificate, the registry, and each device held to its own topics.
 //! - [`mosquitto`]: the same rules for an external Mosquitto, written from
 //!   the device registry (certificates, listeners, ACL).
+//! - [`receipts`]: publishing signed receipts to `receipts/<did>`.
 //!
 //! What each of these protects, and what it does not, is in
 //! `docs/threat-model.md` ("Broker").
@@ -24,6 +25,7 @@ pub mod gate;
 pub mod metrics;
 pub mod mosquitto;
 pub mod pki;
+pub mod receipts;
 
 pub use endpoint::{ClientTls, Login, MqttEndpoint};
 pub use error::{Error, Result};

@@ -1,6 +1,6 @@
 //! Mosquitto configuration from the device registry.
 //!
-//! [`write`] writes, into one directory, everything a Mosquitto 2.0 needs
+//! [`write()`] writes, into one directory, everything a Mosquitto 2.0 needs
 //! to hold devices and the pipeline to the same rules as the embedded
 //! broker's gate:
 //! - `mosquitto.conf`: two listeners and no anonymous clients.

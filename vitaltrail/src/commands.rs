@@ -50,7 +50,7 @@ pub fn load_key(path: &Path) -> Result<SecretKey> {
     SecretKey::from_pkcs8_pem(&pem).with_context(|| format!("key {}", path.display()))
 }
 
-pub use vitaltrail::up::write_key;
+pub use vitaltrail_bus::datadir::write_key;
 
 pub fn keys_new(out: &Path) -> Result<ExitCode> {
     let key = SecretKey::generate(&mut rand::rngs::OsRng);

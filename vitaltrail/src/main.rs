@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod commands;
 mod demo;
+mod node_args;
 mod pipeline_cmds;
 
 /// Verifiable vital signs, from the device to a public chain.
@@ -44,7 +45,7 @@ enum Command {
         #[arg(long, env = "VITALTRAIL_LOG_KEY")]
         log_key: Option<String>,
         /// The `vitaltrail up` data directory to take the log key from.
-        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
         data: PathBuf,
         /// Also require the reading to be signed by this device DID.
         #[arg(long)]
@@ -52,123 +53,15 @@ enum Command {
     },
     /// Run the whole pipeline in one process: embedded MQTT broker, ingest,
     /// in-process bus, attestor, /metrics. Stops on Ctrl-C.
-    Up {
-        /// Data directory (logs, checkpoints, rejects, registry, log key).
-        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
-        data: PathBuf,
-        /// Where devices connect to the embedded MQTT broker: mutual TLS
-        /// with a certificate of <data>/mqtt/ca.pem (`vitaltrail devices
-        /// cert`), each device held to vitals/<did> and receipts/<did>.
-        #[arg(long, env = "VITALTRAIL_MQTT_LISTEN", default_value = "127.0.0.1:8883")]
-        mqtt_listen: std::net::SocketAddr,
-        /// Host names devices reach the broker by (repeatable), for its
-        /// certificate besides localhost, 127.0.0.1 and the listen address.
-        #[arg(long = "mqtt-name")]
-        mqtt_names: Vec<String>,
-        /// Use this external MQTT broker (HOST:PORT) instead of the embedded one.
-        #[arg(long, env = "VITALTRAIL_MQTT")]
-        mqtt: Option<String>,
-        /// Connect to the external broker over TLS with the pipeline's client
-        /// certificate from <data>/mqtt (see `vitaltrail mqtt mosquitto`).
-        #[arg(long, requires = "mqtt")]
-        mqtt_tls: bool,
-        /// Run the same stages over this Kafka cluster instead of the
-        /// in-process bus (bootstrap servers).
-        #[arg(long, env = "VITALTRAIL_KAFKA")]
-        kafka: Option<String>,
-        /// Partitions (one Merkle log each). Default: what the data
-        /// directory already holds; for a new one, 1 on the in-process bus
-        /// (one log per disk commits in the largest groups) and 4 with --kafka.
-        #[arg(long, env = "VITALTRAIL_PARTITIONS")]
-        partitions: Option<u32>,
-        /// Where /metrics is served.
-        #[arg(
-            long,
-            env = "VITALTRAIL_METRICS_LISTEN",
-            default_value = "127.0.0.1:9464"
-        )]
-        metrics_listen: std::net::SocketAddr,
-        /// Sign a checkpoint at least this often (ms) while readings arrive.
-        #[arg(
-            long,
-            env = "VITALTRAIL_CHECKPOINT_INTERVAL_MS",
-            default_value_t = 1000
-        )]
-        checkpoint_interval_ms: u64,
-    },
+    Up(node_args::UpArgs),
     /// Run one ingest process (distributed mode): MQTT in, Kafka out.
-    Ingest {
-        /// Kafka bootstrap servers.
-        #[arg(long, env = "VITALTRAIL_KAFKA")]
-        kafka: String,
-        /// The MQTT broker (HOST:PORT).
-        #[arg(long, env = "VITALTRAIL_MQTT", default_value = "127.0.0.1:1883")]
-        mqtt: String,
-        /// MQTT client ID, unique per ingest process.
-        #[arg(
-            long,
-            env = "VITALTRAIL_INGEST_ID",
-            default_value = "vitaltrail-ingest-0"
-        )]
-        client_id: String,
-        /// Shared-subscription group that ingest processes split the load in.
-        #[arg(long, default_value = "vitaltrail-ingest")]
-        share_group: String,
-        /// MQTT connections in the group from this process, each with its own
-        /// verify loop (a broker caps the unacknowledged messages per
-        /// connection: rumqttd 100, Mosquitto max_inflight_messages).
-        #[arg(long, default_value_t = 8)]
-        connections: usize,
-        /// Where the device registry (devices.json) lives.
-        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
-        data: PathBuf,
-        /// Partitions of vitals.verified, if this process creates the topic.
-        #[arg(long, default_value_t = 4)]
-        topic_partitions: i32,
-        /// Where /metrics is served.
-        #[arg(long, env = "VITALTRAIL_METRICS_LISTEN")]
-        metrics_listen: Option<std::net::SocketAddr>,
-        #[command(flatten)]
-        trust: pipeline_cmds::TrustArgs,
-    },
+    Ingest(node_args::IngestArgs),
     /// Run one attestor process (distributed mode) for a set of partitions.
-    Attest {
-        /// Kafka bootstrap servers.
-        #[arg(long, env = "VITALTRAIL_KAFKA")]
-        kafka: String,
-        /// The MQTT broker (HOST:PORT) to publish receipts to
-        /// (`receipts/<did>`); without it, no receipts.
-        #[arg(long, env = "VITALTRAIL_MQTT")]
-        mqtt: Option<String>,
-        /// The vitals.verified partitions this process owns, e.g. 0,1,2,3.
-        #[arg(long, value_delimiter = ',', default_value = "0,1,2,3")]
-        partitions: Vec<u32>,
-        /// Other attestors own the topic's other partitions. Without it,
-        /// --partitions must cover every partition of vitals.verified, or
-        /// the attestor refuses to start.
-        #[arg(long)]
-        partial: bool,
-        /// Partitions of vitals.verified, if this process creates the topic.
-        #[arg(long, default_value_t = 4)]
-        topic_partitions: i32,
-        /// Data directory (partition logs, checkpoints, rejects, log key).
-        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
-        data: PathBuf,
-        /// Do not copy vitals.rejected into <data>/rejected.jsonl.
-        #[arg(long)]
-        no_dead_letters: bool,
-        /// Sign a checkpoint at least this often (ms) while readings arrive.
-        #[arg(
-            long,
-            env = "VITALTRAIL_CHECKPOINT_INTERVAL_MS",
-            default_value_t = 1000
-        )]
-        checkpoint_interval_ms: u64,
-        /// Where /metrics is served.
-        #[arg(long, env = "VITALTRAIL_METRICS_LISTEN")]
-        metrics_listen: Option<std::net::SocketAddr>,
-        #[command(flatten)]
-        trust: pipeline_cmds::TrustArgs,
+    Attest(node_args::AttestArgs),
+    /// The layered configuration of up, ingest and attest.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
     },
     /// Simulated wearables: sign readings and publish them over MQTT (QoS 1).
     Sim {
@@ -248,7 +141,7 @@ enum Command {
         /// One SQL statement, e.g. "SELECT loinc, avg(value) FROM readings GROUP BY loinc".
         sql: String,
         /// The data directory.
-        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
         data: PathBuf,
         /// Output format: table, csv, json or parquet (parquet needs --out).
         #[arg(long, default_value = "table")]
@@ -271,7 +164,7 @@ enum Command {
         #[arg(long)]
         seq: u64,
         /// The data directory.
-        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
         data: PathBuf,
         /// Write the bundle here instead of stdout.
         #[arg(long)]
@@ -285,6 +178,20 @@ enum Command {
         /// How many readings to sign and log.
         #[arg(long, default_value_t = 1000)]
         readings: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// Print the effective configuration (built-in defaults, then the
+    /// file, then VITALTRAIL_* variables) as TOML, with every possible
+    /// secret redacted. The output is a valid configuration file.
+    Print {
+        /// Whose configuration: up, ingest or attest.
+        #[arg(long, default_value = "up")]
+        role: vitaltrail_node::config::Role,
+        #[command(flatten)]
+        config: node_args::ConfigFile,
     },
 }
 
@@ -313,7 +220,7 @@ enum MqttCmd {
         #[arg(long)]
         user: Option<String>,
         /// The data directory (registry, CA).
-        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
         data: PathBuf,
     },
 }
@@ -327,7 +234,7 @@ enum DevicesCmd {
         /// The device DID.
         did: String,
         /// The data directory.
-        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
         data: PathBuf,
     },
     /// Register a device for a patient.
@@ -341,7 +248,7 @@ enum DevicesCmd {
         #[arg(long)]
         ward: Option<String>,
         /// The data directory.
-        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
         data: PathBuf,
         /// Also publish the registration to the vitals.devices topic of this
         /// Kafka cluster (distributed mode: every ingest and attestor follows it).
@@ -351,7 +258,7 @@ enum DevicesCmd {
     /// List registered devices (DID, patient, ward, state).
     List {
         /// The data directory.
-        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
         data: PathBuf,
     },
     /// Revoke a device: its readings are rejected from now on.
@@ -359,7 +266,7 @@ enum DevicesCmd {
         /// The device DID.
         did: String,
         /// The data directory.
-        #[arg(long, env = "VITALTRAIL_DATA", default_value = "vitaltrail-data")]
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
         data: PathBuf,
         /// Also publish the revocation to the vitals.devices topic of this
         /// Kafka cluster (it may know the device even if this directory does not).
@@ -485,29 +392,9 @@ fn main() -> ExitCode {
             data,
             device,
         } => commands::verify(&bundle, log_key.as_deref(), &data, device.as_deref()),
-        Command::Up {
-            data,
-            mqtt_listen,
-            mqtt_names,
-            mqtt,
-            mqtt_tls,
-            kafka,
-            partitions,
-            metrics_listen,
-            checkpoint_interval_ms,
-        } => {
+        Command::Up(args) => {
             init_tracing();
-            pipeline_cmds::up(
-                data,
-                mqtt_listen,
-                mqtt_names,
-                mqtt,
-                mqtt_tls,
-                kafka,
-                partitions,
-                metrics_listen,
-                checkpoint_interval_ms,
-            )
+            pipeline_cmds::up(args)
         }
         Command::Sim {
             mqtt,
@@ -557,56 +444,17 @@ fn main() -> ExitCode {
                     kafka,
                 },
         } => pipeline_cmds::devices_add(&data, &did, &patient, ward.as_deref(), kafka),
-        Command::Ingest {
-            kafka,
-            mqtt,
-            client_id,
-            share_group,
-            connections,
-            data,
-            topic_partitions,
-            metrics_listen,
-            trust,
-        } => {
+        Command::Ingest(args) => {
             init_tracing();
-            pipeline_cmds::ingest(pipeline_cmds::IngestArgs {
-                kafka,
-                mqtt,
-                client_id,
-                share_group,
-                connections,
-                data,
-                topic_partitions,
-                metrics_listen,
-                trust,
-            })
+            pipeline_cmds::ingest(args)
         }
-        Command::Attest {
-            kafka,
-            mqtt,
-            partitions,
-            partial,
-            topic_partitions,
-            data,
-            no_dead_letters,
-            checkpoint_interval_ms,
-            metrics_listen,
-            trust,
-        } => {
+        Command::Attest(args) => {
             init_tracing();
-            pipeline_cmds::attest(
-                kafka,
-                mqtt,
-                partitions,
-                topic_partitions,
-                data,
-                !no_dead_letters,
-                checkpoint_interval_ms,
-                metrics_listen,
-                trust,
-                partial,
-            )
+            pipeline_cmds::attest(args)
         }
+        Command::Config {
+            cmd: ConfigCmd::Print { role, config },
+        } => pipeline_cmds::config_print(role, &config),
         Command::Devices {
             cmd: DevicesCmd::List { data },
         } => pipeline_cmds::devices_list(&data),

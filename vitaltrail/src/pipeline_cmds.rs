@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use vitaltrail::up::{self, UpConfig};
 use vitaltrail_attestor::DurableLog;
-use vitaltrail_attestor::pipeline::AttestorConfig;
 use vitaltrail_core::{Checkpoint, Clock, DeviceId, ProofBundle, SystemClock, envelope, leaf};
 use vitaltrail_device_sim::attacks::Attack;
 use vitaltrail_device_sim::physiology::Scenario;
 use vitaltrail_device_sim::publisher::{self, SimConfig};
+use vitaltrail_node::config::Role;
+use vitaltrail_node::up::{self, UpConfig};
 
 /// A shutdown signal that turns true on Ctrl-C or SIGTERM.
 fn shutdown_on_ctrl_c() -> tokio::sync::watch::Receiver<bool> {
@@ -37,213 +37,39 @@ fn shutdown_on_ctrl_c() -> tokio::sync::watch::Receiver<bool> {
     rx
 }
 
-/// Arguments of `vitaltrail ingest`.
-#[derive(Debug)]
-pub struct IngestArgs {
-    pub kafka: String,
-    pub mqtt: String,
-    pub client_id: String,
-    pub share_group: String,
-    pub connections: usize,
-    pub data: PathBuf,
-    pub topic_partitions: i32,
-    pub metrics_listen: Option<SocketAddr>,
-    pub trust: TrustArgs,
-}
-
-/// What a distributed stage trusts and how it reaches Kafka securely
-/// (`vitaltrail ingest` and `vitaltrail attest` alike).
-#[derive(Debug, clap::Args)]
-pub struct TrustArgs {
-    /// The bus key file shared by every ingest and attestor of the
-    /// pipeline (records on vitals.verified carry its MAC); default
-    /// <data>/keys/bus.key, created if absent.
-    #[arg(long, env = "VITALTRAIL_BUS_KEY_FILE")]
-    bus_key: Option<PathBuf>,
-    /// librdkafka client properties, one key=value per line (SASL, TLS:
-    /// security.protocol, sasl.mechanisms, sasl.username, sasl.password,
-    /// ssl.ca.location, …). A file, so that no secret is on a command line.
-    #[arg(long, env = "VITALTRAIL_KAFKA_CONFIG_FILE")]
-    kafka_config_file: Option<PathBuf>,
-    /// The operator's DID, whose signature every vitals.devices record
-    /// must carry; default: the DID of <data>/keys/operator.pem (the key
-    /// `devices add --kafka` signs with).
-    #[arg(long, env = "VITALTRAIL_OPERATOR")]
-    operator: Option<String>,
-    /// Connect to the MQTT broker over TLS with the pipeline's client
-    /// certificate from <data>/mqtt (`vitaltrail mqtt mosquitto` writes a
-    /// Mosquitto configuration that requires it).
-    #[arg(long)]
-    mqtt_tls: bool,
-}
-
-/// The MQTT broker at `addr`; with `tls`, over TLS with the pipeline's
-/// client certificate from `<data>/mqtt`.
-pub fn pipeline_mqtt(addr: &str, tls: bool, data: &Path) -> Result<vitaltrail_mqtt::MqttEndpoint> {
-    let e = vitaltrail_mqtt::MqttEndpoint::parse(addr)?;
-    if !tls {
-        return Ok(e);
-    }
-    let pki = vitaltrail_mqtt::Pki::open(data).with_context(|| {
-        format!(
-            "--mqtt-tls needs the pipeline certificate in {}/mqtt (`vitaltrail mqtt mosquitto` makes it)",
-            data.display()
-        )
-    })?;
-    Ok(e.with_tls(pki.pipeline_tls()?))
-}
-
-impl TrustArgs {
-    /// The Kafka settings: brokers, partitions, the bus key (`--bus-key`,
-    /// else `<data>/keys/bus.key`) and the client file.
-    fn kafka(
-        &self,
-        brokers: String,
-        partitions: i32,
-        data: &Path,
-    ) -> Result<vitaltrail_bus::kafka::KafkaConfig> {
-        let key_path = self
-            .bus_key
-            .clone()
-            .unwrap_or_else(|| up::bus_key_path(data));
-        Ok(vitaltrail_bus::kafka::KafkaConfig {
-            brokers,
-            partitions,
-            bus_key: Some(vitaltrail::distributed::load_bus_key(&key_path)?),
-            client: self
-                .kafka_config_file
-                .as_deref()
-                .map(vitaltrail::distributed::read_kafka_client_config)
-                .transpose()?
-                .unwrap_or_default(),
-            ..Default::default()
-        })
-    }
-
-    /// `--operator`, parsed.
-    fn operator(&self) -> Result<Option<DeviceId>> {
-        self.operator
-            .as_deref()
-            .map(DeviceId::parse)
-            .transpose()
-            .context("--operator")
-    }
-}
-
 /// `vitaltrail ingest`.
-pub fn ingest(a: IngestArgs) -> Result<ExitCode> {
-    let IngestArgs {
-        kafka,
-        mqtt,
-        client_id,
-        share_group,
-        connections,
-        data,
-        topic_partitions,
-        metrics_listen,
-        trust,
-    } = a;
-    use vitaltrail::distributed::{IngestProcessConfig, run_ingest};
-    up::exit_on_panic();
-    let cfg = IngestProcessConfig {
-        kafka: trust.kafka(kafka, topic_partitions, &data)?,
-        ingest: vitaltrail_ingest::IngestConfig {
-            mqtt: pipeline_mqtt(&mqtt, trust.mqtt_tls, &data)?,
-            client_id,
-            share_group: Some(share_group),
-            connections,
-            ..Default::default()
-        },
-        data_dir: data,
-        metrics_listen,
-        metrics: None,
-        operator: trust.operator()?,
-    };
-    runtime()?.block_on(async move { run_ingest(cfg, shutdown_on_ctrl_c()).await })?;
+pub fn ingest(a: crate::node_args::IngestArgs) -> Result<ExitCode> {
+    let cfg = a.config.load(Role::Ingest, &a.overrides())?;
+    vitaltrail_node::exit_on_panic();
+    runtime()?.block_on(async move {
+        vitaltrail_node::process::run_ingest(cfg, shutdown_on_ctrl_c()).await
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `vitaltrail attest`.
-#[allow(clippy::too_many_arguments)]
-pub fn attest(
-    kafka: String,
-    mqtt: Option<String>,
-    partitions: Vec<u32>,
-    topic_partitions: i32,
-    data: PathBuf,
-    dead_letters: bool,
-    checkpoint_interval_ms: u64,
-    metrics_listen: Option<SocketAddr>,
-    trust: TrustArgs,
-    partial: bool,
-) -> Result<ExitCode> {
-    use vitaltrail::distributed::{AttestProcessConfig, run_attest};
-    up::exit_on_panic();
-    let cfg = AttestProcessConfig {
-        kafka: trust.kafka(kafka, topic_partitions, &data)?,
-        partitions,
-        dead_letters,
-        rejects: Default::default(),
-        mqtt: mqtt
-            .as_deref()
-            .map(|m| pipeline_mqtt(m, trust.mqtt_tls, &data))
-            .transpose()?,
-        operator: trust.operator()?,
-        partial,
-        attestor: AttestorConfig {
-            data_dir: data,
-            checkpoint_interval: Duration::from_millis(checkpoint_interval_ms),
-            ..AttestorConfig::default()
-        },
-        metrics_listen,
-        metrics: None,
-    };
-    runtime()?.block_on(async move { run_attest(cfg, shutdown_on_ctrl_c()).await })?;
+pub fn attest(a: crate::node_args::AttestArgs) -> Result<ExitCode> {
+    let cfg = a.config.load(Role::Attest, &a.overrides())?;
+    vitaltrail_node::exit_on_panic();
+    runtime()?.block_on(async move {
+        vitaltrail_node::process::run_attest(cfg, shutdown_on_ctrl_c()).await
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `vitaltrail up`.
-#[allow(clippy::too_many_arguments)]
-pub fn up(
-    data: PathBuf,
-    mqtt_listen: SocketAddr,
-    mqtt_names: Vec<String>,
-    mqtt: Option<String>,
-    mqtt_tls: bool,
-    kafka: Option<String>,
-    partitions: Option<u32>,
-    metrics_listen: SocketAddr,
-    checkpoint_interval_ms: u64,
-) -> Result<ExitCode> {
-    let partitions = match (partitions, up::existing_partitions(&data)) {
-        (Some(n), _) => n,
-        (None, 0) if kafka.is_some() => 4,
-        (None, 0) => 1,
-        (None, n) => n,
-    };
-    let external_mqtt = mqtt
-        .as_deref()
-        .map(|m| pipeline_mqtt(m, mqtt_tls, &data))
-        .transpose()?;
-    let cfg = UpConfig {
-        data_dir: data,
-        mqtt_listen,
-        mqtt_names,
-        external_mqtt,
-        kafka,
-        partitions,
-        metrics_listen: Some(metrics_listen),
-        attestor: AttestorConfig {
-            checkpoint_interval: Duration::from_millis(checkpoint_interval_ms),
-            ..AttestorConfig::default()
-        },
-        ..UpConfig::default()
-    };
-    up::exit_on_panic();
-    runtime()?.block_on(async move {
-        let stop = shutdown_on_ctrl_c();
-        up::run(cfg, stop).await
-    })?;
+pub fn up(a: crate::node_args::UpArgs) -> Result<ExitCode> {
+    let node = a.config.load(Role::Up, &a.overrides())?;
+    let cfg = UpConfig::from_node(&node)?;
+    vitaltrail_node::exit_on_panic();
+    runtime()?.block_on(async move { up::run(cfg, shutdown_on_ctrl_c()).await })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vitaltrail config print`.
+pub fn config_print(role: Role, file: &crate::node_args::ConfigFile) -> Result<ExitCode> {
+    let cfg = file.load(role, &Default::default())?;
+    print!("{}", cfg.to_toml_redacted());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -319,12 +145,12 @@ pub fn sim(a: SimArgs) -> Result<ExitCode> {
     let devices = if replaying { 1 } else { a.devices };
     let mut devs = publisher::devices(a.seed, devices, &scenarios);
     if let Some(data) = &a.register {
-        let reg = up::registry_file(data);
+        let reg = vitaltrail_bus::datadir::registry_file(data);
         let existing = reg.load()?;
         for (i, d) in devs.iter().enumerate() {
             if matches!(
                 existing.lookup(d.key.did().as_str()),
-                vitaltrail_ingest::registry::Lookup::Unknown
+                vitaltrail_bus::registry::Lookup::Unknown
             ) {
                 reg.add(
                     d.key.did(),
@@ -424,7 +250,7 @@ fn data_log_keys(data: &Path) -> Vec<vitaltrail_core::LogPublicKey> {
 
 /// The DIDs the registry of `data` holds as active.
 fn active_devices(data: &Path) -> Result<Vec<String>> {
-    let reg = up::registry_file(data).load()?;
+    let reg = vitaltrail_bus::datadir::registry_file(data).load()?;
     Ok(reg
         .devices()
         .filter(|e| e.revoked_ms.is_none())
@@ -489,12 +315,12 @@ pub fn devices_add(
     kafka: Option<String>,
 ) -> Result<ExitCode> {
     let did = DeviceId::parse(did).context("DID")?;
-    let file = up::registry_file(data);
+    let file = vitaltrail_bus::datadir::registry_file(data);
     file.add(&did, patient, ward, SystemClock.now_ms())?;
     if let Some(brokers) = kafka {
         let entry = local_entry(&file, &did)?;
-        let op = vitaltrail::distributed::operator_key(data)?;
-        runtime()?.block_on(vitaltrail::distributed::publish_device(
+        let op = vitaltrail_bus::datadir::operator_key(data)?;
+        runtime()?.block_on(vitaltrail_bus::registry::publish_to_topic(
             &kafka_cfg(brokers),
             &entry,
             &op,
@@ -514,10 +340,10 @@ fn kafka_cfg(brokers: String) -> vitaltrail_bus::kafka::KafkaConfig {
 }
 
 fn local_entry(
-    file: &vitaltrail_ingest::registry::RegistryFile,
+    file: &vitaltrail_bus::registry::RegistryFile,
     did: &DeviceId,
-) -> Result<vitaltrail_ingest::registry::DeviceEntry> {
-    use vitaltrail_ingest::registry::Lookup;
+) -> Result<vitaltrail_bus::registry::DeviceEntry> {
+    use vitaltrail_bus::registry::Lookup;
     match file.load()?.lookup(did.as_str()) {
         Lookup::Active(e) | Lookup::Revoked(e) => Ok(e.clone()),
         Lookup::Unknown => anyhow::bail!("{did} is not in {}", file.path().display()),
@@ -526,9 +352,9 @@ fn local_entry(
 
 /// `vitaltrail devices revoke`.
 pub fn devices_revoke(data: &Path, did: &str, kafka: Option<String>) -> Result<ExitCode> {
-    use vitaltrail_ingest::registry::Lookup;
+    use vitaltrail_bus::registry::Lookup;
     let did = DeviceId::parse(did).context("DID")?;
-    let file = up::registry_file(data);
+    let file = vitaltrail_bus::datadir::registry_file(data);
     let now = SystemClock.now_ms();
     let Some(brokers) = kafka else {
         file.revoke(&did, now)?;
@@ -536,7 +362,7 @@ pub fn devices_revoke(data: &Path, did: &str, kafka: Option<String>) -> Result<E
         return Ok(ExitCode::SUCCESS);
     };
     let cfg = kafka_cfg(brokers);
-    let op = vitaltrail::distributed::operator_key(data)?;
+    let op = vitaltrail_bus::datadir::operator_key(data)?;
     let rt = runtime()?;
     let local = file.load()?;
     let mut entry = match local.lookup(did.as_str()) {
@@ -547,7 +373,7 @@ pub fn devices_revoke(data: &Path, did: &str, kafka: Option<String>) -> Result<E
         _ => {
             // Known only to the cluster, or revoked here already: revoke
             // what the topic holds.
-            let topic = rt.block_on(vitaltrail::distributed::topic_registry(&cfg, op.did()))?;
+            let topic = rt.block_on(vitaltrail_bus::registry::from_topic(&cfg, op.did()))?;
             match topic.with(|r| match r.lookup(did.as_str()) {
                 Lookup::Active(e) => Some(e.clone()),
                 _ => None,
@@ -558,14 +384,16 @@ pub fn devices_revoke(data: &Path, did: &str, kafka: Option<String>) -> Result<E
         }
     };
     entry.revoked_ms.get_or_insert(now);
-    rt.block_on(vitaltrail::distributed::publish_device(&cfg, &entry, &op))?;
+    rt.block_on(vitaltrail_bus::registry::publish_to_topic(
+        &cfg, &entry, &op,
+    ))?;
     println!("revoked {did} (published to vitals.devices)");
     Ok(ExitCode::SUCCESS)
 }
 
 /// `vitaltrail devices list`.
 pub fn devices_list(data: &Path) -> Result<ExitCode> {
-    let reg = up::registry_file(data).load()?;
+    let reg = vitaltrail_bus::datadir::registry_file(data).load()?;
     for d in reg.devices() {
         let state = if d.revoked_ms.is_some() {
             "revoked"

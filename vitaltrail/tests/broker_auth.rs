@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use vitaltrail::up::{self, UpConfig};
 use vitaltrail_attestor::pipeline::AttestorConfig;
 use vitaltrail_core::{SecretKey, SystemClock};
 use vitaltrail_device_sim::physiology::Scenario;
 use vitaltrail_device_sim::publisher::{self, SimConfig, SimDevice};
 use vitaltrail_ingest::IngestConfig;
 use vitaltrail_mqtt::{MqttEndpoint, Pki};
+use vitaltrail_node::up::{self, UpConfig};
 
 fn whoami() -> String {
     let o = std::process::Command::new("id")
@@ -40,7 +40,7 @@ fn register(data: &Path) -> Cast {
     let devs = publisher::devices(61, 5, &[Scenario::Steady]);
     let insider = SecretKey::from_seed(&[91; 32]).unwrap();
     let revoked = SecretKey::from_seed(&[92; 32]).unwrap();
-    let reg = up::registry_file(data);
+    let reg = vitaltrail_bus::datadir::registry_file(data);
     for (i, d) in devs.iter().enumerate() {
         reg.add(d.key.did(), &format!("p{i}"), None, 0).unwrap();
     }
@@ -210,7 +210,7 @@ async fn an_outsider_on_the_embedded_broker_gets_nothing_and_costs_nothing() {
     let pki = Pki::open(data.path()).unwrap();
     let insider = identity(data.path(), &pki, &cast.insider, "insider");
     let revoked = identity(data.path(), &pki, &cast.revoked, "revoked");
-    up::registry_file(data.path())
+    vitaltrail_bus::datadir::registry_file(data.path())
         .revoke(cast.revoked.did(), 1)
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -342,7 +342,7 @@ async fn an_outsider_on_a_configured_mosquitto_gets_nothing_and_costs_nothing() 
     let pki = Pki::load_or_create(data.path(), &[]).unwrap();
     let insider = identity(data.path(), &pki, &cast.insider, "insider");
     let revoked = identity(data.path(), &pki, &cast.revoked, "revoked");
-    up::registry_file(data.path())
+    vitaltrail_bus::datadir::registry_file(data.path())
         .revoke(cast.revoked.did(), 1)
         .unwrap();
     let (_broker, dev_port, pipe_port, cfg) = configured_mosquitto(data.path(), &cast);
@@ -415,7 +415,7 @@ async fn a_flood_through_mosquitto_does_not_wedge_ingest() {
     use rumqttc::{AsyncClient, Event, Packet, QoS};
     let data = tempfile::tempdir().unwrap();
     let mut cast = register(data.path());
-    up::registry_file(data.path())
+    vitaltrail_bus::datadir::registry_file(data.path())
         .revoke(cast.revoked.did(), 1)
         .unwrap();
     let (_broker, dev_port, _pipe, mut cfg) = configured_mosquitto(data.path(), &cast);

@@ -261,3 +261,79 @@ fn bad_arguments_are_one_line_errors() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = bin();
+    c.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn config_layers_unknown_keys_and_redaction() {
+    let d = tempfile::tempdir().unwrap();
+    let file = p(d.path(), "vitaltrail.toml");
+    std::fs::write(
+        &file,
+        "data_dir = \"/srv/vitaltrail\"\n[ingest]\nconnections = 2\nmax_batch = 64\n\
+         [kafka]\nbrokers = \"k1:9092\"\n[kafka.client]\n\"sasl.password\" = \"hunter2-sekret\"\n\
+         \"sasl.username\" = \"pipeline\"\n",
+    )
+    .unwrap();
+    // The environment overrides the file, key by key.
+    let o = run_env(
+        &["config", "print", "--role", "ingest", "--config", &file],
+        &[("VITALTRAIL_INGEST__CONNECTIONS", "3")],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let printed = String::from_utf8(o.stdout).unwrap();
+    assert!(printed.contains("connections = 3"), "{printed}");
+    assert!(printed.contains("max_batch = 64"), "{printed}");
+    assert!(
+        printed.contains("data_dir = \"/srv/vitaltrail\""),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("\"sasl.username\" = \"pipeline\""),
+        "{printed}"
+    );
+    // No secret in the dump.
+    assert!(!printed.contains("hunter2"), "{printed}");
+    assert!(printed.contains("<redacted>"), "{printed}");
+    // What is printed is a configuration file that prints the same.
+    let again = p(d.path(), "printed.toml");
+    std::fs::write(&again, &printed).unwrap();
+    let o = run_env(
+        &["config", "print", "--role", "ingest", "--config", &again],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8(o.stdout).unwrap(), printed);
+
+    // An unknown key stops `up` before it touches anything, naming the key.
+    let bad = p(d.path(), "bad.toml");
+    let data = p(d.path(), "data");
+    std::fs::write(
+        &bad,
+        format!("data_dir = \"{data}\"\n[attestor]\ncheckpoint_intervall_ms = 5\n"),
+    )
+    .unwrap();
+    let err = fails(&["up", "--config", &bad], None);
+    assert!(err.contains("checkpoint_intervall_ms"), "{err}");
+    assert!(!Path::new(&data).exists(), "nothing was created");
+    // So does a misspelt variable.
+    let o = run_env(
+        &["config", "print"],
+        &[("VITALTRAIL_HTTP__LISTENN", "127.0.0.1:1")],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("listenn"));
+    // A flag overrides the file (and the stage needs what it needs).
+    let err = fails(&["ingest", "--config", &file, "--connections", "0"], None);
+    assert!(err.contains("ingest.connections"), "{err}");
+}

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use vitaltrail::up::{self, UpConfig};
 use vitaltrail_attestor::pipeline::AttestorConfig;
 use vitaltrail_core::SystemClock;
 use vitaltrail_device_sim::attacks::Attack;
 use vitaltrail_device_sim::physiology::Scenario;
 use vitaltrail_device_sim::publisher::{self, SimConfig};
+use vitaltrail_node::up::{self, UpConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_pipeline_logs_valid_readings_once_and_rejects_every_attack() {
@@ -43,7 +43,7 @@ async fn embedded_pipeline_logs_valid_readings_once_and_rejects_every_attack() {
         Scenario::SensorDropout,
     ];
     let mut devs = publisher::devices(7, 6, &scenarios);
-    let reg = up::registry_file(data.path());
+    let reg = vitaltrail_bus::datadir::registry_file(data.path());
     for (i, d) in devs.iter().enumerate() {
         reg.add(d.key.did(), &format!("patient-{i}"), Some("ward-3"), 0)
             .unwrap();
@@ -51,7 +51,7 @@ async fn embedded_pipeline_logs_valid_readings_once_and_rejects_every_attack() {
 
     let (stop, stop_rx) = watch::channel(false);
     let pipeline = tokio::spawn(up::run(cfg.clone(), stop_rx));
-    up::wait_for_port(mqtt, Duration::from_secs(10))
+    vitaltrail_node::wait_for_port(mqtt, Duration::from_secs(10))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
-use vitaltrail::up::{self, UpConfig};
 use vitaltrail_attestor::pipeline::AttestorConfig;
 use vitaltrail_bus::deadletter::{RejectLimits, RejectLog};
 use vitaltrail_core::SystemClock;
 use vitaltrail_device_sim::physiology::Scenario;
 use vitaltrail_device_sim::publisher::{self, SimConfig};
+use vitaltrail_node::up::{self, UpConfig};
 
 fn config(data: &std::path::Path) -> UpConfig {
     UpConfig {
@@ -43,7 +43,7 @@ async fn http_endpoints_need_their_tokens_and_sql_only_reads() {
     let http = cfg.metrics_listen.unwrap();
     let (stop, stop_rx) = watch::channel(false);
     let pipeline = tokio::spawn(up::run(cfg, stop_rx));
-    up::wait_for_port(http, Duration::from_secs(10))
+    vitaltrail_node::wait_for_port(http, Duration::from_secs(10))
         .await
         .unwrap();
     let sql_token = common::token(data.path(), "sql");
@@ -152,7 +152,7 @@ async fn http_endpoints_need_their_tokens_and_sql_only_reads() {
 /// only authenticated devices, a flood must come from devices of the
 /// registry, each on its own topic).
 fn flood_devices(data: &std::path::Path) -> Vec<vitaltrail_core::SecretKey> {
-    let reg = up::registry_file(data);
+    let reg = vitaltrail_bus::datadir::registry_file(data);
     (0..64u8)
         .map(|i| {
             let k = vitaltrail_core::SecretKey::from_seed(&[i + 1; 32]).unwrap();
@@ -244,7 +244,7 @@ async fn a_garbage_flood_is_counted_within_the_cap_and_queries_keep_working() {
     let keys = flood_devices(data.path());
     let (stop, stop_rx) = watch::channel(false);
     let pipeline = tokio::spawn(up::run(cfg, stop_rx));
-    up::wait_for_port(mqtt, Duration::from_secs(10))
+    vitaltrail_node::wait_for_port(mqtt, Duration::from_secs(10))
         .await
         .unwrap();
     let auth = format!("Bearer {}", common::token(data.path(), "sql"));
@@ -326,7 +326,7 @@ async fn sigterm_drains_ingest_before_the_attestor_stops() {
         let data = tempfile::tempdir().unwrap();
         let mqtt = common::free_addr();
         let mut devs = publisher::devices(100 + trial, 20, &[Scenario::Steady]);
-        let reg = up::registry_file(data.path());
+        let reg = vitaltrail_bus::datadir::registry_file(data.path());
         for (i, d) in devs.iter().enumerate() {
             reg.add(d.key.did(), &format!("patient-{i}"), None, 0)
                 .unwrap();
@@ -385,7 +385,7 @@ async fn kill_9_of_up_twenty_times_loses_and_duplicates_nothing() {
     let data = tempfile::tempdir().unwrap();
     let mqtt = common::free_addr();
     let mut devs = publisher::devices(300, 10, &[Scenario::Steady, Scenario::Deterioration]);
-    let reg = up::registry_file(data.path());
+    let reg = vitaltrail_bus::datadir::registry_file(data.path());
     for (i, d) in devs.iter().enumerate() {
         reg.add(d.key.did(), &format!("patient-{i}"), None, 0)
             .unwrap();
@@ -468,8 +468,8 @@ async fn kill_9_of_up_twenty_times_loses_and_duplicates_nothing() {
 async fn forged_receipts_are_not_believed() {
     use vitaltrail_core::receipt::{Entry, Receipt, message_hash};
     let mqtt = common::free_addr();
-    tokio::spawn(up::start_embedded_broker(mqtt).unwrap());
-    up::wait_for_port(mqtt, Duration::from_secs(10))
+    tokio::spawn(vitaltrail_node::start_embedded_broker(mqtt).unwrap());
+    vitaltrail_node::wait_for_port(mqtt, Duration::from_secs(10))
         .await
         .unwrap();
     // The forger reads every reading and answers it.

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Mosquitto, Nisshi, Proc, Rejects, vt};
-use vitaltrail::up;
 use vitaltrail_core::SystemClock;
 use vitaltrail_device_sim::attacks::Attack;
 use vitaltrail_device_sim::physiology::Scenario;
 use vitaltrail_device_sim::publisher::{self, SimConfig, SimDevice};
+use vitaltrail_node::up;
 
 const PARTITIONS: u32 = 2;
 
@@ -78,7 +78,7 @@ fn start(data: &Path, persistent_kafka: bool) -> Cluster {
 }
 
 fn register(data: &Path, devs: &[SimDevice]) {
-    let reg = up::registry_file(data);
+    let reg = vitaltrail_bus::datadir::registry_file(data);
     for (i, d) in devs.iter().enumerate() {
         reg.add(d.key.did(), &format!("p{i}"), None, 0).unwrap();
     }
@@ -160,7 +160,9 @@ async fn two_ingest_processes_and_an_attestor_over_kafka() {
         })
         .await
         .unwrap();
-    let key = vitaltrail::distributed::load_bus_key(&up::bus_key_path(data.path())).unwrap();
+    let key =
+        vitaltrail_bus::datadir::load_bus_key(&vitaltrail_bus::datadir::bus_key_path(data.path()))
+            .unwrap();
     let insider = vitaltrail_bus::kafka::KafkaProducer::new(&kcfg(Some(key))).unwrap();
     insider
         .send(vitaltrail_bus::Record {
@@ -269,16 +271,17 @@ async fn up_with_kafka_runs_the_same_stages_in_one_process() {
         mqtt_listen: mqtt,
         partitions: PARTITIONS,
         metrics_listen: None,
-        kafka: Some(kafka.brokers()),
         attestor: vitaltrail_attestor::pipeline::AttestorConfig {
             checkpoint_interval: Duration::from_millis(100),
             ..Default::default()
         },
         ..up::UpConfig::default()
-    };
+    }
+    .over_kafka(&kafka.brokers())
+    .unwrap();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let pipeline = tokio::spawn(up::run(cfg, stop_rx));
-    up::wait_for_port(mqtt, Duration::from_secs(10))
+    vitaltrail_node::wait_for_port(mqtt, Duration::from_secs(10))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;

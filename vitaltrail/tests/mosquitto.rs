@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use vitaltrail::up::{self, UpConfig};
 use vitaltrail_attestor::pipeline::{AttestorConfig, read_checkpoints};
 use vitaltrail_bus::deadletter::RejectLog;
 use vitaltrail_core::{DeviceId, SystemClock};
@@ -17,6 +16,7 @@ use vitaltrail_device_sim::attacks::Attack;
 use vitaltrail_device_sim::physiology::Scenario;
 use vitaltrail_device_sim::publisher::{self, SimConfig};
 use vitaltrail_ingest::IngestConfig;
+use vitaltrail_node::up::{self, UpConfig};
 
 fn config(data: &std::path::Path, mqtt_port: u16, partitions: u32) -> UpConfig {
     UpConfig {
@@ -50,7 +50,7 @@ async fn pipeline_over_mosquitto_with_a_shared_subscription() {
             Scenario::ClockSkew,
         ],
     );
-    let reg = up::registry_file(data.path());
+    let reg = vitaltrail_bus::datadir::registry_file(data.path());
     for (i, d) in devs.iter().enumerate() {
         reg.add(d.key.did(), &format!("p{i}"), None, 0).unwrap();
     }
@@ -102,7 +102,7 @@ async fn a_pycose_envelope_published_with_mosquitto_pub_is_accepted() {
     let (did, good) = case("valid_multi_meta");
     let (_, forged) = case("tampered_signature");
     let data = tempfile::tempdir().unwrap();
-    up::registry_file(data.path())
+    vitaltrail_bus::datadir::registry_file(data.path())
         .add(&DeviceId::parse(&did).unwrap(), "interop-patient", None, 0)
         .unwrap();
     // The fixtures carry a 2023 device time: kept, as late readings.
@@ -167,7 +167,7 @@ async fn nothing_is_lost_when_mosquitto_restarts_mid_run() {
     let data = tempfile::tempdir().unwrap();
     let partitions = 2;
     let mut devs = publisher::devices(13, 4, &[Scenario::Steady, Scenario::Deterioration]);
-    let reg = up::registry_file(data.path());
+    let reg = vitaltrail_bus::datadir::registry_file(data.path());
     for (i, d) in devs.iter().enumerate() {
         reg.add(d.key.did(), &format!("p{i}"), None, 0).unwrap();
     }

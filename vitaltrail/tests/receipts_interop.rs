@@ -8,10 +8,10 @@ mod common;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use vitaltrail::up::{self, UpConfig};
 use vitaltrail_attestor::pipeline::AttestorConfig;
 use vitaltrail_core::SecretKey;
 use vitaltrail_core::envelope::{Measurement, UnsignedReading, sign};
+use vitaltrail_node::up::{self, UpConfig};
 
 /// The flags that give the Python device its mutual-TLS files: the CA of
 /// `up`'s data directory, a certificate for the key, and the key (PKCS#8).
@@ -44,12 +44,12 @@ async fn an_independent_device_verifies_its_receipts() {
         ..UpConfig::default()
     };
     let key = SecretKey::from_seed(&[77; 32]).unwrap();
-    up::registry_file(data.path())
+    vitaltrail_bus::datadir::registry_file(data.path())
         .add(key.did(), "interop-patient", None, 0)
         .unwrap();
     let (stop, stop_rx) = watch::channel(false);
     let pipeline = tokio::spawn(up::run(cfg, stop_rx));
-    up::wait_for_port(mqtt, Duration::from_secs(10))
+    vitaltrail_node::wait_for_port(mqtt, Duration::from_secs(10))
         .await
         .unwrap();
     let vkey = data.path().join("partitions/0/log.vkey");

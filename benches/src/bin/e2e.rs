@@ -26,8 +26,8 @@ use anyhow::{Context as _, Result};
 use clap::Parser;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
-use vitaltrail::up::{self, UpConfig};
 use vitaltrail_attestor::DurableLog;
+use vitaltrail_node::up::{self, UpConfig};
 
 use vitaltrail_bus::kafka::{KafkaConfig, KafkaProducer};
 use vitaltrail_core::envelope::{self, UnsignedReading};
@@ -277,7 +277,7 @@ async fn run_path(
 ) -> Result<()> {
     let partitions = path.partitions;
     let data = tempfile::tempdir()?;
-    let reg = up::registry_file(data.path());
+    let reg = vitaltrail_bus::datadir::registry_file(data.path());
     for (i, k) in keys.iter().enumerate() {
         reg.add(k.did(), &format!("bench-{i}"), None, 0)?;
     }
@@ -285,7 +285,7 @@ async fn run_path(
     let metrics_listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     std::fs::create_dir_all(data.path().join("keys"))?;
     std::fs::write(
-        up::metrics_token_path(data.path()),
+        vitaltrail_bus::datadir::metrics_token_path(data.path()),
         format!("{METRICS_TOKEN}\n"),
     )?;
     let mut cfg = UpConfig {
@@ -293,9 +293,11 @@ async fn run_path(
         mqtt_listen: mqtt,
         partitions,
         metrics_listen: Some(metrics_listen),
-        kafka: path.kafka.clone(),
         ..UpConfig::default()
     };
+    if let Some(brokers) = &path.kafka {
+        cfg = cfg.over_kafka(brokers)?;
+    }
     if let Some(ms) = a.checkpoint_interval_ms {
         cfg.attestor.checkpoint_interval = Duration::from_millis(ms);
     }
@@ -305,7 +307,7 @@ async fn run_path(
     }
     let (stop, stop_rx) = watch::channel(false);
     let pipeline = tokio::spawn(up::run(cfg, stop_rx));
-    up::wait_for_port(mqtt, Duration::from_secs(10)).await?;
+    vitaltrail_node::wait_for_port(mqtt, Duration::from_secs(10)).await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let name = path.name;
@@ -434,10 +436,11 @@ impl Drop for Nisshi {
 async fn transport_to_kafka(msgs: &[Signed], brokers: &str, connections: usize) -> Result<f64> {
     use futures::StreamExt as _;
     let port = free_port();
-    tokio::spawn(up::start_embedded_broker(
+    tokio::spawn(vitaltrail_node::start_embedded_broker(
         format!("127.0.0.1:{port}").parse()?,
     )?);
-    up::wait_for_port(format!("127.0.0.1:{port}").parse()?, Duration::from_secs(5)).await?;
+    vitaltrail_node::wait_for_port(format!("127.0.0.1:{port}").parse()?, Duration::from_secs(5))
+        .await?;
     let kcfg = KafkaConfig {
         brokers: brokers.to_owned(),
         ..KafkaConfig::default()
@@ -514,10 +517,11 @@ async fn main() -> Result<()> {
 
     // 2. Transport alone: MQTT QoS 1 through rumqttd to an acking subscriber.
     let port = free_port();
-    tokio::spawn(up::start_embedded_broker(
+    tokio::spawn(vitaltrail_node::start_embedded_broker(
         format!("127.0.0.1:{port}").parse()?,
     )?);
-    up::wait_for_port(format!("127.0.0.1:{port}").parse()?, Duration::from_secs(5)).await?;
+    vitaltrail_node::wait_for_port(format!("127.0.0.1:{port}").parse()?, Duration::from_secs(5))
+        .await?;
     let got = Arc::new(AtomicU64::new(0));
     {
         let mut opts = MqttOptions::new("bench-sub", "127.0.0.1", port);

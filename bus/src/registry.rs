@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use vitaltrail_core::DeviceId;
 
-use crate::error::{Error, Result};
+use crate::{Error, Result};
 
 /// One registered device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -416,6 +416,52 @@ impl SharedRegistry {
             Err(p) => f(&p.into_inner().merged),
         }
     }
+}
+
+/// Follow `vitals.devices` into `shared`: returns once every registration
+/// already in the topic is applied, so the process starts with the whole
+/// registry; later changes keep arriving in the returned task. Records not
+/// signed by `operator` are ignored.
+pub async fn follow_topic(
+    kafka: &crate::kafka::KafkaConfig,
+    shared: &SharedRegistry,
+    operator: &DeviceId,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let s = shared.clone();
+    let op = operator.clone();
+    crate::kafka::follow_topic(kafka, crate::kafka::DEVICES_TOPIC, move |k, v| {
+        s.apply_topic_record(k, v, &op)
+    })
+    .await
+}
+
+/// Publish a device's registry entry to `vitals.devices`, signed by the
+/// operator key (and wait until Kafka has it).
+pub async fn publish_to_topic(
+    kafka: &crate::kafka::KafkaConfig,
+    entry: &DeviceEntry,
+    operator: &vitaltrail_core::SecretKey,
+) -> Result<()> {
+    crate::kafka::ensure_registry_topic(kafka).await?;
+    let producer = crate::kafka::KafkaProducer::new(kafka)?;
+    producer
+        .send_to(
+            crate::kafka::DEVICES_TOPIC,
+            &entry.did,
+            &sign_entry(entry, operator),
+        )
+        .await
+}
+
+/// The registry as the `vitals.devices` topic holds it now.
+pub async fn from_topic(
+    kafka: &crate::kafka::KafkaConfig,
+    operator: &DeviceId,
+) -> Result<SharedRegistry> {
+    crate::kafka::ensure_registry_topic(kafka).await?;
+    let shared = SharedRegistry::fixed(Default::default());
+    follow_topic(kafka, &shared, operator).await?.abort();
+    Ok(shared)
 }
 
 #[cfg(test)]

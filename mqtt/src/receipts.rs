@@ -57,7 +57,7 @@ pub const RECEIPTS_PREFIX: &str = vitaltrail_core::topics::RECEIPTS;
 #[derive(Debug, Clone)]
 pub struct ReceiptConfig {
     /// The MQTT broker, and how the publisher authenticates to it.
-    pub mqtt: vitaltrail_mqtt::MqttEndpoint,
+    pub mqtt: crate::MqttEndpoint,
     /// The publisher's client ID.
     pub client_id: String,
     /// Receipts queued for publishing at most.
@@ -67,7 +67,7 @@ pub struct ReceiptConfig {
 impl Default for ReceiptConfig {
     fn default() -> Self {
         ReceiptConfig {
-            mqtt: vitaltrail_mqtt::MqttEndpoint::default(),
+            mqtt: crate::MqttEndpoint::default(),
             client_id: "vitaltrail-receipts".into(),
             queue: 65_536,
         }

@@ -1,0 +1,239 @@
+//! The data directory's keys and secrets, shared by every stage.
+//!
+//! | file | what | made by |
+//! |---|---|---|
+//! | `keys/log.pem` | the log signing key (Ed25519, PKCS#8) | the first attestor |
+//! | `keys/bus.key` | the bus MAC key (64 hex digits) | the first ingest or attestor |
+//! | `keys/operator.pem` | the operator key signing `vitals.devices` | `devices add --kafka` |
+//! | `keys/metrics.token`, `keys/sql.token` | HTTP bearer tokens | the HTTP server |
+//! | `devices.json` | the device registry | `vitaltrail devices` |
+//!
+//! Every secret is created with mode 0600 and never overwritten: when two
+//! processes race to create one, the first one's stands and both use it.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use vitaltrail_core::auth::Token;
+use vitaltrail_core::busauth::BusKey;
+use vitaltrail_core::{DeviceId, SecretKey};
+
+use crate::registry::RegistryFile;
+use crate::{Error, Result};
+
+fn err(path: &Path, detail: impl std::fmt::Display) -> Error {
+    Error::DataDir {
+        path: path.to_path_buf(),
+        detail: detail.to_string(),
+    }
+}
+
+/// The log signing key file.
+pub fn log_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("log.pem")
+}
+
+/// The bus key file (`<data>/keys/bus.key`).
+pub fn bus_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("bus.key")
+}
+
+/// The operator key file (`<data>/keys/operator.pem`).
+pub fn operator_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("operator.pem")
+}
+
+/// The bearer token of `/metrics` (`<data>/keys/metrics.token`).
+pub fn metrics_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("metrics.token")
+}
+
+/// The bearer token of `POST /sql` (`<data>/keys/sql.token`).
+pub fn sql_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("sql.token")
+}
+
+/// The device registry of a data directory.
+pub fn registry_file(data_dir: &Path) -> RegistryFile {
+    RegistryFile::new(data_dir.join("devices.json"))
+}
+
+/// How many partition logs a data directory holds (0 for a new one).
+pub fn existing_partitions(data_dir: &Path) -> u32 {
+    (0u32..)
+        .take_while(|p| data_dir.join("partitions").join(p.to_string()).is_dir())
+        .count() as u32
+}
+
+/// Write a new secret file (mode 0600); an existing file is kept.
+pub fn write_secret(path: &Path, text: &str) -> Result<()> {
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).map_err(|e| err(path, e))?;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(mut f) => f
+            .write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| err(path, format!("writing: {e}"))),
+        // Another process created it first: theirs stands.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(err(path, format!("creating: {e}"))),
+    }
+}
+
+/// Write a new key file (PKCS#8 PEM) with mode 0600, refusing to overwrite.
+pub fn write_key(path: &Path, key: &SecretKey) -> Result<()> {
+    let pem = key.to_pkcs8_pem().map_err(|e| err(path, e))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| err(path, format!("creating (it must not exist yet): {e}")))?;
+    f.write_all(pem.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| err(path, format!("writing: {e}")))
+}
+
+/// Read a PKCS#8 key file.
+fn read_key(path: &Path) -> Result<SecretKey> {
+    let pem = std::fs::read_to_string(path).map_err(|e| err(path, format!("reading: {e}")))?;
+    SecretKey::from_pkcs8_pem(&pem).map_err(|e| err(path, e))
+}
+
+/// The log signing key (`<data>/keys/log.pem`), created once.
+pub fn log_key(data_dir: &Path) -> Result<SecretKey> {
+    let path = log_key_path(data_dir);
+    if path.exists() {
+        return read_key(&path);
+    }
+    std::fs::create_dir_all(path.parent().unwrap_or(data_dir)).map_err(|e| err(&path, e))?;
+    let key = SecretKey::generate(&mut rand::rngs::OsRng);
+    match write_key(&path, &key) {
+        Ok(()) => Ok(key),
+        // Another process made it first: use theirs.
+        Err(_) if path.exists() => read_key(&path),
+        Err(e) => Err(e),
+    }
+}
+
+/// The operator key (`<data>/keys/operator.pem`), created on first use: it
+/// signs every `vitals.devices` record.
+pub fn operator_key(data_dir: &Path) -> Result<SecretKey> {
+    let path = operator_key_path(data_dir);
+    if !path.exists() {
+        let key = SecretKey::generate(&mut rand::rngs::OsRng);
+        write_secret(&path, &key.to_pkcs8_pem().map_err(|e| err(&path, e))?)?;
+        eprintln!(
+            "created the operator key {} (DID {}): give every ingest and attestor --operator {}",
+            path.display(),
+            key.did(),
+            key.did()
+        );
+    }
+    read_key(&path)
+}
+
+/// Whose signature the registry topic must carry: the one given, else the
+/// data directory's own operator key.
+pub fn trusted_operator(given: Option<&DeviceId>, data_dir: &Path) -> Result<DeviceId> {
+    match given {
+        Some(d) => Ok(d.clone()),
+        None => Ok(operator_key(data_dir)?.did().clone()),
+    }
+}
+
+/// The bus key at `path` (64 hex digits), created (mode 0600) if absent.
+/// Every ingest and attestor of one pipeline must use the same key.
+pub fn load_bus_key(path: &Path) -> Result<BusKey> {
+    if !path.exists() {
+        let key = BusKey::generate(&mut rand::rngs::OsRng);
+        write_secret(path, &format!("{}\n", key.to_hex()))?;
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| err(path, format!("reading: {e}")))?;
+    BusKey::from_hex(&text).ok_or_else(|| err(path, "does not hold a bus key (64 hex digits)"))
+}
+
+/// Read the bearer token at `path`, creating it (mode 0600) if absent.
+pub fn load_or_create_token(path: &Path) -> Result<Token> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => return Token::parse(s.trim()).map_err(|e| err(path, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(path, format!("reading: {e}"))),
+    }
+    let token = Token::generate(&mut rand::rngs::OsRng);
+    write_secret(path, &format!("{}\n", token.expose()))?;
+    // Read back: if another process won the race, its token stands.
+    let text = std::fs::read_to_string(path).map_err(|e| err(path, format!("reading: {e}")))?;
+    Token::parse(text.trim()).map_err(|e| err(path, e))
+}
+
+/// librdkafka client properties from a file of `key=value` lines (`#`
+/// comments), e.g. `security.protocol=SASL_SSL` and `sasl.password=…`: a
+/// file, so no secret is ever on a command line.
+pub fn read_kafka_client_config(path: &Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| err(path, format!("reading: {e}")))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| err(path, format!("line {}: expected key=value", n + 1)))?;
+        out.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_created_once_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let a = load_or_create_token(&sql_token_path(d.path())).unwrap();
+        let b = load_or_create_token(&sql_token_path(d.path())).unwrap();
+        assert_eq!(a.expose(), b.expose());
+        let mode = std::fs::metadata(sql_token_path(d.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let k1 = log_key(d.path()).unwrap();
+        let k2 = log_key(d.path()).unwrap();
+        assert_eq!(k1.did(), k2.did());
+        let bk = load_bus_key(&bus_key_path(d.path())).unwrap();
+        assert_eq!(
+            bk.to_hex(),
+            load_bus_key(&bus_key_path(d.path())).unwrap().to_hex()
+        );
+    }
+
+    #[test]
+    fn kafka_client_file_is_key_value_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k.properties");
+        std::fs::write(
+            &p,
+            "# c\nsecurity.protocol = SASL_SSL\n\nsasl.password=x=y\n",
+        )
+        .unwrap();
+        assert_eq!(
+            read_kafka_client_config(&p).unwrap(),
+            vec![
+                ("security.protocol".into(), "SASL_SSL".into()),
+                ("sasl.password".into(), "x=y".into())
+            ]
+        );
+        std::fs::write(&p, "nonsense\n").unwrap();
+        assert!(read_kafka_client_config(&p).is_err());
+    }
+}

@@ -1,0 +1,778 @@
+//! The layered configuration of `vitaltrail up`, `ingest` and `attest`.
+//!
+//! Four layers, each overriding the one before, key by key:
+//!
+//! 1. **built-in defaults**: [`NodeConfig::defaults`], which take every
+//!    stage setting from the stage crate's own `Default` (one place for
+//!    each default);
+//! 2. **the file**: `--config FILE`, else `$VITALTRAIL_CONFIG`, else
+//!    `./vitaltrail.toml` if it exists (TOML, same keys as
+//!    `vitaltrail config print`);
+//! 3. **environment variables**: `VITALTRAIL_<SECTION>__<KEY>` (two
+//!    underscores between levels, e.g. `VITALTRAIL_INGEST__CONNECTIONS=4`),
+//!    plus the short names listed in [`ENV_ALIASES`] (`VITALTRAIL_DATA`,
+//!    `VITALTRAIL_KAFKA`, …). Values are read like TOML values: `4`, `true`,
+//!    `[0, 1]`; a string that looks like a number needs quotes (`"123"`);
+//! 4. **command-line flags** ([`Overrides`]).
+//!
+//! An unknown key in any layer (a typo in the file, or in a
+//! `VITALTRAIL_A__B` variable) is an error naming it, never ignored.
+//! Secrets are never held inline except librdkafka properties in
+//! `[kafka.client]`, whose values [`NodeConfig::to_toml_redacted`] and
+//! `Debug` replace with `<redacted>` (all but a short list of harmless
+//! ones); keys live in files of the data directory.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Serialize};
+use vitaltrail_attestor::pipeline::AttestorConfig;
+use vitaltrail_bus::datadir;
+use vitaltrail_bus::deadletter::RejectLimits;
+use vitaltrail_bus::kafka::KafkaConfig;
+use vitaltrail_core::DeviceId;
+use vitaltrail_ingest::IngestConfig;
+use vitaltrail_mqtt::MqttEndpoint;
+
+use crate::{Error, Result};
+
+/// The file read when neither `--config` nor `$VITALTRAIL_CONFIG` is given.
+pub const DEFAULT_FILE: &str = "vitaltrail.toml";
+
+/// The default data directory.
+pub const DEFAULT_DATA_DIR: &str = "vitaltrail-data";
+
+/// Environment variables with short names, and the key each sets.
+pub const ENV_ALIASES: &[(&str, &str)] = &[
+    ("VITALTRAIL_DATA", "data_dir"),
+    ("VITALTRAIL_PARTITIONS", "partitions"),
+    ("VITALTRAIL_MQTT_LISTEN", "mqtt.listen"),
+    ("VITALTRAIL_MQTT", "mqtt.broker"),
+    ("VITALTRAIL_KAFKA", "kafka.brokers"),
+    ("VITALTRAIL_BUS_KEY_FILE", "kafka.bus_key_file"),
+    ("VITALTRAIL_KAFKA_CONFIG_FILE", "kafka.client_config_file"),
+    ("VITALTRAIL_OPERATOR", "kafka.operator"),
+    ("VITALTRAIL_INGEST_ID", "ingest.client_id"),
+    ("VITALTRAIL_METRICS_LISTEN", "http.listen"),
+    (
+        "VITALTRAIL_CHECKPOINT_INTERVAL_MS",
+        "attestor.checkpoint_interval_ms",
+    ),
+];
+
+/// librdkafka properties that `config print` shows; every other value in
+/// `[kafka.client]` may be a secret and is redacted.
+pub const PUBLIC_KAFKA_PROPERTIES: &[&str] = &[
+    "security.protocol",
+    "sasl.mechanisms",
+    "sasl.mechanism",
+    "sasl.username",
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.key.location",
+    "ssl.endpoint.identification.algorithm",
+    "client.id",
+];
+
+/// Which command the configuration is for; a few defaults differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// `vitaltrail up`: serves HTTP on 127.0.0.1:9464 by default and runs
+    /// the embedded broker unless `mqtt.broker` is set.
+    Up,
+    /// `vitaltrail ingest`: `mqtt.broker` defaults to 127.0.0.1:1883; no
+    /// HTTP unless `http.listen` is set.
+    Ingest,
+    /// `vitaltrail attest`: receipts only with `mqtt.broker`; no HTTP
+    /// unless `http.listen` is set.
+    Attest,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "up" => Ok(Role::Up),
+            "ingest" => Ok(Role::Ingest),
+            "attest" => Ok(Role::Attest),
+            _ => Err(format!("unknown role {s:?} (up, ingest, attest)")),
+        }
+    }
+}
+
+/// The whole configuration of a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Everything durable lives here.
+    pub data_dir: PathBuf,
+    /// Partitions (one Merkle log each). Unset: what the data directory
+    /// already holds; for a new one, 1 on the in-process bus and
+    /// `kafka.topic_partitions` with Kafka.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u32>,
+    /// MQTT.
+    pub mqtt: MqttSection,
+    /// Kafka (the distributed mode, or `up` over Kafka).
+    pub kafka: KafkaSection,
+    /// The in-process bus of `up`.
+    pub bus: BusSection,
+    /// Ingest.
+    pub ingest: IngestSection,
+    /// The attestor.
+    pub attestor: AttestorSection,
+    /// The dead-letter store (`<data>/rejected.jsonl`).
+    pub dead_letters: RejectLimits,
+    /// The HTTP server (`/metrics`, `POST /sql`, health).
+    pub http: HttpSection,
+}
+
+/// `[mqtt]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSection {
+    /// Where devices connect to the embedded broker (mutual TLS through
+    /// the gate). `up` only.
+    pub listen: SocketAddr,
+    /// More host names for the embedded broker's certificate.
+    pub names: Vec<String>,
+    /// An external broker (`HOST:PORT`): `up` uses it instead of the
+    /// embedded one, `ingest` reads from it, `attest` sends receipts to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
+    /// Reach the external broker over TLS with the pipeline's client
+    /// certificate from `<data>/mqtt`.
+    pub tls: bool,
+}
+
+/// `[kafka]`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSection {
+    /// Bootstrap servers. With it, `up` runs over Kafka; `ingest` and
+    /// `attest` need it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<String>,
+    /// Partitions of `vitals.verified` when a process creates the topic.
+    pub topic_partitions: u32,
+    /// The bus key file; default `<data>/keys/bus.key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus_key_file: Option<PathBuf>,
+    /// librdkafka properties, one `key=value` per line (SASL, TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_config_file: Option<PathBuf>,
+    /// More librdkafka properties, after the file's. Values may be
+    /// secrets: `config print` and `Debug` redact them.
+    pub client: BTreeMap<String, String>,
+    /// The DID whose signature every `vitals.devices` record must carry;
+    /// default: the data directory's operator key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+}
+
+impl std::fmt::Debug for KafkaSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSection")
+            .field("brokers", &self.brokers)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("bus_key_file", &self.bus_key_file)
+            .field("client_config_file", &self.client_config_file)
+            .field("client", &redact_client(&self.client))
+            .field("operator", &self.operator)
+            .finish()
+    }
+}
+
+fn redact_client(client: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    client
+        .iter()
+        .map(|(k, v)| {
+            let shown = if PUBLIC_KAFKA_PROPERTIES.contains(&k.as_str()) {
+                v.clone()
+            } else {
+                "<redacted>".to_owned()
+            };
+            (k.clone(), shown)
+        })
+        .collect()
+}
+
+/// `[bus]`: the in-process bus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusSection {
+    /// Records each partition holds in flight.
+    pub capacity: usize,
+}
+
+/// `[ingest]`; see `vitaltrail_ingest::IngestConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSection {
+    /// MQTT client ID, unique per ingest process (`-<i>` is added per
+    /// connection).
+    pub client_id: String,
+    /// Shared-subscription group ingest processes split the load in.
+    pub share_group: String,
+    /// MQTT connections from this process, each with its own verify loop.
+    pub connections: usize,
+    /// Most messages verified in one batch.
+    pub max_batch: usize,
+    /// Most messages received but not yet acknowledged, per connection.
+    pub max_pending: usize,
+    /// On shutdown, drain until nothing arrived for this long (ms)…
+    pub drain_quiet_ms: u64,
+    /// …or this long at most (ms).
+    pub drain_max_ms: u64,
+}
+
+/// `[attestor]`; see `vitaltrail_attestor::pipeline::AttestorConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestorSection {
+    /// `attest`: the `vitals.verified` partitions this process owns;
+    /// default all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<Vec<u32>>,
+    /// `attest`: other attestors own the topic's other partitions.
+    pub partial: bool,
+    /// `attest`: copy `vitals.rejected` into `<data>/rejected.jsonl`.
+    pub copy_dead_letters: bool,
+    /// Checkpoint origin prefix; partition `p` signs as `<prefix>/<p>`.
+    pub origin_prefix: String,
+    /// Sign a checkpoint at least this often (ms) while readings arrive…
+    pub checkpoint_interval_ms: u64,
+    /// …or after this many new leaves.
+    pub checkpoint_every: u64,
+    /// Most records processed per batch.
+    pub max_batch: usize,
+    /// Reject readings from further than this (ms) in the future of the
+    /// time ingest received them.
+    pub max_future_ms: u64,
+    /// Publish signed receipts.
+    pub receipts: bool,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Where `/metrics`, `POST /sql` (`up`), `/healthz` and `/readyz` are
+    /// served; none when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl NodeConfig {
+    /// The built-in defaults for `role`: every stage setting from the
+    /// stage crate's `Default`.
+    pub fn defaults(role: Role) -> NodeConfig {
+        let i = IngestConfig::default();
+        let a = AttestorConfig::default();
+        NodeConfig {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            partitions: None,
+            mqtt: MqttSection {
+                listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
+                names: vec![],
+                broker: (role == Role::Ingest).then(|| "127.0.0.1:1883".to_owned()),
+                tls: false,
+            },
+            kafka: KafkaSection {
+                brokers: None,
+                topic_partitions: 4,
+                bus_key_file: None,
+                client_config_file: None,
+                client: BTreeMap::new(),
+                operator: None,
+            },
+            bus: BusSection {
+                capacity: vitaltrail_bus::inproc::DEFAULT_CAPACITY,
+            },
+            ingest: IngestSection {
+                client_id: i.client_id,
+                share_group: i.share_group.unwrap_or_default(),
+                connections: i.connections,
+                max_batch: i.max_batch,
+                max_pending: i.max_pending,
+                drain_quiet_ms: i.drain_quiet.as_millis() as u64,
+                drain_max_ms: i.drain_max.as_millis() as u64,
+            },
+            attestor: AttestorSection {
+                partitions: None,
+                partial: false,
+                copy_dead_letters: true,
+                origin_prefix: a.origin_prefix,
+                checkpoint_interval_ms: a.checkpoint_interval.as_millis() as u64,
+                checkpoint_every: a.checkpoint_every,
+                max_batch: a.max_batch,
+                max_future_ms: a.max_future_ms,
+                receipts: a.receipts,
+            },
+            dead_letters: RejectLimits::default(),
+            http: HttpSection {
+                listen: (role == Role::Up).then(|| SocketAddr::from(([127, 0, 0, 1], 9464))),
+            },
+        }
+    }
+
+    /// Load the layers for `role`: defaults, the file, the process's
+    /// environment, then `flags`. The file is `file` if given, else
+    /// `$VITALTRAIL_CONFIG`, else `./vitaltrail.toml` if it exists.
+    pub fn load(role: Role, file: Option<&Path>, flags: &Overrides) -> Result<NodeConfig> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let file = match file {
+            Some(f) => Some(f.to_path_buf()),
+            None => match env.iter().find(|(k, _)| k == "VITALTRAIL_CONFIG") {
+                Some((_, v)) => Some(PathBuf::from(v)),
+                None => Some(PathBuf::from(DEFAULT_FILE)).filter(|p| p.exists()),
+            },
+        };
+        Self::load_from(role, file.as_deref(), env, flags)
+    }
+
+    /// [`NodeConfig::load`] with the environment given (for tests). A file
+    /// that is given must exist.
+    pub fn load_from(
+        role: Role,
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &Overrides,
+    ) -> Result<NodeConfig> {
+        let mut fig = Figment::from(figment::providers::Serialized::defaults(
+            NodeConfig::defaults(role),
+        ));
+        if let Some(f) = file {
+            if !f.is_file() {
+                return Err(Error::Config(format!(
+                    "the configuration file {} does not exist",
+                    f.display()
+                )));
+            }
+            use figment::providers::Format as _;
+            fig = fig.merge(figment::providers::Toml::file_exact(f));
+        }
+        let cfg: NodeConfig = fig
+            .merge(EnvLayer::from_vars(env)?)
+            .merge(flags.clone())
+            .extract()?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Contradictions no single key shows.
+    fn check(&self) -> Result<()> {
+        if self.ingest.connections == 0 {
+            return Err(Error::Config(
+                "ingest.connections must be at least 1".into(),
+            ));
+        }
+        if self.ingest.connections > 1 && self.ingest.share_group.is_empty() {
+            return Err(Error::Config(
+                "ingest.connections > 1 needs an ingest.share_group".into(),
+            ));
+        }
+        if self.partitions == Some(0) || self.kafka.topic_partitions == 0 {
+            return Err(Error::Config("partitions must be at least 1".into()));
+        }
+        if self.bus.capacity == 0 {
+            return Err(Error::Config("bus.capacity must be at least 1".into()));
+        }
+        if self.attestor.checkpoint_interval_ms == 0 {
+            return Err(Error::Config(
+                "attestor.checkpoint_interval_ms must be at least 1".into(),
+            ));
+        }
+        if self.mqtt.tls && self.mqtt.broker.is_none() {
+            return Err(Error::Config(
+                "mqtt.tls is for an external broker: set mqtt.broker too".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML, with every possibly secret value
+    /// replaced by `<redacted>`: what `vitaltrail config print` shows.
+    pub fn to_toml_redacted(&self) -> String {
+        let mut shown = self.clone();
+        shown.kafka.client = redact_client(&self.kafka.client);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# not printable: {e}\n"))
+    }
+
+    /// Ingest's settings, with `mqtt` as its broker.
+    pub fn ingest_config(&self, mqtt: MqttEndpoint) -> IngestConfig {
+        let i = &self.ingest;
+        IngestConfig {
+            mqtt,
+            client_id: i.client_id.clone(),
+            share_group: Some(i.share_group.clone()).filter(|g| !g.is_empty()),
+            max_batch: i.max_batch,
+            max_pending: i.max_pending,
+            connections: i.connections,
+            drain_quiet: Duration::from_millis(i.drain_quiet_ms),
+            drain_max: Duration::from_millis(i.drain_max_ms),
+            ..IngestConfig::default()
+        }
+    }
+
+    /// The attestor's settings.
+    pub fn attestor_config(&self) -> AttestorConfig {
+        let a = &self.attestor;
+        AttestorConfig {
+            data_dir: self.data_dir.clone(),
+            origin_prefix: a.origin_prefix.clone(),
+            checkpoint_interval: Duration::from_millis(a.checkpoint_interval_ms),
+            checkpoint_every: a.checkpoint_every,
+            max_batch: a.max_batch,
+            max_future_ms: a.max_future_ms,
+            receipts: a.receipts,
+            topic_partitions: None,
+        }
+    }
+
+    /// The partition count `up` uses: `partitions`, else what the data
+    /// directory holds, else 1 (in-process) or `kafka.topic_partitions`.
+    pub fn up_partitions(&self) -> u32 {
+        match (
+            self.partitions,
+            datadir::existing_partitions(&self.data_dir),
+        ) {
+            (Some(n), _) => n,
+            (None, 0) if self.kafka.brokers.is_some() => self.kafka.topic_partitions,
+            (None, 0) => 1,
+            (None, n) => n,
+        }
+    }
+
+    /// The Kafka settings: brokers, the bus key (created if absent) and
+    /// the client properties (the file's, then `[kafka.client]`).
+    pub fn kafka_config(&self, partitions: u32) -> Result<KafkaConfig> {
+        let brokers = self.kafka.brokers.clone().ok_or_else(|| {
+            Error::Config("kafka.brokers (--kafka, VITALTRAIL_KAFKA) is needed".into())
+        })?;
+        let key_path = self
+            .kafka
+            .bus_key_file
+            .clone()
+            .unwrap_or_else(|| datadir::bus_key_path(&self.data_dir));
+        let mut client = match &self.kafka.client_config_file {
+            Some(f) => datadir::read_kafka_client_config(f)?,
+            None => vec![],
+        };
+        client.extend(
+            self.kafka
+                .client
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        Ok(KafkaConfig {
+            brokers,
+            partitions: partitions as i32,
+            bus_key: Some(datadir::load_bus_key(&key_path)?),
+            client,
+            ..Default::default()
+        })
+    }
+
+    /// `kafka.operator`, parsed.
+    pub fn operator(&self) -> Result<Option<DeviceId>> {
+        self.kafka
+            .operator
+            .as_deref()
+            .map(|d| DeviceId::parse(d).map_err(|e| Error::Config(format!("kafka.operator: {e}"))))
+            .transpose()
+    }
+
+    /// The external MQTT broker, if any; with `mqtt.tls`, over TLS with
+    /// the pipeline's client certificate from `<data>/mqtt`.
+    pub fn external_mqtt(&self) -> Result<Option<MqttEndpoint>> {
+        let Some(addr) = &self.mqtt.broker else {
+            return Ok(None);
+        };
+        let e = MqttEndpoint::parse(addr)?;
+        if !self.mqtt.tls {
+            return Ok(Some(e));
+        }
+        let pki = vitaltrail_mqtt::Pki::open(&self.data_dir).map_err(|e| {
+            Error::Config(format!(
+                "mqtt.tls needs the pipeline certificate in {}/mqtt (`vitaltrail mqtt mosquitto` makes it): {e}",
+                self.data_dir.display()
+            ))
+        })?;
+        Ok(Some(e.with_tls(pki.pipeline_tls()?)))
+    }
+}
+
+/// Command-line flags: only those given, each under its key path.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides(Vec<(String, Value)>);
+
+impl Overrides {
+    /// No flags.
+    pub fn new() -> Self {
+        Overrides::default()
+    }
+
+    /// Set `key` (a path such as `ingest.connections`) to `value`.
+    pub fn set(&mut self, key: &str, value: impl Serialize) -> &mut Self {
+        match Value::serialize(value) {
+            Ok(v) => self.0.push((key.to_owned(), v)),
+            // Only plain values are given here; one that does not
+            // serialize is a programming error, reported at extraction.
+            Err(e) => self.0.push((
+                key.to_owned(),
+                Value::from(format!("<unserializable: {e}>")),
+            )),
+        }
+        self
+    }
+
+    /// Set `key` to `value` if given.
+    pub fn set_opt<T: Serialize>(&mut self, key: &str, value: Option<T>) -> &mut Self {
+        if let Some(v) = value {
+            self.set(key, v);
+        }
+        self
+    }
+
+    /// Set `key` to `true` if `flag`.
+    pub fn set_flag(&mut self, key: &str, flag: bool) -> &mut Self {
+        if flag {
+            self.set(key, true);
+        }
+        self
+    }
+}
+
+fn nested(pairs: &[(String, Value)]) -> Dict {
+    let mut dict = Dict::new();
+    for (k, v) in pairs {
+        if let Value::Dict(_, d) = figment::util::nest(k, v.clone()) {
+            merge_into(&mut dict, d);
+        }
+    }
+    dict
+}
+
+fn merge_into(into: &mut Dict, from: Dict) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(Value::Dict(_, a)), Value::Dict(_, b)) => merge_into(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+impl Provider for Overrides {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("command-line flags")
+    }
+
+    fn data(&self) -> std::result::Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(nested(&self.0)))
+    }
+}
+
+/// The environment layer: `VITALTRAIL_<SECTION>__<KEY>` and the aliases.
+struct EnvLayer(Vec<(String, Value)>);
+
+impl EnvLayer {
+    fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<EnvLayer> {
+        let mut out = Vec::new();
+        for (name, raw) in vars {
+            let key = if let Some((_, key)) = ENV_ALIASES.iter().find(|(n, _)| *n == name) {
+                (*key).to_owned()
+            } else if let Some(rest) = name.strip_prefix("VITALTRAIL_") {
+                if !rest.contains("__") {
+                    // Another command's variable (VITALTRAIL_LOG_KEY,
+                    // VITALTRAIL_CONFIG, …), not a configuration key.
+                    continue;
+                }
+                rest.to_ascii_lowercase().replace("__", ".")
+            } else {
+                continue;
+            };
+            let value: Value = raw.parse().unwrap_or_else(|_| Value::from(raw.clone()));
+            out.push((key, value));
+        }
+        Ok(EnvLayer(out))
+    }
+}
+
+impl Provider for EnvLayer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("environment variable (VITALTRAIL_*)")
+    }
+
+    fn data(&self) -> std::result::Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(nested(&self.0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_come_from_the_stage_crates() {
+        let c = NodeConfig::load_from(Role::Up, None, env(&[]), &Overrides::new()).unwrap();
+        assert_eq!(c, NodeConfig::defaults(Role::Up));
+        let i = c.ingest_config(MqttEndpoint::default());
+        let d = IngestConfig::default();
+        assert_eq!(i.connections, d.connections);
+        assert_eq!(i.client_id, d.client_id);
+        assert_eq!(i.share_group, d.share_group);
+        assert_eq!(i.max_pending, d.max_pending);
+        assert_eq!(i.drain_max, d.drain_max);
+        let a = c.attestor_config();
+        let d = AttestorConfig::default();
+        assert_eq!(a.checkpoint_interval, d.checkpoint_interval);
+        assert_eq!(a.max_future_ms, d.max_future_ms);
+        assert_eq!(c.dead_letters, RejectLimits::default());
+        assert_eq!(c.http.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        let ingest = NodeConfig::defaults(Role::Ingest);
+        assert_eq!(ingest.http.listen, None);
+        assert_eq!(ingest.mqtt.broker.as_deref(), Some("127.0.0.1:1883"));
+    }
+
+    #[test]
+    fn layers_apply_in_order_key_by_key() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("vitaltrail.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/from/file\"\n[ingest]\nconnections = 3\nmax_batch = 64\n\
+             [attestor]\ncheckpoint_interval_ms = 250\n[http]\nlisten = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        // File over defaults.
+        let c = NodeConfig::load_from(Role::Up, Some(&file), env(&[]), &Overrides::new()).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(c.ingest.connections, 3);
+        assert_eq!(c.ingest.max_batch, 64);
+        assert_eq!(c.ingest.max_pending, IngestConfig::default().max_pending);
+        // Environment over the file, key by key (nested and alias forms).
+        let e = env(&[
+            ("VITALTRAIL_INGEST__CONNECTIONS", "5"),
+            ("VITALTRAIL_DATA", "/from/env"),
+            ("VITALTRAIL_CHECKPOINT_INTERVAL_MS", "500"),
+            ("VITALTRAIL_LOG_KEY", "not a config key"),
+            ("PATH", "/bin"),
+        ]);
+        let c = NodeConfig::load_from(Role::Up, Some(&file), e.clone(), &Overrides::new()).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/from/env"));
+        assert_eq!(c.ingest.connections, 5);
+        assert_eq!(c.ingest.max_batch, 64, "the file's value stands");
+        assert_eq!(c.attestor.checkpoint_interval_ms, 500);
+        // Flags over everything.
+        let mut f = Overrides::new();
+        f.set("ingest.connections", 7usize)
+            .set("data_dir", "/from/flag")
+            .set_opt::<u32>("partitions", None);
+        let c = NodeConfig::load_from(Role::Up, Some(&file), e, &f).unwrap();
+        assert_eq!(c.ingest.connections, 7);
+        assert_eq!(c.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(c.attestor.checkpoint_interval_ms, 500);
+        assert_eq!(c.http.listen, Some("127.0.0.1:1".parse().unwrap()));
+        assert_eq!(c.partitions, None);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_in_every_layer() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("c.toml");
+        std::fs::write(&file, "[ingest]\nconections = 4\n").unwrap();
+        let e = NodeConfig::load_from(Role::Up, Some(&file), env(&[]), &Overrides::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("conections"), "{e}");
+        std::fs::write(&file, "datadir = \"x\"\n").unwrap();
+        let e = NodeConfig::load_from(Role::Up, Some(&file), env(&[]), &Overrides::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("datadir"), "{e}");
+        std::fs::write(&file, "[nope]\n").unwrap();
+        assert!(NodeConfig::load_from(Role::Up, Some(&file), env(&[]), &Overrides::new()).is_err());
+        let e = NodeConfig::load_from(
+            Role::Up,
+            None,
+            env(&[("VITALTRAIL_INGEST__CONECTIONS", "4")]),
+            &Overrides::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("conections"), "{e}");
+        // A wrong type names the key too.
+        let e = NodeConfig::load_from(
+            Role::Up,
+            None,
+            env(&[("VITALTRAIL_INGEST__CONNECTIONS", "many")]),
+            &Overrides::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("connections"), "{e}");
+        // A missing file that was asked for is an error, not defaults.
+        assert!(
+            NodeConfig::load_from(
+                Role::Up,
+                Some(&d.path().join("missing.toml")),
+                env(&[]),
+                &Overrides::new()
+            )
+            .is_err()
+        );
+        // Contradictions.
+        let mut f = Overrides::new();
+        f.set("ingest.connections", 0usize);
+        assert!(NodeConfig::load_from(Role::Up, None, env(&[]), &f).is_err());
+    }
+
+    #[test]
+    fn printed_config_round_trips_and_redacts_secrets() {
+        let d = tempfile::tempdir().unwrap();
+        let given = d.path().join("given.toml");
+        std::fs::write(
+            &given,
+            "[kafka]\nbrokers = \"k:9092\"\n[kafka.client]\n\"sasl.password\" = \"hunter2-secret\"\n\
+             \"security.protocol\" = \"SASL_SSL\"\n",
+        )
+        .unwrap();
+        let c =
+            NodeConfig::load_from(Role::Ingest, Some(&given), env(&[]), &Overrides::new()).unwrap();
+        assert_eq!(
+            c.kafka.client.get("sasl.password").map(String::as_str),
+            Some("hunter2-secret")
+        );
+        let printed = c.to_toml_redacted();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("SASL_SSL"), "{printed}");
+        assert!(!format!("{c:?}").contains("hunter2"));
+        // What is printed loads back as the same configuration (secrets
+        // aside).
+        let file = d.path().join("printed.toml");
+        std::fs::write(&file, &printed).unwrap();
+        let back =
+            NodeConfig::load_from(Role::Ingest, Some(&file), env(&[]), &Overrides::new()).unwrap();
+        let mut expect = c.clone();
+        expect
+            .kafka
+            .client
+            .insert("sasl.password".into(), "<redacted>".into());
+        assert_eq!(back, expect);
+    }
+}

@@ -1,0 +1,116 @@
+//! One stage per process, over Kafka: `vitaltrail ingest` and
+//! `vitaltrail attest`, each with its own `/metrics` when `http.listen`
+//! is set.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use vitaltrail_attestor::{AttestBus, StageConfig as AttestStage};
+use vitaltrail_core::{Clock, SystemClock};
+use vitaltrail_ingest::{IngestBus, StageConfig as IngestStage};
+
+use crate::config::NodeConfig;
+use crate::http::HttpConfig;
+use crate::{Error, Result};
+
+/// Serve `/metrics` for a stage process, if `http.listen` is set.
+fn serve_metrics(
+    cfg: &NodeConfig,
+    registry: &prometheus::Registry,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<Result<()>>> {
+    cfg.http.listen.map(|listen| {
+        tokio::spawn(crate::http::run(
+            HttpConfig {
+                listen,
+                registry: registry.clone(),
+                data_dir: cfg.data_dir.clone(),
+                sql: false,
+                ready: None,
+            },
+            shutdown.clone(),
+        ))
+    })
+}
+
+/// Run `stage`; the HTTP server failing (its port taken) stops it too.
+async fn with_http(
+    http: Option<tokio::task::JoinHandle<Result<()>>>,
+    stage: impl std::future::Future<Output = Result<()>>,
+) -> Result<()> {
+    let Some(mut http) = http else {
+        return stage.await;
+    };
+    tokio::pin!(stage);
+    tokio::select! {
+        r = &mut stage => {
+            http.abort();
+            r
+        }
+        r = &mut http => match r {
+            // It stops on shutdown, before the stage has drained.
+            Ok(Ok(())) => stage.await,
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(Error::StageStopped(format!("the HTTP server panicked: {e}"))),
+        },
+    }
+}
+
+/// The ingest stage's configuration from the layered one.
+pub fn ingest_stage(cfg: &NodeConfig, registry: &prometheus::Registry) -> Result<IngestStage> {
+    let mqtt = cfg
+        .external_mqtt()?
+        .ok_or_else(|| Error::Config("ingest needs an MQTT broker (mqtt.broker, --mqtt)".into()))?;
+    Ok(IngestStage {
+        ingest: cfg.ingest_config(mqtt),
+        bus: IngestBus::Kafka {
+            kafka: cfg.kafka_config(cfg.kafka.topic_partitions)?,
+            operator: cfg.operator()?,
+        },
+        data_dir: cfg.data_dir.clone(),
+        metrics: registry.clone(),
+        clock: Arc::new(SystemClock) as Arc<dyn Clock>,
+    })
+}
+
+/// The attestor stage's configuration from the layered one.
+pub fn attest_stage(cfg: &NodeConfig, registry: &prometheus::Registry) -> Result<AttestStage> {
+    let kafka = cfg.kafka_config(cfg.kafka.topic_partitions)?;
+    let partitions = match &cfg.attestor.partitions {
+        Some(p) if !p.is_empty() => p.clone(),
+        Some(_) => return Err(Error::Config("attestor.partitions is empty".into())),
+        None => (0..cfg.kafka.topic_partitions).collect(),
+    };
+    Ok(AttestStage {
+        attestor: cfg.attestor_config(),
+        bus: AttestBus::Kafka {
+            kafka,
+            partitions,
+            partial: cfg.attestor.partial,
+            dead_letters: cfg.attestor.copy_dead_letters,
+            rejects: cfg.dead_letters,
+            operator: cfg.operator()?,
+            mqtt: cfg.external_mqtt()?,
+        },
+        metrics: registry.clone(),
+        clock: Arc::new(SystemClock) as Arc<dyn Clock>,
+    })
+}
+
+/// `vitaltrail ingest`: run the ingest stage until `shutdown`.
+pub async fn run_ingest(cfg: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
+    let registry = prometheus::Registry::new();
+    let stage = ingest_stage(&cfg, &registry)?;
+    let http = serve_metrics(&cfg, &registry, &shutdown);
+    let run = vitaltrail_ingest::run(stage, shutdown);
+    with_http(http, async move { Ok(run.await?) }).await
+}
+
+/// `vitaltrail attest`: run the attestor stage until `shutdown`.
+pub async fn run_attest(cfg: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
+    let registry = prometheus::Registry::new();
+    let stage = attest_stage(&cfg, &registry)?;
+    let http = serve_metrics(&cfg, &registry, &shutdown);
+    let run = vitaltrail_attestor::run(stage, shutdown);
+    with_http(http, async move { Ok(run.await?) }).await
+}

@@ -1,0 +1,452 @@
+//! `vitaltrail up`: the whole pipeline in one process.
+//!
+//! An embedded MQTT broker (rumqttd, behind the device gate) unless an
+//! external one is given, the ingest stage, the in-process bounded bus in
+//! place of Kafka (the attestor's durable Merkle log is the write-ahead
+//! log, and the pipeline's receipt waits for it), the attestor stage with
+//! one worker per partition, the receipt publisher, and the HTTP server.
+//! With `kafka`, the same stages run over a real Kafka cluster instead.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use vitaltrail_attestor::pipeline::AttestorConfig;
+use vitaltrail_attestor::{AttestBus, StageConfig as AttestStage};
+use vitaltrail_bus::deadletter::{RejectLimits, RejectLog};
+use vitaltrail_bus::registry::{self, SharedRegistry};
+use vitaltrail_bus::{datadir, inproc};
+use vitaltrail_core::auth::Token;
+use vitaltrail_core::{Clock, SystemClock};
+use vitaltrail_ingest::{IngestBus, IngestConfig, StageConfig as IngestStage};
+use vitaltrail_mqtt::receipts::{self, ReceiptConfig, ReceiptMetrics};
+
+use crate::config::{NodeConfig, Role};
+use crate::http::{HttpConfig, Readiness};
+use crate::{Error, Result};
+
+/// Typed configuration of `up`, as [`UpConfig::from_node`] makes it from
+/// the layered [`NodeConfig`].
+#[derive(Debug, Clone)]
+pub struct UpConfig {
+    /// Everything durable lives here.
+    pub data_dir: PathBuf,
+    /// Where devices connect to the embedded broker (mutual TLS, through
+    /// the gate); ignored with `external_mqtt`.
+    pub mqtt_listen: SocketAddr,
+    /// More names for the embedded broker's certificate (besides
+    /// `localhost`, `127.0.0.1` and the listen address).
+    pub mqtt_names: Vec<String>,
+    /// Use this broker instead of the embedded one (how the pipeline
+    /// authenticates to it included).
+    pub external_mqtt: Option<vitaltrail_mqtt::MqttEndpoint>,
+    /// Partitions (one attestor worker and log each).
+    pub partitions: u32,
+    /// Records each bus partition holds in flight.
+    pub bus_capacity: usize,
+    /// Where `/metrics` and `POST /sql` are served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Attestor settings (its `data_dir` is overridden by ours).
+    pub attestor: AttestorConfig,
+    /// Ingest settings (its MQTT endpoint is overridden by ours).
+    pub ingest: IngestConfig,
+    /// Run the same stages over this Kafka cluster instead of the
+    /// in-process bus (its bus key and client properties included).
+    pub kafka: Option<vitaltrail_bus::kafka::KafkaConfig>,
+    /// Limits of the dead-letter store.
+    pub rejects: RejectLimits,
+}
+
+impl Default for UpConfig {
+    /// [`NodeConfig::defaults`] for `up`, with one partition.
+    fn default() -> Self {
+        let n = NodeConfig::defaults(Role::Up);
+        UpConfig {
+            data_dir: n.data_dir.clone(),
+            mqtt_listen: n.mqtt.listen,
+            mqtt_names: n.mqtt.names.clone(),
+            external_mqtt: None,
+            partitions: 1,
+            bus_capacity: n.bus.capacity,
+            metrics_listen: n.http.listen,
+            attestor: n.attestor_config(),
+            ingest: n.ingest_config(Default::default()),
+            kafka: None,
+            rejects: n.dead_letters,
+        }
+    }
+}
+
+impl UpConfig {
+    /// The typed configuration of `up` from the layered one: reads the
+    /// pipeline's MQTT credentials and the bus key where they are needed.
+    pub fn from_node(n: &NodeConfig) -> Result<UpConfig> {
+        let partitions = n.up_partitions();
+        let kafka = match n.kafka.brokers {
+            Some(_) => Some(n.kafka_config(partitions)?),
+            None => None,
+        };
+        Ok(UpConfig {
+            data_dir: n.data_dir.clone(),
+            mqtt_listen: n.mqtt.listen,
+            mqtt_names: n.mqtt.names.clone(),
+            external_mqtt: n.external_mqtt()?,
+            partitions,
+            bus_capacity: n.bus.capacity,
+            metrics_listen: n.http.listen,
+            attestor: n.attestor_config(),
+            ingest: n.ingest_config(Default::default()),
+            kafka,
+            rejects: n.dead_letters,
+        })
+    }
+}
+
+impl UpConfig {
+    /// Run over the Kafka cluster at `brokers`, with the data directory's
+    /// bus key (created if absent) and no further client properties.
+    pub fn over_kafka(mut self, brokers: &str) -> Result<UpConfig> {
+        self.kafka = Some(vitaltrail_bus::kafka::KafkaConfig {
+            brokers: brokers.to_owned(),
+            partitions: self.partitions as i32,
+            bus_key: Some(datadir::load_bus_key(&datadir::bus_key_path(
+                &self.data_dir,
+            ))?),
+            ..Default::default()
+        });
+        Ok(self)
+    }
+}
+
+/// A stage's life: resolves (with an error) only if the stage dies.
+type Watchdog = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+
+/// A free TCP port on loopback (for the embedded broker, which only the
+/// gate and the pipeline in this process reach).
+fn free_loopback_port() -> Result<SocketAddr> {
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .map_err(|e| Error::io("binding a loopback port", e))?;
+    l.local_addr()
+        .map_err(|e| Error::io("binding a loopback port", e))
+}
+
+/// The MQTT broker the pipeline uses: the external one, or the embedded
+/// one, started here with its device gate and ready to accept
+/// connections, with their watchdog. The embedded broker listens on a
+/// loopback port for the gate and the pipeline only (with a token made for
+/// this run); devices reach it through the gate on `cfg.mqtt_listen`, with
+/// a certificate of `<data>/mqtt/ca.pem`.
+async fn mqtt_endpoint(
+    cfg: &UpConfig,
+    devices: &SharedRegistry,
+    registry: &prometheus::Registry,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(vitaltrail_mqtt::MqttEndpoint, Watchdog)> {
+    use vitaltrail_mqtt::{Login, MqttEndpoint, PIPELINE_USER, Pki, embedded, gate};
+    if let Some(e) = &cfg.external_mqtt {
+        return Ok((e.clone(), Box::pin(std::future::pending())));
+    }
+    // Fresh for every run and never written down: only this process's
+    // gate and pipeline use it.
+    let token = Token::generate(&mut rand::rngs::OsRng);
+    let mut names = cfg.mqtt_names.clone();
+    if !cfg.mqtt_listen.ip().is_unspecified() {
+        names.push(cfg.mqtt_listen.ip().to_string());
+    }
+    let pki = Pki::load_or_create(&cfg.data_dir, &names)?;
+    let internal = free_loopback_port()?;
+    let broker = embedded::start(&embedded::EmbeddedConfig {
+        listen: internal,
+        token: Some(token.clone()),
+        max_connections: 10_010,
+    })?;
+    crate::wait_for_port(internal, Duration::from_secs(5)).await?;
+    let mut gate_cfg = gate::GateConfig::new(cfg.mqtt_listen, &pki, internal, token.clone())?;
+    gate_cfg.max_connections = gate::connection_capacity();
+    let metrics = vitaltrail_mqtt::metrics::GateMetrics::new(registry)?;
+    let gate = tokio::spawn(gate::run(
+        gate_cfg,
+        crate::device_check(devices),
+        metrics,
+        shutdown,
+    ));
+    crate::wait_for_port(cfg.mqtt_listen, Duration::from_secs(5)).await?;
+    let watchdog = async move {
+        tokio::select! {
+            r = broker => r.map_err(Error::from),
+            r = gate => match r {
+                Ok(Ok(())) => std::future::pending().await,
+                Ok(Err(e)) => Err(Error::StageStopped(format!("the MQTT device gate stopped: {e}"))),
+                Err(e) => Err(Error::StageStopped(format!("the MQTT device gate panicked: {e}"))),
+            },
+        }
+    };
+    let mut endpoint = MqttEndpoint::plain("127.0.0.1", internal.port());
+    endpoint.login = Some(Login {
+        username: PIPELINE_USER.into(),
+        password: token,
+    });
+    Ok((endpoint, Box::pin(watchdog)))
+}
+
+/// Ready once every ingest connection is subscribed (from the ingest
+/// stage's gauge in `registry`).
+fn ingest_ready(registry: &prometheus::Registry, want: usize) -> Readiness {
+    let registry = registry.clone();
+    Arc::new(move || {
+        registry
+            .gather()
+            .iter()
+            .find(|f| f.name() == "vitaltrail_ingest_subscribed_connections")
+            .and_then(|f| f.get_metric().first().map(|m| m.get_gauge().get_value()))
+            .is_some_and(|v| v >= want as f64)
+    })
+}
+
+/// `up --kafka`: the distributed stages (ingest, attestor for every
+/// partition) in one process, over a real Kafka cluster.
+async fn run_over_kafka(
+    cfg: UpConfig,
+    kafka: vitaltrail_bus::kafka::KafkaConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let registry = prometheus::Registry::new();
+    // Topics first (both stages would create them, and the registry
+    // follower reads one), then the gate's registry check (the local file
+    // and vitals.devices, as ingest and the attestor keep their own), then
+    // both stages.
+    vitaltrail_bus::kafka::ensure_topics(&kafka).await?;
+    let (devices, _watch) = SharedRegistry::watch(
+        datadir::registry_file(&cfg.data_dir),
+        Duration::from_millis(500),
+    )?;
+    let operator = datadir::trusted_operator(None, &cfg.data_dir)?;
+    let _follow = registry::follow_topic(&kafka, &devices, &operator).await?;
+    let (mqtt, broker) = mqtt_endpoint(&cfg, &devices, &registry, shutdown.clone()).await?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let ingest = IngestStage {
+        ingest: IngestConfig {
+            mqtt: mqtt.clone(),
+            ..cfg.ingest.clone()
+        },
+        bus: IngestBus::Kafka {
+            kafka: kafka.clone(),
+            operator: None,
+        },
+        data_dir: cfg.data_dir.clone(),
+        metrics: registry.clone(),
+        clock: clock.clone(),
+    };
+    let attest = AttestStage {
+        attestor: AttestorConfig {
+            data_dir: cfg.data_dir.clone(),
+            ..cfg.attestor.clone()
+        },
+        bus: AttestBus::Kafka {
+            kafka,
+            partitions: (0..cfg.partitions).collect(),
+            partial: false,
+            dead_letters: true,
+            rejects: cfg.rejects,
+            operator: None,
+            mqtt: Some(mqtt.clone()),
+        },
+        metrics: registry.clone(),
+        clock,
+    };
+    // One /metrics (and POST /sql) for both stages.
+    if let Some(listen) = cfg.metrics_listen {
+        tokio::spawn(crate::http::run(
+            HttpConfig {
+                listen,
+                registry: registry.clone(),
+                data_dir: cfg.data_dir.clone(),
+                sql: true,
+                ready: Some(ingest_ready(&registry, cfg.ingest.connections.max(1))),
+            },
+            shutdown.clone(),
+        ));
+    }
+    let a = tokio::spawn(vitaltrail_attestor::run(attest, shutdown.clone()));
+    let i = tokio::spawn(vitaltrail_ingest::run(ingest, shutdown));
+    let both = async {
+        let (a, i) = tokio::join!(a, i);
+        a.map_err(|e| Error::StageStopped(format!("attestor panicked: {e}")))??;
+        i.map_err(|e| Error::StageStopped(format!("ingest panicked: {e}")))??;
+        Ok(())
+    };
+    tokio::select! {
+        r = both => r,
+        r = broker => r,
+    }
+}
+
+/// Run everything until `shutdown` turns true.
+pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| Error::io(format!("creating {}", cfg.data_dir.display()), e))?;
+    if let Some(kafka) = cfg.kafka.clone() {
+        return run_over_kafka(cfg, kafka, shutdown).await;
+    }
+    cfg.attestor.data_dir = cfg.data_dir.clone();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let registry = prometheus::Registry::new();
+    let rejects = open_rejects(&cfg.data_dir, cfg.rejects, &registry)?;
+
+    let (devices, _watch) = SharedRegistry::watch(
+        datadir::registry_file(&cfg.data_dir),
+        Duration::from_millis(500),
+    )?;
+    let existing = datadir::existing_partitions(&cfg.data_dir);
+    if existing != 0 && existing != cfg.partitions {
+        return Err(Error::DataDir(format!(
+            "{} holds {existing} partition logs but {} were asked for; devices are \
+             assigned to partitions by hash, so the count cannot change (pass --partitions {existing})",
+            cfg.data_dir.display(),
+            cfg.partitions
+        )));
+    }
+    let (producer, partitions) = inproc::bus(cfg.partitions, cfg.bus_capacity);
+    // Stop order: ingest drains first (what the broker holds for it reaches
+    // the log), then the attestors, then the HTTP server and the
+    // dead-letter flusher.
+    let (attest_stop, attest_stop_rx) = watch::channel(false);
+    let (rest_stop, rest_stop_rx) = watch::channel(false);
+    let (receipts_tx, receipts_rx) = receipts::queue(&Default::default());
+    let mut attestor = tokio::spawn(vitaltrail_attestor::run(
+        AttestStage {
+            attestor: cfg.attestor.clone(),
+            bus: AttestBus::InProc {
+                partitions,
+                rejects: rejects.clone(),
+                receipts: receipts_tx.clone(),
+                devices: devices.clone(),
+            },
+            metrics: registry.clone(),
+            clock: clock.clone(),
+        },
+        attest_stop_rx,
+    ));
+
+    let (mqtt, broker) = mqtt_endpoint(&cfg, &devices, &registry, rest_stop_rx.clone()).await?;
+    let mut broker = broker;
+    let mut others = tokio::task::JoinSet::new();
+    others.spawn({
+        let rcfg = ReceiptConfig {
+            mqtt: mqtt.clone(),
+            client_id: format!("{}-receipts", cfg.ingest.client_id),
+            ..Default::default()
+        };
+        let m = ReceiptMetrics::new(&registry, "up")?;
+        let stop = rest_stop_rx.clone();
+        async move { Ok(receipts::publish(rcfg, receipts_rx, m, stop).await?) }
+    });
+    others.spawn(flush_rejects(
+        rejects.clone(),
+        clock.clone(),
+        rest_stop_rx.clone(),
+    ));
+    let ingest_stage = IngestStage {
+        ingest: IngestConfig {
+            mqtt: mqtt.clone(),
+            // The embedded broker's sessions die with this process.
+            clean_session: cfg.external_mqtt.is_none(),
+            ..cfg.ingest.clone()
+        },
+        bus: IngestBus::InProc {
+            producer,
+            rejects: rejects.clone(),
+            receipts: receipts_tx,
+            devices,
+        },
+        data_dir: cfg.data_dir.clone(),
+        metrics: registry.clone(),
+        clock,
+    };
+    if let Some(listen) = cfg.metrics_listen {
+        let ready = ingest_ready(&registry, cfg.ingest.connections.max(1));
+        others.spawn(crate::http::run(
+            HttpConfig {
+                listen,
+                registry,
+                data_dir: cfg.data_dir.clone(),
+                sql: true,
+                ready: Some(ready),
+            },
+            rest_stop_rx.clone(),
+        ));
+    }
+    let mut ingest = tokio::spawn(vitaltrail_ingest::run(ingest_stage, shutdown));
+    let devices_at = match &cfg.external_mqtt {
+        Some(e) => format!("{}:{}", e.host, e.port),
+        None => cfg.mqtt_listen.to_string(),
+    };
+    tracing::info!(mqtt = %devices_at, data = %cfg.data_dir.display(), partitions = cfg.partitions, "vitaltrail is up");
+    // Until ingest has drained, any other stage ending is a failure.
+    tokio::select! {
+        r = &mut broker => r?,
+        r = &mut ingest => r.map_err(|e| Error::StageStopped(format!("ingest panicked: {e}")))??,
+        r = &mut attestor => {
+            r.map_err(|e| Error::StageStopped(format!("the attestor panicked: {e}")))??;
+            return Err(Error::StageStopped("the attestor stopped while ingest was running".into()));
+        }
+        Some(r) = others.join_next() => {
+            r.map_err(|e| Error::StageStopped(format!("a stage panicked: {e}")))??;
+            return Err(Error::StageStopped(
+                "the HTTP server, the receipt publisher or the dead-letter flusher stopped while ingest was running".into(),
+            ));
+        }
+    }
+    let _ = attest_stop.send(true);
+    attestor
+        .await
+        .map_err(|e| Error::StageStopped(format!("the attestor panicked: {e}")))??;
+    let _ = rest_stop.send(true);
+    join_stages(others).await
+}
+
+/// The data directory's dead-letter store, reporting to `registry`.
+pub fn open_rejects(
+    data_dir: &Path,
+    limits: RejectLimits,
+    registry: &prometheus::Registry,
+) -> Result<Arc<RejectLog>> {
+    let log = RejectLog::open_with(data_dir.join("rejected.jsonl"), limits)?
+        .with_metrics(vitaltrail_bus::metrics::Metrics::new(registry)?);
+    Ok(Arc::new(log))
+}
+
+/// Write the dead-letter store's counted rejections once a second until
+/// `shutdown`, then once more.
+pub async fn flush_rejects(
+    rejects: Arc<RejectLog>,
+    clock: Arc<dyn Clock>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = clock.now_ms();
+                tokio::task::block_in_place(|| rejects.tick(now))?;
+            }
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+    }
+    Ok(tokio::task::block_in_place(|| rejects.flush())?)
+}
+
+/// Wait for every stage; the first to fail stops everything (nothing is
+/// acknowledged that was not made durable, so devices resend after a restart).
+pub async fn join_stages(mut tasks: tokio::task::JoinSet<Result<()>>) -> Result<()> {
+    while let Some(res) = tasks.join_next().await {
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(Error::StageStopped(format!("a stage panicked: {e}"))),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! The flags of `up`, `ingest`, `attest` and `config print`: each flag
+//! that is given becomes one key of the layered configuration
+//! (`vitaltrail_node::config`), over the file and the environment. No flag
+//! has a default of its own: defaults live in `NodeConfig::defaults`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use vitaltrail_node::config::{NodeConfig, Overrides, Role};
+
+/// `--config`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigFile {
+    /// The configuration file (TOML; see `vitaltrail config print`).
+    /// Default: $VITALTRAIL_CONFIG, else ./vitaltrail.toml if it exists.
+    /// Flags override it, and so do VITALTRAIL_* variables.
+    #[arg(long = "config", value_name = "FILE")]
+    pub path: Option<PathBuf>,
+}
+
+impl ConfigFile {
+    /// Load the layers for `role` with `flags` on top.
+    pub fn load(&self, role: Role, flags: &Overrides) -> vitaltrail_node::Result<NodeConfig> {
+        NodeConfig::load(role, self.path.as_deref(), flags)
+    }
+}
+
+/// What a distributed stage trusts and how it reaches Kafka securely
+/// (`vitaltrail ingest` and `vitaltrail attest` alike).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrustArgs {
+    /// The bus key file shared by every ingest and attestor of the
+    /// pipeline (records on vitals.verified carry its MAC); default
+    /// <data>/keys/bus.key, created if absent. [kafka.bus_key_file]
+    #[arg(long)]
+    bus_key: Option<PathBuf>,
+    /// librdkafka client properties, one key=value per line (SASL, TLS:
+    /// security.protocol, sasl.mechanisms, sasl.username, sasl.password,
+    /// ssl.ca.location, …). A file, so that no secret is on a command line.
+    /// [kafka.client_config_file]
+    #[arg(long)]
+    kafka_config_file: Option<PathBuf>,
+    /// The operator's DID, whose signature every vitals.devices record
+    /// must carry; default: the DID of <data>/keys/operator.pem (the key
+    /// `devices add --kafka` signs with). [kafka.operator]
+    #[arg(long)]
+    operator: Option<String>,
+    /// Connect to the MQTT broker over TLS with the pipeline's client
+    /// certificate from <data>/mqtt (`vitaltrail mqtt mosquitto` writes a
+    /// Mosquitto configuration that requires it). [mqtt.tls]
+    #[arg(long)]
+    mqtt_tls: bool,
+}
+
+impl TrustArgs {
+    fn apply(&self, o: &mut Overrides) {
+        o.set_opt("kafka.bus_key_file", self.bus_key.clone())
+            .set_opt("kafka.client_config_file", self.kafka_config_file.clone())
+            .set_opt("kafka.operator", self.operator.clone())
+            .set_flag("mqtt.tls", self.mqtt_tls);
+    }
+}
+
+/// `vitaltrail up`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub config: ConfigFile,
+    /// Data directory (logs, checkpoints, rejects, registry, keys).
+    /// [data_dir; default vitaltrail-data]
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Where devices connect to the embedded MQTT broker: mutual TLS
+    /// with a certificate of <data>/mqtt/ca.pem (`vitaltrail devices
+    /// cert`), each device held to vitals/<did> and receipts/<did>.
+    /// [mqtt.listen; default 127.0.0.1:8883]
+    #[arg(long)]
+    mqtt_listen: Option<SocketAddr>,
+    /// Host names devices reach the broker by (repeatable), for its
+    /// certificate besides localhost, 127.0.0.1 and the listen address.
+    /// [mqtt.names]
+    #[arg(long = "mqtt-name")]
+    mqtt_names: Vec<String>,
+    /// Use this external MQTT broker (HOST:PORT) instead of the embedded
+    /// one. [mqtt.broker]
+    #[arg(long)]
+    mqtt: Option<String>,
+    /// Connect to the external broker over TLS with the pipeline's client
+    /// certificate from <data>/mqtt (see `vitaltrail mqtt mosquitto`).
+    /// [mqtt.tls]
+    #[arg(long)]
+    mqtt_tls: bool,
+    /// Run the same stages over this Kafka cluster instead of the
+    /// in-process bus (bootstrap servers). [kafka.brokers]
+    #[arg(long)]
+    kafka: Option<String>,
+    /// Partitions (one Merkle log each). Default: what the data
+    /// directory already holds; for a new one, 1 on the in-process bus
+    /// (one log per disk commits in the largest groups) and 4 with --kafka.
+    /// [partitions]
+    #[arg(long)]
+    partitions: Option<u32>,
+    /// Where /metrics, POST /sql, /healthz and /readyz are served.
+    /// [http.listen; default 127.0.0.1:9464]
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Sign a checkpoint at least this often (ms) while readings arrive.
+    /// [attestor.checkpoint_interval_ms; default 1000]
+    #[arg(long)]
+    checkpoint_interval_ms: Option<u64>,
+}
+
+impl UpArgs {
+    /// The flags given, as configuration keys.
+    pub fn overrides(&self) -> Overrides {
+        let mut o = Overrides::new();
+        o.set_opt("data_dir", self.data.clone())
+            .set_opt("mqtt.listen", self.mqtt_listen)
+            .set_opt("mqtt.broker", self.mqtt.clone())
+            .set_flag("mqtt.tls", self.mqtt_tls)
+            .set_opt("kafka.brokers", self.kafka.clone())
+            .set_opt("partitions", self.partitions)
+            .set_opt("http.listen", self.metrics_listen)
+            .set_opt(
+                "attestor.checkpoint_interval_ms",
+                self.checkpoint_interval_ms,
+            );
+        if !self.mqtt_names.is_empty() {
+            o.set("mqtt.names", self.mqtt_names.clone());
+        }
+        o
+    }
+}
+
+/// `vitaltrail ingest`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestArgs {
+    #[command(flatten)]
+    pub config: ConfigFile,
+    /// Kafka bootstrap servers. [kafka.brokers]
+    #[arg(long)]
+    kafka: Option<String>,
+    /// The MQTT broker (HOST:PORT). [mqtt.broker; default 127.0.0.1:1883]
+    #[arg(long)]
+    mqtt: Option<String>,
+    /// MQTT client ID, unique per ingest process.
+    /// [ingest.client_id; default vitaltrail-ingest-0]
+    #[arg(long)]
+    client_id: Option<String>,
+    /// Shared-subscription group that ingest processes split the load in.
+    /// [ingest.share_group; default vitaltrail-ingest]
+    #[arg(long)]
+    share_group: Option<String>,
+    /// MQTT connections in the group from this process, each with its own
+    /// verify loop (a broker caps the unacknowledged messages per
+    /// connection: rumqttd 100, Mosquitto max_inflight_messages).
+    /// [ingest.connections; default 8]
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Where the device registry (devices.json) and keys live.
+    /// [data_dir; default vitaltrail-data]
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Partitions of vitals.verified, if this process creates the topic.
+    /// [kafka.topic_partitions; default 4]
+    #[arg(long)]
+    topic_partitions: Option<u32>,
+    /// Where /metrics is served. [http.listen]
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    trust: TrustArgs,
+}
+
+impl IngestArgs {
+    /// The flags given, as configuration keys.
+    pub fn overrides(&self) -> Overrides {
+        let mut o = Overrides::new();
+        o.set_opt("kafka.brokers", self.kafka.clone())
+            .set_opt("mqtt.broker", self.mqtt.clone())
+            .set_opt("ingest.client_id", self.client_id.clone())
+            .set_opt("ingest.share_group", self.share_group.clone())
+            .set_opt("ingest.connections", self.connections)
+            .set_opt("data_dir", self.data.clone())
+            .set_opt("kafka.topic_partitions", self.topic_partitions)
+            .set_opt("http.listen", self.metrics_listen);
+        self.trust.apply(&mut o);
+        o
+    }
+}
+
+/// `vitaltrail attest`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AttestArgs {
+    #[command(flatten)]
+    pub config: ConfigFile,
+    /// Kafka bootstrap servers. [kafka.brokers]
+    #[arg(long)]
+    kafka: Option<String>,
+    /// The MQTT broker (HOST:PORT) to publish receipts to
+    /// (`receipts/<did>`); without it, no receipts. [mqtt.broker]
+    #[arg(long)]
+    mqtt: Option<String>,
+    /// The vitals.verified partitions this process owns, e.g. 0,1,2,3.
+    /// [attestor.partitions; default all of them]
+    #[arg(long, value_delimiter = ',')]
+    partitions: Option<Vec<u32>>,
+    /// Other attestors own the topic's other partitions. Without it,
+    /// --partitions must cover every partition of vitals.verified, or
+    /// the attestor refuses to start. [attestor.partial]
+    #[arg(long)]
+    partial: bool,
+    /// Partitions of vitals.verified, if this process creates the topic.
+    /// [kafka.topic_partitions; default 4]
+    #[arg(long)]
+    topic_partitions: Option<u32>,
+    /// Data directory (partition logs, checkpoints, rejects, log key).
+    /// [data_dir; default vitaltrail-data]
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Do not copy vitals.rejected into <data>/rejected.jsonl.
+    /// [attestor.copy_dead_letters = false]
+    #[arg(long)]
+    no_dead_letters: bool,
+    /// Sign a checkpoint at least this often (ms) while readings arrive.
+    /// [attestor.checkpoint_interval_ms; default 1000]
+    #[arg(long)]
+    checkpoint_interval_ms: Option<u64>,
+    /// Where /metrics is served. [http.listen]
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    trust: TrustArgs,
+}
+
+impl AttestArgs {
+    /// The flags given, as configuration keys.
+    pub fn overrides(&self) -> Overrides {
+        let mut o = Overrides::new();
+        o.set_opt("kafka.brokers", self.kafka.clone())
+            .set_opt("mqtt.broker", self.mqtt.clone())
+            .set_opt("attestor.partitions", self.partitions.clone())
+            .set_flag("attestor.partial", self.partial)
+            .set_opt("kafka.topic_partitions", self.topic_partitions)
+            .set_opt("data_dir", self.data.clone())
+            .set_opt(
+                "attestor.checkpoint_interval_ms",
+                self.checkpoint_interval_ms,
+            )
+            .set_opt("http.listen", self.metrics_listen);
+        if self.no_dead_letters {
+            o.set("attestor.copy_dead_letters", false);
+        }
+        self.trust.apply(&mut o);
+        o
+    }
+}
