@@ -144,7 +144,7 @@ fn read_at(f: &File, path: &Path, buf: &mut [u8], at: u64) -> Result<()> {
     })
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("fsync directory", dir))

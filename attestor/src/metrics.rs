@@ -28,6 +28,10 @@ pub struct Metrics {
     pub receipts_dropped: IntCounter,
     /// Device windows held in memory (bounded; the rest are on disk).
     pub windows_cached: IntGaugeVec,
+    /// Live Parquet files of each partition (compaction keeps it bounded).
+    pub parquet_files: IntGaugeVec,
+    /// Compactions (runs of small files merged into one).
+    pub parquet_compactions: IntCounterVec,
 }
 
 impl Metrics {
@@ -41,6 +45,20 @@ impl Metrics {
             receipts_dropped: IntCounter::new(
                 "vitaltrail_attestor_receipts_dropped_total",
                 "Receipts dropped because the publisher's bounded queue was full",
+            )?,
+            parquet_files: IntGaugeVec::new(
+                Opts::new(
+                    "vitaltrail_attestor_parquet_files",
+                    "Live Parquet files of the readings table per partition (compacted past 16 small files per date)",
+                ),
+                &["partition"],
+            )?,
+            parquet_compactions: IntCounterVec::new(
+                Opts::new(
+                    "vitaltrail_attestor_parquet_compactions_total",
+                    "Runs of small Parquet files merged into one",
+                ),
+                &["partition"],
             )?,
             windows_cached: IntGaugeVec::new(
                 Opts::new(
@@ -106,6 +124,8 @@ impl Metrics {
         registry.register(Box::new(m.receipts.clone()))?;
         registry.register(Box::new(m.receipts_dropped.clone()))?;
         registry.register(Box::new(m.windows_cached.clone()))?;
+        registry.register(Box::new(m.parquet_files.clone()))?;
+        registry.register(Box::new(m.parquet_compactions.clone()))?;
         registry.register(Box::new(m.appended.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;
         registry.register(Box::new(m.tree_size.clone()))?;

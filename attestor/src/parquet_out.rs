@@ -9,6 +9,21 @@
 //! this partition that start at or past the high-water mark are leftovers of
 //! an export that did not commit, and are deleted before anything else, so
 //! no row is lost or duplicated.
+//!
+//! **Compaction** ([`ParquetExporter::compact`]) keeps the file count
+//! bounded: once a date directory holds [`CompactionPolicy::min_files`]
+//! small files of a partition, the oldest run of them (up to
+//! [`CompactionPolicy::target_bytes`] together) is rewritten as one file
+//! named for the whole range, `p<partition>-<first of run>-<last of
+//! run>.parquet` (temp file, fsync, rename: the rename is the commit).
+//! Merged files are merged again, so files grow to the target size. A file
+//! whose range lies inside another file of the same partition in the same
+//! directory is **covered**: readers skip it ([`covered_files`]), so a
+//! reading is in exactly one live file at every instant, before, during
+//! and after a compaction, and after a crash at any point. Covered files
+//! are deleted once the file covering them is older than
+//! [`CompactionPolicy::grace`] (longer than any query may run), so a query
+//! that listed them before the rename can still read them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -142,6 +157,132 @@ fn remove_uncommitted(root: &Path, partition: u32, hw: u64) -> Result<()> {
     Ok(())
 }
 
+/// The index range a Parquet file of the `readings` table covers, from
+/// its name `p<partition>-<first>-<last>.parquet`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FileRange {
+    /// The partition.
+    pub partition: u32,
+    /// Its first leaf index.
+    pub first: u64,
+    /// Its last leaf index.
+    pub last: u64,
+}
+
+impl FileRange {
+    /// Parse a file name; `None` for anything else (temp files included).
+    pub fn parse(name: &str) -> Option<FileRange> {
+        let rest = name.strip_prefix('p')?.strip_suffix(".parquet")?;
+        let mut it = rest.splitn(3, '-');
+        let partition = it.next()?.parse().ok()?;
+        let first = it.next()?.parse().ok()?;
+        let last = it.next()?.parse().ok()?;
+        (first <= last).then_some(FileRange {
+            partition,
+            first,
+            last,
+        })
+    }
+
+    /// The file name.
+    pub fn name(&self) -> String {
+        format!(
+            "p{}-{:012}-{:012}.parquet",
+            self.partition, self.first, self.last
+        )
+    }
+
+    fn inside(&self, other: &FileRange) -> bool {
+        self != other
+            && self.partition == other.partition
+            && other.first <= self.first
+            && self.last <= other.last
+    }
+}
+
+/// Of the file names of one directory, those covered by another file of
+/// the same partition (a compaction merged them; readers must skip them).
+pub fn covered_files<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut ranges: Vec<(FileRange, &str)> = names
+        .into_iter()
+        .filter_map(|n| FileRange::parse(n).map(|r| (r, n)))
+        .collect();
+    // By partition, then first ascending and last descending: a covering
+    // file comes before everything inside it.
+    ranges.sort_by_key(|(r, _)| (r.partition, r.first, std::cmp::Reverse(r.last)));
+    let mut out = Vec::new();
+    let mut cover: Option<FileRange> = None;
+    for (r, n) in ranges {
+        match cover {
+            Some(c) if r.inside(&c) => out.push(n),
+            _ => cover = Some(r),
+        }
+    }
+    out
+}
+
+/// When and how much to compact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactionPolicy {
+    /// Compact a date directory once it holds this many small files of
+    /// one partition.
+    pub min_files: usize,
+    /// A file this large is not small; a merge stops adding files here.
+    pub target_bytes: u64,
+    /// Delete a covered file once the file covering it is this old.
+    pub grace: std::time::Duration,
+    /// Look at the directories at most this often.
+    pub every: std::time::Duration,
+}
+
+impl Default for CompactionPolicy {
+    fn default() -> Self {
+        CompactionPolicy {
+            min_files: 16,
+            target_bytes: 64 * 1024 * 1024,
+            // Five query timeouts (`QueryLimits::timeout`, 60 s).
+            grace: std::time::Duration::from_secs(300),
+            every: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// What one compaction pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactionStats {
+    /// Files merged into one (0 when nothing was due).
+    pub merged: usize,
+    /// Covered files deleted.
+    pub deleted: usize,
+    /// Live files of this partition after the pass, in every directory.
+    pub live_files: usize,
+}
+
+/// Read a `readings` file as batches of the current schema (a column a
+/// file written before it existed is null).
+fn read_rows(path: &Path) -> Result<Vec<RecordBatch>> {
+    let schema = readings_schema();
+    let file = std::fs::File::open(path).map_err(|e| perr(path, e))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| perr(path, e))?
+        .build()
+        .map_err(|e| perr(path, e))?;
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.map_err(|e| perr(path, e))?;
+        let cols: Vec<ArrayRef> = schema
+            .fields()
+            .iter()
+            .map(|f| match b.column_by_name(f.name()) {
+                Some(c) => c.clone(),
+                None => arrow::array::new_null_array(f.data_type(), b.num_rows()),
+            })
+            .collect();
+        out.push(RecordBatch::try_new(schema.clone(), cols).map_err(|e| perr(path, e))?);
+    }
+    Ok(out)
+}
+
 /// Exports one partition's log to Parquet.
 #[derive(Debug)]
 pub struct ParquetExporter {
@@ -152,6 +293,8 @@ pub struct ParquetExporter {
     /// Readings the attestor just logged and already decoded, from `hw` on
     /// and contiguous, so an export need not read and decode them again.
     staged: std::collections::VecDeque<Staged>,
+    /// When the directories were last looked at for compaction.
+    compacted_at: Option<std::time::Instant>,
 }
 
 /// One logged reading, decoded, as handed over by the attestor.
@@ -188,6 +331,7 @@ impl ParquetExporter {
             partition,
             hw,
             staged: std::collections::VecDeque::new(),
+            compacted_at: None,
         })
     }
 
@@ -220,6 +364,148 @@ impl ParquetExporter {
     /// Leaves exported so far.
     pub fn high_water(&self) -> u64 {
         self.hw
+    }
+
+    /// One compaction pass, if `policy.every` has passed since the last
+    /// (or `force`): delete covered files past their grace, then merge at
+    /// most one run of small committed files. Returns `None` when not due.
+    pub fn compact(
+        &mut self,
+        policy: &CompactionPolicy,
+        force: bool,
+    ) -> Result<Option<CompactionStats>> {
+        if !force
+            && self
+                .compacted_at
+                .is_some_and(|t| t.elapsed() < policy.every)
+        {
+            return Ok(None);
+        }
+        self.compacted_at = Some(std::time::Instant::now());
+        let mut stats = CompactionStats::default();
+        let Ok(dates) = std::fs::read_dir(&self.root) else {
+            return Ok(Some(stats));
+        };
+        let mut dirs: Vec<PathBuf> = dates.flatten().map(|d| d.path()).collect();
+        dirs.sort();
+        for dir in dirs {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let names: Vec<String> = entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            let covered: std::collections::HashSet<&str> =
+                covered_files(names.iter().map(String::as_str))
+                    .into_iter()
+                    .collect();
+            let mine = |n: &str| FileRange::parse(n).filter(|r| r.partition == self.partition);
+            // (range, bytes, written, covered) of this partition's files.
+            let mut files: Vec<(FileRange, u64, std::time::SystemTime, bool)> = Vec::new();
+            for n in &names {
+                let Some(r) = mine(n) else { continue };
+                let Ok(meta) = std::fs::metadata(dir.join(n)) else {
+                    continue;
+                };
+                let mtime = meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+                files.push((r, meta.len(), mtime, covered.contains(n.as_str())));
+            }
+            // A covered file goes once its oldest cover (live or covered
+            // itself) is past the grace: it has been covered at least that
+            // long, so no query that listed it as live is still running.
+            // (The newest cover is rewritten at every merge, so waiting on
+            // it would never delete anything under steady traffic.)
+            let mut deleted_here = 0;
+            for (r, _, _, is_covered) in &files {
+                if !is_covered {
+                    continue;
+                }
+                let oldest_cover = files
+                    .iter()
+                    .filter(|(c, ..)| r.inside(c))
+                    .map(|(_, _, mtime, _)| *mtime)
+                    .min();
+                if oldest_cover.is_some_and(|t| t.elapsed().is_ok_and(|age| age >= policy.grace)) {
+                    let path = dir.join(r.name());
+                    std::fs::remove_file(&path).map_err(|e| perr(&path, e))?;
+                    deleted_here += 1;
+                }
+            }
+            stats.deleted += deleted_here;
+            let mut live: Vec<(FileRange, u64)> = files
+                .iter()
+                .filter(|f| !f.3)
+                .map(|(r, len, _, _)| (*r, *len))
+                .collect();
+            if deleted_here > 0 {
+                crate::durable::sync_dir(&dir)?;
+            }
+            live.sort_by_key(|(r, _)| r.first);
+            stats.live_files += live.len();
+            if stats.merged > 0 {
+                continue;
+            }
+            // Only committed files, and only small ones.
+            let small: Vec<&(FileRange, u64)> = live
+                .iter()
+                .filter(|(r, len)| r.last < self.hw && *len < policy.target_bytes)
+                .collect();
+            if small.len() < policy.min_files.max(2) {
+                continue;
+            }
+            let mut run = Vec::new();
+            let mut bytes = 0u64;
+            for f in small {
+                if run.len() >= 2 && bytes + f.1 > policy.target_bytes {
+                    break;
+                }
+                bytes += f.1;
+                run.push(f.0);
+            }
+            let merged = self.merge(&dir, &run)?;
+            stats.merged = run.len();
+            // The run's files are covered now, not live.
+            stats.live_files = stats.live_files + 1 - run.len();
+            tracing::debug!(dir = %dir.display(), file = %merged, files = run.len(), "compacted");
+        }
+        Ok(Some(stats))
+    }
+
+    /// Write the rows of `run` (ascending, non-overlapping) as one file
+    /// covering their whole range; returns its name.
+    fn merge(&self, dir: &Path, run: &[FileRange]) -> Result<String> {
+        use std::io::Write as _;
+        let (Some(first), Some(last)) = (run.first(), run.last()) else {
+            return Err(perr(dir, "empty compaction run"));
+        };
+        let name = FileRange {
+            partition: self.partition,
+            first: first.first,
+            last: last.last,
+        }
+        .name();
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let file = std::fs::File::create(&tmp).map_err(|e| perr(&tmp, e))?;
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .build();
+        let mut w = parquet::arrow::ArrowWriter::try_new(file, readings_schema(), Some(props))
+            .map_err(|e| perr(&tmp, e))?;
+        for r in run {
+            for b in read_rows(&dir.join(r.name()))? {
+                w.write(&b).map_err(|e| perr(&tmp, e))?;
+            }
+        }
+        let mut file = w.into_inner().map_err(|e| perr(&tmp, e))?;
+        file.flush()
+            .and_then(|_| file.sync_all())
+            .map_err(|e| perr(&tmp, e))?;
+        drop(file);
+        let dst = dir.join(&name);
+        std::fs::rename(&tmp, &dst).map_err(|e| perr(&dst, e))?;
+        crate::durable::sync_dir(dir)?;
+        Ok(name)
     }
 
     /// Export the leaves `[hw, log.size())`. Returns the rows written.
@@ -278,7 +564,12 @@ impl ParquetExporter {
         for (date, rows) in by_date {
             let dir = self.root.join(format!("date={date}"));
             std::fs::create_dir_all(&dir).map_err(|e| perr(&dir, e))?;
-            let name = format!("p{}-{first:012}-{:012}.parquet", self.partition, end - 1);
+            let name = FileRange {
+                partition: self.partition,
+                first,
+                last: end - 1,
+            }
+            .name();
             let batch = rows.finish()?;
             let mut buf = Vec::new();
             {
@@ -448,5 +739,237 @@ mod tests {
         let rows = all_rows(&a);
         assert_eq!(rows.num_rows(), 60);
         assert_eq!(rows, all_rows(&b));
+    }
+
+    /// Every live row (covered files skipped, as readers do), in log order.
+    fn live_rows(data: &Path) -> RecordBatch {
+        let mut files = Vec::new();
+        for d in std::fs::read_dir(data.join("readings")).unwrap().flatten() {
+            let names: Vec<String> = std::fs::read_dir(d.path())
+                .unwrap()
+                .flatten()
+                .map(|f| f.file_name().to_string_lossy().into_owned())
+                .collect();
+            let covered = covered_files(names.iter().map(String::as_str));
+            for n in &names {
+                if FileRange::parse(n).is_some() && !covered.contains(&n.as_str()) {
+                    files.push(d.path().join(n));
+                }
+            }
+        }
+        files.sort_by_key(|p| p.file_name().unwrap().to_owned());
+        let mut batches = Vec::new();
+        for f in files {
+            batches.extend(read_rows(&f).unwrap());
+        }
+        arrow::compute::concat_batches(&readings_schema(), &batches).unwrap()
+    }
+
+    fn files_of(data: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for d in std::fs::read_dir(data.join("readings")).unwrap().flatten() {
+            for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+                out.push(f.file_name().to_string_lossy().into_owned());
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn covered_files_match_a_naive_reference() {
+        use proptest::prelude::*;
+        proptest!(|(files in proptest::collection::vec((0u32..2, 0u64..40, 0u64..8), 0..20))| {
+            let names: Vec<String> = files
+                .iter()
+                .map(|&(p, a, len)| FileRange { partition: p, first: a, last: a + len }.name())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let got: std::collections::BTreeSet<&str> =
+                covered_files(names.iter().map(String::as_str)).into_iter().collect();
+            for n in &names {
+                let r = FileRange::parse(n).unwrap();
+                let naive = names
+                    .iter()
+                    .map(|m| FileRange::parse(m).unwrap())
+                    .any(|o| r.inside(&o));
+                // Compaction never makes partial overlaps, but the rule
+                // must hold for nested ranges whatever the input.
+                let partial = names.iter().map(|m| FileRange::parse(m).unwrap()).any(|o| {
+                    o.partition == r.partition && o != r && o.first < r.first
+                        && o.last >= r.first && o.last < r.last
+                });
+                if !partial {
+                    prop_assert_eq!(got.contains(n.as_str()), naive, "{}", n);
+                }
+            }
+        });
+        assert_eq!(
+            FileRange::parse("p3-000000000010-000000000020.parquet"),
+            Some(FileRange {
+                partition: 3,
+                first: 10,
+                last: 20
+            })
+        );
+        for bad in [
+            "p3-10.parquet",
+            "x3-1-2.parquet",
+            ".p3-1-2.parquet.tmp",
+            "p3-5-2.parquet",
+            "p-1-2.parquet",
+        ] {
+            assert_eq!(FileRange::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn compaction_keeps_every_row_exactly_once_through_crashes() {
+        let data = tempfile::tempdir().unwrap();
+        let pdir = data.path().join("partitions/0");
+        let mut log = DurableLog::open(&pdir).unwrap();
+        let patients: PatientLookup = Arc::new(|_| Registered::Active("patient-1".into()));
+        let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
+        let mut dids = DidCache::default();
+        // 40 exports of 3 leaves: 40 small files.
+        for k in 0..40 {
+            fill(&mut log, k * 3, k * 3 + 3);
+            ex.export(&log, &patients, &mut dids).unwrap();
+        }
+        let plain = live_rows(data.path());
+        assert_eq!(plain.num_rows(), 240);
+        assert_eq!(files_of(data.path()).len(), 40);
+        let policy = CompactionPolicy {
+            min_files: 8,
+            target_bytes: 64 * 1024 * 1024,
+            grace: std::time::Duration::from_secs(3600),
+            every: std::time::Duration::ZERO,
+        };
+        // Not due yet when recently run (and `every` is honoured).
+        let lazy = CompactionPolicy {
+            every: std::time::Duration::from_secs(3600),
+            min_files: 1000,
+            ..policy
+        };
+        assert!(ex.compact(&lazy, false).unwrap().is_some());
+        assert!(ex.compact(&lazy, false).unwrap().is_none());
+        let before = files_of(data.path());
+        let stats = ex.compact(&policy, true).unwrap().unwrap();
+        assert_eq!(stats.merged, 40);
+        assert_eq!(stats.live_files, 1);
+        // The originals stay (grace) but are covered: still exactly once.
+        assert_eq!(files_of(data.path()).len(), 41);
+        assert_eq!(live_rows(data.path()), plain);
+        // Nothing more to merge; within the grace nothing is deleted.
+        let stats = ex.compact(&policy, true).unwrap().unwrap();
+        assert_eq!((stats.merged, stats.deleted, stats.live_files), (0, 0, 1));
+        // Past the grace the covered files go.
+        let now = CompactionPolicy {
+            grace: std::time::Duration::ZERO,
+            ..policy
+        };
+        let stats = ex.compact(&now, true).unwrap().unwrap();
+        assert_eq!((stats.deleted, stats.live_files), (40, 1));
+        assert_eq!(files_of(data.path()).len(), 1);
+        assert_eq!(live_rows(data.path()), plain);
+
+        // A crash during a merge leaves a temp file: reopening removes it.
+        for k in 40..60 {
+            fill(&mut log, k * 3, k * 3 + 3);
+            ex.export(&log, &patients, &mut dids).unwrap();
+        }
+        let plain = live_rows(data.path());
+        assert_eq!(plain.num_rows(), 360);
+        let dir = data
+            .path()
+            .join("readings")
+            .join(format!("date={}", utc_date(1_800_000_000_000)));
+        std::fs::write(
+            dir.join(".p0-000000000120-000000000179.parquet.tmp"),
+            b"partial",
+        )
+        .unwrap();
+        let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
+        assert!(!files_of(data.path()).iter().any(|n| n.ends_with(".tmp")));
+        assert_eq!(live_rows(data.path()), plain);
+        // Merged files merge again (into one covering everything), and an
+        // uncommitted export (past the high-water mark) is never merged.
+        fill(&mut log, 180, 183);
+        let hw = ex.high_water();
+        ex.export(&log, &patients, &mut dids).unwrap();
+        std::fs::write(pdir.join("parquet.hw"), hw.to_string()).unwrap();
+        let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
+        let stats = ex.compact(&now, true).unwrap().unwrap();
+        assert_eq!(stats.merged, 21);
+        assert_eq!(live_rows(data.path()), plain);
+        ex.export(&log, &patients, &mut dids).unwrap();
+        assert_eq!(live_rows(data.path()).num_rows(), 366);
+        let names = files_of(data.path());
+        assert!(
+            names.contains(&"p0-000000000000-000000000179.parquet".to_owned()),
+            "{names:?}"
+        );
+        let _ = before;
+    }
+
+    #[test]
+    fn covered_files_are_deleted_under_steady_compaction() {
+        let data = tempfile::tempdir().unwrap();
+        let pdir = data.path().join("partitions/0");
+        let mut log = DurableLog::open(&pdir).unwrap();
+        let patients: PatientLookup = Arc::new(|_| Registered::Active("patient-1".into()));
+        let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
+        let mut dids = DidCache::default();
+        let policy = CompactionPolicy {
+            min_files: 2,
+            target_bytes: 64 * 1024 * 1024,
+            grace: std::time::Duration::from_secs(3600),
+            every: std::time::Duration::ZERO,
+        };
+        let dir = data
+            .path()
+            .join("readings")
+            .join(format!("date={}", utc_date(1_800_000_000_000)));
+        let age_all_but_newest = |newest: &str| {
+            let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+            for f in std::fs::read_dir(&dir).unwrap().flatten() {
+                if f.file_name().to_string_lossy() != newest {
+                    std::fs::File::options()
+                        .write(true)
+                        .open(f.path())
+                        .unwrap()
+                        .set_modified(old)
+                        .unwrap();
+                }
+            }
+        };
+        // Every pass merges the new export into a new cover, so the live
+        // cover is always fresh; the older covers are what let the covered
+        // files go.
+        for k in 0..10 {
+            fill(&mut log, k * 2, k * 2 + 2);
+            ex.export(&log, &patients, &mut dids).unwrap();
+            ex.compact(&policy, true).unwrap();
+            let newest = FileRange {
+                partition: 0,
+                first: 0,
+                last: k * 2 + 1,
+            }
+            .name();
+            age_all_but_newest(&newest);
+        }
+        let stats = ex.compact(&policy, true).unwrap().unwrap();
+        assert_eq!(stats.live_files, 1);
+        // Only what the newest (fresh) cover just covered is left.
+        assert_eq!(
+            files_of(data.path()),
+            vec![
+                "p0-000000000000-000000000017.parquet".to_owned(),
+                "p0-000000000000-000000000019.parquet".to_owned(),
+                "p0-000000000018-000000000019.parquet".to_owned(),
+            ]
+        );
+        assert_eq!(live_rows(data.path()).num_rows(), 40);
     }
 }

@@ -71,6 +71,8 @@ pub struct AttestorConfig {
     /// in, so a genuine record copied into another partition (whose log
     /// does not know the device's seqs) is rejected (`wrong_partition`).
     pub topic_partitions: Option<u32>,
+    /// When and how much to compact the Parquet files.
+    pub compaction: crate::parquet_out::CompactionPolicy,
 }
 
 impl Default for AttestorConfig {
@@ -84,6 +86,7 @@ impl Default for AttestorConfig {
             max_future_ms: 5 * 60 * 1000,
             receipts: true,
             topic_partitions: None,
+            compaction: Default::default(),
         }
     }
 }
@@ -747,6 +750,28 @@ impl PartitionState {
             .collect())
     }
 
+    /// A compaction pass of this partition's Parquet files, if due.
+    fn compact(
+        &mut self,
+        policy: &crate::parquet_out::CompactionPolicy,
+        force: bool,
+    ) -> Result<()> {
+        if let Some(stats) = self.exporter.compact(policy, force)? {
+            let part = self.partition.to_string();
+            self.metrics
+                .parquet_files
+                .with_label_values(&[&part])
+                .set(stats.live_files as i64);
+            if stats.merged > 0 {
+                self.metrics
+                    .parquet_compactions
+                    .with_label_values(&[&part])
+                    .inc();
+            }
+        }
+        Ok(())
+    }
+
     /// Sign a checkpoint over leaves no checkpoint covers yet, and export
     /// leaves that have no rows yet, whatever the interval says. Run on
     /// start, so no row stays missing until new traffic arrives.
@@ -756,6 +781,7 @@ impl PartitionState {
             self.exporter
                 .export(&self.log, &self.patients, &mut self.dids)?;
         }
+        self.compact(&cfg.compaction, true)?;
         Ok(note)
     }
 
@@ -806,6 +832,7 @@ impl PartitionState {
         self.index.sync()?;
         self.exporter
             .export(&self.log, &self.patients, &mut self.dids)?;
+        self.compact(&cfg.compaction, false)?;
         self.last_cp_size = size;
         self.last_cp_at = Some(Instant::now());
         let part = self.partition.to_string();

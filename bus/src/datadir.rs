@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `keys/log.pem` | the log signing key (Ed25519, PKCS#8) | the first attestor |
 //! | `keys/bus.key` | the bus MAC key (64 hex digits) | the first ingest or attestor |
-//! | `keys/operator.pem` | the operator key signing `vitals.devices` | `devices add --kafka` |
+//! | `keys/operator.pem` | the operator key signing `vitals.devices` | `devices add --kafka`, or the first Kafka stage without `--operator` |
 //! | `keys/metrics.token`, `keys/sql.token` | HTTP bearer tokens | the HTTP server |
 //! | `devices.json` | the device registry | `vitaltrail devices` |
 //!
@@ -66,37 +66,58 @@ pub fn existing_partitions(data_dir: &Path) -> u32 {
         .count() as u32
 }
 
-/// Write a new secret file (mode 0600); an existing file is kept.
-pub fn write_secret(path: &Path, text: &str) -> Result<()> {
-    std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).map_err(|e| err(path, e))?;
-    match std::fs::OpenOptions::new()
+/// Create `path` (mode 0600) holding exactly `bytes`, atomically: the
+/// bytes go to a temp file first (fsynced), which is then hard-linked to
+/// `path`. A crash leaves either no file or the whole one, never an empty
+/// key that blocks every restart. Returns `false` if `path` already
+/// existed (it is left as it was).
+fn create_atomically(path: &Path, bytes: &[u8]) -> Result<bool> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| err(path, e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-    {
-        Ok(mut f) => f
-            .write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| err(path, format!("writing: {e}"))),
-        // Another process created it first: theirs stands.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(path, format!("writing: {e}")));
+    }
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(err(path, format!("creating: {e}"))),
     }
+}
+
+/// Write a new secret file (mode 0600); an existing file is kept (another
+/// process created it first: theirs stands).
+pub fn write_secret(path: &Path, text: &str) -> Result<()> {
+    create_atomically(path, text.as_bytes()).map(|_| ())
 }
 
 /// Write a new key file (PKCS#8 PEM) with mode 0600, refusing to overwrite.
 pub fn write_key(path: &Path, key: &SecretKey) -> Result<()> {
     let pem = key.to_pkcs8_pem().map_err(|e| err(path, e))?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| err(path, format!("creating (it must not exist yet): {e}")))?;
-    f.write_all(pem.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| err(path, format!("writing: {e}")))
+    if create_atomically(path, pem.as_bytes())? {
+        Ok(())
+    } else {
+        Err(err(path, "creating: it must not exist yet"))
+    }
 }
 
 /// Read a PKCS#8 key file.
@@ -128,11 +149,10 @@ pub fn operator_key(data_dir: &Path) -> Result<SecretKey> {
     if !path.exists() {
         let key = SecretKey::generate(&mut rand::rngs::OsRng);
         write_secret(&path, &key.to_pkcs8_pem().map_err(|e| err(&path, e))?)?;
-        eprintln!(
-            "created the operator key {} (DID {}): give every ingest and attestor --operator {}",
-            path.display(),
-            key.did(),
-            key.did()
+        tracing::warn!(
+            path = %path.display(),
+            did = %key.did(),
+            "created the operator key: give every ingest and attestor --operator <this DID>"
         );
     }
     read_key(&path)

@@ -105,8 +105,15 @@ impl KafkaConfig {
 /// Name of the header carrying a record's MAC.
 pub const MAC_HEADER: &str = "vt-mac";
 
-fn kerr(e: impl std::fmt::Display) -> Error {
-    Error::Kafka(e.to_string())
+fn kerr(e: rdkafka::error::KafkaError) -> Error {
+    match e {
+        // librdkafka's message names the value, which may be a secret
+        // (`sasl.password`): name the property only.
+        rdkafka::error::KafkaError::ClientConfig(_, _, key, _) => Error::Kafka(format!(
+            "librdkafka refused the client property {key:?} (unknown, or a bad value; the value is not shown)"
+        )),
+        e => Error::Kafka(e.to_string()),
+    }
 }
 
 /// Create the pipeline's topics that do not exist yet (`vitals.verified`
@@ -476,7 +483,7 @@ pub async fn follow_topic(
         let t = topic_name.clone();
         tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, 0, Duration::from_secs(10)))
             .await
-            .map_err(kerr)?
+            .map_err(|e| Error::Kafka(e.to_string()))?
             .map_err(kerr)?
             .1
     };

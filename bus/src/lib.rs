@@ -68,7 +68,7 @@ pub enum Error {
 impl Error {
     /// Bus errors other than a bad argument are worth a retry.
     pub fn is_retryable(&self) -> bool {
-        !self.is_caller_fault()
+        !self.is_caller_fault() && !matches!(self, Error::DataDir { .. })
     }
 
     /// True when the operator asked for something invalid.

@@ -57,8 +57,11 @@ pub struct StageConfig {
     pub bus: IngestBus,
     /// The data directory (registry file, operator key).
     pub data_dir: PathBuf,
-    /// Where this stage registers its metrics (served by the caller).
-    pub metrics: prometheus::Registry,
+    /// This stage's metrics (`Metrics::new` on the caller's registry, so
+    /// the caller can read them, e.g. for readiness).
+    pub metrics: Metrics,
+    /// The registry the caller serves (for the receipt publisher's metrics).
+    pub registry: prometheus::Registry,
     /// The clock readings are received by.
     pub clock: Arc<dyn Clock>,
 }
@@ -66,7 +69,7 @@ pub struct StageConfig {
 /// Run the ingest stage until `shutdown` (then drain, see
 /// [`IngestConfig::drain_quiet`]).
 pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
-    let metrics = Metrics::new(&cfg.metrics)?;
+    let metrics = cfg.metrics;
     match cfg.bus {
         IngestBus::InProc {
             producer,
@@ -105,7 +108,7 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
             let publisher = tokio::spawn(receipts::publish(
                 rcfg,
                 rrx,
-                ReceiptMetrics::new(&cfg.metrics, "ingest")?,
+                ReceiptMetrics::new(&cfg.registry, "ingest")?,
                 shutdown.clone(),
             ));
             let sink = RejectSink::Kafka(producer.clone());

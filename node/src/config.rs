@@ -46,23 +46,38 @@ pub const DEFAULT_FILE: &str = "vitaltrail.toml";
 /// The default data directory.
 pub const DEFAULT_DATA_DIR: &str = "vitaltrail-data";
 
-/// Environment variables with short names, and the key each sets.
-pub const ENV_ALIASES: &[(&str, &str)] = &[
-    ("VITALTRAIL_DATA", "data_dir"),
-    ("VITALTRAIL_PARTITIONS", "partitions"),
-    ("VITALTRAIL_MQTT_LISTEN", "mqtt.listen"),
-    ("VITALTRAIL_MQTT", "mqtt.broker"),
-    ("VITALTRAIL_KAFKA", "kafka.brokers"),
-    ("VITALTRAIL_BUS_KEY_FILE", "kafka.bus_key_file"),
-    ("VITALTRAIL_KAFKA_CONFIG_FILE", "kafka.client_config_file"),
-    ("VITALTRAIL_OPERATOR", "kafka.operator"),
-    ("VITALTRAIL_INGEST_ID", "ingest.client_id"),
-    ("VITALTRAIL_METRICS_LISTEN", "http.listen"),
+/// Environment variables with short names, the key each sets, and whether
+/// the value is taken as a plain string (as these variables always were)
+/// rather than read like a TOML value.
+pub const ENV_ALIASES: &[(&str, &str, bool)] = &[
+    ("VITALTRAIL_DATA", "data_dir", true),
+    ("VITALTRAIL_PARTITIONS", "partitions", false),
+    ("VITALTRAIL_MQTT_LISTEN", "mqtt.listen", true),
+    ("VITALTRAIL_MQTT", "mqtt.broker", true),
+    ("VITALTRAIL_KAFKA", "kafka.brokers", true),
+    ("VITALTRAIL_BUS_KEY_FILE", "kafka.bus_key_file", true),
+    (
+        "VITALTRAIL_KAFKA_CONFIG_FILE",
+        "kafka.client_config_file",
+        true,
+    ),
+    ("VITALTRAIL_OPERATOR", "kafka.operator", true),
+    ("VITALTRAIL_INGEST_ID", "ingest.client_id", true),
+    ("VITALTRAIL_METRICS_LISTEN", "http.listen", true),
     (
         "VITALTRAIL_CHECKPOINT_INTERVAL_MS",
         "attestor.checkpoint_interval_ms",
+        false,
     ),
 ];
+
+/// Most partitions a pipeline may have (one Merkle log, one worker and one
+/// set of files each).
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// What `config print` writes in place of a secret; a configuration that
+/// still holds it is refused.
+pub const REDACTED: &str = "<redacted>";
 
 /// librdkafka properties that `config print` shows; every other value in
 /// `[kafka.client]` may be a secret and is redacted.
@@ -195,7 +210,7 @@ fn redact_client(client: &BTreeMap<String, String>) -> BTreeMap<String, String> 
             let shown = if PUBLIC_KAFKA_PROPERTIES.contains(&k.as_str()) {
                 v.clone()
             } else {
-                "<redacted>".to_owned()
+                REDACTED.to_owned()
             };
             (k.clone(), shown)
         })
@@ -256,6 +271,16 @@ pub struct AttestorSection {
     pub max_future_ms: u64,
     /// Publish signed receipts.
     pub receipts: bool,
+    /// Compact a date directory's Parquet files of a partition once it
+    /// holds this many small ones.
+    pub compact_min_files: usize,
+    /// Files this large are not small; a merge stops adding files here.
+    pub compact_target_bytes: u64,
+    /// Delete merged (covered) files this long (ms) after the file that
+    /// covers them was written (longer than any query runs).
+    pub compact_grace_ms: u64,
+    /// Look for files to compact at most this often (ms).
+    pub compact_every_ms: u64,
 }
 
 /// `[http]`.
@@ -295,8 +320,17 @@ impl NodeConfig {
                 capacity: vitaltrail_bus::inproc::DEFAULT_CAPACITY,
             },
             ingest: IngestSection {
-                client_id: i.client_id,
-                share_group: i.share_group.unwrap_or_default(),
+                // `up` keeps names of its own, so that it never shares a
+                // session or a share group with `vitaltrail ingest` on one
+                // external broker.
+                client_id: match role {
+                    Role::Up => "vitaltrail-up-ingest".to_owned(),
+                    _ => i.client_id,
+                },
+                share_group: match role {
+                    Role::Up => "vitaltrail-up".to_owned(),
+                    _ => i.share_group.unwrap_or_default(),
+                },
                 connections: i.connections,
                 max_batch: i.max_batch,
                 max_pending: i.max_pending,
@@ -313,6 +347,10 @@ impl NodeConfig {
                 max_batch: a.max_batch,
                 max_future_ms: a.max_future_ms,
                 receipts: a.receipts,
+                compact_min_files: a.compaction.min_files,
+                compact_target_bytes: a.compaction.target_bytes,
+                compact_grace_ms: a.compaction.grace.as_millis() as u64,
+                compact_every_ms: a.compaction.every.as_millis() as u64,
             },
             dead_letters: RejectLimits::default(),
             http: HttpSection {
@@ -325,7 +363,15 @@ impl NodeConfig {
     /// environment, then `flags`. The file is `file` if given, else
     /// `$VITALTRAIL_CONFIG`, else `./vitaltrail.toml` if it exists.
     pub fn load(role: Role, file: Option<&Path>, flags: &Overrides) -> Result<NodeConfig> {
-        let env: Vec<(String, String)> = std::env::vars().collect();
+        // Only our own variables need be text; anything else in the
+        // environment (even not UTF-8) is none of our business.
+        let env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| {
+                let k = k.into_string().ok()?;
+                k.starts_with("VITALTRAIL_")
+                    .then(|| (k, v.to_string_lossy().into_owned()))
+            })
+            .collect();
         let file = match file {
             Some(f) => Some(f.to_path_buf()),
             None => match env.iter().find(|(k, _)| k == "VITALTRAIL_CONFIG") {
@@ -348,7 +394,7 @@ impl NodeConfig {
             NodeConfig::defaults(role),
         ));
         if let Some(f) = file {
-            if !f.is_file() {
+            if !f.exists() {
                 return Err(Error::Config(format!(
                     "the configuration file {} does not exist",
                     f.display()
@@ -357,40 +403,104 @@ impl NodeConfig {
             use figment::providers::Format as _;
             fig = fig.merge(figment::providers::Toml::file_exact(f));
         }
-        let cfg: NodeConfig = fig
-            .merge(EnvLayer::from_vars(env)?)
-            .merge(flags.clone())
-            .extract()?;
+        for var in env_layers(env)? {
+            fig = fig.merge(var);
+        }
+        let cfg: NodeConfig = fig.merge(flags.clone()).extract()?;
         cfg.check()?;
         Ok(cfg)
     }
 
     /// Contradictions no single key shows.
     fn check(&self) -> Result<()> {
-        if self.ingest.connections == 0 {
-            return Err(Error::Config(
-                "ingest.connections must be at least 1".into(),
-            ));
+        let bad = |m: String| Err(Error::Config(m));
+        if self.data_dir.as_os_str().is_empty() {
+            return bad("data_dir is empty (an unset VITALTRAIL_DATA?)".into());
+        }
+        let at_least_one = [
+            ("ingest.connections", self.ingest.connections),
+            ("ingest.max_batch", self.ingest.max_batch),
+            ("ingest.max_pending", self.ingest.max_pending),
+            ("bus.capacity", self.bus.capacity),
+            ("attestor.max_batch", self.attestor.max_batch),
+            ("dead_letters.max_sources", self.dead_letters.max_sources),
+        ];
+        for (k, v) in at_least_one {
+            if v == 0 {
+                return bad(format!("{k} must be at least 1"));
+            }
         }
         if self.ingest.connections > 1 && self.ingest.share_group.is_empty() {
-            return Err(Error::Config(
-                "ingest.connections > 1 needs an ingest.share_group".into(),
-            ));
+            return bad("ingest.connections > 1 needs an ingest.share_group".into());
         }
-        if self.partitions == Some(0) || self.kafka.topic_partitions == 0 {
-            return Err(Error::Config("partitions must be at least 1".into()));
+        for (k, v) in [
+            ("partitions", self.partitions.unwrap_or(1)),
+            ("kafka.topic_partitions", self.kafka.topic_partitions),
+        ] {
+            if v == 0 || v > MAX_PARTITIONS {
+                return bad(format!("{k} must be between 1 and {MAX_PARTITIONS}"));
+            }
         }
-        if self.bus.capacity == 0 {
-            return Err(Error::Config("bus.capacity must be at least 1".into()));
+        if let Some(p) = &self.attestor.partitions {
+            if p.is_empty() {
+                return bad("attestor.partitions is empty".into());
+            }
+            if let Some(x) = p.iter().find(|&&x| x >= MAX_PARTITIONS) {
+                return bad(format!(
+                    "attestor.partitions: {x} is past the largest partition ({})",
+                    MAX_PARTITIONS - 1
+                ));
+            }
         }
-        if self.attestor.checkpoint_interval_ms == 0 {
-            return Err(Error::Config(
-                "attestor.checkpoint_interval_ms must be at least 1".into(),
-            ));
+        for (k, v) in [
+            (
+                "attestor.checkpoint_interval_ms",
+                self.attestor.checkpoint_interval_ms,
+            ),
+            ("attestor.checkpoint_every", self.attestor.checkpoint_every),
+            (
+                "attestor.compact_target_bytes",
+                self.attestor.compact_target_bytes,
+            ),
+            ("dead_letters.max_bytes", self.dead_letters.max_bytes),
+        ] {
+            if v == 0 {
+                return bad(format!("{k} must be at least 1"));
+            }
+        }
+        if self.attestor.compact_min_files < 2 {
+            return bad("attestor.compact_min_files must be at least 2".into());
+        }
+        for (k, v) in [
+            (
+                "dead_letters.per_source_per_sec",
+                self.dead_letters.per_source_per_sec,
+            ),
+            (
+                "dead_letters.per_source_burst",
+                self.dead_letters.per_source_burst,
+            ),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!("{k} must be a number above 0"));
+            }
         }
         if self.mqtt.tls && self.mqtt.broker.is_none() {
-            return Err(Error::Config(
-                "mqtt.tls is for an external broker: set mqtt.broker too".into(),
+            return bad("mqtt.tls is for an external broker: set mqtt.broker too".into());
+        }
+        if let Some(b) = &self.mqtt.broker {
+            MqttEndpoint::parse(b).map_err(|e| Error::Config(format!("mqtt.broker: {e}")))?;
+        }
+        self.operator()?;
+        if let Some((k, _)) = self
+            .kafka
+            .client
+            .iter()
+            .find(|(_, v)| v.as_str() == REDACTED)
+        {
+            return bad(format!(
+                "kafka.client.{k:?} is {REDACTED}: this file came from `config print`; put the \
+                 secret back, or move it to kafka.client_config_file"
             ));
         }
         Ok(())
@@ -398,10 +508,11 @@ impl NodeConfig {
 
     /// The configuration as TOML, with every possibly secret value
     /// replaced by `<redacted>`: what `vitaltrail config print` shows.
-    pub fn to_toml_redacted(&self) -> String {
+    pub fn to_toml_redacted(&self) -> Result<String> {
         let mut shown = self.clone();
         shown.kafka.client = redact_client(&self.kafka.client);
-        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# not printable: {e}\n"))
+        toml::to_string_pretty(&shown)
+            .map_err(|e| Error::Config(format!("the configuration cannot be printed: {e}")))
     }
 
     /// Ingest's settings, with `mqtt` as its broker.
@@ -432,6 +543,12 @@ impl NodeConfig {
             max_future_ms: a.max_future_ms,
             receipts: a.receipts,
             topic_partitions: None,
+            compaction: vitaltrail_attestor::parquet_out::CompactionPolicy {
+                min_files: a.compact_min_files,
+                target_bytes: a.compact_target_bytes,
+                grace: Duration::from_millis(a.compact_grace_ms),
+                every: Duration::from_millis(a.compact_every_ms),
+            },
         }
     }
 
@@ -580,39 +697,69 @@ impl Provider for Overrides {
     }
 }
 
-/// The environment layer: `VITALTRAIL_<SECTION>__<KEY>` and the aliases.
-struct EnvLayer(Vec<(String, Value)>);
-
-impl EnvLayer {
-    fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<EnvLayer> {
-        let mut out = Vec::new();
-        for (name, raw) in vars {
-            let key = if let Some((_, key)) = ENV_ALIASES.iter().find(|(n, _)| *n == name) {
-                (*key).to_owned()
-            } else if let Some(rest) = name.strip_prefix("VITALTRAIL_") {
-                if !rest.contains("__") {
-                    // Another command's variable (VITALTRAIL_LOG_KEY,
-                    // VITALTRAIL_CONFIG, …), not a configuration key.
-                    continue;
-                }
-                rest.to_ascii_lowercase().replace("__", ".")
-            } else {
-                continue;
-            };
-            let value: Value = raw.parse().unwrap_or_else(|_| Value::from(raw.clone()));
-            out.push((key, value));
-        }
-        Ok(EnvLayer(out))
-    }
+/// One environment variable, as a layer of its own (so an error names it).
+struct EnvVar {
+    name: String,
+    key: String,
+    value: Value,
 }
 
-impl Provider for EnvLayer {
+/// The environment's layers: first the short names, then the
+/// `VITALTRAIL_<SECTION>__<KEY>` forms (which win over a short name for the
+/// same key), each group in name order, so the result never depends on the
+/// order of the environment.
+fn env_layers(vars: impl IntoIterator<Item = (String, String)>) -> Result<Vec<EnvVar>> {
+    let mut aliases = Vec::new();
+    let mut nested = Vec::new();
+    for (name, raw) in vars {
+        if let Some((_, key, plain)) = ENV_ALIASES.iter().find(|(n, _, _)| *n == name) {
+            let value = if *plain {
+                Value::from(raw)
+            } else {
+                raw.parse().unwrap_or_else(|_| Value::from(raw.clone()))
+            };
+            aliases.push(EnvVar {
+                name,
+                key: (*key).to_owned(),
+                value,
+            });
+            continue;
+        }
+        let Some(rest) = name.strip_prefix("VITALTRAIL_") else {
+            continue;
+        };
+        if !rest.contains("__") {
+            // Another command's variable (VITALTRAIL_LOG_KEY,
+            // VITALTRAIL_CONFIG, …), not a configuration key.
+            continue;
+        }
+        let key = rest.to_ascii_lowercase().replace("__", ".");
+        if key == "kafka.client" || key.starts_with("kafka.client.") {
+            // librdkafka property names have dots, which a variable name
+            // cannot carry, and their values may be secrets that an error
+            // message would show.
+            return Err(Error::Config(format!(
+                "{name}: librdkafka properties cannot be set from the environment; put them in \
+                 kafka.client_config_file (VITALTRAIL_KAFKA_CONFIG_FILE) or in [kafka.client] \
+                 of the configuration file"
+            )));
+        }
+        let value = raw.parse().unwrap_or_else(|_| Value::from(raw.clone()));
+        nested.push(EnvVar { name, key, value });
+    }
+    aliases.sort_by(|a, b| a.name.cmp(&b.name));
+    nested.sort_by(|a, b| a.name.cmp(&b.name));
+    aliases.extend(nested);
+    Ok(aliases)
+}
+
+impl Provider for EnvVar {
     fn metadata(&self) -> Metadata {
-        Metadata::named("environment variable (VITALTRAIL_*)")
+        Metadata::named(format!("environment variable {}", self.name))
     }
 
     fn data(&self) -> std::result::Result<Map<Profile, Dict>, figment::Error> {
-        Ok(Profile::Default.collect(nested(&self.0)))
+        Ok(Profile::Default.collect(nested(&[(self.key.clone(), self.value.clone())])))
     }
 }
 
@@ -634,6 +781,10 @@ mod tests {
         let i = c.ingest_config(MqttEndpoint::default());
         let d = IngestConfig::default();
         assert_eq!(i.connections, d.connections);
+        // `up` has names of its own; `ingest` has the stage's.
+        assert_eq!(i.client_id, "vitaltrail-up-ingest");
+        assert_eq!(i.share_group.as_deref(), Some("vitaltrail-up"));
+        let i = NodeConfig::defaults(Role::Ingest).ingest_config(MqttEndpoint::default());
         assert_eq!(i.client_id, d.client_id);
         assert_eq!(i.share_group, d.share_group);
         assert_eq!(i.max_pending, d.max_pending);
@@ -758,21 +909,139 @@ mod tests {
             c.kafka.client.get("sasl.password").map(String::as_str),
             Some("hunter2-secret")
         );
-        let printed = c.to_toml_redacted();
+        let printed = c.to_toml_redacted().unwrap();
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(printed.contains("SASL_SSL"), "{printed}");
         assert!(!format!("{c:?}").contains("hunter2"));
-        // What is printed loads back as the same configuration (secrets
-        // aside).
+        // A printed file still holding <redacted> is refused, not sent to
+        // Kafka as the password; with the secret put back it loads as the
+        // same configuration.
         let file = d.path().join("printed.toml");
         std::fs::write(&file, &printed).unwrap();
+        let e = NodeConfig::load_from(Role::Ingest, Some(&file), env(&[]), &Overrides::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sasl.password"), "{e}");
+        std::fs::write(&file, printed.replace(REDACTED, "hunter2-secret")).unwrap();
         let back =
             NodeConfig::load_from(Role::Ingest, Some(&file), env(&[]), &Overrides::new()).unwrap();
-        let mut expect = c.clone();
-        expect
-            .kafka
-            .client
-            .insert("sasl.password".into(), "<redacted>".into());
-        assert_eq!(back, expect);
+        assert_eq!(back, c);
+    }
+
+    fn load_err(file_text: Option<&str>, vars: &[(&str, &str)]) -> String {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("c.toml");
+        if let Some(t) = file_text {
+            std::fs::write(&file, t).unwrap();
+        }
+        NodeConfig::load_from(
+            Role::Ingest,
+            file_text.map(|_| file.as_path()),
+            env(vars),
+            &Overrides::new(),
+        )
+        .unwrap_err()
+        .to_string()
+    }
+
+    #[test]
+    fn errors_never_show_a_secret_and_stay_on_one_line() {
+        for (text, vars) in [
+            // A wrong type under [kafka.client].
+            ("[kafka.client]\n\"sasl.password\" = 123456789\n", vec![]),
+            ("[kafka.client]\n\"sasl.password\" = true\n", vec![]),
+            // A TOML syntax error on the secret's line.
+            (
+                "[kafka.client]\n\"sasl.password\" = \"123456789-secret\n",
+                vec![],
+            ),
+        ] {
+            let e = load_err(Some(text), &vars);
+            assert!(!e.contains("123456789") && !e.contains("true"), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        // librdkafka properties from the environment are refused, with no
+        // value quoted.
+        for (k, v) in [
+            ("VITALTRAIL_KAFKA__CLIENT__SASL_PASSWORD", "123456789"),
+            ("VITALTRAIL_KAFKA__CLIENT", "{sasl = \"123456789\"}"),
+        ] {
+            let e = load_err(None, &[(k, v)]);
+            assert!(e.contains(k) && e.contains("client_config_file"), "{e}");
+            assert!(!e.contains("123456789"), "{e}");
+        }
+        // An error names the variable it came from.
+        let e = load_err(None, &[("VITALTRAIL_INGEST__MAX_BATCH", "lots")]);
+        assert!(e.contains("VITALTRAIL_INGEST__MAX_BATCH"), "{e}");
+        assert!(e.contains("ingest.max_batch"), "{e}");
+    }
+
+    #[test]
+    fn values_that_would_stop_or_wedge_a_stage_are_refused() {
+        for (text, key) in [
+            ("data_dir = \"\"\n", "data_dir"),
+            ("[ingest]\nmax_batch = 0\n", "ingest.max_batch"),
+            ("[ingest]\nmax_pending = 0\n", "ingest.max_pending"),
+            ("[attestor]\nmax_batch = 0\n", "attestor.max_batch"),
+            (
+                "[dead_letters]\nmax_sources = 0\n",
+                "dead_letters.max_sources",
+            ),
+            (
+                "[dead_letters]\nper_source_per_sec = -1.0\n",
+                "per_source_per_sec",
+            ),
+            (
+                "[dead_letters]\nper_source_burst = nan\n",
+                "per_source_burst",
+            ),
+            ("partitions = 4294967295\n", "partitions"),
+            (
+                "[kafka]\ntopic_partitions = 100000\n",
+                "kafka.topic_partitions",
+            ),
+            ("[attestor]\npartitions = []\n", "attestor.partitions"),
+            ("[attestor]\npartitions = [5000]\n", "attestor.partitions"),
+            ("[attestor]\ncompact_min_files = 1\n", "compact_min_files"),
+            ("[kafka]\noperator = \"not-a-did\"\n", "kafka.operator"),
+            ("[mqtt]\nbroker = \"no port\"\n", "mqtt.broker"),
+            (
+                "[kafka.client]\n\"sasl.password\" = \"<redacted>\"\n",
+                "sasl.password",
+            ),
+        ] {
+            let e = load_err(Some(text), &[]);
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        // An empty VITALTRAIL_DATA (an unset variable in a unit file).
+        let e = load_err(None, &[("VITALTRAIL_DATA", "")]);
+        assert!(e.contains("data_dir"), "{e}");
+    }
+
+    #[test]
+    fn short_names_take_plain_strings_and_lose_to_the_nested_form() {
+        let c = NodeConfig::load_from(
+            Role::Up,
+            None,
+            env(&[("VITALTRAIL_INGEST_ID", "42"), ("VITALTRAIL_DATA", "2024")]),
+            &Overrides::new(),
+        )
+        .unwrap();
+        assert_eq!(c.ingest.client_id, "42");
+        assert_eq!(c.data_dir, PathBuf::from("2024"));
+        // Whatever the order of the environment, the nested form wins.
+        for vars in [
+            [
+                ("VITALTRAIL_KAFKA", "a:1"),
+                ("VITALTRAIL_KAFKA__BROKERS", "b:2"),
+            ],
+            [
+                ("VITALTRAIL_KAFKA__BROKERS", "b:2"),
+                ("VITALTRAIL_KAFKA", "a:1"),
+            ],
+        ] {
+            let c = NodeConfig::load_from(Role::Up, None, env(&vars), &Overrides::new()).unwrap();
+            assert_eq!(c.kafka.brokers.as_deref(), Some("b:2"));
+        }
     }
 }

@@ -61,26 +61,30 @@ pub fn ingest_stage(cfg: &NodeConfig, registry: &prometheus::Registry) -> Result
     let mqtt = cfg
         .external_mqtt()?
         .ok_or_else(|| Error::Config("ingest needs an MQTT broker (mqtt.broker, --mqtt)".into()))?;
+    let operator = cfg.operator()?;
+    // Last: the bus key is created when absent.
+    let kafka = cfg.kafka_config(cfg.kafka.topic_partitions)?;
     Ok(IngestStage {
         ingest: cfg.ingest_config(mqtt),
-        bus: IngestBus::Kafka {
-            kafka: cfg.kafka_config(cfg.kafka.topic_partitions)?,
-            operator: cfg.operator()?,
-        },
+        bus: IngestBus::Kafka { kafka, operator },
         data_dir: cfg.data_dir.clone(),
-        metrics: registry.clone(),
+        metrics: vitaltrail_ingest::metrics::Metrics::new(registry)?,
+        registry: registry.clone(),
         clock: Arc::new(SystemClock) as Arc<dyn Clock>,
     })
 }
 
 /// The attestor stage's configuration from the layered one.
 pub fn attest_stage(cfg: &NodeConfig, registry: &prometheus::Registry) -> Result<AttestStage> {
-    let kafka = cfg.kafka_config(cfg.kafka.topic_partitions)?;
     let partitions = match &cfg.attestor.partitions {
         Some(p) if !p.is_empty() => p.clone(),
         Some(_) => return Err(Error::Config("attestor.partitions is empty".into())),
         None => (0..cfg.kafka.topic_partitions).collect(),
     };
+    let operator = cfg.operator()?;
+    let mqtt = cfg.external_mqtt()?;
+    // Last: the bus key is created when absent.
+    let kafka = cfg.kafka_config(cfg.kafka.topic_partitions)?;
     Ok(AttestStage {
         attestor: cfg.attestor_config(),
         bus: AttestBus::Kafka {
@@ -89,8 +93,8 @@ pub fn attest_stage(cfg: &NodeConfig, registry: &prometheus::Registry) -> Result
             partial: cfg.attestor.partial,
             dead_letters: cfg.attestor.copy_dead_letters,
             rejects: cfg.dead_letters,
-            operator: cfg.operator()?,
-            mqtt: cfg.external_mqtt()?,
+            operator,
+            mqtt,
         },
         metrics: registry.clone(),
         clock: Arc::new(SystemClock) as Arc<dyn Clock>,

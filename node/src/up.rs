@@ -20,6 +20,7 @@ use vitaltrail_bus::registry::{self, SharedRegistry};
 use vitaltrail_bus::{datadir, inproc};
 use vitaltrail_core::auth::Token;
 use vitaltrail_core::{Clock, SystemClock};
+use vitaltrail_ingest::metrics::Metrics as IngestMetrics;
 use vitaltrail_ingest::{IngestBus, IngestConfig, StageConfig as IngestStage};
 use vitaltrail_mqtt::receipts::{self, ReceiptConfig, ReceiptMetrics};
 
@@ -57,6 +58,9 @@ pub struct UpConfig {
     pub kafka: Option<vitaltrail_bus::kafka::KafkaConfig>,
     /// Limits of the dead-letter store.
     pub rejects: RejectLimits,
+    /// With `kafka`: whose signature `vitals.devices` records must carry
+    /// (default: the data directory's operator key).
+    pub operator: Option<vitaltrail_core::DeviceId>,
 }
 
 impl Default for UpConfig {
@@ -75,6 +79,7 @@ impl Default for UpConfig {
             ingest: n.ingest_config(Default::default()),
             kafka: None,
             rejects: n.dead_letters,
+            operator: None,
         }
     }
 }
@@ -84,6 +89,10 @@ impl UpConfig {
     /// pipeline's MQTT credentials and the bus key where they are needed.
     pub fn from_node(n: &NodeConfig) -> Result<UpConfig> {
         let partitions = n.up_partitions();
+        // What can fail on a setting first; the bus key (which is created
+        // when absent) last.
+        let external_mqtt = n.external_mqtt()?;
+        let operator = n.operator()?;
         let kafka = match n.kafka.brokers {
             Some(_) => Some(n.kafka_config(partitions)?),
             None => None,
@@ -92,7 +101,7 @@ impl UpConfig {
             data_dir: n.data_dir.clone(),
             mqtt_listen: n.mqtt.listen,
             mqtt_names: n.mqtt.names.clone(),
-            external_mqtt: n.external_mqtt()?,
+            external_mqtt,
             partitions,
             bus_capacity: n.bus.capacity,
             metrics_listen: n.http.listen,
@@ -100,6 +109,7 @@ impl UpConfig {
             ingest: n.ingest_config(Default::default()),
             kafka,
             rejects: n.dead_letters,
+            operator,
         })
     }
 }
@@ -191,18 +201,31 @@ async fn mqtt_endpoint(
     Ok((endpoint, Box::pin(watchdog)))
 }
 
-/// Ready once every ingest connection is subscribed (from the ingest
-/// stage's gauge in `registry`).
-fn ingest_ready(registry: &prometheus::Registry, want: usize) -> Readiness {
-    let registry = registry.clone();
-    Arc::new(move || {
-        registry
-            .gather()
-            .iter()
-            .find(|f| f.name() == "vitaltrail_ingest_subscribed_connections")
-            .and_then(|f| f.get_metric().first().map(|m| m.get_gauge().get_value()))
-            .is_some_and(|v| v >= want as f64)
-    })
+/// Ready once every ingest connection is subscribed.
+fn ingest_ready(metrics: &IngestMetrics, want: usize) -> Readiness {
+    let subscribed = metrics.subscribed.clone();
+    Arc::new(move || subscribed.get() >= want as i64)
+}
+
+/// Wait for a stage that must run until `shutdown`: it ending sooner, even
+/// without an error, is a failure (a pipeline missing a stage must not
+/// look alive).
+async fn until_shutdown<E>(
+    name: &str,
+    task: &mut tokio::task::JoinHandle<std::result::Result<(), E>>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<()>
+where
+    Error: From<E>,
+{
+    match task.await {
+        Ok(Ok(())) if *shutdown.borrow() => Ok(()),
+        Ok(Ok(())) => Err(Error::StageStopped(format!(
+            "{name} stopped while the pipeline was running"
+        ))),
+        Ok(Err(e)) => Err(Error::from(e)),
+        Err(e) => Err(Error::StageStopped(format!("{name} panicked: {e}"))),
+    }
 }
 
 /// `up --kafka`: the distributed stages (ingest, attestor for every
@@ -222,10 +245,11 @@ async fn run_over_kafka(
         datadir::registry_file(&cfg.data_dir),
         Duration::from_millis(500),
     )?;
-    let operator = datadir::trusted_operator(None, &cfg.data_dir)?;
+    let operator = datadir::trusted_operator(cfg.operator.as_ref(), &cfg.data_dir)?;
     let _follow = registry::follow_topic(&kafka, &devices, &operator).await?;
     let (mqtt, broker) = mqtt_endpoint(&cfg, &devices, &registry, shutdown.clone()).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let i_metrics = IngestMetrics::new(&registry)?;
     let ingest = IngestStage {
         ingest: IngestConfig {
             mqtt: mqtt.clone(),
@@ -233,10 +257,11 @@ async fn run_over_kafka(
         },
         bus: IngestBus::Kafka {
             kafka: kafka.clone(),
-            operator: None,
+            operator: Some(operator.clone()),
         },
         data_dir: cfg.data_dir.clone(),
-        metrics: registry.clone(),
+        metrics: i_metrics.clone(),
+        registry: registry.clone(),
         clock: clock.clone(),
     };
     let attest = AttestStage {
@@ -250,37 +275,48 @@ async fn run_over_kafka(
             partial: false,
             dead_letters: true,
             rejects: cfg.rejects,
-            operator: None,
+            operator: Some(operator),
             mqtt: Some(mqtt.clone()),
         },
         metrics: registry.clone(),
         clock,
     };
     // One /metrics (and POST /sql) for both stages.
-    if let Some(listen) = cfg.metrics_listen {
-        tokio::spawn(crate::http::run(
+    let mut http = match cfg.metrics_listen {
+        Some(listen) => tokio::spawn(crate::http::run(
             HttpConfig {
                 listen,
                 registry: registry.clone(),
                 data_dir: cfg.data_dir.clone(),
                 sql: true,
-                ready: Some(ingest_ready(&registry, cfg.ingest.connections.max(1))),
+                ready: Some(ingest_ready(&i_metrics, cfg.ingest.connections.max(1))),
             },
             shutdown.clone(),
-        ));
-    }
-    let a = tokio::spawn(vitaltrail_attestor::run(attest, shutdown.clone()));
-    let i = tokio::spawn(vitaltrail_ingest::run(ingest, shutdown));
-    let both = async {
-        let (a, i) = tokio::join!(a, i);
-        a.map_err(|e| Error::StageStopped(format!("attestor panicked: {e}")))??;
-        i.map_err(|e| Error::StageStopped(format!("ingest panicked: {e}")))??;
-        Ok(())
+        )),
+        None => tokio::spawn(std::future::pending()),
     };
+    let mut a = tokio::spawn(vitaltrail_attestor::run(attest, shutdown.clone()));
+    let mut i = tokio::spawn(vitaltrail_ingest::run(ingest, shutdown.clone()));
+    let mut broker = broker;
+    // Any stage ending before shutdown stops the process; on shutdown,
+    // ingest drains and the attestor finishes what it has.
     tokio::select! {
-        r = both => r,
-        r = broker => r,
+        r = until_shutdown("the attestor", &mut a, &shutdown) => {
+            r?;
+            until_shutdown("ingest", &mut i, &shutdown).await?;
+        }
+        r = until_shutdown("ingest", &mut i, &shutdown) => {
+            r?;
+            until_shutdown("the attestor", &mut a, &shutdown).await?;
+        }
+        r = until_shutdown("the HTTP server", &mut http, &shutdown) => {
+            r?;
+            until_shutdown("ingest", &mut i, &shutdown).await?;
+            until_shutdown("the attestor", &mut a, &shutdown).await?;
+        }
+        r = &mut broker => r?,
     }
+    Ok(())
 }
 
 /// Run everything until `shutdown` turns true.
@@ -348,6 +384,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
         clock.clone(),
         rest_stop_rx.clone(),
     ));
+    let i_metrics = IngestMetrics::new(&registry)?;
     let ingest_stage = IngestStage {
         ingest: IngestConfig {
             mqtt: mqtt.clone(),
@@ -362,11 +399,12 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
             devices,
         },
         data_dir: cfg.data_dir.clone(),
-        metrics: registry.clone(),
+        metrics: i_metrics.clone(),
+        registry: registry.clone(),
         clock,
     };
     if let Some(listen) = cfg.metrics_listen {
-        let ready = ingest_ready(&registry, cfg.ingest.connections.max(1));
+        let ready = ingest_ready(&i_metrics, cfg.ingest.connections.max(1));
         others.spawn(crate::http::run(
             HttpConfig {
                 listen,
@@ -378,6 +416,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
             rest_stop_rx.clone(),
         ));
     }
+    let shutdown_seen = shutdown.clone();
     let mut ingest = tokio::spawn(vitaltrail_ingest::run(ingest_stage, shutdown));
     let devices_at = match &cfg.external_mqtt {
         Some(e) => format!("{}:{}", e.host, e.port),
@@ -387,7 +426,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
     // Until ingest has drained, any other stage ending is a failure.
     tokio::select! {
         r = &mut broker => r?,
-        r = &mut ingest => r.map_err(|e| Error::StageStopped(format!("ingest panicked: {e}")))??,
+        r = until_shutdown("ingest", &mut ingest, &shutdown_seen) => r?,
         r = &mut attestor => {
             r.map_err(|e| Error::StageStopped(format!("the attestor panicked: {e}")))??;
             return Err(Error::StageStopped("the attestor stopped while ingest was running".into()));

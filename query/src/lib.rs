@@ -11,6 +11,11 @@
 //! Rejections that a crash made appear twice carry the same `source`;
 //! `rejected` lists each source once.
 //!
+//! `readings` lists only **live** files ([`store::LiveFiles`]): a file the
+//! attestor's compaction has merged into a larger one is skipped, so every
+//! row is read once at every instant. `checkpoints` and `rejected` are
+//! streamed from their files line by line (`jsonl`), never read whole.
+//!
 //! It serves the CLI (`vitaltrail query`) and HTTP (`POST /sql`, [`http`]);
 //! proof bundles are built by `vitaltrail prove`. Flight SQL and alerts are
 //! still to come.
@@ -28,15 +33,13 @@
 //! of fixed size, so one `SELECT *` cannot take the service's memory.
 
 pub mod http;
+mod jsonl;
+pub mod store;
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{
-    ArrayRef, StringBuilder, TimestampMillisecondBuilder, UInt32Builder, UInt64Builder,
-};
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::datatypes::{DataType, Schema, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::ListingOptions;
@@ -46,9 +49,6 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use futures::StreamExt as _;
 use vitaltrail_attestor::parquet_out::readings_schema;
-use vitaltrail_attestor::pipeline::read_checkpoints;
-use vitaltrail_bus::deadletter::RejectLog;
-use vitaltrail_core::Checkpoint;
 
 /// Errors of the query layer.
 #[derive(Debug, thiserror::Error)]
@@ -258,7 +258,7 @@ impl CappedStream {
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn ts() -> DataType {
+pub(crate) fn ts() -> DataType {
     DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
 }
 
@@ -293,6 +293,10 @@ impl QueryEngine {
             )));
         }
         let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
+        // Read-only, and only live files (compaction never shows a row
+        // twice).
+        let local = datafusion::execution::object_store::ObjectStoreUrl::local_filesystem();
+        ctx.register_object_store(local.as_ref(), Arc::new(store::LiveFiles::new()));
         let readings = data_dir.join("readings");
         std::fs::create_dir_all(&readings)
             .map_err(|e| Error::Data(format!("{}: {e}", readings.display())))?;
@@ -308,8 +312,9 @@ impl QueryEngine {
         );
         ctx.register_listing_table("readings", url, opts, Some(readings_schema()), None)
             .await?;
-        ctx.register_batch("checkpoints", checkpoints_batch(data_dir)?)?;
-        ctx.register_batch("rejected", rejected_batch(data_dir)?)?;
+        // Streamed from their JSONL files, never read whole.
+        ctx.register_table("checkpoints", jsonl::checkpoints_table(data_dir)?)?;
+        ctx.register_table("rejected", jsonl::rejected_table(data_dir)?)?;
         Ok(QueryEngine { ctx, limits })
     }
 
@@ -342,124 +347,6 @@ impl QueryEngine {
     pub async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>> {
         self.stream(sql).await?.collect().await
     }
-}
-
-fn checkpoints_batch(data: &Path) -> Result<RecordBatch> {
-    let (mut part, mut origin, mut size, mut root, mut at, mut note) = (
-        UInt32Builder::new(),
-        StringBuilder::new(),
-        UInt64Builder::new(),
-        StringBuilder::new(),
-        TimestampMillisecondBuilder::new(),
-        StringBuilder::new(),
-    );
-    let root_dir = data.join("partitions");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root_dir)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    dirs.sort();
-    for dir in dirs {
-        let Some(p) = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        for c in read_checkpoints(&dir).map_err(|e| Error::Data(e.to_string()))? {
-            let cp =
-                Checkpoint::parse_unverified(&c.note).map_err(|e| Error::Data(e.to_string()))?;
-            part.append_value(p);
-            origin.append_value(&cp.origin);
-            size.append_value(cp.size);
-            root.append_value(cp.root.to_hex());
-            at.append_value(c.time_ms as i64);
-            note.append_value(&c.note);
-        }
-    }
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("partition", DataType::UInt32, false),
-        Field::new("origin", DataType::Utf8, false),
-        Field::new("tree_size", DataType::UInt64, false),
-        Field::new("root", DataType::Utf8, false),
-        Field::new("signed_at", ts(), false),
-        Field::new("note", DataType::Utf8, false),
-    ]));
-    let cols: Vec<ArrayRef> = vec![
-        Arc::new(part.finish()),
-        Arc::new(origin.finish()),
-        Arc::new(size.finish()),
-        Arc::new(root.finish()),
-        Arc::new(at.finish().with_timezone("UTC")),
-        Arc::new(note.finish()),
-    ];
-    Ok(RecordBatch::try_new(schema, cols)?)
-}
-
-fn rejected_batch(data: &Path) -> Result<RecordBatch> {
-    let all =
-        RejectLog::read_all(data.join("rejected.jsonl")).map_err(|e| Error::Data(e.to_string()))?;
-    let mut at = TimestampMillisecondBuilder::new();
-    let (mut stage, mut reason, mut detail, mut device, mut topic, mut source, mut env) = (
-        StringBuilder::new(),
-        StringBuilder::new(),
-        StringBuilder::new(),
-        StringBuilder::new(),
-        StringBuilder::new(),
-        StringBuilder::new(),
-        StringBuilder::new(),
-    );
-    let (mut seq, mut size, mut count) = (
-        UInt64Builder::new(),
-        UInt64Builder::new(),
-        UInt64Builder::new(),
-    );
-    let mut seen = BTreeSet::new();
-    for r in all {
-        if let Some(s) = &r.source
-            && !seen.insert(s.clone())
-        {
-            continue;
-        }
-        at.append_value(r.received_ms as i64);
-        stage.append_value(&r.stage);
-        reason.append_value(&r.reason);
-        detail.append_value(&r.detail);
-        device.append_option(r.device.as_deref());
-        seq.append_option(r.seq);
-        topic.append_option(r.topic.as_deref());
-        size.append_value(r.size);
-        source.append_option(r.source.as_deref());
-        env.append_option(r.envelope_b64.as_deref());
-        count.append_value(r.count);
-    }
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("received_at", ts(), false),
-        Field::new("stage", DataType::Utf8, false),
-        Field::new("reason", DataType::Utf8, false),
-        Field::new("detail", DataType::Utf8, false),
-        Field::new("device", DataType::Utf8, true),
-        Field::new("seq", DataType::UInt64, true),
-        Field::new("topic", DataType::Utf8, true),
-        Field::new("size", DataType::UInt64, false),
-        Field::new("source", DataType::Utf8, true),
-        Field::new("envelope_b64", DataType::Utf8, true),
-        Field::new("count", DataType::UInt64, false),
-    ]));
-    let cols: Vec<ArrayRef> = vec![
-        Arc::new(at.finish().with_timezone("UTC")),
-        Arc::new(stage.finish()),
-        Arc::new(reason.finish()),
-        Arc::new(detail.finish()),
-        Arc::new(device.finish()),
-        Arc::new(seq.finish()),
-        Arc::new(topic.finish()),
-        Arc::new(size.finish()),
-        Arc::new(source.finish()),
-        Arc::new(env.finish()),
-        Arc::new(count.finish()),
-    ];
-    Ok(RecordBatch::try_new(schema, cols)?)
 }
 
 /// Output formats of query results.
@@ -637,6 +524,80 @@ impl StreamEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A data directory whose partition 0 holds `n` exports of 2 readings
+    /// (4 rows) each, compacted with the covered files kept (grace).
+    fn compacted_data(n: u64) -> tempfile::TempDir {
+        use vitaltrail_attestor::parquet_out::{
+            CompactionPolicy, ParquetExporter, PatientLookup, Registered,
+        };
+        use vitaltrail_core::envelope::{Measurement, UnsignedReading, sign};
+        let d = tempfile::tempdir().unwrap();
+        let pdir = d.path().join("partitions/0");
+        let mut log = vitaltrail_attestor::DurableLog::open(&pdir).unwrap();
+        let dev = vitaltrail_core::SecretKey::from_seed(&[7; 32]).unwrap();
+        let patients: PatientLookup = Arc::new(|_| Registered::Active("pt".into()));
+        let mut ex = ParquetExporter::open(d.path(), &pdir, 0).unwrap();
+        let mut dids = vitaltrail_core::DidCache::default();
+        for k in 0..n {
+            let leaves: Vec<Vec<u8>> = (k * 2..k * 2 + 2)
+                .map(|seq| {
+                    let m = |code: &str, value| Measurement {
+                        code: code.into(),
+                        value,
+                        unit: "%".into(),
+                    };
+                    let e = sign(
+                        &dev,
+                        &UnsignedReading {
+                            seq,
+                            time: 1_800_000_000_000,
+                            measurements: vec![m("2708-6", 97.0), m("8867-4", 70.0)],
+                            meta: None,
+                        },
+                    )
+                    .unwrap();
+                    vitaltrail_core::leaf::encode(1_800_000_000_000 + seq, &e)
+                })
+                .collect();
+            log.append_batch(&leaves).unwrap();
+            ex.export(&log, &patients, &mut dids).unwrap();
+        }
+        let policy = CompactionPolicy {
+            min_files: 4,
+            grace: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let stats = ex.compact(&policy, true).unwrap().unwrap();
+        assert_eq!(stats.merged as u64, n);
+        d
+    }
+
+    #[tokio::test]
+    async fn compacted_files_are_read_exactly_once() {
+        let d = compacted_data(12);
+        let files = std::fs::read_dir(d.path().join("readings"))
+            .unwrap()
+            .flatten()
+            .flat_map(|e| std::fs::read_dir(e.path()).unwrap().flatten())
+            .count();
+        assert_eq!(files, 13, "the 12 covered files are still there");
+        let q = QueryEngine::open(d.path()).await.unwrap();
+        for sql in [
+            "SELECT count(*) AS n FROM readings",
+            "SELECT count(*) AS n FROM readings WHERE date = '2027-01-15'",
+            "SELECT count(DISTINCT concat(CAST(log_index AS VARCHAR), loinc)) AS n FROM readings",
+        ] {
+            let b = q.sql(sql).await.unwrap();
+            let n = b[0]
+                .column(0)
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .unwrap()
+                .value(0);
+            assert_eq!(n, 48, "{sql}");
+        }
+    }
 
     async fn engine(limits: QueryLimits) -> (tempfile::TempDir, QueryEngine) {
         let d = tempfile::tempdir().unwrap();

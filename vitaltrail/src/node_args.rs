@@ -96,7 +96,8 @@ pub struct UpArgs {
     kafka: Option<String>,
     /// Partitions (one Merkle log each). Default: what the data
     /// directory already holds; for a new one, 1 on the in-process bus
-    /// (one log per disk commits in the largest groups) and 4 with --kafka.
+    /// (one log per disk commits in the largest groups) and
+    /// kafka.topic_partitions (4) with --kafka.
     /// [partitions]
     #[arg(long)]
     partitions: Option<u32>,
@@ -202,7 +203,7 @@ pub struct AttestArgs {
     #[arg(long)]
     mqtt: Option<String>,
     /// The vitals.verified partitions this process owns, e.g. 0,1,2,3.
-    /// [attestor.partitions; default all of them]
+    /// [attestor.partitions; default 0..kafka.topic_partitions]
     #[arg(long, value_delimiter = ',')]
     partitions: Option<Vec<u32>>,
     /// Other attestors own the topic's other partitions. Without it,

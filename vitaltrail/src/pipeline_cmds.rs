@@ -69,7 +69,7 @@ pub fn up(a: crate::node_args::UpArgs) -> Result<ExitCode> {
 /// `vitaltrail config print`.
 pub fn config_print(role: Role, file: &crate::node_args::ConfigFile) -> Result<ExitCode> {
     let cfg = file.load(role, &Default::default())?;
-    print!("{}", cfg.to_toml_redacted());
+    print!("{}", cfg.to_toml_redacted()?);
     Ok(ExitCode::SUCCESS)
 }
 

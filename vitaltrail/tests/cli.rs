@@ -305,9 +305,17 @@ fn config_layers_unknown_keys_and_redaction() {
     // No secret in the dump.
     assert!(!printed.contains("hunter2"), "{printed}");
     assert!(printed.contains("<redacted>"), "{printed}");
-    // What is printed is a configuration file that prints the same.
+    // What is printed is a configuration file that prints the same, once
+    // the secret is put back (with <redacted> in it, it is refused).
     let again = p(d.path(), "printed.toml");
     std::fs::write(&again, &printed).unwrap();
+    let o = run_env(
+        &["config", "print", "--role", "ingest", "--config", &again],
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("<redacted>"));
+    std::fs::write(&again, printed.replace("<redacted>", "hunter2-sekret")).unwrap();
     let o = run_env(
         &["config", "print", "--role", "ingest", "--config", &again],
         &[],
@@ -333,7 +341,54 @@ fn config_layers_unknown_keys_and_redaction() {
     );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("listenn"));
+    // Someone else's variable that is not UTF-8 is none of our business.
+    {
+        use std::os::unix::ffi::OsStrExt as _;
+        let o = bin()
+            .args(["config", "print"])
+            .env("JUNK", std::ffi::OsStr::from_bytes(b"\xff\xfe"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    // A secret in a bad value never reaches stderr.
+    let secret = p(d.path(), "secret.toml");
+    std::fs::write(&secret, "[kafka.client]\n\"sasl.password\" = 987654321\n").unwrap();
+    let err = fails(&["up", "--config", &secret], None);
+    assert!(!err.contains("987654321"), "{err}");
     // A flag overrides the file (and the stage needs what it needs).
     let err = fails(&["ingest", "--config", &file, "--connections", "0"], None);
     assert!(err.contains("ingest.connections"), "{err}");
+}
+
+/// docs/configuration.md shows exactly what `config print --role up`
+/// prints with nothing set.
+#[test]
+fn the_documented_defaults_are_the_printed_ones() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = bin();
+    c.args(["config", "print", "--role", "up"])
+        .current_dir(d.path());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("VITALTRAIL_") {
+            c.env_remove(k);
+        }
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let printed = String::from_utf8(o.stdout).unwrap();
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/configuration.md"
+    ))
+    .unwrap();
+    let at = doc.find("## Every key").expect("the defaults section");
+    let block = &doc[at..];
+    let start = block.find("```toml\n").unwrap() + "```toml\n".len();
+    let end = block[start..].find("```").unwrap();
+    assert_eq!(
+        &block[start..start + end],
+        printed,
+        "update docs/configuration.md"
+    );
 }

@@ -390,8 +390,18 @@ async fn kill_9_of_up_twenty_times_loses_and_duplicates_nothing() {
         reg.add(d.key.did(), &format!("patient-{i}"), None, 0)
             .unwrap();
     }
+    // Compact the Parquet files at every checkpoint, and delete merged
+    // files soon after: kills land before, during and after compactions.
+    let conf = data.path().join("vitaltrail.toml");
+    std::fs::write(
+        &conf,
+        "[attestor]\ncompact_min_files = 2\ncompact_every_ms = 0\ncompact_grace_ms = 300\n",
+    )
+    .unwrap();
     let args: Vec<String> = vec![
         "up".into(),
+        "--config".into(),
+        conf.display().to_string(),
         "--data".into(),
         data.path().display().to_string(),
         "--mqtt-listen".into(),
@@ -458,6 +468,13 @@ async fn kill_9_of_up_twenty_times_loses_and_duplicates_nothing() {
     assert!(up.child.wait().unwrap().success());
     common::check_outcome_with(data.path(), 1, &report, common::Rejects::Redelivery);
     common::check_tables(data.path(), &report).await;
+    // Compaction ran: some 60 exports are a few files now.
+    let files: usize = std::fs::read_dir(data.path().join("readings"))
+        .unwrap()
+        .flatten()
+        .map(|d| std::fs::read_dir(d.path()).unwrap().count())
+        .sum();
+    assert!(files <= 12, "{files} Parquet files: compaction did not run");
 }
 
 /// A device that checks receipts is not fooled by forged ones: with no

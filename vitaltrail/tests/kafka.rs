@@ -544,6 +544,46 @@ async fn partition_coverage_and_partitioning_match_kafka() {
     partial.assert_running();
     drop(partial);
 
+    // `up --kafka` whose attestor cannot start (partitions 2 and 3 do not
+    // exist) stops with that error at once, instead of running on, ready,
+    // without a log.
+    let up_data = tempfile::tempdir().unwrap();
+    let mut up = std::process::Command::new(env!("CARGO_BIN_EXE_vitaltrail"))
+        .args([
+            "up",
+            "--kafka",
+            &b,
+            "--partitions",
+            "4",
+            "--data",
+            up_data.path().to_str().unwrap(),
+            "--mqtt-listen",
+            &common::free_addr().to_string(),
+            "--metrics-listen",
+            &common::free_addr().to_string(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = up.kill();
+            let _ = up.wait();
+            panic!("up --kafka kept running without its attestor");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut up.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("does not exist"), "{err}");
+
     // librdkafka's own partitioner puts each device where ours does.
     use vitaltrail_bus::Producer as _;
     let p = vitaltrail_bus::kafka::KafkaProducer::new(&vitaltrail_bus::kafka::KafkaConfig {

@@ -1,0 +1,353 @@
+//! The `checkpoints` and `rejected` tables, streamed from their JSONL files
+//! line by line in batches of [`BATCH_ROWS`]: a query never reads a whole
+//! file into memory, however long the file has grown. Each query reads the
+//! files as they are when it starts executing.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead as _, Read as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, StringBuilder, TimestampMillisecondBuilder, UInt32Builder, UInt64Builder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
+use vitaltrail_attestor::pipeline::CheckpointRecord;
+use vitaltrail_bus::deadletter::Rejection;
+use vitaltrail_core::Checkpoint;
+
+use crate::{Error, Result, ts};
+
+/// Rows per streamed batch.
+pub const BATCH_ROWS: usize = 4096;
+
+/// Lines longer than this are not records we wrote (a rejection's
+/// envelope is at most 16 KiB); they are skipped.
+const MAX_LINE: usize = 1 << 20;
+
+/// Builds one table's rows from the lines of its files.
+trait Rows: Send + 'static {
+    /// Add the row of `line`, from a file tagged `tag`; a line that is not
+    /// a record (a torn last line after a crash) adds nothing.
+    fn push(&mut self, line: &str, tag: u32);
+    /// Rows added since the last batch.
+    fn len(&self) -> usize;
+    /// The rows added since the last batch.
+    fn batch(&mut self, schema: &SchemaRef) -> Result<RecordBatch>;
+}
+
+/// One table: the files it reads (found when a query runs) and its rows.
+struct JsonlStream<R> {
+    schema: SchemaRef,
+    files: Arc<dyn Fn() -> Vec<(PathBuf, u32)> + Send + Sync>,
+    rows: fn() -> R,
+}
+
+impl<R> std::fmt::Debug for JsonlStream<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonlStream")
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Rows> PartitionStream for JsonlStream<R> {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let (tx, rx) = tokio::sync::mpsc::channel::<datafusion::error::Result<RecordBatch>>(2);
+        let schema = self.schema.clone();
+        let files = (self.files)();
+        let mut rows = (self.rows)();
+        tokio::task::spawn_blocking(move || {
+            let send = |b: Result<RecordBatch>| {
+                tx.blocking_send(
+                    b.map_err(|e| datafusion::error::DataFusionError::External(Box::new(e))),
+                )
+                .is_ok()
+            };
+            for (path, tag) in files {
+                let file = match std::fs::File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        send(Err(Error::Data(format!("{}: {e}", path.display()))));
+                        return;
+                    }
+                };
+                let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    let n = match std::io::Read::by_ref(&mut reader)
+                        .take(MAX_LINE as u64 + 1)
+                        .read_until(b'\n', &mut line)
+                    {
+                        Ok(n) => n,
+                        Err(e) => {
+                            send(Err(Error::Data(format!("{}: {e}", path.display()))));
+                            return;
+                        }
+                    };
+                    if n == 0 {
+                        break;
+                    }
+                    if line.len() > MAX_LINE && !line.ends_with(b"\n") {
+                        // Skip the rest of an overlong line.
+                        let mut rest = Vec::new();
+                        if reader.read_until(b'\n', &mut rest).is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    if let Ok(text) = std::str::from_utf8(&line) {
+                        let text = text.trim_end();
+                        if !text.is_empty() {
+                            rows.push(text, tag);
+                        }
+                    }
+                    if rows.len() >= BATCH_ROWS && !send(rows.batch(&schema)) {
+                        // The query stopped reading (a LIMIT, a cap).
+                        return;
+                    }
+                }
+            }
+            if rows.len() > 0 {
+                send(rows.batch(&schema));
+            }
+        });
+        let stream =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
+    }
+}
+
+fn table<R: Rows>(
+    schema: SchemaRef,
+    files: Arc<dyn Fn() -> Vec<(PathBuf, u32)> + Send + Sync>,
+    rows: fn() -> R,
+) -> Result<Arc<StreamingTable>> {
+    let stream = JsonlStream {
+        schema: schema.clone(),
+        files,
+        rows,
+    };
+    Ok(Arc::new(StreamingTable::try_new(
+        schema,
+        vec![Arc::new(stream)],
+    )?))
+}
+
+/// `checkpoints`: every partition's `checkpoints.jsonl`, in partition order.
+pub fn checkpoints_table(data: &Path) -> Result<Arc<StreamingTable>> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("partition", DataType::UInt32, false),
+        Field::new("origin", DataType::Utf8, false),
+        Field::new("tree_size", DataType::UInt64, false),
+        Field::new("root", DataType::Utf8, false),
+        Field::new("signed_at", ts(), false),
+        Field::new("note", DataType::Utf8, false),
+    ]));
+    let root = data.join("partitions");
+    let files = Arc::new(move || {
+        let mut parts: Vec<(u32, PathBuf)> = std::fs::read_dir(&root)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        let p = e.file_name().to_str()?.parse::<u32>().ok()?;
+                        Some((p, e.path().join("checkpoints.jsonl")))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        parts.sort();
+        parts.into_iter().map(|(p, f)| (f, p)).collect()
+    });
+    table(schema, files, CheckpointRows::default)
+}
+
+#[derive(Default)]
+struct CheckpointRows {
+    part: UInt32Builder,
+    origin: StringBuilder,
+    size: UInt64Builder,
+    root: StringBuilder,
+    at: TimestampMillisecondBuilder,
+    note: StringBuilder,
+    n: usize,
+}
+
+impl Rows for CheckpointRows {
+    fn push(&mut self, line: &str, tag: u32) {
+        let Ok(c) = serde_json::from_str::<CheckpointRecord>(line) else {
+            return;
+        };
+        let Ok(cp) = Checkpoint::parse_unverified(&c.note) else {
+            return;
+        };
+        self.part.append_value(tag);
+        self.origin.append_value(&cp.origin);
+        self.size.append_value(cp.size);
+        self.root.append_value(cp.root.to_hex());
+        self.at.append_value(c.time_ms as i64);
+        self.note.append_value(&c.note);
+        self.n += 1;
+    }
+
+    fn len(&self) -> usize {
+        self.n
+    }
+
+    fn batch(&mut self, schema: &SchemaRef) -> Result<RecordBatch> {
+        self.n = 0;
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(self.part.finish()),
+            Arc::new(self.origin.finish()),
+            Arc::new(self.size.finish()),
+            Arc::new(self.root.finish()),
+            Arc::new(self.at.finish().with_timezone("UTC")),
+            Arc::new(self.note.finish()),
+        ];
+        Ok(RecordBatch::try_new(schema.clone(), cols)?)
+    }
+}
+
+/// `rejected`: `<data>/rejected.jsonl`, each `source` once (the Kafka
+/// dead-letter copy may repeat a record after a crash).
+pub fn rejected_table(data: &Path) -> Result<Arc<StreamingTable>> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("received_at", ts(), false),
+        Field::new("stage", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("detail", DataType::Utf8, false),
+        Field::new("device", DataType::Utf8, true),
+        Field::new("seq", DataType::UInt64, true),
+        Field::new("topic", DataType::Utf8, true),
+        Field::new("size", DataType::UInt64, false),
+        Field::new("source", DataType::Utf8, true),
+        Field::new("envelope_b64", DataType::Utf8, true),
+        Field::new("count", DataType::UInt64, false),
+    ]));
+    let file = data.join("rejected.jsonl");
+    table(
+        schema,
+        Arc::new(move || vec![(file.clone(), 0)]),
+        RejectedRows::default,
+    )
+}
+
+#[derive(Default)]
+struct RejectedRows {
+    at: TimestampMillisecondBuilder,
+    stage: StringBuilder,
+    reason: StringBuilder,
+    detail: StringBuilder,
+    device: StringBuilder,
+    seq: UInt64Builder,
+    topic: StringBuilder,
+    size: UInt64Builder,
+    source: StringBuilder,
+    env: StringBuilder,
+    count: UInt64Builder,
+    /// Sources seen (bounded by the dead-letter file's own byte cap).
+    seen: BTreeSet<String>,
+    n: usize,
+}
+
+impl Rows for RejectedRows {
+    fn push(&mut self, line: &str, _tag: u32) {
+        let Ok(r) = serde_json::from_str::<Rejection>(line) else {
+            return;
+        };
+        if let Some(s) = &r.source
+            && !self.seen.insert(s.clone())
+        {
+            return;
+        }
+        self.at.append_value(r.received_ms as i64);
+        self.stage.append_value(&r.stage);
+        self.reason.append_value(&r.reason);
+        self.detail.append_value(&r.detail);
+        self.device.append_option(r.device.as_deref());
+        self.seq.append_option(r.seq);
+        self.topic.append_option(r.topic.as_deref());
+        self.size.append_value(r.size);
+        self.source.append_option(r.source.as_deref());
+        self.env.append_option(r.envelope_b64.as_deref());
+        self.count.append_value(r.count);
+        self.n += 1;
+    }
+
+    fn len(&self) -> usize {
+        self.n
+    }
+
+    fn batch(&mut self, schema: &SchemaRef) -> Result<RecordBatch> {
+        self.n = 0;
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(self.at.finish().with_timezone("UTC")),
+            Arc::new(self.stage.finish()),
+            Arc::new(self.reason.finish()),
+            Arc::new(self.detail.finish()),
+            Arc::new(self.device.finish()),
+            Arc::new(self.seq.finish()),
+            Arc::new(self.topic.finish()),
+            Arc::new(self.size.finish()),
+            Arc::new(self.source.finish()),
+            Arc::new(self.env.finish()),
+            Arc::new(self.count.finish()),
+        ];
+        Ok(RecordBatch::try_new(schema.clone(), cols)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn long_files_stream_in_batches_and_skip_torn_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("rejected.jsonl");
+        let mut text = String::new();
+        for i in 0..10_000u64 {
+            let mut r = Rejection::new("ingest", "bad_signature", "x", b"abc", i);
+            r.source = Some(format!("vitals.rejected/0@{}", i % 9_000));
+            text.push_str(&serde_json::to_string(&r).unwrap());
+            text.push('\n');
+        }
+        text.push_str("{\"torn\": ");
+        std::fs::write(&path, text).unwrap();
+        let q = crate::QueryEngine::open(d.path()).await.unwrap();
+        let b = q
+            .sql("SELECT count(*) AS n, sum(count) AS c FROM rejected")
+            .await
+            .unwrap();
+        let n = b[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap()
+            .value(0);
+        assert_eq!(n, 9_000, "each source once, the torn line skipped");
+        // The table is a stream: a plain scan comes in batches.
+        let mut s = q.stream("SELECT * FROM rejected").await.unwrap();
+        let mut batches = 0;
+        let mut rows = 0;
+        while let Some(b) = s.next().await {
+            let b = b.unwrap();
+            assert!(b.num_rows() <= BATCH_ROWS);
+            rows += b.num_rows();
+            batches += 1;
+        }
+        assert_eq!(rows, 9_000);
+        assert!(batches >= 3, "{batches} batches");
+    }
+}
