@@ -258,16 +258,17 @@ pub struct CompactionStats {
     pub live_files: usize,
 }
 
-/// Read a `readings` file as batches of the current schema (a column a
-/// file written before it existed is null).
-fn read_rows(path: &Path) -> Result<Vec<RecordBatch>> {
+/// Read a `readings` file batch by batch (8k rows each), in the current
+/// schema (a column a file written before it existed is null), handing
+/// each to `f`: a file is never held in memory whole.
+fn each_batch(path: &Path, mut f: impl FnMut(RecordBatch) -> Result<()>) -> Result<()> {
     let schema = readings_schema();
     let file = std::fs::File::open(path).map_err(|e| perr(path, e))?;
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| perr(path, e))?
+        .with_batch_size(8192)
         .build()
         .map_err(|e| perr(path, e))?;
-    let mut out = Vec::new();
     for b in reader {
         let b = b.map_err(|e| perr(path, e))?;
         let cols: Vec<ArrayRef> = schema
@@ -278,9 +279,9 @@ fn read_rows(path: &Path) -> Result<Vec<RecordBatch>> {
                 None => arrow::array::new_null_array(f.data_type(), b.num_rows()),
             })
             .collect();
-        out.push(RecordBatch::try_new(schema.clone(), cols).map_err(|e| perr(path, e))?);
+        f(RecordBatch::try_new(schema.clone(), cols).map_err(|e| perr(path, e))?)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Exports one partition's log to Parquet.
@@ -487,15 +488,18 @@ impl ParquetExporter {
         .name();
         let tmp = dir.join(format!(".{name}.tmp"));
         let file = std::fs::File::create(&tmp).map_err(|e| perr(&tmp, e))?;
+        // Row groups of at most 64k rows: a merge holds one in memory, never
+        // the whole run.
         let props = parquet::file::properties::WriterProperties::builder()
             .set_compression(parquet::basic::Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(64 * 1024))
             .build();
         let mut w = parquet::arrow::ArrowWriter::try_new(file, readings_schema(), Some(props))
             .map_err(|e| perr(&tmp, e))?;
         for r in run {
-            for b in read_rows(&dir.join(r.name()))? {
-                w.write(&b).map_err(|e| perr(&tmp, e))?;
-            }
+            each_batch(&dir.join(r.name()), |b| {
+                w.write(&b).map_err(|e| perr(&tmp, e))
+            })?;
         }
         let mut file = w.into_inner().map_err(|e| perr(&tmp, e))?;
         file.flush()
@@ -760,7 +764,11 @@ mod tests {
         files.sort_by_key(|p| p.file_name().unwrap().to_owned());
         let mut batches = Vec::new();
         for f in files {
-            batches.extend(read_rows(&f).unwrap());
+            each_batch(&f, |b| {
+                batches.push(b);
+                Ok(())
+            })
+            .unwrap();
         }
         arrow::compute::concat_batches(&readings_schema(), &batches).unwrap()
     }

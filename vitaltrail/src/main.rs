@@ -6,6 +6,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc: it hands freed memory back to the system on a timer (and
+/// fragments less than glibc's malloc under many threads), so the resident
+/// size of a long-running `up` stays flat (`benches/scripts/soak`).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod commands;
 mod demo;
 mod node_args;

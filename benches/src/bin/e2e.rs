@@ -34,6 +34,10 @@ use vitaltrail_core::envelope::{self, UnsignedReading};
 use vitaltrail_core::{Clock, SecretKey, SystemClock, leaf};
 use vitaltrail_device_sim::physiology::{Patient, Scenario};
 
+/// The allocator of the `vitaltrail` binary, so the figures are its own.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 struct Args {
     /// Readings per measurement.
