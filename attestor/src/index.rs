@@ -33,6 +33,12 @@ const WINDOWS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("windows
 const SEQS: TableDefinition<&[u8; 40], u64> = TableDefinition::new("seqs");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// redb's page cache per partition. Its default (1 GiB) let a partition's
+/// resident memory grow with the index, i.e. with every reading ever
+/// logged; the accesses are to recent seqs of each device, so a small cache
+/// serves them.
+pub const DB_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 /// Windows kept in memory at most (about 200 bytes each).
 pub const WINDOW_CACHE: usize = 100_000;
 
@@ -104,7 +110,10 @@ impl SeqIndex {
         cache: usize,
     ) -> Result<Self> {
         let path = dir.join("index.redb");
-        let db = Database::create(&path).map_err(|e| db_err(&path, e))?;
+        let db = redb::Builder::new()
+            .set_cache_size(DB_CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| db_err(&path, e))?;
         let covered = {
             let tx = db.begin_write().map_err(|e| db_err(&path, e))?;
             let covered = {

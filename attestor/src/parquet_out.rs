@@ -258,6 +258,42 @@ pub struct CompactionStats {
     pub live_files: usize,
 }
 
+/// The first run of at least `min` consecutive files of `live` (sorted by
+/// first index) that are committed (below `hw`) and each under `limit`
+/// bytes, at most `target` bytes together.
+fn pick_run(
+    live: &[(FileRange, u64)],
+    hw: u64,
+    min: usize,
+    limit: u64,
+    target: u64,
+) -> Option<Vec<FileRange>> {
+    let mut run: std::collections::VecDeque<(FileRange, u64)> = Default::default();
+    let mut bytes = 0u64;
+    for &(r, len) in live {
+        if r.last >= hw || len >= limit {
+            if run.len() >= min {
+                break;
+            }
+            run.clear();
+            bytes = 0;
+            continue;
+        }
+        if bytes + len > target && run.len() >= min {
+            break;
+        }
+        while bytes + len > target {
+            match run.pop_front() {
+                Some((_, l)) => bytes -= l,
+                None => break,
+            }
+        }
+        run.push_back((r, len));
+        bytes += len;
+    }
+    (run.len() >= min).then(|| run.into_iter().map(|(r, _)| r).collect())
+}
+
 /// Read a `readings` file batch by batch (8k rows each), in the current
 /// schema (a column a file written before it existed is null), handing
 /// each to `f`: a file is never held in memory whole.
@@ -447,23 +483,30 @@ impl ParquetExporter {
             if stats.merged > 0 {
                 continue;
             }
-            // Only committed files, and only small ones.
-            let small: Vec<&(FileRange, u64)> = live
-                .iter()
-                .filter(|(r, len)| r.last < self.hw && *len < policy.target_bytes)
-                .collect();
-            if small.len() < policy.min_files.max(2) {
+            // Two tiers, so a row is rewritten at most twice: runs of
+            // files under a sixteenth of the target first, then runs of
+            // files under the target. A run is consecutive live files (in
+            // index order) that are all committed: the merged file covers
+            // the run's whole range, so no other file may lie inside it.
+            let min = policy.min_files.max(2);
+            let Some(run) = pick_run(
+                &live,
+                self.hw,
+                min,
+                policy.target_bytes / 16,
+                policy.target_bytes,
+            )
+            .or_else(|| {
+                pick_run(
+                    &live,
+                    self.hw,
+                    min,
+                    policy.target_bytes,
+                    policy.target_bytes,
+                )
+            }) else {
                 continue;
-            }
-            let mut run = Vec::new();
-            let mut bytes = 0u64;
-            for f in small {
-                if run.len() >= 2 && bytes + f.1 > policy.target_bytes {
-                    break;
-                }
-                bytes += f.1;
-                run.push(f.0);
-            }
+            };
             let merged = self.merge(&dir, &run)?;
             stats.merged = run.len();
             // The run's files are covered now, not live.
@@ -979,5 +1022,42 @@ mod tests {
             ]
         );
         assert_eq!(live_rows(data.path()).num_rows(), 40);
+    }
+
+    #[test]
+    fn runs_are_consecutive_committed_and_within_bounds() {
+        use proptest::prelude::*;
+        proptest!(|(sizes in proptest::collection::vec(1u64..40, 0..30), hw_at in 0usize..32,
+                    min in 2usize..6, limit in 1u64..50, target in 1u64..200)| {
+            let live: Vec<(FileRange, u64)> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| (FileRange { partition: 0, first: i as u64 * 10, last: i as u64 * 10 + 9 }, len))
+                .collect();
+            let hw = hw_at as u64 * 10;
+            let ok = |k: usize| live[k].0.last < hw && live[k].1 < limit;
+            // Naive: every window of consecutive files.
+            let mut any = false;
+            for a in 0..live.len() {
+                for b in a + min..=live.len() {
+                    let sum: u64 = live[a..b].iter().map(|f| f.1).sum();
+                    if (a..b).all(ok) && sum <= target {
+                        any = true;
+                    }
+                }
+            }
+            let got = pick_run(&live, hw, min, limit, target);
+            prop_assert_eq!(got.is_some(), any);
+            if let Some(run) = got {
+                let start = live.iter().position(|f| f.0 == run[0]).unwrap();
+                for (k, r) in run.iter().enumerate() {
+                    prop_assert_eq!(live[start + k].0, *r, "consecutive");
+                    prop_assert!(ok(start + k));
+                }
+                prop_assert!(run.len() >= min);
+                let sum: u64 = live[start..start + run.len()].iter().map(|f| f.1).sum();
+                prop_assert!(sum <= target);
+            }
+        });
     }
 }
