@@ -32,6 +32,8 @@ pub struct Metrics {
     pub parquet_files: IntGaugeVec,
     /// Compactions (runs of small files merged into one).
     pub parquet_compactions: IntCounterVec,
+    /// Compaction passes that failed (retried on the next pass).
+    pub parquet_compaction_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -50,6 +52,13 @@ impl Metrics {
                 Opts::new(
                     "vitaltrail_attestor_parquet_files",
                     "Live Parquet files of the readings table per partition (compacted past 16 small files per date)",
+                ),
+                &["partition"],
+            )?,
+            parquet_compaction_errors: IntCounterVec::new(
+                Opts::new(
+                    "vitaltrail_attestor_parquet_compaction_errors_total",
+                    "Parquet compaction passes that failed (retried; the partition keeps logging)",
                 ),
                 &["partition"],
             )?,
@@ -126,6 +135,7 @@ impl Metrics {
         registry.register(Box::new(m.windows_cached.clone()))?;
         registry.register(Box::new(m.parquet_files.clone()))?;
         registry.register(Box::new(m.parquet_compactions.clone()))?;
+        registry.register(Box::new(m.parquet_compaction_errors.clone()))?;
         registry.register(Box::new(m.appended.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;
         registry.register(Box::new(m.tree_size.clone()))?;

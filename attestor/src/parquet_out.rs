@@ -10,20 +10,24 @@
 //! an export that did not commit, and are deleted before anything else, so
 //! no row is lost or duplicated.
 //!
-//! **Compaction** ([`ParquetExporter::compact`]) keeps the file count
-//! bounded: once a date directory holds [`CompactionPolicy::min_files`]
-//! small files of a partition, the oldest run of them (up to
-//! [`CompactionPolicy::target_bytes`] together) is rewritten as one file
-//! named for the whole range, `p<partition>-<first of run>-<last of
-//! run>.parquet` (temp file, fsync, rename: the rename is the commit).
-//! Merged files are merged again, so files grow to the target size. A file
-//! whose range lies inside another file of the same partition in the same
-//! directory is **covered**: readers skip it ([`covered_files`]), so a
-//! reading is in exactly one live file at every instant, before, during
-//! and after a compaction, and after a crash at any point. Covered files
-//! are deleted once the file covering them is older than
+//! **Compaction** ([`Compactor`], on a thread of its own per partition)
+//! keeps the file count bounded. Files are sorted into size classes (under
+//! 64 KiB, under 1 MiB, under 16 MiB, … up to
+//! [`CompactionPolicy::target_bytes`]); once a date directory holds
+//! [`CompactionPolicy::min_files`] consecutive committed files of one class
+//! (consecutive in index order among the live files), they are rewritten
+//! as one file named for the whole range, `p<partition>-<first of
+//! run>-<last of run>.parquet` (temp file, fsync, rename: the rename is the
+//! commit), which lands in the next class. A row is thus rewritten about
+//! once per class. A file whose range lies inside another file of the same
+//! partition in the same directory is **covered**: readers skip it
+//! ([`covered_files`]), so a reading is in exactly one live file at every
+//! instant, before, during and after a compaction, and after a crash at any
+//! point. Covered files are deleted once their oldest cover is older than
 //! [`CompactionPolicy::grace`] (longer than any query may run), so a query
-//! that listed them before the rename can still read them.
+//! that listed them before the rename can still read them. Only names this
+//! module writes are taken for its files ([`FileRange::parse`] is strict);
+//! the directory is trusted storage (see `docs/threat-model.md`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -137,19 +141,20 @@ fn remove_uncommitted(root: &Path, partition: u32, hw: u64) -> Result<()> {
     let Ok(dates) = std::fs::read_dir(root) else {
         return Ok(());
     };
-    let prefix = format!("p{partition}-");
+    let tmp_prefix = format!(".p{partition}-");
     for date in dates.flatten() {
+        if !date.file_name().to_string_lossy().starts_with("date=") {
+            continue;
+        }
         let Ok(files) = std::fs::read_dir(date.path()) else {
             continue;
         };
         for f in files.flatten() {
             let name = f.file_name().to_string_lossy().into_owned();
-            let first = name
-                .strip_prefix(&prefix)
-                .and_then(|r| r.split('-').next())
-                .and_then(|n| n.parse::<u64>().ok());
-            let stale_tmp = name.starts_with(&format!(".{prefix}")) && name.ends_with(".tmp");
-            if first.is_some_and(|first| first >= hw) || stale_tmp {
+            let uncommitted =
+                FileRange::parse(&name).is_some_and(|r| r.partition == partition && r.first >= hw);
+            let stale_tmp = name.starts_with(&tmp_prefix) && name.ends_with(".tmp");
+            if (uncommitted || stale_tmp) && f.path().is_file() {
                 std::fs::remove_file(f.path()).map_err(|e| perr(&f.path(), e))?;
             }
         }
@@ -177,11 +182,14 @@ impl FileRange {
         let partition = it.next()?.parse().ok()?;
         let first = it.next()?.parse().ok()?;
         let last = it.next()?.parse().ok()?;
-        (first <= last).then_some(FileRange {
+        let r = FileRange {
             partition,
             first,
             last,
-        })
+        };
+        // Only the names we write: an odd one (`p00-…`, unpadded numbers)
+        // must never be taken for a file of ours.
+        (first <= last && r.name() == name).then_some(r)
     }
 
     /// The file name.
@@ -254,44 +262,56 @@ pub struct CompactionStats {
     pub merged: usize,
     /// Covered files deleted.
     pub deleted: usize,
-    /// Live files of this partition after the pass, in every directory.
+    /// Live files of this partition after the pass, in the directories
+    /// looked at.
     pub live_files: usize,
+    /// Bytes of the files merged (what was read to be rewritten).
+    pub rewritten_bytes: u64,
 }
 
+/// The largest file of a compaction run holds at most this many times the
+/// leaves of its smallest.
+const SIZE_RATIO: u64 = 4;
+
 /// The first run of at least `min` consecutive files of `live` (sorted by
-/// first index) that are committed (below `hw`) and each under `limit`
-/// bytes, at most `target` bytes together.
+/// first index) that are committed (below `hw`), each under `target`
+/// bytes and strictly after the one before (no overlap), of similar sizes
+/// in leaves (largest ≤ `ratio` × smallest), at most `target` bytes
+/// together; as long as those rules allow.
 fn pick_run(
     live: &[(FileRange, u64)],
     hw: u64,
     min: usize,
-    limit: u64,
     target: u64,
+    ratio: u64,
 ) -> Option<Vec<FileRange>> {
-    let mut run: std::collections::VecDeque<(FileRange, u64)> = Default::default();
-    let mut bytes = 0u64;
-    for &(r, len) in live {
-        if r.last >= hw || len >= limit {
-            if run.len() >= min {
-                break;
-            }
-            run.clear();
-            bytes = 0;
+    let ok = |k: usize| {
+        let (r, len) = live[k];
+        r.last < hw && len < target && (k == 0 || r.first > live[k - 1].0.last)
+    };
+    // Similar by leaves (a file's index range), not bytes: a small file is
+    // mostly its footer, so bytes barely grow when small files merge.
+    let leaves = |k: usize| live[k].0.last - live[k].0.first + 1;
+    for a in 0..live.len() {
+        if !ok(a) {
             continue;
         }
-        if bytes + len > target && run.len() >= min {
-            break;
-        }
-        while bytes + len > target {
-            match run.pop_front() {
-                Some((_, l)) => bytes -= l,
-                None => break,
+        let (mut lo, mut hi, mut sum) = (leaves(a), leaves(a), live[a].1);
+        let mut b = a + 1;
+        while b < live.len() && ok(b) {
+            let (n, len) = (leaves(b), live[b].1);
+            let (nlo, nhi) = (lo.min(n), hi.max(n));
+            if nhi > nlo.saturating_mul(ratio) || sum + len > target {
+                break;
             }
+            (lo, hi, sum) = (nlo, nhi, sum + len);
+            b += 1;
         }
-        run.push_back((r, len));
-        bytes += len;
+        if b - a >= min {
+            return Some(live[a..b].iter().map(|(r, _)| *r).collect());
+        }
     }
-    (run.len() >= min).then(|| run.into_iter().map(|(r, _)| r).collect())
+    None
 }
 
 /// Read a `readings` file batch by batch (8k rows each), in the current
@@ -320,94 +340,39 @@ fn each_batch(path: &Path, mut f: impl FnMut(RecordBatch) -> Result<()>) -> Resu
     Ok(())
 }
 
-/// Exports one partition's log to Parquet.
+/// Compacts one partition's Parquet files. It touches only files wholly
+/// below the high-water mark it is given, and the exporter only creates
+/// files at or past it, so it can run beside the exporter (on a thread of
+/// its own).
 #[derive(Debug)]
-pub struct ParquetExporter {
+pub struct Compactor {
     root: PathBuf,
-    state_dir: PathBuf,
     partition: u32,
-    hw: u64,
-    /// Readings the attestor just logged and already decoded, from `hw` on
-    /// and contiguous, so an export need not read and decode them again.
-    staged: std::collections::VecDeque<Staged>,
-    /// When the directories were last looked at for compaction.
     compacted_at: Option<std::time::Instant>,
+    /// Every date directory was looked at once (later passes look at the
+    /// newest two only: older days get no new files).
+    scanned_all: bool,
 }
 
-/// One logged reading, decoded, as handed over by the attestor.
-#[derive(Debug)]
-struct Staged {
-    index: u64,
-    log_time_ms: u64,
-    hash: Hash,
-    reading: Reading,
-}
-
-fn perr(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::State {
-        path: path.to_owned(),
-        detail: e.to_string(),
-    }
-}
-
-impl ParquetExporter {
-    /// Exporter for `partition`, writing under `<data_dir>/readings`, keeping
-    /// its high-water mark in `state_dir`.
-    pub fn open(data_dir: &Path, state_dir: &Path, partition: u32) -> Result<Self> {
-        let hw_path = state_dir.join("parquet.hw");
-        let hw = match std::fs::read_to_string(&hw_path) {
-            Ok(s) => s.trim().parse().map_err(|e| perr(&hw_path, e))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(perr(&hw_path, e)),
-        };
-        let root = data_dir.join("readings");
-        remove_uncommitted(&root, partition, hw)?;
-        Ok(ParquetExporter {
-            root,
-            state_dir: state_dir.to_owned(),
+impl Compactor {
+    /// For `partition`'s files under `<data_dir>/readings`.
+    pub fn new(data_dir: &Path, partition: u32) -> Self {
+        Compactor {
+            root: data_dir.join("readings"),
             partition,
-            hw,
-            staged: std::collections::VecDeque::new(),
             compacted_at: None,
-        })
-    }
-
-    /// Hand over readings just appended at `first_index..`, with their log
-    /// time and leaf hashes, so the next export need not decode them. A
-    /// gap (anything not continuing what is staged) discards the staging;
-    /// export then reads the log, which is always correct.
-    pub fn stage(
-        &mut self,
-        first_index: u64,
-        log_time_ms: u64,
-        readings: Vec<Reading>,
-        hashes: &[Hash],
-    ) {
-        let next = self.staged.back().map_or(self.hw, |s| s.index + 1);
-        if first_index != next || readings.len() != hashes.len() {
-            self.staged.clear();
-            return;
-        }
-        for (i, (reading, hash)) in readings.into_iter().zip(hashes).enumerate() {
-            self.staged.push_back(Staged {
-                index: first_index + i as u64,
-                log_time_ms,
-                hash: *hash,
-                reading,
-            });
+            scanned_all: false,
         }
     }
 
-    /// Leaves exported so far.
-    pub fn high_water(&self) -> u64 {
-        self.hw
-    }
-
-    /// One compaction pass, if `policy.every` has passed since the last
-    /// (or `force`): delete covered files past their grace, then merge at
-    /// most one run of small committed files. Returns `None` when not due.
+    /// One pass, if `policy.every` has passed since the last (or
+    /// `force`): in each date directory, delete covered files past their
+    /// grace, and merge at most one run of consecutive committed files
+    /// (below `hw`) of one size class. Returns `None` when not due. An error
+    /// leaves every file as it was or as a committed merge left it.
     pub fn compact(
         &mut self,
+        hw: u64,
         policy: &CompactionPolicy,
         force: bool,
     ) -> Result<Option<CompactionStats>> {
@@ -423,97 +388,128 @@ impl ParquetExporter {
         let Ok(dates) = std::fs::read_dir(&self.root) else {
             return Ok(Some(stats));
         };
-        let mut dirs: Vec<PathBuf> = dates.flatten().map(|d| d.path()).collect();
+        let mut dirs: Vec<PathBuf> = dates
+            .flatten()
+            .filter(|d| d.file_name().to_string_lossy().starts_with("date="))
+            .map(|d| d.path())
+            .collect();
         dirs.sort();
-        for dir in dirs {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            let names: Vec<String> = entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
-            let covered: std::collections::HashSet<&str> =
-                covered_files(names.iter().map(String::as_str))
-                    .into_iter()
-                    .collect();
-            let mine = |n: &str| FileRange::parse(n).filter(|r| r.partition == self.partition);
-            // (range, bytes, written, covered) of this partition's files.
-            let mut files: Vec<(FileRange, u64, std::time::SystemTime, bool)> = Vec::new();
-            for n in &names {
-                let Some(r) = mine(n) else { continue };
-                let Ok(meta) = std::fs::metadata(dir.join(n)) else {
-                    continue;
-                };
-                let mtime = meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH);
-                files.push((r, meta.len(), mtime, covered.contains(n.as_str())));
-            }
-            // A covered file goes once its oldest cover (live or covered
-            // itself) is past the grace: it has been covered at least that
-            // long, so no query that listed it as live is still running.
-            // (The newest cover is rewritten at every merge, so waiting on
-            // it would never delete anything under steady traffic.)
-            let mut deleted_here = 0;
-            for (r, _, _, is_covered) in &files {
-                if !is_covered {
-                    continue;
-                }
-                let oldest_cover = files
-                    .iter()
-                    .filter(|(c, ..)| r.inside(c))
-                    .map(|(_, _, mtime, _)| *mtime)
-                    .min();
-                if oldest_cover.is_some_and(|t| t.elapsed().is_ok_and(|age| age >= policy.grace)) {
-                    let path = dir.join(r.name());
-                    std::fs::remove_file(&path).map_err(|e| perr(&path, e))?;
-                    deleted_here += 1;
-                }
-            }
-            stats.deleted += deleted_here;
-            let mut live: Vec<(FileRange, u64)> = files
-                .iter()
-                .filter(|f| !f.3)
-                .map(|(r, len, _, _)| (*r, *len))
-                .collect();
-            if deleted_here > 0 {
-                crate::durable::sync_dir(&dir)?;
-            }
-            live.sort_by_key(|(r, _)| r.first);
-            stats.live_files += live.len();
-            if stats.merged > 0 {
-                continue;
-            }
-            // Two tiers, so a row is rewritten at most twice: runs of
-            // files under a sixteenth of the target first, then runs of
-            // files under the target. A run is consecutive live files (in
-            // index order) that are all committed: the merged file covers
-            // the run's whole range, so no other file may lie inside it.
-            let min = policy.min_files.max(2);
-            let Some(run) = pick_run(
-                &live,
-                self.hw,
-                min,
-                policy.target_bytes / 16,
-                policy.target_bytes,
-            )
-            .or_else(|| {
-                pick_run(
-                    &live,
-                    self.hw,
-                    min,
-                    policy.target_bytes,
-                    policy.target_bytes,
-                )
-            }) else {
-                continue;
-            };
-            let merged = self.merge(&dir, &run)?;
-            stats.merged = run.len();
-            // The run's files are covered now, not live.
-            stats.live_files = stats.live_files + 1 - run.len();
-            tracing::debug!(dir = %dir.display(), file = %merged, files = run.len(), "compacted");
+        // The first pass looks at every day (a restart may have left
+        // covered files or a tail to merge anywhere); later ones at the
+        // newest two, which are the only ones that get new files.
+        if self.scanned_all {
+            let keep = dirs.len().saturating_sub(2);
+            dirs.drain(..keep);
         }
+        for dir in dirs {
+            self.compact_dir(&dir, hw, policy, &mut stats)?;
+        }
+        self.scanned_all = true;
         Ok(Some(stats))
+    }
+
+    fn compact_dir(
+        &self,
+        dir: &Path,
+        hw: u64,
+        policy: &CompactionPolicy,
+        stats: &mut CompactionStats,
+    ) -> Result<()> {
+        let entries = std::fs::read_dir(dir).map_err(|e| perr(dir, e))?;
+        // (range, bytes, written) of every non-empty file of ours (an
+        // empty one is no Parquet file, and covers nothing).
+        let mut all: Vec<(FileRange, u64, std::time::SystemTime)> = Vec::new();
+        let mut names = Vec::new();
+        for e in entries {
+            let e = e.map_err(|e| perr(dir, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(r) = FileRange::parse(&name) else {
+                continue;
+            };
+            // Any doubt about a file of this directory (it vanished, it is
+            // not a plain file) stops the pass here: deciding what is
+            // covered without it could delete rows.
+            let meta = std::fs::metadata(e.path()).map_err(|e| perr(dir, e))?;
+            if !meta.is_file() {
+                return Err(perr(&e.path(), "not a regular file"));
+            }
+            if meta.len() == 0 {
+                continue;
+            }
+            let mtime = meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+            names.push(name);
+            all.push((r, meta.len(), mtime));
+        }
+        let covered: std::collections::HashSet<&str> =
+            covered_files(names.iter().map(String::as_str))
+                .into_iter()
+                .collect();
+        // This partition's files: (range, bytes, written, covered).
+        let files: Vec<(FileRange, u64, std::time::SystemTime, bool)> = all
+            .iter()
+            .zip(&names)
+            .filter(|((r, ..), _)| r.partition == self.partition)
+            .map(|(&(r, len, mtime), n)| (r, len, mtime, covered.contains(n.as_str())))
+            .collect();
+        // A covered file goes once its oldest cover (live or covered
+        // itself) is past the grace: it has been covered at least that
+        // long, so no query that listed it as live is still running.
+        // (The newest cover is rewritten at every merge, so waiting on it
+        // would never delete anything under steady traffic.)
+        let mut deleted_here = 0;
+        for (r, _, _, is_covered) in &files {
+            if !is_covered {
+                continue;
+            }
+            let oldest_cover = files
+                .iter()
+                .filter(|(c, ..)| r.inside(c))
+                .map(|(_, _, mtime, _)| *mtime)
+                .min();
+            if oldest_cover.is_some_and(|t| t.elapsed().is_ok_and(|age| age >= policy.grace)) {
+                let path = dir.join(r.name());
+                match std::fs::remove_file(&path) {
+                    Ok(()) => deleted_here += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(perr(&path, e)),
+                }
+            }
+        }
+        if deleted_here > 0 {
+            crate::durable::sync_dir(dir)?;
+        }
+        stats.deleted += deleted_here;
+        let mut live: Vec<(FileRange, u64)> = files
+            .iter()
+            .filter(|f| !f.3)
+            .map(|(r, len, _, _)| (*r, *len))
+            .collect();
+        live.sort_by_key(|(r, _)| r.first);
+        stats.live_files += live.len();
+        if stats.merged > 0 {
+            return Ok(());
+        }
+        // Size-tiered: a run is consecutive live files (in index order),
+        // all committed, of similar sizes (the largest at most SIZE_RATIO
+        // times the smallest, in leaves); the merged file covers the run's
+        // whole range, so no other file may lie inside it. A growing file
+        // is thus merged again only with files about as large, and a row is
+        // rewritten about once per factor of `min_files` in file size.
+        let min = policy.min_files.max(2);
+        let Some(run) = pick_run(&live, hw, min, policy.target_bytes, SIZE_RATIO) else {
+            return Ok(());
+        };
+        let merged = self.merge(dir, &run)?;
+        stats.merged = run.len();
+        stats.rewritten_bytes = live
+            .iter()
+            .filter(|(r, _)| run.contains(r))
+            .map(|(_, len)| len)
+            .sum();
+        // The run's files are covered now, not live.
+        stats.live_files = stats.live_files + 1 - run.len();
+        tracing::debug!(dir = %dir.display(), file = %merged, files = run.len(), "compacted");
+        Ok(())
     }
 
     /// Write the rows of `run` (ascending, non-overlapping) as one file
@@ -553,6 +549,101 @@ impl ParquetExporter {
         std::fs::rename(&tmp, &dst).map_err(|e| perr(&dst, e))?;
         crate::durable::sync_dir(dir)?;
         Ok(name)
+    }
+}
+
+/// Exports one partition's log to Parquet.
+#[derive(Debug)]
+pub struct ParquetExporter {
+    root: PathBuf,
+    state_dir: PathBuf,
+    partition: u32,
+    hw: u64,
+    /// Readings the attestor just logged and already decoded, from `hw` on
+    /// and contiguous, so an export need not read and decode them again.
+    staged: std::collections::VecDeque<Staged>,
+    /// Compaction of the files below `hw` (tests and callers without a
+    /// background compactor).
+    compactor: Compactor,
+}
+
+/// One logged reading, decoded, as handed over by the attestor.
+#[derive(Debug)]
+struct Staged {
+    index: u64,
+    log_time_ms: u64,
+    hash: Hash,
+    reading: Reading,
+}
+
+fn perr(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::State {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+impl ParquetExporter {
+    /// Exporter for `partition`, writing under `<data_dir>/readings`, keeping
+    /// its high-water mark in `state_dir`.
+    pub fn open(data_dir: &Path, state_dir: &Path, partition: u32) -> Result<Self> {
+        let hw_path = state_dir.join("parquet.hw");
+        let hw = match std::fs::read_to_string(&hw_path) {
+            Ok(s) => s.trim().parse().map_err(|e| perr(&hw_path, e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(perr(&hw_path, e)),
+        };
+        let root = data_dir.join("readings");
+        remove_uncommitted(&root, partition, hw)?;
+        Ok(ParquetExporter {
+            root,
+            state_dir: state_dir.to_owned(),
+            partition,
+            hw,
+            staged: std::collections::VecDeque::new(),
+            compactor: Compactor::new(data_dir, partition),
+        })
+    }
+
+    /// Hand over readings just appended at `first_index..`, with their log
+    /// time and leaf hashes, so the next export need not decode them. A
+    /// gap (anything not continuing what is staged) discards the staging;
+    /// export then reads the log, which is always correct.
+    pub fn stage(
+        &mut self,
+        first_index: u64,
+        log_time_ms: u64,
+        readings: Vec<Reading>,
+        hashes: &[Hash],
+    ) {
+        let next = self.staged.back().map_or(self.hw, |s| s.index + 1);
+        if first_index != next || readings.len() != hashes.len() {
+            self.staged.clear();
+            return;
+        }
+        for (i, (reading, hash)) in readings.into_iter().zip(hashes).enumerate() {
+            self.staged.push_back(Staged {
+                index: first_index + i as u64,
+                log_time_ms,
+                hash: *hash,
+                reading,
+            });
+        }
+    }
+
+    /// Leaves exported so far.
+    pub fn high_water(&self) -> u64 {
+        self.hw
+    }
+
+    /// One compaction pass of this partition's files below the high-water
+    /// mark ([`Compactor::compact`]).
+    pub fn compact(
+        &mut self,
+        policy: &CompactionPolicy,
+        force: bool,
+    ) -> Result<Option<CompactionStats>> {
+        self.compactor.compact(self.hw, policy, force)
     }
 
     /// Export the leaves `[hw, log.size())`. Returns the rows written.
@@ -792,9 +883,11 @@ mod tests {
     fn live_rows(data: &Path) -> RecordBatch {
         let mut files = Vec::new();
         for d in std::fs::read_dir(data.join("readings")).unwrap().flatten() {
+            // As readers do: empty files are skipped and cover nothing.
             let names: Vec<String> = std::fs::read_dir(d.path())
                 .unwrap()
                 .flatten()
+                .filter(|f| f.metadata().unwrap().len() > 0)
                 .map(|f| f.file_name().to_string_lossy().into_owned())
                 .collect();
             let covered = covered_files(names.iter().map(String::as_str));
@@ -944,23 +1037,27 @@ mod tests {
         let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
         assert!(!files_of(data.path()).iter().any(|n| n.ends_with(".tmp")));
         assert_eq!(live_rows(data.path()), plain);
-        // Merged files merge again (into one covering everything), and an
-        // uncommitted export (past the high-water mark) is never merged.
+        // Files merge with files of about their size only (the 120-leaf
+        // file stays as it is), and an uncommitted export (past the
+        // high-water mark) is never merged.
         fill(&mut log, 180, 183);
         let hw = ex.high_water();
         ex.export(&log, &patients, &mut dids).unwrap();
         std::fs::write(pdir.join("parquet.hw"), hw.to_string()).unwrap();
         let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
         let stats = ex.compact(&now, true).unwrap().unwrap();
-        assert_eq!(stats.merged, 21);
+        assert_eq!(stats.merged, 20);
         assert_eq!(live_rows(data.path()), plain);
         ex.export(&log, &patients, &mut dids).unwrap();
         assert_eq!(live_rows(data.path()).num_rows(), 366);
         let names = files_of(data.path());
-        assert!(
-            names.contains(&"p0-000000000000-000000000179.parquet".to_owned()),
-            "{names:?}"
-        );
+        for n in [
+            "p0-000000000000-000000000119.parquet",
+            "p0-000000000120-000000000179.parquet",
+            "p0-000000000180-000000000182.parquet",
+        ] {
+            assert!(names.contains(&n.to_owned()), "{names:?}");
+        }
         let _ = before;
     }
 
@@ -982,82 +1079,162 @@ mod tests {
             .path()
             .join("readings")
             .join(format!("date={}", utc_date(1_800_000_000_000)));
-        let age_all_but_newest = |newest: &str| {
-            let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        let age_all = || {
             for f in std::fs::read_dir(&dir).unwrap().flatten() {
-                if f.file_name().to_string_lossy() != newest {
-                    std::fs::File::options()
-                        .write(true)
-                        .open(f.path())
-                        .unwrap()
-                        .set_modified(old)
-                        .unwrap();
-                }
+                std::fs::File::options()
+                    .write(true)
+                    .open(f.path())
+                    .unwrap()
+                    .set_modified(old)
+                    .unwrap();
             }
         };
-        // Every pass merges the new export into a new cover, so the live
-        // cover is always fresh; the older covers are what let the covered
-        // files go.
-        for k in 0..10 {
+        // Every pass merges something new, so there is always a fresh
+        // cover; the older (aged) covers are what let covered files go.
+        for k in 0..16 {
             fill(&mut log, k * 2, k * 2 + 2);
             ex.export(&log, &patients, &mut dids).unwrap();
             ex.compact(&policy, true).unwrap();
-            let newest = FileRange {
-                partition: 0,
-                first: 0,
-                last: k * 2 + 1,
-            }
-            .name();
-            age_all_but_newest(&newest);
+            age_all();
         }
+        fill(&mut log, 32, 34);
+        ex.export(&log, &patients, &mut dids).unwrap();
         let stats = ex.compact(&policy, true).unwrap().unwrap();
-        assert_eq!(stats.live_files, 1);
-        // Only what the newest (fresh) cover just covered is left.
-        assert_eq!(
-            files_of(data.path()),
-            vec![
-                "p0-000000000000-000000000017.parquet".to_owned(),
-                "p0-000000000000-000000000019.parquet".to_owned(),
-                "p0-000000000018-000000000019.parquet".to_owned(),
-            ]
-        );
-        assert_eq!(live_rows(data.path()).num_rows(), 40);
+        assert!(stats.merged > 0 && stats.deleted > 0, "{stats:?}");
+        // What is left covered is covered by fresh files only.
+        let names = files_of(data.path());
+        let fresh = |n: &str| std::fs::metadata(dir.join(n)).unwrap().modified().unwrap() > old;
+        for c in covered_files(names.iter().map(String::as_str)) {
+            let r = FileRange::parse(c).unwrap();
+            for n in &names {
+                if r.inside(&FileRange::parse(n).unwrap()) {
+                    assert!(fresh(n), "{c} is covered by the old {n} and was kept");
+                }
+            }
+        }
+        assert!(names.len() < 8, "{names:?}");
+        assert_eq!(live_rows(data.path()).num_rows(), 68);
     }
 
     #[test]
     fn runs_are_consecutive_committed_and_within_bounds() {
         use proptest::prelude::*;
-        proptest!(|(sizes in proptest::collection::vec(1u64..40, 0..30), hw_at in 0usize..32,
-                    min in 2usize..6, limit in 1u64..50, target in 1u64..200)| {
-            let live: Vec<(FileRange, u64)> = sizes
+        proptest!(|(shape in proptest::collection::vec((1u64..20, 1u64..40), 0..30),
+                    hw_at in 0usize..32, min in 2usize..6, target in 1u64..200, ratio in 1u64..5)| {
+            let mut next = 0;
+            let live: Vec<(FileRange, u64)> = shape
                 .iter()
-                .enumerate()
-                .map(|(i, &len)| (FileRange { partition: 0, first: i as u64 * 10, last: i as u64 * 10 + 9 }, len))
+                .map(|&(leaves, len)| {
+                    let r = FileRange { partition: 0, first: next, last: next + leaves - 1 };
+                    next += leaves;
+                    (r, len)
+                })
                 .collect();
-            let hw = hw_at as u64 * 10;
-            let ok = |k: usize| live[k].0.last < hw && live[k].1 < limit;
+            let hw = live.get(hw_at).map_or(next, |f| f.0.first);
+            let fits = |a: usize, b: usize| {
+                let w = &live[a..b];
+                let lo = w.iter().map(|f| f.0.last - f.0.first + 1).min().unwrap();
+                let hi = w.iter().map(|f| f.0.last - f.0.first + 1).max().unwrap();
+                let sum: u64 = w.iter().map(|f| f.1).sum();
+                w.iter().all(|f| f.0.last < hw && f.1 < target) && hi <= lo * ratio && sum <= target
+            };
             // Naive: every window of consecutive files.
-            let mut any = false;
-            for a in 0..live.len() {
-                for b in a + min..=live.len() {
-                    let sum: u64 = live[a..b].iter().map(|f| f.1).sum();
-                    if (a..b).all(ok) && sum <= target {
-                        any = true;
-                    }
-                }
-            }
-            let got = pick_run(&live, hw, min, limit, target);
+            let any = (0..live.len()).any(|a| (a + min..=live.len()).any(|b| fits(a, b)));
+            let got = pick_run(&live, hw, min, target, ratio);
             prop_assert_eq!(got.is_some(), any);
             if let Some(run) = got {
                 let start = live.iter().position(|f| f.0 == run[0]).unwrap();
                 for (k, r) in run.iter().enumerate() {
                     prop_assert_eq!(live[start + k].0, *r, "consecutive");
-                    prop_assert!(ok(start + k));
                 }
                 prop_assert!(run.len() >= min);
-                let sum: u64 = live[start..start + run.len()].iter().map(|f| f.1).sum();
-                prop_assert!(sum <= target);
+                prop_assert!(fits(start, start + run.len()));
             }
         });
+    }
+
+    #[test]
+    fn each_row_is_rewritten_a_bounded_number_of_times() {
+        let data = tempfile::tempdir().unwrap();
+        let pdir = data.path().join("partitions/0");
+        let mut log = DurableLog::open(&pdir).unwrap();
+        let patients: PatientLookup = Arc::new(|_| Registered::Active("patient-1".into()));
+        let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
+        let mut dids = DidCache::default();
+        let policy = CompactionPolicy {
+            min_files: 4,
+            target_bytes: 64 * 1024 * 1024,
+            grace: std::time::Duration::ZERO,
+            every: std::time::Duration::ZERO,
+        };
+        // Tiny exports, a pass after each: the worst case for rewriting a
+        // growing file again and again.
+        let dir = data
+            .path()
+            .join("readings")
+            .join(format!("date={}", utc_date(1_800_000_000_000)));
+        let (mut rewritten, mut exported) = (0u64, 0u64);
+        for k in 0..400 {
+            fill(&mut log, k * 2, k * 2 + 2);
+            ex.export(&log, &patients, &mut dids).unwrap();
+            let new = FileRange {
+                partition: 0,
+                first: k * 2,
+                last: k * 2 + 1,
+            }
+            .name();
+            exported += std::fs::metadata(dir.join(new)).unwrap().len();
+            rewritten += ex.compact(&policy, true).unwrap().unwrap().rewritten_bytes;
+        }
+        assert_eq!(live_rows(data.path()).num_rows(), 1600);
+        // 400 exports merge 4 at a time: about log4(400) ≈ 4 levels, the
+        // first reading what the exports wrote, the others much less.
+        assert!(
+            rewritten <= 3 * exported,
+            "rewrote {rewritten} bytes for {exported} bytes exported"
+        );
+    }
+
+    #[test]
+    fn odd_and_empty_files_are_not_taken_for_ours() {
+        for odd in [
+            "p0-5-9.parquet",
+            "p00-000000000005-000000000009.parquet",
+            "p+0-000000000005-000000000009.parquet",
+        ] {
+            assert_eq!(FileRange::parse(odd), None, "{odd}");
+        }
+        let data = tempfile::tempdir().unwrap();
+        let pdir = data.path().join("partitions/0");
+        let mut log = DurableLog::open(&pdir).unwrap();
+        let patients: PatientLookup = Arc::new(|_| Registered::Active("patient-1".into()));
+        let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
+        let mut dids = DidCache::default();
+        for k in 0..4 {
+            fill(&mut log, k * 2, k * 2 + 2);
+            ex.export(&log, &patients, &mut dids).unwrap();
+        }
+        let dir = data
+            .path()
+            .join("readings")
+            .join(format!("date={}", utc_date(1_800_000_000_000)));
+        // An empty file with a wide range covers nothing and is not merged.
+        std::fs::write(dir.join("p0-000000000000-999999999999.parquet"), b"").unwrap();
+        let now = CompactionPolicy {
+            min_files: 2,
+            grace: std::time::Duration::ZERO,
+            every: std::time::Duration::ZERO,
+            ..Default::default()
+        };
+        let stats = ex.compact(&now, true).unwrap().unwrap();
+        assert_eq!(stats.merged, 4);
+        assert_eq!(live_rows(data.path()).num_rows(), 16);
+        // Something that is not a plain file stops the pass (an error),
+        // and deletes nothing.
+        std::fs::create_dir(dir.join("p0-000000000100-000000000101.parquet")).unwrap();
+        let before = files_of(data.path());
+        assert!(ex.compact(&now, true).is_err());
+        assert_eq!(files_of(data.path()), before);
     }
 }

@@ -344,6 +344,8 @@ pub struct PartitionState {
     last_cp_at: Option<Instant>,
     metrics: Metrics,
     exporter: ParquetExporter,
+    /// The high-water mark to the partition's compaction thread.
+    compact: std::sync::mpsc::SyncSender<u64>,
     patients: PatientLookup,
     /// Parsed DIDs of this partition's devices (the log, dedup rebuild and
     /// Parquet export all decode the same devices' readings).
@@ -390,6 +392,7 @@ impl PartitionState {
         let mut dids = DidCache::default();
         let index = SeqIndex::open(&dir, &log, &mut dids)?;
         let exporter = ParquetExporter::open(&cfg.data_dir, &dir, p)?;
+        let compact = spawn_compactor(&cfg.data_dir, p, cfg.compaction, metrics.clone());
         metrics
             .tree_size
             .with_label_values(&[&p.to_string()])
@@ -405,6 +408,7 @@ impl PartitionState {
             last_cp_at: None,
             metrics,
             exporter,
+            compact,
             patients,
             dids,
         })
@@ -750,26 +754,10 @@ impl PartitionState {
             .collect())
     }
 
-    /// A compaction pass of this partition's Parquet files, if due.
-    fn compact(
-        &mut self,
-        policy: &crate::parquet_out::CompactionPolicy,
-        force: bool,
-    ) -> Result<()> {
-        if let Some(stats) = self.exporter.compact(policy, force)? {
-            let part = self.partition.to_string();
-            self.metrics
-                .parquet_files
-                .with_label_values(&[&part])
-                .set(stats.live_files as i64);
-            if stats.merged > 0 {
-                self.metrics
-                    .parquet_compactions
-                    .with_label_values(&[&part])
-                    .inc();
-            }
-        }
-        Ok(())
+    /// Tell the compaction thread how far the rows are committed.
+    fn notify_compactor(&self) {
+        // A full slot already holds a mark; the thread reads the latest.
+        let _ = self.compact.try_send(self.exporter.high_water());
     }
 
     /// Sign a checkpoint over leaves no checkpoint covers yet, and export
@@ -781,7 +769,7 @@ impl PartitionState {
             self.exporter
                 .export(&self.log, &self.patients, &mut self.dids)?;
         }
-        self.compact(&cfg.compaction, true)?;
+        self.notify_compactor();
         Ok(note)
     }
 
@@ -832,7 +820,7 @@ impl PartitionState {
         self.index.sync()?;
         self.exporter
             .export(&self.log, &self.patients, &mut self.dids)?;
-        self.compact(&cfg.compaction, false)?;
+        self.notify_compactor();
         self.last_cp_size = size;
         self.last_cp_at = Some(Instant::now());
         let part = self.partition.to_string();
@@ -843,6 +831,64 @@ impl PartitionState {
             .set(0);
         Ok(Some(note))
     }
+}
+
+/// Start partition `p`'s compaction thread; it compacts below the latest
+/// high-water mark it was sent, at most every `policy.every` (also while
+/// the partition is idle), and ends when the sender is dropped. Compaction
+/// is housekeeping of derived files: its failures are logged and counted
+/// (`vitaltrail_attestor_parquet_compaction_errors_total`), retried on the
+/// next pass, and never stop the partition.
+fn spawn_compactor(
+    data_dir: &Path,
+    p: u32,
+    policy: crate::parquet_out::CompactionPolicy,
+    metrics: Metrics,
+) -> std::sync::mpsc::SyncSender<u64> {
+    use std::sync::mpsc::RecvTimeoutError;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(1);
+    let mut compactor = crate::parquet_out::Compactor::new(data_dir, p);
+    let part = p.to_string();
+    let spawned = std::thread::Builder::new()
+        .name(format!("vitaltrail-compact-{p}"))
+        .spawn(move || {
+            let tick = policy.every.max(Duration::from_millis(50));
+            let mut hw = None;
+            loop {
+                match rx.recv_timeout(tick) {
+                    Ok(h) => hw = Some(h),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+                let Some(h) = hw else { continue };
+                match compactor.compact(h, &policy, false) {
+                    Ok(Some(stats)) => {
+                        metrics
+                            .parquet_files
+                            .with_label_values(&[&part])
+                            .set(stats.live_files as i64);
+                        if stats.merged > 0 {
+                            metrics
+                                .parquet_compactions
+                                .with_label_values(&[&part])
+                                .inc();
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(partition = %part, error = %e, "Parquet compaction failed; retrying on the next pass");
+                        metrics
+                            .parquet_compaction_errors
+                            .with_label_values(&[&part])
+                            .inc();
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(partition = p, error = %e, "no compaction thread: Parquet files stay uncompacted");
+    }
+    tx
 }
 
 /// The fork guard, on open: the latest checkpoint this partition signed
@@ -1051,5 +1097,36 @@ mod tests {
         w.insert(u64::MAX - 1);
         assert_eq!(w.check(u64::MAX - 1), SeqCheck::Seen);
         assert_eq!(w.check(u64::MAX), SeqCheck::Fresh);
+    }
+
+    #[test]
+    fn a_failing_compaction_is_counted_and_retried_never_fatal() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("readings/date=2027-01-15");
+        std::fs::create_dir_all(dir.join("p0-000000000000-000000000001.parquet")).unwrap();
+        let registry = prometheus::Registry::new();
+        let metrics = Metrics::new(&registry).unwrap();
+        let policy = crate::parquet_out::CompactionPolicy {
+            every: std::time::Duration::ZERO,
+            ..Default::default()
+        };
+        let tx = spawn_compactor(data.path(), 0, policy, metrics.clone());
+        let errors = || {
+            metrics
+                .parquet_compaction_errors
+                .with_label_values(&["0"])
+                .get()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        tx.send(10).unwrap();
+        while errors() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the compaction thread stopped retrying"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Still alive: it takes the next mark.
+        tx.send(12).unwrap();
     }
 }

@@ -75,6 +75,11 @@ pub const ENV_ALIASES: &[(&str, &str, bool)] = &[
 /// set of files each).
 pub const MAX_PARTITIONS: u32 = 1024;
 
+/// Covered Parquet files are kept at least this long by default-safe
+/// settings: twice a query's timeout (60 s), so no query that listed one
+/// finds it gone. Less is allowed (tests), with a warning.
+pub const MIN_SAFE_GRACE_MS: u64 = 120_000;
+
 /// What `config print` writes in place of a secret; a configuration that
 /// still holds it is refused.
 pub const REDACTED: &str = "<redacted>";
@@ -470,6 +475,12 @@ impl NodeConfig {
         }
         if self.attestor.compact_min_files < 2 {
             return bad("attestor.compact_min_files must be at least 2".into());
+        }
+        if self.attestor.compact_grace_ms < MIN_SAFE_GRACE_MS {
+            tracing::warn!(
+                grace_ms = self.attestor.compact_grace_ms,
+                "attestor.compact_grace_ms is under twice the query timeout: a long query may find a merged file gone"
+            );
         }
         for (k, v) in [
             (

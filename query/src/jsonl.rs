@@ -3,7 +3,6 @@
 //! file into memory, however long the file has grown. Each query reads the
 //! files as they are when it starts executing.
 
-use std::collections::BTreeSet;
 use std::io::{BufRead as _, Read as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,6 +24,31 @@ use crate::{Error, Result, ts};
 
 /// Rows per streamed batch.
 pub const BATCH_ROWS: usize = 4096;
+
+/// A batch is cut once its lines reach this many bytes (a rejection
+/// carries its envelope, up to ~22 KB of base64), so a query holds at most
+/// a few of these outside DataFusion's memory pool.
+pub const BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+/// Discard the rest of the current line.
+fn skip_line(reader: &mut impl std::io::BufRead) -> std::io::Result<()> {
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                reader.consume(i + 1);
+                return Ok(());
+            }
+            None => {
+                let n = buf.len();
+                reader.consume(n);
+            }
+        }
+    }
+}
 
 /// Lines longer than this are not records we wrote (a rejection's
 /// envelope is at most 16 KiB); they are skipped.
@@ -84,6 +108,7 @@ impl<R: Rows> PartitionStream for JsonlStream<R> {
                 };
                 let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
                 let mut line = Vec::new();
+                let mut bytes = 0usize;
                 loop {
                     line.clear();
                     let n = match std::io::Read::by_ref(&mut reader)
@@ -100,10 +125,11 @@ impl<R: Rows> PartitionStream for JsonlStream<R> {
                         break;
                     }
                     if line.len() > MAX_LINE && !line.ends_with(b"\n") {
-                        // Skip the rest of an overlong line.
-                        let mut rest = Vec::new();
-                        if reader.read_until(b'\n', &mut rest).is_err() {
-                            break;
+                        // Skip the rest of an overlong line without
+                        // holding it.
+                        if let Err(e) = skip_line(&mut reader) {
+                            send(Err(Error::Data(format!("{}: {e}", path.display()))));
+                            return;
                         }
                         continue;
                     }
@@ -113,7 +139,11 @@ impl<R: Rows> PartitionStream for JsonlStream<R> {
                             rows.push(text, tag);
                         }
                     }
-                    if rows.len() >= BATCH_ROWS && !send(rows.batch(&schema)) {
+                    bytes += line.len();
+                    if (rows.len() >= BATCH_ROWS || bytes >= BATCH_BYTES) && {
+                        bytes = 0;
+                        !send(rows.batch(&schema))
+                    } {
                         // The query stopped reading (a LIMIT, a cap).
                         return;
                     }
@@ -256,8 +286,9 @@ struct RejectedRows {
     source: StringBuilder,
     env: StringBuilder,
     count: UInt64Builder,
-    /// Sources seen (bounded by the dead-letter file's own byte cap).
-    seen: BTreeSet<String>,
+    /// Sources seen, as 128-bit BLAKE3 prefixes (16 bytes each; bounded
+    /// by the dead-letter file's own byte cap).
+    seen: std::collections::HashSet<u128>,
     n: usize,
 }
 
@@ -266,10 +297,13 @@ impl Rows for RejectedRows {
         let Ok(r) = serde_json::from_str::<Rejection>(line) else {
             return;
         };
-        if let Some(s) = &r.source
-            && !self.seen.insert(s.clone())
-        {
-            return;
+        if let Some(s) = &r.source {
+            let h = blake3::hash(s.as_bytes());
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&h.as_bytes()[..16]);
+            if !self.seen.insert(u128::from_le_bytes(b)) {
+                return;
+            }
         }
         self.at.append_value(r.received_ms as i64);
         self.stage.append_value(&r.stage);

@@ -8,6 +8,12 @@
 //! whether a query lists the directory before, during or after a
 //! compaction. Every write, copy and delete is refused: a query can never
 //! change the data it reads.
+//!
+//! Each query opens its own engine, so each lists the files once (and
+//! DataFusion's listing cache, which never expires, holds that one
+//! snapshot for the query's life: a self-join reads one set of files). An
+//! engine must not be kept across queries, or it would keep listing
+//! deleted files and never see new exports.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -56,10 +62,11 @@ fn read_only() -> datafusion::object_store::Error {
     }
 }
 
-/// Drop the covered files of every directory among `objects`.
+/// Drop the covered files of every directory among `objects` (an empty
+/// file is no Parquet file: it neither is read nor covers anything).
 fn live(objects: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
     let mut by_dir: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
-    for o in objects {
+    for o in objects.into_iter().filter(|o| o.size > 0) {
         let dir = o
             .location
             .as_ref()
@@ -106,6 +113,14 @@ impl ObjectStore for LiveFiles {
         self.inner.get_opts(location, options).await
     }
 
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[std::ops::Range<u64>],
+    ) -> Result<Vec<bytes::Bytes>> {
+        self.inner.get_ranges(location, ranges).await
+    }
+
     fn delete_stream(
         &self,
         locations: BoxStream<'static, Result<Path>>,
@@ -147,5 +162,44 @@ impl ObjectStore for LiveFiles {
 
     async fn copy_opts(&self, _: &Path, _: &Path, _: CopyOptions) -> Result<()> {
         Err(read_only())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(path: &str, size: u64) -> ObjectMeta {
+        ObjectMeta {
+            location: Path::from(path),
+            last_modified: Default::default(),
+            size,
+            e_tag: None,
+            version: None,
+        }
+    }
+
+    #[test]
+    fn covered_and_empty_files_are_hidden_per_directory() {
+        let got = live(vec![
+            meta("r/date=a/p0-000000000000-000000000009.parquet", 10),
+            meta("r/date=a/p0-000000000000-000000000004.parquet", 10),
+            meta("r/date=a/p0-000000000005-000000000009.parquet", 10),
+            // The same range in another day's directory is its own file.
+            meta("r/date=b/p0-000000000000-000000000004.parquet", 10),
+            // An empty file covers nothing and is not read.
+            meta("r/date=b/p0-000000000000-999999999999.parquet", 0),
+            // Other partitions are untouched.
+            meta("r/date=a/p1-000000000001-000000000002.parquet", 10),
+        ]);
+        let names: Vec<&str> = got.iter().map(|o| o.location.as_ref()).collect();
+        assert_eq!(
+            names,
+            vec![
+                "r/date=a/p0-000000000000-000000000009.parquet",
+                "r/date=a/p1-000000000001-000000000002.parquet",
+                "r/date=b/p0-000000000000-000000000004.parquet",
+            ]
+        );
     }
 }

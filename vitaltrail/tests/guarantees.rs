@@ -468,13 +468,15 @@ async fn kill_9_of_up_twenty_times_loses_and_duplicates_nothing() {
     assert!(up.child.wait().unwrap().success());
     common::check_outcome_with(data.path(), 1, &report, common::Rejects::Redelivery);
     common::check_tables(data.path(), &report).await;
-    // Compaction ran: some 60 exports are a few files now.
+    // Compaction ran: some 60 exports (one per 200 ms checkpoint) are a
+    // handful of files now (live ones, about one per size tier, and those
+    // covered within the last 300 ms).
     let files: usize = std::fs::read_dir(data.path().join("readings"))
         .unwrap()
         .flatten()
         .map(|d| std::fs::read_dir(d.path()).unwrap().count())
         .sum();
-    assert!(files <= 12, "{files} Parquet files: compaction did not run");
+    assert!(files <= 20, "{files} Parquet files: compaction did not run");
 }
 
 /// A device that checks receipts is not fooled by forged ones: with no
