@@ -11,15 +11,16 @@
 //! no row is lost or duplicated.
 //!
 //! **Compaction** ([`Compactor`], on a thread of its own per partition)
-//! keeps the file count bounded. Files are sorted into size classes (under
-//! 64 KiB, under 1 MiB, under 16 MiB, … up to
-//! [`CompactionPolicy::target_bytes`]); once a date directory holds
-//! [`CompactionPolicy::min_files`] consecutive committed files of one class
-//! (consecutive in index order among the live files), they are rewritten
-//! as one file named for the whole range, `p<partition>-<first of
-//! run>-<last of run>.parquet` (temp file, fsync, rename: the rename is the
-//! commit), which lands in the next class. A row is thus rewritten about
-//! once per class. A file whose range lies inside another file of the same
+//! keeps the file count bounded. Once a date directory holds
+//! [`CompactionPolicy::min_files`] consecutive committed files of a
+//! partition (consecutive in index order among the live files) of similar
+//! size (the largest holds at most 4× the leaves of the smallest), and
+//! under [`CompactionPolicy::target_bytes`] together, they are rewritten as
+//! one file named for the whole range, `p<partition>-<first of run>-<last
+//! of run>.parquet` (temp file, fsync, rename: the rename is the commit).
+//! The result is about `min_files` times larger, so a row is rewritten
+//! about once per factor of `min_files` in file size. A file between much
+//! larger or much smaller neighbours can stay unmerged. A file whose range lies inside another file of the same
 //! partition in the same directory is **covered**: readers skip it
 //! ([`covered_files`]), so a reading is in exactly one live file at every
 //! instant, before, during and after a compaction, and after a crash at any
@@ -155,7 +156,11 @@ fn remove_uncommitted(root: &Path, partition: u32, hw: u64) -> Result<()> {
                 FileRange::parse(&name).is_some_and(|r| r.partition == partition && r.first >= hw);
             let stale_tmp = name.starts_with(&tmp_prefix) && name.ends_with(".tmp");
             if (uncommitted || stale_tmp) && f.path().is_file() {
-                std::fs::remove_file(f.path()).map_err(|e| perr(&f.path(), e))?;
+                match std::fs::remove_file(f.path()) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(perr(&f.path(), e)),
+                }
             }
         }
     }
@@ -401,11 +406,19 @@ impl Compactor {
             let keep = dirs.len().saturating_sub(2);
             dirs.drain(..keep);
         }
+        // A problem in one directory (reported) does not keep the others,
+        // today's included, from being compacted.
+        let mut first_err = None;
         for dir in dirs {
-            self.compact_dir(&dir, hw, policy, &mut stats)?;
+            if let Err(e) = self.compact_dir(&dir, hw, policy, &mut stats) {
+                first_err.get_or_insert(e);
+            }
         }
         self.scanned_all = true;
-        Ok(Some(stats))
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(Some(stats)),
+        }
     }
 
     fn compact_dir(
@@ -423,11 +436,13 @@ impl Compactor {
         for e in entries {
             let e = e.map_err(|e| perr(dir, e))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(r) = FileRange::parse(&name) else {
+            // Other partitions' files never cover ours: not even looked at
+            // (their compactors delete theirs concurrently).
+            let Some(r) = FileRange::parse(&name).filter(|r| r.partition == self.partition) else {
                 continue;
             };
-            // Any doubt about a file of this directory (it vanished, it is
-            // not a plain file) stops the pass here: deciding what is
+            // Any doubt about a file of ours (it vanished, it is not a
+            // plain file) stops this directory's pass: deciding what is
             // covered without it could delete rows.
             let meta = std::fs::metadata(e.path()).map_err(|e| perr(dir, e))?;
             if !meta.is_file() {
@@ -525,8 +540,18 @@ impl Compactor {
             last: last.last,
         }
         .name();
-        let tmp = dir.join(format!(".{name}.tmp"));
-        let file = std::fs::File::create(&tmp).map_err(|e| perr(&tmp, e))?;
+        // A name of its own: a second compactor of the partition (a stale
+        // thread) never writes into this one's temp file. Temp files are
+        // removed on open (`remove_uncommitted`).
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let tmp = dir.join(format!(".{name}.{}-{nonce}.tmp", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| perr(&tmp, e))?;
         // Row groups of at most 64k rows: a merge holds one in memory, never
         // the whole run.
         let props = parquet::file::properties::WriterProperties::builder()

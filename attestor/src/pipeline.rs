@@ -344,8 +344,9 @@ pub struct PartitionState {
     last_cp_at: Option<Instant>,
     metrics: Metrics,
     exporter: ParquetExporter,
-    /// The high-water mark to the partition's compaction thread.
-    compact: std::sync::mpsc::SyncSender<u64>,
+    /// The high-water mark the partition's compaction thread works below
+    /// (the thread ends once this state is dropped).
+    compact: Arc<std::sync::atomic::AtomicU64>,
     patients: PatientLookup,
     /// Parsed DIDs of this partition's devices (the log, dedup rebuild and
     /// Parquet export all decode the same devices' readings).
@@ -392,7 +393,14 @@ impl PartitionState {
         let mut dids = DidCache::default();
         let index = SeqIndex::open(&dir, &log, &mut dids)?;
         let exporter = ParquetExporter::open(&cfg.data_dir, &dir, p)?;
-        let compact = spawn_compactor(&cfg.data_dir, p, cfg.compaction, metrics.clone());
+        let compact = Arc::new(std::sync::atomic::AtomicU64::new(exporter.high_water()));
+        spawn_compactor(
+            &cfg.data_dir,
+            p,
+            cfg.compaction,
+            metrics.clone(),
+            compact.clone(),
+        );
         metrics
             .tree_size
             .with_label_values(&[&p.to_string()])
@@ -756,8 +764,10 @@ impl PartitionState {
 
     /// Tell the compaction thread how far the rows are committed.
     fn notify_compactor(&self) {
-        // A full slot already holds a mark; the thread reads the latest.
-        let _ = self.compact.try_send(self.exporter.high_water());
+        self.compact.store(
+            self.exporter.high_water(),
+            std::sync::atomic::Ordering::Release,
+        );
     }
 
     /// Sign a checkpoint over leaves no checkpoint covers yet, and export
@@ -834,8 +844,9 @@ impl PartitionState {
 }
 
 /// Start partition `p`'s compaction thread; it compacts below the latest
-/// high-water mark it was sent, at most every `policy.every` (also while
-/// the partition is idle), and ends when the sender is dropped. Compaction
+/// high-water mark in `hw`, every `policy.every` (also while the partition
+/// is idle), and ends once the partition's state (the other holder of
+/// `hw`) is dropped. Compaction
 /// is housekeeping of derived files: its failures are logged and counted
 /// (`vitaltrail_attestor_parquet_compaction_errors_total`), retried on the
 /// next pass, and never stop the partition.
@@ -844,23 +855,22 @@ fn spawn_compactor(
     p: u32,
     policy: crate::parquet_out::CompactionPolicy,
     metrics: Metrics,
-) -> std::sync::mpsc::SyncSender<u64> {
-    use std::sync::mpsc::RecvTimeoutError;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(1);
+    hw: Arc<std::sync::atomic::AtomicU64>,
+) {
     let mut compactor = crate::parquet_out::Compactor::new(data_dir, p);
     let part = p.to_string();
     let spawned = std::thread::Builder::new()
         .name(format!("vitaltrail-compact-{p}"))
         .spawn(move || {
             let tick = policy.every.max(Duration::from_millis(50));
-            let mut hw = None;
             loop {
-                match rx.recv_timeout(tick) {
-                    Ok(h) => hw = Some(h),
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => return,
+                std::thread::sleep(tick);
+                // The partition is gone: stop (its files are someone
+                // else's now).
+                if Arc::strong_count(&hw) == 1 {
+                    return;
                 }
-                let Some(h) = hw else { continue };
+                let h = hw.load(std::sync::atomic::Ordering::Acquire);
                 match compactor.compact(h, &policy, false) {
                     Ok(Some(stats)) => {
                         metrics
@@ -888,7 +898,6 @@ fn spawn_compactor(
     if let Err(e) = spawned {
         tracing::warn!(partition = p, error = %e, "no compaction thread: Parquet files stay uncompacted");
     }
-    tx
 }
 
 /// The fork guard, on open: the latest checkpoint this partition signed
@@ -1110,7 +1119,8 @@ mod tests {
             every: std::time::Duration::ZERO,
             ..Default::default()
         };
-        let tx = spawn_compactor(data.path(), 0, policy, metrics.clone());
+        let hw = Arc::new(std::sync::atomic::AtomicU64::new(10));
+        spawn_compactor(data.path(), 0, policy, metrics.clone(), hw.clone());
         let errors = || {
             metrics
                 .parquet_compaction_errors
@@ -1118,7 +1128,6 @@ mod tests {
                 .get()
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        tx.send(10).unwrap();
         while errors() < 2 {
             assert!(
                 Instant::now() < deadline,
@@ -1126,7 +1135,6 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        // Still alive: it takes the next mark.
-        tx.send(12).unwrap();
+        drop(hw);
     }
 }

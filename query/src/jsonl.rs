@@ -91,6 +91,8 @@ impl<R: Rows> PartitionStream for JsonlStream<R> {
         let files = (self.files)();
         let mut rows = (self.rows)();
         tokio::task::spawn_blocking(move || {
+            // Bytes of the rows since the last batch (across files).
+            let mut bytes = 0usize;
             let send = |b: Result<RecordBatch>| {
                 tx.blocking_send(
                     b.map_err(|e| datafusion::error::DataFusionError::External(Box::new(e))),
@@ -108,7 +110,6 @@ impl<R: Rows> PartitionStream for JsonlStream<R> {
                 };
                 let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
                 let mut line = Vec::new();
-                let mut bytes = 0usize;
                 loop {
                     line.clear();
                     let n = match std::io::Read::by_ref(&mut reader)
