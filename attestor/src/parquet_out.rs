@@ -587,9 +587,6 @@ pub struct ParquetExporter {
     /// Readings the attestor just logged and already decoded, from `hw` on
     /// and contiguous, so an export need not read and decode them again.
     staged: std::collections::VecDeque<Staged>,
-    /// Compaction of the files below `hw` (tests and callers without a
-    /// background compactor).
-    compactor: Compactor,
 }
 
 /// One logged reading, decoded, as handed over by the attestor.
@@ -626,7 +623,6 @@ impl ParquetExporter {
             partition,
             hw,
             staged: std::collections::VecDeque::new(),
-            compactor: Compactor::new(data_dir, partition),
         })
     }
 
@@ -659,16 +655,6 @@ impl ParquetExporter {
     /// Leaves exported so far.
     pub fn high_water(&self) -> u64 {
         self.hw
-    }
-
-    /// One compaction pass of this partition's files below the high-water
-    /// mark ([`Compactor::compact`]).
-    pub fn compact(
-        &mut self,
-        policy: &CompactionPolicy,
-        force: bool,
-    ) -> Result<Option<CompactionStats>> {
-        self.compactor.compact(self.hw, policy, force)
     }
 
     /// Export the leaves `[hw, log.size())`. Returns the rows written.
@@ -1000,6 +986,7 @@ mod tests {
         let mut log = DurableLog::open(&pdir).unwrap();
         let patients: PatientLookup = Arc::new(|_| Registered::Active("patient-1".into()));
         let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
+        let mut comp = Compactor::new(data.path(), 0);
         let mut dids = DidCache::default();
         // 40 exports of 3 leaves: 40 small files.
         for k in 0..40 {
@@ -1021,24 +1008,38 @@ mod tests {
             min_files: 1000,
             ..policy
         };
-        assert!(ex.compact(&lazy, false).unwrap().is_some());
-        assert!(ex.compact(&lazy, false).unwrap().is_none());
+        assert!(
+            comp.compact(ex.high_water(), &lazy, false)
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            comp.compact(ex.high_water(), &lazy, false)
+                .unwrap()
+                .is_none()
+        );
         let before = files_of(data.path());
-        let stats = ex.compact(&policy, true).unwrap().unwrap();
+        let stats = comp
+            .compact(ex.high_water(), &policy, true)
+            .unwrap()
+            .unwrap();
         assert_eq!(stats.merged, 40);
         assert_eq!(stats.live_files, 1);
         // The originals stay (grace) but are covered: still exactly once.
         assert_eq!(files_of(data.path()).len(), 41);
         assert_eq!(live_rows(data.path()), plain);
         // Nothing more to merge; within the grace nothing is deleted.
-        let stats = ex.compact(&policy, true).unwrap().unwrap();
+        let stats = comp
+            .compact(ex.high_water(), &policy, true)
+            .unwrap()
+            .unwrap();
         assert_eq!((stats.merged, stats.deleted, stats.live_files), (0, 0, 1));
         // Past the grace the covered files go.
         let now = CompactionPolicy {
             grace: std::time::Duration::ZERO,
             ..policy
         };
-        let stats = ex.compact(&now, true).unwrap().unwrap();
+        let stats = comp.compact(ex.high_water(), &now, true).unwrap().unwrap();
         assert_eq!((stats.deleted, stats.live_files), (40, 1));
         assert_eq!(files_of(data.path()).len(), 1);
         assert_eq!(live_rows(data.path()), plain);
@@ -1070,7 +1071,8 @@ mod tests {
         ex.export(&log, &patients, &mut dids).unwrap();
         std::fs::write(pdir.join("parquet.hw"), hw.to_string()).unwrap();
         let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
-        let stats = ex.compact(&now, true).unwrap().unwrap();
+        let mut comp = Compactor::new(data.path(), 0);
+        let stats = comp.compact(ex.high_water(), &now, true).unwrap().unwrap();
         assert_eq!(stats.merged, 20);
         assert_eq!(live_rows(data.path()), plain);
         ex.export(&log, &patients, &mut dids).unwrap();
@@ -1093,6 +1095,7 @@ mod tests {
         let mut log = DurableLog::open(&pdir).unwrap();
         let patients: PatientLookup = Arc::new(|_| Registered::Active("patient-1".into()));
         let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
+        let mut comp = Compactor::new(data.path(), 0);
         let mut dids = DidCache::default();
         let policy = CompactionPolicy {
             min_files: 2,
@@ -1120,12 +1123,15 @@ mod tests {
         for k in 0..16 {
             fill(&mut log, k * 2, k * 2 + 2);
             ex.export(&log, &patients, &mut dids).unwrap();
-            ex.compact(&policy, true).unwrap();
+            comp.compact(ex.high_water(), &policy, true).unwrap();
             age_all();
         }
         fill(&mut log, 32, 34);
         ex.export(&log, &patients, &mut dids).unwrap();
-        let stats = ex.compact(&policy, true).unwrap().unwrap();
+        let stats = comp
+            .compact(ex.high_water(), &policy, true)
+            .unwrap()
+            .unwrap();
         assert!(stats.merged > 0 && stats.deleted > 0, "{stats:?}");
         // What is left covered is covered by fresh files only.
         let names = files_of(data.path());
@@ -1186,6 +1192,7 @@ mod tests {
         let mut log = DurableLog::open(&pdir).unwrap();
         let patients: PatientLookup = Arc::new(|_| Registered::Active("patient-1".into()));
         let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
+        let mut comp = Compactor::new(data.path(), 0);
         let mut dids = DidCache::default();
         let policy = CompactionPolicy {
             min_files: 4,
@@ -1210,7 +1217,11 @@ mod tests {
             }
             .name();
             exported += std::fs::metadata(dir.join(new)).unwrap().len();
-            rewritten += ex.compact(&policy, true).unwrap().unwrap().rewritten_bytes;
+            rewritten += comp
+                .compact(ex.high_water(), &policy, true)
+                .unwrap()
+                .unwrap()
+                .rewritten_bytes;
         }
         assert_eq!(live_rows(data.path()).num_rows(), 1600);
         // 400 exports merge 4 at a time: about log4(400) ≈ 4 levels, the
@@ -1235,6 +1246,7 @@ mod tests {
         let mut log = DurableLog::open(&pdir).unwrap();
         let patients: PatientLookup = Arc::new(|_| Registered::Active("patient-1".into()));
         let mut ex = ParquetExporter::open(data.path(), &pdir, 0).unwrap();
+        let mut comp = Compactor::new(data.path(), 0);
         let mut dids = DidCache::default();
         for k in 0..4 {
             fill(&mut log, k * 2, k * 2 + 2);
@@ -1252,14 +1264,14 @@ mod tests {
             every: std::time::Duration::ZERO,
             ..Default::default()
         };
-        let stats = ex.compact(&now, true).unwrap().unwrap();
+        let stats = comp.compact(ex.high_water(), &now, true).unwrap().unwrap();
         assert_eq!(stats.merged, 4);
         assert_eq!(live_rows(data.path()).num_rows(), 16);
         // Something that is not a plain file stops the pass (an error),
         // and deletes nothing.
         std::fs::create_dir(dir.join("p0-000000000100-000000000101.parquet")).unwrap();
         let before = files_of(data.path());
-        assert!(ex.compact(&now, true).is_err());
+        assert!(comp.compact(ex.high_water(), &now, true).is_err());
         assert_eq!(files_of(data.path()), before);
     }
 }

@@ -521,6 +521,17 @@ impl StreamEncoder {
     }
 }
 
+/// The first column of the first row of `sql`, a count (tests).
+#[cfg(test)]
+pub(crate) async fn first_count(q: &QueryEngine, sql: &str) -> i64 {
+    let b = q.sql(sql).await.unwrap();
+    b[0].column(0)
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .unwrap()
+        .value(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,7 +579,10 @@ mod tests {
             grace: std::time::Duration::from_secs(3600),
             ..Default::default()
         };
-        let stats = ex.compact(&policy, true).unwrap().unwrap();
+        let stats = vitaltrail_attestor::parquet_out::Compactor::new(d.path(), 0)
+            .compact(ex.high_water(), &policy, true)
+            .unwrap()
+            .unwrap();
         assert_eq!(stats.merged as u64, n);
         d
     }
@@ -588,14 +602,7 @@ mod tests {
             "SELECT count(*) AS n FROM readings WHERE date = '2027-01-15'",
             "SELECT count(DISTINCT concat(CAST(log_index AS VARCHAR), loinc)) AS n FROM readings",
         ] {
-            let b = q.sql(sql).await.unwrap();
-            let n = b[0]
-                .column(0)
-                .as_any()
-                .downcast_ref::<arrow::array::Int64Array>()
-                .unwrap()
-                .value(0);
-            assert_eq!(n, 48, "{sql}");
+            assert_eq!(first_count(&q, sql).await, 48, "{sql}");
         }
     }
 
