@@ -13,14 +13,16 @@
 //! **Compaction** ([`Compactor`], on a thread of its own per partition)
 //! keeps the file count bounded. Once a date directory holds
 //! [`CompactionPolicy::min_files`] consecutive committed files of a
-//! partition (consecutive in index order among the live files) of similar
-//! size (the largest holds at most 4× the leaves of the smallest), and
+//! partition (consecutive in index order among the live files) of one
+//! size tier (tier `t` holds 4^t to 4^(t+1) − 1 leaves; a file takes the
+//! largest tier of the files after it, so a small file before a large one
+//! is swept up with it), and
 //! under [`CompactionPolicy::target_bytes`] together, they are rewritten as
 //! one file named for the whole range, `p<partition>-<first of run>-<last
 //! of run>.parquet` (temp file, fsync, rename: the rename is the commit).
 //! The result is about `min_files` times larger, so a row is rewritten
-//! about once per factor of `min_files` in file size. A file between much
-//! larger or much smaller neighbours can stay unmerged. A file whose range lies inside another file of the same
+//! about once per factor of `min_files` in file size, and a directory
+//! settles below `min_files` live files per tier. A file whose range lies inside another file of the same
 //! partition in the same directory is **covered**: readers skip it
 //! ([`covered_files`]), so a reading is in exactly one live file at every
 //! instant, before, during and after a compaction, and after a crash at any
@@ -274,15 +276,29 @@ pub struct CompactionStats {
     pub rewritten_bytes: u64,
 }
 
-/// The largest file of a compaction run holds at most this many times the
-/// leaves of its smallest.
+/// Files are tiered by size in leaves: tier `t` holds `SIZE_RATIO^t` to
+/// `SIZE_RATIO^(t+1) − 1` leaves.
 const SIZE_RATIO: u64 = 4;
+
+/// The tier of a file of `leaves` leaves: ⌊log_ratio(leaves)⌋.
+fn tier(leaves: u64, ratio: u64) -> u32 {
+    leaves.max(1).ilog(ratio.max(2))
+}
 
 /// The first run of at least `min` consecutive files of `live` (sorted by
 /// first index) that are committed (below `hw`), each under `target`
-/// bytes and strictly after the one before (no overlap), of similar sizes
-/// in leaves (largest ≤ `ratio` × smallest), at most `target` bytes
-/// together; as long as those rules allow.
+/// bytes and strictly after the one before (no overlap), at most `target`
+/// bytes together, and of one *effective tier*; as long as those rules
+/// allow.
+///
+/// A file's effective tier is the largest tier among it and the eligible
+/// files after it (up to the first one that is not eligible). Size-tiered
+/// compaction merges files of one tier; the effective tier also sweeps a
+/// small file that sits before a larger one (an export cut short by a
+/// crash, or a quiet spell before a busy one) into the larger one's tier,
+/// where it would otherwise stay forever. Effective tiers never rise from
+/// older to newer files, and no tier keeps `min` files, so a directory
+/// settles at fewer than `min` live files per tier: O(min · log N).
 fn pick_run(
     live: &[(FileRange, u64)],
     hw: u64,
@@ -294,22 +310,25 @@ fn pick_run(
         let (r, len) = live[k];
         r.last < hw && len < target && (k == 0 || r.first > live[k - 1].0.last)
     };
-    // Similar by leaves (a file's index range), not bytes: a small file is
-    // mostly its footer, so bytes barely grow when small files merge.
+    // By leaves (a file's index range), not bytes: a small file is mostly
+    // its footer, so bytes barely grow when small files merge.
     let leaves = |k: usize| live[k].0.last - live[k].0.first + 1;
+    let mut eff = vec![None; live.len()];
+    let mut next: Option<u32> = None;
+    for k in (0..live.len()).rev() {
+        next = if ok(k) {
+            Some(next.map_or(tier(leaves(k), ratio), |t| t.max(tier(leaves(k), ratio))))
+        } else {
+            None
+        };
+        eff[k] = next;
+    }
     for a in 0..live.len() {
-        if !ok(a) {
-            continue;
-        }
-        let (mut lo, mut hi, mut sum) = (leaves(a), leaves(a), live[a].1);
+        let Some(t) = eff[a] else { continue };
+        let mut sum = live[a].1;
         let mut b = a + 1;
-        while b < live.len() && ok(b) {
-            let (n, len) = (leaves(b), live[b].1);
-            let (nlo, nhi) = (lo.min(n), hi.max(n));
-            if nhi > nlo.saturating_mul(ratio) || sum + len > target {
-                break;
-            }
-            (lo, hi, sum) = (nlo, nhi, sum + len);
+        while b < live.len() && eff[b] == Some(t) && sum + live[b].1 <= target {
+            sum += live[b].1;
             b += 1;
         }
         if b - a >= min {
@@ -505,8 +524,7 @@ impl Compactor {
             return Ok(());
         }
         // Size-tiered: a run is consecutive live files (in index order),
-        // all committed, of similar sizes (the largest at most SIZE_RATIO
-        // times the smallest, in leaves); the merged file covers the run's
+        // all committed, of one effective tier (`pick_run`); the merged file covers the run's
         // whole range, so no other file may lie inside it. A growing file
         // is thus merged again only with files about as large, and a row is
         // rewritten about once per factor of `min_files` in file size.
@@ -1148,11 +1166,32 @@ mod tests {
         assert_eq!(live_rows(data.path()).num_rows(), 68);
     }
 
+    /// The effective tiers of `live` as `pick_run` defines them, the
+    /// naive way: for each file, the largest tier from it to the first
+    /// ineligible file after it.
+    fn naive_eff(live: &[(FileRange, u64)], hw: u64, target: u64, ratio: u64) -> Vec<Option<u32>> {
+        let ok = |k: usize| {
+            let (r, len) = live[k];
+            r.last < hw && len < target && (k == 0 || r.first > live[k - 1].0.last)
+        };
+        (0..live.len())
+            .map(|k| {
+                ok(k).then(|| {
+                    (k..live.len())
+                        .take_while(|&j| ok(j))
+                        .map(|j| (live[j].0.last - live[j].0.first + 1).ilog(ratio))
+                        .max()
+                        .unwrap()
+                })
+            })
+            .collect()
+    }
+
     #[test]
     fn runs_are_consecutive_committed_and_within_bounds() {
         use proptest::prelude::*;
-        proptest!(|(shape in proptest::collection::vec((1u64..20, 1u64..40), 0..30),
-                    hw_at in 0usize..32, min in 2usize..6, target in 1u64..200, ratio in 1u64..5)| {
+        proptest!(|(shape in proptest::collection::vec((1u64..40, 1u64..40), 0..30),
+                    hw_at in 0usize..32, min in 2usize..6, target in 1u64..200, ratio in 2u64..5)| {
             let mut next = 0;
             let live: Vec<(FileRange, u64)> = shape
                 .iter()
@@ -1163,12 +1202,10 @@ mod tests {
                 })
                 .collect();
             let hw = live.get(hw_at).map_or(next, |f| f.0.first);
+            let eff = naive_eff(&live, hw, target, ratio);
             let fits = |a: usize, b: usize| {
-                let w = &live[a..b];
-                let lo = w.iter().map(|f| f.0.last - f.0.first + 1).min().unwrap();
-                let hi = w.iter().map(|f| f.0.last - f.0.first + 1).max().unwrap();
-                let sum: u64 = w.iter().map(|f| f.1).sum();
-                w.iter().all(|f| f.0.last < hw && f.1 < target) && hi <= lo * ratio && sum <= target
+                let sum: u64 = live[a..b].iter().map(|f| f.1).sum();
+                eff[a].is_some() && eff[a..b].iter().all(|t| *t == eff[a]) && sum <= target
             };
             // Naive: every window of consecutive files.
             let any = (0..live.len()).any(|a| (a + min..=live.len()).any(|b| fits(a, b)));
@@ -1181,6 +1218,36 @@ mod tests {
                 }
                 prop_assert!(run.len() >= min);
                 prop_assert!(fits(start, start + run.len()));
+                // The first run that fits, as long as it fits.
+                prop_assert!(!(0..start).any(|a| fits(a, a + min)));
+                prop_assert!(start + run.len() == live.len() || !fits(start, start + run.len() + 1));
+            }
+        });
+    }
+
+    /// Whatever the sizes of the exports (a crash cuts one short, a quiet
+    /// spell makes them small), the live files settle below `min` per
+    /// tier. Before effective tiers, a small file between two large ones
+    /// was never merged, and a run of irregular exports kept every one of
+    /// them (21 live files after 60 exports in the kill -9 test).
+    #[test]
+    fn live_files_stay_below_min_per_tier_whatever_the_export_sizes() {
+        use proptest::prelude::*;
+        proptest!(|(exports in proptest::collection::vec(1u64..2000, 1..120), min in 2usize..5)| {
+            let target = u64::MAX / 4;
+            let mut live: Vec<(FileRange, u64)> = Vec::new();
+            let mut next = 0;
+            for n in exports {
+                live.push((FileRange { partition: 0, first: next, last: next + n - 1 }, 100 + n * 10));
+                next += n;
+                while let Some(run) = pick_run(&live, next, min, target, SIZE_RATIO) {
+                    let a = live.iter().position(|f| f.0 == run[0]).unwrap();
+                    let bytes = live[a..a + run.len()].iter().map(|f| f.1).sum();
+                    let merged = FileRange { partition: 0, first: run[0].first, last: run[run.len() - 1].last };
+                    live.splice(a..a + run.len(), [(merged, bytes)]);
+                }
+                let tiers = tier(next, SIZE_RATIO) as usize + 1;
+                prop_assert!(live.len() < min * tiers, "{} live files: {:?}", live.len(), live);
             }
         });
     }

@@ -471,12 +471,23 @@ async fn kill_9_of_up_twenty_times_loses_and_duplicates_nothing() {
     // Compaction ran: some 60 exports (one per 200 ms checkpoint) are a
     // handful of files now (live ones, about one per size tier, and those
     // covered within the last 300 ms).
-    let files: usize = std::fs::read_dir(data.path().join("readings"))
+    let names: Vec<String> = std::fs::read_dir(data.path().join("readings"))
         .unwrap()
         .flatten()
-        .map(|d| std::fs::read_dir(d.path()).unwrap().count())
-        .sum();
-    assert!(files <= 20, "{files} Parquet files: compaction did not run");
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .map(|f| {
+            format!(
+                "{} {}",
+                f.file_name().to_string_lossy(),
+                f.metadata().map(|m| m.len()).unwrap_or(0)
+            )
+        })
+        .collect();
+    let files = names.len();
+    assert!(
+        files <= 20,
+        "{files} Parquet files: compaction did not run: {names:#?}"
+    );
 }
 
 /// A device that checks receipts is not fooled by forged ones: with no
