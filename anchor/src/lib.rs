@@ -1,7 +1,31 @@
 //! # vitaltrail-anchor
 //!
-//! **Status: planned.** This crate will own anchoring: it rolls the
-//! checkpoints of each epoch into one root and writes that root to the
-//! embedded local signed ledger, or to a registry contract on an EVM chain
-//! through `alloy`, waiting for confirmations and retrying without loss while
-//! the chain is down. Only roots go on chain, never readings.
+//! Anchoring makes a log's history provable to someone who does not trust
+//! the attestor's key (`docs/anchoring.md`):
+//!
+//! * [`heads`]: each partition's latest checkpoint, taken only when it is
+//!   signed by the partition's log key and a proven extension of the one
+//!   before; a fork stops that partition;
+//! * [`store`]: every epoch (default 1 s) in which a head moved becomes
+//!   one record, a Merkle tree over every partition's `(origin, size,
+//!   root)`, appended to the **epoch log** (the same durable log as a
+//!   partition's, its checkpoints signed by the anchor key), with what
+//!   proofs need beside it;
+//! * [`ledger`]: the embedded backend, a local file of signed,
+//!   hash-chained records of the epoch log's root;
+//! * [`stage`]: [`run`], the stage, fed in process by the attestor or from
+//!   `vitals.checkpoints`;
+//! * [`metrics`]: its Prometheus metrics.
+//!
+//! Only roots leave the anchor: an epoch record holds no reading, device or
+//! patient.
+
+mod error;
+pub mod heads;
+pub mod ledger;
+pub mod metrics;
+pub mod stage;
+pub mod store;
+
+pub use error::{Error, Result};
+pub use stage::{AnchorConfig, AnchorSource, StageConfig, run};

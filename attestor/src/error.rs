@@ -17,16 +17,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// Stored data contradicts itself: committed data is missing or was
-    /// altered. Never retried; needs an operator.
-    #[error("log at {path} is corrupt: {detail}")]
-    Corrupt { path: PathBuf, detail: String },
-    /// Another process holds the log open for writing.
-    #[error("log at {0} is locked by another process")]
-    Locked(PathBuf),
     /// A request about the log that cannot be met (e.g. an index past the end).
     #[error(transparent)]
     Core(#[from] vitaltrail_core::Error),
+    /// The durable log failed (I/O, corruption, locked).
+    #[error(transparent)]
+    Log(#[from] vitaltrail_log::Error),
     /// The bus or the dead-letter store failed.
     #[error(transparent)]
     Bus(#[from] vitaltrail_bus::Error),
@@ -57,10 +53,12 @@ impl Error {
     /// True when the caller asked for something invalid.
     pub fn is_caller_fault(&self) -> bool {
         matches!(self, Error::Core(e) if e.is_caller_fault())
+            || matches!(self, Error::Log(e) if e.is_caller_fault())
     }
 
     /// True when retrying the same operation later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Io { .. } | Error::Locked(_) | Error::Bus(_))
+        matches!(self, Error::Io { .. } | Error::Bus(_))
+            || matches!(self, Error::Log(e) if e.is_retryable())
     }
 }

@@ -56,6 +56,30 @@ fn seq_key(did: &str, seq: u64) -> [u8; 40] {
     k
 }
 
+/// The leaf index of `did`'s reading `seq` in the index of the partition
+/// whose state is in `dir`, read beside a running attestor. Everything a
+/// signed checkpoint covers is indexed; `None` if it is not (yet).
+pub fn lookup(dir: &Path, did: &str, seq: u64) -> Result<Option<u64>> {
+    let path = dir.join("index.redb");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let db = redb::Builder::new()
+        .set_cache_size(1024 * 1024)
+        .set_concurrency_mode(redb::ConcurrencyMode::SingleWriter)
+        .open_read_only(&path)
+        .map_err(|e| db_err(&path, e))?;
+    let tx = db.begin_read().map_err(|e| db_err(&path, e))?;
+    let t = match tx.open_table(SEQS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(db_err(&path, e)),
+    };
+    Ok(t.get(&seq_key(did, seq))
+        .map_err(|e| db_err(&path, e))?
+        .map(|v| v.value()))
+}
+
 /// The index of one partition.
 pub struct SeqIndex {
     path: PathBuf,
@@ -112,6 +136,8 @@ impl SeqIndex {
         let path = dir.join("index.redb");
         let db = redb::Builder::new()
             .set_cache_size(DB_CACHE_BYTES)
+            // `prove` reads the index beside the running attestor.
+            .set_concurrency_mode(redb::ConcurrencyMode::SingleWriter)
             .create(&path)
             .map_err(|e| db_err(&path, e))?;
         let covered = {

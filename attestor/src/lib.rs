@@ -21,7 +21,9 @@
 //! The log's on-disk format and its crash-safety argument are described in
 //! [`durable`].
 
-pub mod durable;
+/// The durable log, from `vitaltrail-log` (shared with the anchor's
+/// epoch log).
+pub use vitaltrail_log as durable;
 mod error;
 pub mod index;
 pub mod metrics;

@@ -103,6 +103,10 @@ impl AttestorConfig {
     }
 }
 
+/// How many announced checkpoints may wait for the announcer (the
+/// Kafka publisher or the in-process anchor) before a partition waits.
+pub const ANNOUNCE_QUEUE: usize = 1024;
+
 /// Width of the per-device anti-replay window, in seqs.
 pub const SEQ_WINDOW: u64 = 1024;
 
@@ -316,21 +320,7 @@ pub struct CheckpointRecord {
     pub note: String,
 }
 
-/// A checkpoint as a partition worker announces it to other systems (the
-/// Kafka topic `vitals.checkpoints`, key = `origin`, value = this as JSON).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PublishedCheckpoint {
-    /// The partition whose log it commits to.
-    pub partition: u32,
-    /// The log's origin line.
-    pub origin: String,
-    /// Tree size.
-    pub size: u64,
-    /// When it was signed, Unix ms.
-    pub time_ms: u64,
-    /// The signed note.
-    pub note: String,
-}
+pub use vitaltrail_bus::checkpoints::PublishedCheckpoint;
 
 /// The state a worker owns for one partition.
 pub struct PartitionState {
@@ -341,6 +331,8 @@ pub struct PartitionState {
     signer: LogSigner,
     origin: String,
     last_cp_size: u64,
+    /// The size of the checkpoint signed before the latest (0: none).
+    prev_cp_size: u64,
     last_cp_at: Option<Instant>,
     metrics: Metrics,
     exporter: ParquetExporter,
@@ -413,6 +405,7 @@ impl PartitionState {
             signer,
             origin,
             last_cp_size,
+            prev_cp_size: 0,
             last_cp_at: None,
             metrics,
             exporter,
@@ -422,17 +415,50 @@ impl PartitionState {
         })
     }
 
-    /// The latest checkpoint this partition signed, as announced.
-    pub fn latest_published(&self) -> Result<Option<PublishedCheckpoint>> {
-        Ok(read_checkpoints(&self.dir)?
-            .pop()
-            .map(|c| PublishedCheckpoint {
-                partition: self.partition,
-                origin: self.origin.clone(),
-                size: c.size,
-                time_ms: c.time_ms,
-                note: c.note,
-            }))
+    /// The last `n` checkpoints this partition signed, oldest first, as
+    /// announced: each with its consistency proof from the one before. A
+    /// restart announces them again, since any of them may have been
+    /// signed but not yet taken by the announcer (its queue holds at most
+    /// [`ANNOUNCE_QUEUE`]); readers deduplicate on (origin, size).
+    pub fn recent_published(&self, n: usize) -> Result<Vec<PublishedCheckpoint>> {
+        let all = read_checkpoints(&self.dir)?;
+        let start = all.len().saturating_sub(n);
+        let mut out = Vec::with_capacity(all.len() - start);
+        for k in start..all.len() {
+            let from = if k == 0 { 0 } else { all[k - 1].size };
+            let c = &all[k];
+            out.push(self.published(from, c.size, c.time_ms, c.note.clone())?);
+        }
+        Ok(out)
+    }
+
+    /// A checkpoint of size `size`, announced with its consistency proof
+    /// from `from`.
+    fn published(
+        &self,
+        from: u64,
+        size: u64,
+        time_ms: u64,
+        note: String,
+    ) -> Result<PublishedCheckpoint> {
+        let consistency = if from > 0 && from < size {
+            self.log
+                .prove_consistency(from, size)?
+                .iter()
+                .map(|h| h.to_base64())
+                .collect()
+        } else {
+            vec![]
+        };
+        Ok(PublishedCheckpoint {
+            partition: self.partition,
+            origin: self.origin.clone(),
+            size,
+            time_ms,
+            note,
+            from_size: from,
+            consistency,
+        })
     }
 
     /// The partition log.
@@ -831,6 +857,7 @@ impl PartitionState {
         self.exporter
             .export(&self.log, &self.patients, &mut self.dids)?;
         self.notify_compactor();
+        self.prev_cp_size = self.last_cp_size;
         self.last_cp_size = size;
         self.last_cp_at = Some(Instant::now());
         let part = self.partition.to_string();
@@ -973,12 +1000,13 @@ async fn announce(
     now_ms: u64,
 ) {
     if let (Some(tx), Some(note)) = (to, note) {
-        let cp = PublishedCheckpoint {
-            partition: state.partition,
-            origin: state.origin.clone(),
-            size: state.log.size(),
-            time_ms: now_ms,
-            note,
+        let cp = match state.published(state.prev_cp_size, state.last_cp_size, now_ms, note) {
+            Ok(cp) => cp,
+            // The checkpoint is stored; a restart announces it again.
+            Err(e) => {
+                tracing::warn!(error = %e, "could not prove a checkpoint's consistency; it is announced again on restart");
+                return;
+            }
         };
         if tx.send(cp).await.is_err() {
             tracing::warn!(

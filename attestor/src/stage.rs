@@ -24,7 +24,9 @@ use vitaltrail_mqtt::receipts::{self, ReceiptConfig, ReceiptMetrics};
 
 use crate::metrics::Metrics;
 use crate::parquet_out::{PatientLookup, Registered};
-use crate::pipeline::{AttestorConfig, PartitionState, PublishedCheckpoint, run_partition};
+use crate::pipeline::{
+    ANNOUNCE_QUEUE, AttestorConfig, PartitionState, PublishedCheckpoint, run_partition,
+};
 use crate::{Error, Result};
 
 /// Where the attestor's records come from, and what comes with that choice.
@@ -61,6 +63,9 @@ pub enum AttestBus {
         receipts: mpsc::Sender<Receipt>,
         /// The registry.
         devices: SharedRegistry,
+        /// Where to announce every checkpoint (the in-process anchor):
+        /// first the recent ones of each partition, then each new one.
+        checkpoints: Option<mpsc::Sender<PublishedCheckpoint>>,
     },
 }
 
@@ -134,6 +139,7 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
             rejects,
             receipts,
             devices,
+            checkpoints,
         } => {
             let patients = patient_lookup(&devices);
             let mut tasks = tokio::task::JoinSet::new();
@@ -141,13 +147,18 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
                 let p = part.partition();
                 let state =
                     PartitionState::open(&attestor, p, &key, a_metrics.clone(), patients.clone())?;
+                if let Some(tx) = &checkpoints {
+                    for cp in state.recent_published(ANNOUNCE_QUEUE + 1)? {
+                        tx.send(cp).await.ok();
+                    }
+                }
                 tasks.spawn(run_partition(
                     part,
                     state,
                     attestor.clone(),
                     rejects.clone(),
                     clock.clone(),
-                    None,
+                    checkpoints.clone(),
                     Some(receipts.clone()),
                     shutdown.clone(),
                 ));
@@ -193,9 +204,9 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
             // Checkpoints to vitals.checkpoints: first the latest of each
             // partition (one signed before a crash may not have been
             // published), then each new one.
-            let (cp_tx, cp_rx) = mpsc::channel(1024);
+            let (cp_tx, cp_rx) = mpsc::channel(ANNOUNCE_QUEUE);
             for state in &states {
-                if let Some(cp) = state.latest_published()? {
+                for cp in state.recent_published(ANNOUNCE_QUEUE + 1)? {
                     cp_tx.send(cp).await.ok();
                 }
             }

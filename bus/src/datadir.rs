@@ -3,6 +3,7 @@
 //! | file | what | made by |
 //! |---|---|---|
 //! | `keys/log.pem` | the log signing key (Ed25519, PKCS#8) | the first attestor |
+//! | `keys/anchor.pem` | the anchor key (Ed25519, PKCS#8): epoch log checkpoints and ledger records | the first anchor without a key file |
 //! | `keys/bus.key` | the bus MAC key (64 hex digits) | the first ingest or attestor |
 //! | `keys/operator.pem` | the operator key signing `vitals.devices` | `devices add --kafka`, or the first Kafka stage without `--operator` |
 //! | `keys/metrics.token`, `keys/sql.token` | HTTP bearer tokens | the HTTP server |
@@ -32,6 +33,11 @@ fn err(path: &Path, detail: impl std::fmt::Display) -> Error {
 /// The log signing key file.
 pub fn log_key_path(data_dir: &Path) -> PathBuf {
     data_dir.join("keys").join("log.pem")
+}
+
+/// The anchor key file (`<data>/keys/anchor.pem`).
+pub fn anchor_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("anchor.pem")
 }
 
 /// The bus key file (`<data>/keys/bus.key`).
@@ -128,16 +134,36 @@ fn read_key(path: &Path) -> Result<SecretKey> {
 
 /// The log signing key (`<data>/keys/log.pem`), created once.
 pub fn log_key(data_dir: &Path) -> Result<SecretKey> {
-    let path = log_key_path(data_dir);
-    if path.exists() {
-        return read_key(&path);
+    key_created_once(&log_key_path(data_dir))
+}
+
+/// The anchor key: the PKCS#8 PEM file `key_file` when given (it must
+/// exist), else the PEM text in `$VITALTRAIL_ANCHOR_KEY` when set, else
+/// `<data>/keys/anchor.pem`, created once. Never from a flag.
+pub fn anchor_key(data_dir: &Path, key_file: Option<&Path>) -> Result<SecretKey> {
+    if let Some(f) = key_file {
+        return read_key(f);
     }
-    std::fs::create_dir_all(path.parent().unwrap_or(data_dir)).map_err(|e| err(&path, e))?;
+    if let Ok(pem) = std::env::var("VITALTRAIL_ANCHOR_KEY") {
+        return SecretKey::from_pkcs8_pem(&pem)
+            .map_err(|e| err(Path::new("$VITALTRAIL_ANCHOR_KEY"), e));
+    }
+    key_created_once(&anchor_key_path(data_dir))
+}
+
+/// The key at `path`, created if there is none yet.
+fn key_created_once(path: &Path) -> Result<SecretKey> {
+    if path.exists() {
+        return read_key(path);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(path, e))?;
+    }
     let key = SecretKey::generate(&mut rand::rngs::OsRng);
-    match write_key(&path, &key) {
+    match write_key(path, &key) {
         Ok(()) => Ok(key),
         // Another process made it first: use theirs.
-        Err(_) if path.exists() => read_key(&path),
+        Err(_) if path.exists() => read_key(path),
         Err(e) => Err(e),
     }
 }

@@ -18,6 +18,7 @@
 //! partition and the attestor that owns the partition sees its readings in
 //! order.
 
+pub mod checkpoints;
 pub mod datadir;
 pub mod deadletter;
 pub mod inproc;

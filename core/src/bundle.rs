@@ -12,8 +12,10 @@ use crate::error::{Error, Result};
 use crate::leaf;
 use crate::merkle::{self, Hash};
 
-/// The `format` value of a version-1 bundle.
+/// The `format` value of a version-1 bundle (no anchor).
 pub const FORMAT_V1: &str = "vitaltrail/proof-bundle/v1";
+/// The `format` value of a version-2 bundle (with its anchor part).
+pub const FORMAT_V2: &str = "vitaltrail/proof-bundle/v2";
 /// Largest bundle we parse.
 pub const MAX_BUNDLE_BYTES: usize = 64 * 1024;
 
@@ -21,7 +23,7 @@ pub const MAX_BUNDLE_BYTES: usize = 64 * 1024;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProofBundle {
-    /// Always [`FORMAT_V1`].
+    /// [`FORMAT_V1`] or [`FORMAT_V2`].
     pub format: String,
     /// The COSE_Sign1 envelope, standard base64.
     pub envelope: String,
@@ -33,9 +35,8 @@ pub struct ProofBundle {
     pub inclusion_proof: Vec<String>,
     /// The signed checkpoint note the proof leads to.
     pub checkpoint: String,
-    /// Reserved for the proof from the checkpoint to an anchor. A version-1
-    /// verifier that does not understand it must fail the bundle.
-    /// `"anchor": null` counts as present.
+    /// v2: the proof from the checkpoint to an anchor ([`AnchorProof`]).
+    /// v1: reserved; a v1 bundle that carries it (even as `null`) fails.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -48,6 +49,79 @@ fn present<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> std::result::Result<Option<serde_json::Value>, D::Error> {
     serde_json::Value::deserialize(d).map(Some)
+}
+
+/// The anchor part of a v2 bundle (`docs/proof-bundle.md` §1.1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnchorProof {
+    /// `"anchored"`, or `"pending"` (no anchor covers the checkpoint yet;
+    /// then no other member appears).
+    pub status: String,
+    /// The epoch record (53 bytes), standard base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_record: Option<String>,
+    /// The index of the partition's head among the epoch's heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_index: Option<u64>,
+    /// Inclusion proof of the head in the epoch's heads tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_proof: Option<Vec<String>>,
+    /// The epoch log's signed checkpoint at the anchored size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_checkpoint: Option<String>,
+    /// Inclusion proof of the epoch record in the epoch log at that size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_proof: Option<Vec<String>>,
+    /// The local ledger's signed record anchoring that size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_record: Option<String>,
+}
+
+/// `"status"` of an anchored bundle.
+pub const ANCHORED: &str = "anchored";
+/// `"status"` of a bundle whose checkpoint no anchor covers yet.
+pub const PENDING: &str = "pending";
+
+impl AnchorProof {
+    /// The anchor part of a bundle not anchored yet.
+    pub fn pending() -> Self {
+        AnchorProof {
+            status: PENDING.to_owned(),
+            epoch_record: None,
+            head_index: None,
+            head_proof: None,
+            epoch_checkpoint: None,
+            epoch_proof: None,
+            ledger_record: None,
+        }
+    }
+
+    /// An anchored part.
+    pub fn anchored(
+        record: &crate::anchor::EpochRecord,
+        head_index: u64,
+        head_proof: &[Hash],
+        epoch_checkpoint: &str,
+        epoch_proof: &[Hash],
+        ledger_record: Option<&str>,
+    ) -> Self {
+        AnchorProof {
+            status: ANCHORED.to_owned(),
+            epoch_record: Some(B64.encode(record.encode())),
+            head_index: Some(head_index),
+            head_proof: Some(head_proof.iter().map(Hash::to_base64).collect()),
+            epoch_checkpoint: Some(epoch_checkpoint.to_owned()),
+            epoch_proof: Some(epoch_proof.iter().map(Hash::to_base64).collect()),
+            ledger_record: ledger_record.map(str::to_owned),
+        }
+    }
+}
+
+fn hashes(list: &[String]) -> std::result::Result<Vec<Hash>, String> {
+    list.iter()
+        .map(|h| Hash::from_base64(h).ok_or_else(|| format!("{h:?} is not a base64 32-byte hash")))
+        .collect()
 }
 
 impl ProofBundle {
@@ -78,7 +152,51 @@ impl ProofBundle {
                 bytes.len()
             )));
         }
-        serde_json::from_slice(bytes).map_err(|e| Error::MalformedBundle(e.to_string()))
+        let b: ProofBundle =
+            serde_json::from_slice(bytes).map_err(|e| Error::MalformedBundle(e.to_string()))?;
+        // v2 requires its anchor part, in its documented shape.
+        if b.format == FORMAT_V2 {
+            let a = b
+                .anchor
+                .clone()
+                .ok_or_else(|| Error::MalformedBundle("a v2 bundle needs `anchor`".into()))?;
+            let a: AnchorProof = serde_json::from_value(a)
+                .map_err(|e| Error::MalformedBundle(format!("anchor: {e}")))?;
+            let all = [
+                a.epoch_record.is_some(),
+                a.head_index.is_some(),
+                a.head_proof.is_some(),
+                a.epoch_checkpoint.is_some(),
+                a.epoch_proof.is_some(),
+            ];
+            let shape_ok = match a.status.as_str() {
+                ANCHORED => all.iter().all(|x| *x),
+                PENDING => !all.iter().any(|x| *x) && a.ledger_record.is_none(),
+                _ => false,
+            };
+            if !shape_ok {
+                return Err(Error::MalformedBundle(format!(
+                    "anchor: status {:?} with the wrong members",
+                    a.status
+                )));
+            }
+        }
+        Ok(b)
+    }
+
+    /// Turn this into a v2 bundle with `anchor` as its anchor part.
+    pub fn with_anchor(mut self, anchor: AnchorProof) -> Self {
+        self.format = FORMAT_V2.to_owned();
+        self.anchor = serde_json::to_value(anchor).ok();
+        self
+    }
+
+    /// The anchor part of a v2 bundle.
+    pub fn anchor_proof(&self) -> Option<AnchorProof> {
+        if self.format != FORMAT_V2 {
+            return None;
+        }
+        serde_json::from_value(self.anchor.clone()?).ok()
     }
 
     /// Pretty JSON.
@@ -87,12 +205,25 @@ impl ProofBundle {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
 
-    /// Run every check. `device`, when given, pins the expected signer.
+    /// Run every check of a v1 bundle (a v2 bundle's anchor checks fail
+    /// without the anchor key: see [`ProofBundle::verify_anchored`]).
+    /// `device`, when given, pins the expected signer.
     pub fn verify(&self, log_key: &LogPublicKey, device: Option<&DeviceId>) -> Report {
+        self.verify_anchored(log_key, None, device)
+    }
+
+    /// Run every check; `anchor_key` is the anchor's verifier key (epoch
+    /// log checkpoints and ledger records), needed for a v2 bundle.
+    pub fn verify_anchored(
+        &self,
+        log_key: &LogPublicKey,
+        anchor_key: Option<&LogPublicKey>,
+        device: Option<&DeviceId>,
+    ) -> Report {
         let mut r = Report::default();
         r.push(
             "format",
-            if self.format == FORMAT_V1 {
+            if self.format == FORMAT_V1 || self.format == FORMAT_V2 {
                 Ok(())
             } else {
                 Err(format!("unknown format {:?}", self.format))
@@ -141,15 +272,113 @@ impl ProofBundle {
             _ => Err("needs a decodable envelope and a valid checkpoint".into()),
         };
         r.push("inclusion", inclusion);
-        if self.anchor.is_some() {
-            r.push(
-                "anchor",
-                Err("this verifier does not support anchor proofs".into()),
-            );
+        if self.format == FORMAT_V2 {
+            self.verify_anchor_part(&mut r, cp.as_ref().ok(), anchor_key);
+        } else if self.anchor.is_some() {
+            r.push("anchor", Err("a v1 bundle carries no anchor".into()));
         }
         r.reading = reading.ok();
         r.checkpoint = cp.ok();
         r
+    }
+}
+
+impl ProofBundle {
+    /// The checks of a v2 bundle's anchor part (`docs/proof-bundle.md`
+    /// §2, checks 6–10).
+    fn verify_anchor_part(
+        &self,
+        r: &mut Report,
+        cp: Option<&Checkpoint>,
+        anchor_key: Option<&LogPublicKey>,
+    ) {
+        let Some(a) = self.anchor_proof() else {
+            r.push("anchor", Err("no anchor part".into()));
+            return;
+        };
+        if a.status == PENDING {
+            r.pending = true;
+            r.push(
+                "anchor",
+                Err("not anchored yet: the checkpoint is signed, but no anchor covers it (prove --wait)".into()),
+            );
+            return;
+        }
+        r.push("anchor", Ok(()));
+        let (Some(rec), Some(hi), Some(hp), Some(ecp), Some(ep)) = (
+            &a.epoch_record,
+            a.head_index,
+            &a.head_proof,
+            &a.epoch_checkpoint,
+            &a.epoch_proof,
+        ) else {
+            r.push("epoch_record", Err("incomplete anchor part".into()));
+            return;
+        };
+        let record = B64
+            .decode(rec)
+            .map_err(|e| format!("epoch_record is not base64: {e}"))
+            .and_then(|b| crate::anchor::EpochRecord::decode(&b).map_err(|e| e.to_string()));
+        let head = match (&record, cp) {
+            (Ok(rec), Some(cp)) => hashes(hp).and_then(|p| {
+                let head = crate::anchor::PartitionHead {
+                    origin: cp.origin.clone(),
+                    size: cp.size,
+                    root: cp.root,
+                };
+                rec.verify_head(&head, hi, &p).map_err(|e| {
+                    format!(
+                        "the checkpoint (size {}) is not head {hi} of epoch {}: {e}",
+                        cp.size, rec.epoch
+                    )
+                })
+            }),
+            (Err(e), _) => Err(e.clone()),
+            (_, None) => Err("needs a valid checkpoint".into()),
+        };
+        r.push("epoch_record", head);
+        let epoch_cp = match anchor_key {
+            Some(k) => Checkpoint::open(ecp, k).map_err(|e| e.to_string()),
+            None => Err("no anchor key given (--anchor-key)".into()),
+        };
+        r.push(
+            "epoch_checkpoint_signature",
+            epoch_cp.as_ref().map(|_| ()).map_err(Clone::clone),
+        );
+        let inclusion = match (&record, &epoch_cp) {
+            (Ok(rec), Ok(ecp)) => hashes(ep).and_then(|p| {
+                merkle::verify_inclusion(&rec.leaf_hash(), rec.epoch, ecp.size, &p, &ecp.root)
+                    .map_err(|e| {
+                        format!(
+                            "epoch {} is not in the epoch log at size {}: {e}",
+                            rec.epoch, ecp.size
+                        )
+                    })
+            }),
+            _ => Err("needs a valid epoch record and epoch checkpoint".into()),
+        };
+        r.push("epoch_inclusion", inclusion);
+        if let Some(note) = &a.ledger_record {
+            let ledger = match (anchor_key, &epoch_cp) {
+                (Some(k), Ok(ecp)) => crate::anchor::LedgerRecord::open(note, k)
+                    .map_err(|e| e.to_string())
+                    .and_then(|l| {
+                        if l.stream == ecp.origin && l.size == ecp.size && l.root == ecp.root {
+                            Ok(l)
+                        } else {
+                            Err(format!(
+                                "it anchors size {} of {:?}, not the epoch checkpoint's size {}",
+                                l.size, l.stream, ecp.size
+                            ))
+                        }
+                    }),
+                (None, _) => Err("no anchor key given (--anchor-key)".into()),
+                _ => Err("needs a valid epoch checkpoint".into()),
+            };
+            r.ledger = ledger.as_ref().ok().cloned();
+            r.push("ledger_signature", ledger.map(|_| ()));
+        }
+        r.epoch_checkpoint = epoch_cp.ok();
     }
 }
 
@@ -162,6 +391,12 @@ pub struct Report {
     pub reading: Option<Reading>,
     /// The verified checkpoint, when it verified.
     pub checkpoint: Option<Checkpoint>,
+    /// v2: the verified epoch log checkpoint (the anchored size and root).
+    pub epoch_checkpoint: Option<Checkpoint>,
+    /// v2: the verified ledger record, if the bundle carries one.
+    pub ledger: Option<crate::anchor::LedgerRecord>,
+    /// v2: the anchor part says `pending` (every other check may pass).
+    pub pending: bool,
 }
 
 impl Report {
@@ -172,6 +407,12 @@ impl Report {
     /// True only if every check passed.
     pub fn ok(&self) -> bool {
         !self.checks.is_empty() && self.checks.iter().all(|(_, r)| r.is_ok())
+    }
+
+    /// True when every check but `anchor` passed and the anchor is
+    /// pending: the reading is in a signed checkpoint, not yet anchored.
+    pub fn ok_but_pending(&self) -> bool {
+        self.pending && self.checks.iter().all(|(n, r)| r.is_ok() || *n == "anchor")
     }
 
     /// The first failed check.
@@ -301,5 +542,154 @@ mod tests {
         );
         assert!(ProofBundle::from_json(br#"{"format":"x"}"#).is_err());
         assert!(ProofBundle::from_json(b"[]").is_err());
+    }
+    /// A v2 bundle: leaf `pick` of an `n`-leaf partition log, whose
+    /// checkpoint is head 1 of 3 of epoch 2 of a 5-epoch log, anchored by
+    /// a ledger record at size 5.
+    fn build_v2(n: u64, pick: u64) -> (ProofBundle, LogPublicKey, LogSigner) {
+        use crate::anchor::{EpochRecord, LedgerRecord, PartitionHead, heads_tree};
+        let (b, pk, _) = build(n, pick);
+        let cp = Checkpoint::parse_unverified(&b.checkpoint).unwrap();
+        let anchor = LogSigner::new(
+            "vitaltrail.test/epochs",
+            SecretKey::from_seed(&[4; 32]).unwrap(),
+        )
+        .unwrap();
+        let other = |o: &str| PartitionHead {
+            origin: o.into(),
+            size: 3,
+            root: merkle::leaf_hash(o.as_bytes()),
+        };
+        let heads = vec![
+            other("vitaltrail.test/log/"),
+            PartitionHead {
+                origin: cp.origin.clone(),
+                size: cp.size,
+                root: cp.root,
+            },
+            other("vitaltrail.test/log/1"),
+        ];
+        let mut epochs = MemoryTree::new();
+        let mut rec = None;
+        for e in 0..5u64 {
+            let r = EpochRecord::new(e, 1000 + e, &heads).unwrap();
+            epochs.append(&r.encode());
+            if e == 2 {
+                rec = Some(r);
+            }
+        }
+        let rec = rec.unwrap();
+        let note = Checkpoint {
+            origin: anchor.name().into(),
+            size: 5,
+            root: epochs.root(),
+            extensions: vec![],
+        }
+        .sign(&anchor)
+        .unwrap();
+        let ledger = LedgerRecord {
+            seq: 0,
+            prev: Hash([0; 32]),
+            stream: anchor.name().into(),
+            size: 5,
+            root: epochs.root(),
+            time_ms: 2000,
+        }
+        .sign(&anchor)
+        .unwrap();
+        let head_proof = heads_tree(&heads).unwrap().prove_inclusion(3, 1).unwrap();
+        let part = AnchorProof::anchored(
+            &rec,
+            1,
+            &head_proof,
+            &note,
+            &epochs.prove_inclusion(5, 2).unwrap(),
+            Some(&ledger),
+        );
+        (b.with_anchor(part), pk, anchor)
+    }
+
+    #[test]
+    fn an_anchored_bundle_verifies_and_any_flipped_byte_fails() {
+        let (b, pk, anchor) = build_v2(9, 4);
+        let r = b.verify_anchored(&pk, Some(&anchor.public_key()), None);
+        assert!(r.ok(), "{:?}", r.checks);
+        let names: Vec<_> = r.checks.iter().map(|c| c.0).collect();
+        assert_eq!(
+            names,
+            [
+                "format",
+                "envelope_signature",
+                "checkpoint_signature",
+                "inclusion",
+                "anchor",
+                "epoch_record",
+                "epoch_checkpoint_signature",
+                "epoch_inclusion",
+                "ledger_signature"
+            ]
+        );
+        assert_eq!(r.epoch_checkpoint.unwrap().size, 5);
+        let json = b.to_json().into_bytes();
+        assert_eq!(ProofBundle::from_json(&json).unwrap(), b);
+        let mut checked = 0;
+        for i in 0..json.len() {
+            let mut t = json.clone();
+            t[i] ^= 0x01;
+            let Ok(t) = ProofBundle::from_json(&t) else {
+                continue;
+            };
+            if t == b {
+                continue;
+            }
+            checked += 1;
+            assert!(
+                !t.verify_anchored(&pk, Some(&anchor.public_key()), None)
+                    .ok(),
+                "flip at {i} still verifies"
+            );
+        }
+        assert!(checked > 200, "{checked}");
+        // Without the anchor key, or with another one, it does not verify.
+        assert!(!b.verify_anchored(&pk, None, None).ok());
+        let stranger = LogSigner::new(
+            "vitaltrail.test/epochs",
+            SecretKey::from_seed(&[5; 32]).unwrap(),
+        )
+        .unwrap();
+        let r = b.verify_anchored(&pk, Some(&stranger.public_key()), None);
+        assert_eq!(r.first_failure().unwrap().0, "epoch_checkpoint_signature");
+    }
+
+    #[test]
+    fn a_pending_bundle_says_so_and_shapes_are_strict() {
+        let (b, pk, _) = build(5, 2);
+        let p = b.clone().with_anchor(AnchorProof::pending());
+        let p = ProofBundle::from_json(p.to_json().as_bytes()).unwrap();
+        let r = p.verify_anchored(&pk, None, None);
+        assert!(!r.ok());
+        assert!(r.ok_but_pending(), "{:?}", r.checks);
+        // A pending part with anchored members, an anchored one missing
+        // some, an unknown status or member, or none at all: malformed.
+        let mut v: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
+        v["anchor"]["head_index"] = 1.into();
+        assert!(ProofBundle::from_json(v.to_string().as_bytes()).is_err());
+        let mut v: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
+        v["anchor"]["status"] = "anchored".into();
+        assert!(ProofBundle::from_json(v.to_string().as_bytes()).is_err());
+        let mut v: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
+        v["anchor"]["extra"] = 1.into();
+        assert!(ProofBundle::from_json(v.to_string().as_bytes()).is_err());
+        let mut v: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
+        v.as_object_mut().unwrap().remove("anchor");
+        assert!(ProofBundle::from_json(v.to_string().as_bytes()).is_err());
+        // An anchored bundle whose checkpoint is not the epoch's head.
+        let (b2, pk2, anchor) = build_v2(9, 4);
+        let (other, _, _) = build(10, 4);
+        let mut t = b2.clone();
+        t.checkpoint = other.checkpoint;
+        t.inclusion_proof = other.inclusion_proof;
+        let r = t.verify_anchored(&pk2, Some(&anchor.public_key()), None);
+        assert_eq!(r.first_failure().unwrap().0, "epoch_record");
     }
 }

@@ -66,24 +66,14 @@ impl Checkpoint {
                 signer.name, self.origin
             )));
         }
-        let body = self.body()?;
-        let mut note = Note::new(body.as_bytes(), &[])
-            .map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
-        note.add_sigs(&[signer])
-            .map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
-        String::from_utf8(note.to_bytes()).map_err(|e| Error::MalformedCheckpoint(e.to_string()))
+        sign_note(&self.body()?, signer)
     }
 
     /// Parse a signed checkpoint note and verify it carries a valid signature
     /// by `log_key`. Unknown extra signatures (e.g. witnesses) are allowed.
     pub fn open(note: &str, log_key: &LogPublicKey) -> Result<Checkpoint> {
         let cp = Self::parse_unverified(note)?;
-        let parsed = Note::from_bytes(note.as_bytes())
-            .map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
-        let verifiers = VerifierList::new(vec![Box::new(log_key.verifier()?)]);
-        parsed
-            .verify(&verifiers)
-            .map_err(|_| Error::CheckpointSignature)?;
+        open_note(note, log_key)?;
         if cp.origin != log_key.name {
             return Err(Error::CheckpointSignature);
         }
@@ -108,6 +98,31 @@ impl Checkpoint {
     }
 }
 
+/// Sign `body` as a signed note with one signature, by `signer`.
+pub(crate) fn sign_note(body: &str, signer: &LogSigner) -> Result<String> {
+    let mut note =
+        Note::new(body.as_bytes(), &[]).map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
+    note.add_sigs(&[signer])
+        .map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
+    String::from_utf8(note.to_bytes()).map_err(|e| Error::MalformedCheckpoint(e.to_string()))
+}
+
+/// Check that `note` carries a valid signature by `key`; its text.
+pub(crate) fn open_note(note: &str, key: &LogPublicKey) -> Result<String> {
+    let parsed =
+        Note::from_bytes(note.as_bytes()).map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
+    let verifiers = VerifierList::new(vec![Box::new(key.verifier()?)]);
+    parsed
+        .verify(&verifiers)
+        .map_err(|_| Error::CheckpointSignature)?;
+    String::from_utf8(parsed.text().to_vec()).map_err(|e| Error::MalformedCheckpoint(e.to_string()))
+}
+
+/// True when `name` can name a log key (non-empty, no spaces or `+`).
+pub fn is_valid_log_name(name: &str) -> bool {
+    signed_note::is_key_name_valid(name)
+}
+
 /// A log's signing key: an ed25519 key and the log's name (its origin).
 pub struct LogSigner {
     name: String,
@@ -118,7 +133,7 @@ pub struct LogSigner {
 impl LogSigner {
     /// A signer for the log named `name`.
     pub fn new(name: &str, key: SecretKey) -> Result<Self> {
-        if !signed_note::is_key_name_valid(name) {
+        if !is_valid_log_name(name) {
             return Err(Error::InvalidKey(format!(
                 "{name:?} is not a valid note key name (non-empty, no spaces or '+')"
             )));

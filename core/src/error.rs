@@ -85,6 +85,14 @@ pub enum Error {
     #[error("checkpoint signature does not verify with the log key")]
     CheckpointSignature,
 
+    // ---- anchoring ----
+    /// An epoch record, partition head or ledger record that does not parse.
+    #[error("malformed anchor data: {0}")]
+    MalformedAnchor(String),
+    /// No valid signature from the expected anchor key.
+    #[error("signature does not verify with the anchor key")]
+    AnchorSignature,
+
     // ---- proof bundles ----
     /// The bundle is not valid JSON of the documented shape.
     #[error("malformed proof bundle: {0}")]
@@ -116,6 +124,8 @@ impl Error {
             Error::MalformedCheckpoint(_) => "malformed_checkpoint",
             Error::MalformedReceipt(_) => "malformed_receipt",
             Error::CheckpointSignature => "checkpoint_signature",
+            Error::MalformedAnchor(_) => "malformed_anchor",
+            Error::AnchorSignature => "anchor_signature",
             Error::MalformedBundle(_) => "malformed_bundle",
         }
     }

@@ -17,11 +17,13 @@
 //! | [`checkpoint`] | signed tree heads | C2SP tlog-checkpoint and signed-note; `docs/checkpoint.md` |
 //! | [`auth`] | bearer tokens and the same-origin rule of the HTTP endpoints | RFC 6750 |
 //! | [`busauth`] | the MAC on bus records from ingest to the attestor | `docs/kafka-topics.md` |
+//! | [`anchor`] | partition heads, epoch records and signed ledger records | `docs/anchoring.md` |
 //! | [`bundle`] | proof bundles that verify offline | `docs/proof-bundle.md` |
 //!
 //! Every decoder of untrusted bytes returns [`Result`] and never panics; each
 //! has a fuzz target under `fuzz/`.
 
+pub mod anchor;
 pub mod auth;
 pub mod bundle;
 pub mod busauth;

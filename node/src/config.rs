@@ -111,6 +111,9 @@ pub enum Role {
     /// `vitaltrail attest`: receipts only with `mqtt.broker`; no HTTP
     /// unless `http.listen` is set.
     Attest,
+    /// `vitaltrail anchor`: the anchor over Kafka; no HTTP unless
+    /// `http.listen` is set.
+    Anchor,
 }
 
 impl std::str::FromStr for Role {
@@ -120,7 +123,8 @@ impl std::str::FromStr for Role {
             "up" => Ok(Role::Up),
             "ingest" => Ok(Role::Ingest),
             "attest" => Ok(Role::Attest),
-            _ => Err(format!("unknown role {s:?} (up, ingest, attest)")),
+            "anchor" => Ok(Role::Anchor),
+            _ => Err(format!("unknown role {s:?} (up, ingest, attest, anchor)")),
         }
     }
 }
@@ -146,6 +150,8 @@ pub struct NodeConfig {
     pub ingest: IngestSection,
     /// The attestor.
     pub attestor: AttestorSection,
+    /// The anchor.
+    pub anchor: AnchorSection,
     /// The dead-letter store (`<data>/rejected.jsonl`).
     pub dead_letters: RejectLimits,
     /// The HTTP server (`/metrics`, `POST /sql`, health).
@@ -288,6 +294,28 @@ pub struct AttestorSection {
     pub compact_every_ms: u64,
 }
 
+/// `[anchor]`; see `vitaltrail_anchor::AnchorConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnchorSection {
+    /// `up`: run the anchor in process.
+    pub enabled: bool,
+    /// Close an epoch this often (ms), when a partition's checkpoint moved.
+    pub epoch_interval_ms: u64,
+    /// The epoch log's origin (the anchor key's name).
+    pub origin: String,
+    /// The anchor key (PKCS#8 PEM). Default: the PEM text in
+    /// `$VITALTRAIL_ANCHOR_KEY`, else `<data>/keys/anchor.pem`, created
+    /// once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Partition log verifier keys to trust besides
+    /// `<data>/partitions/*/log.vkey`.
+    pub log_keys: Vec<String>,
+    /// Anchor to the local ledger (`<data>/anchor/ledger.jsonl`).
+    pub ledger: bool,
+}
+
 /// `[http]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -304,6 +332,7 @@ impl NodeConfig {
     pub fn defaults(role: Role) -> NodeConfig {
         let i = IngestConfig::default();
         let a = AttestorConfig::default();
+        let an = vitaltrail_anchor::AnchorConfig::default();
         NodeConfig {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             partitions: None,
@@ -356,6 +385,14 @@ impl NodeConfig {
                 compact_target_bytes: a.compaction.target_bytes,
                 compact_grace_ms: a.compaction.grace.as_millis() as u64,
                 compact_every_ms: a.compaction.every.as_millis() as u64,
+            },
+            anchor: AnchorSection {
+                enabled: true,
+                epoch_interval_ms: an.epoch_interval.as_millis() as u64,
+                origin: an.origin,
+                key_file: an.key_file,
+                log_keys: an.log_keys,
+                ledger: an.ledger,
             },
             dead_letters: RejectLimits::default(),
             http: HttpSection {
@@ -473,6 +510,20 @@ impl NodeConfig {
                 return bad(format!("{k} must be at least 1"));
             }
         }
+        if self.anchor.epoch_interval_ms < 10 {
+            return bad("anchor.epoch_interval_ms must be at least 10".into());
+        }
+        if !vitaltrail_core::checkpoint::is_valid_log_name(&self.anchor.origin) {
+            return bad(format!(
+                "anchor.origin {:?} is not a valid key name (non-empty, no spaces or '+')",
+                self.anchor.origin
+            ));
+        }
+        for k in &self.anchor.log_keys {
+            if let Err(e) = vitaltrail_core::LogPublicKey::parse(k) {
+                return bad(format!("anchor.log_keys: {e}"));
+            }
+        }
         if self.attestor.compact_min_files < 2 {
             return bad("attestor.compact_min_files must be at least 2".into());
         }
@@ -542,6 +593,19 @@ impl NodeConfig {
         }
     }
 
+    /// The anchor's settings.
+    pub fn anchor_config(&self) -> vitaltrail_anchor::AnchorConfig {
+        let a = &self.anchor;
+        vitaltrail_anchor::AnchorConfig {
+            data_dir: self.data_dir.clone(),
+            epoch_interval: Duration::from_millis(a.epoch_interval_ms),
+            origin: a.origin.clone(),
+            key_file: a.key_file.clone(),
+            log_keys: a.log_keys.clone(),
+            ledger: a.ledger,
+        }
+    }
+
     /// The attestor's settings.
     pub fn attestor_config(&self) -> AttestorConfig {
         let a = &self.attestor;
@@ -580,14 +644,24 @@ impl NodeConfig {
     /// The Kafka settings: brokers, the bus key (created if absent) and
     /// the client properties (the file's, then `[kafka.client]`).
     pub fn kafka_config(&self, partitions: u32) -> Result<KafkaConfig> {
-        let brokers = self.kafka.brokers.clone().ok_or_else(|| {
-            Error::Config("kafka.brokers (--kafka, VITALTRAIL_KAFKA) is needed".into())
-        })?;
         let key_path = self
             .kafka
             .bus_key_file
             .clone()
             .unwrap_or_else(|| datadir::bus_key_path(&self.data_dir));
+        let base = self.kafka_config_without_bus_key(partitions)?;
+        Ok(KafkaConfig {
+            bus_key: Some(datadir::load_bus_key(&key_path)?),
+            ..base
+        })
+    }
+
+    /// [`NodeConfig::kafka_config`] for a stage that neither writes nor
+    /// reads `vitals.verified` (the anchor): no bus key.
+    pub fn kafka_config_without_bus_key(&self, partitions: u32) -> Result<KafkaConfig> {
+        let brokers = self.kafka.brokers.clone().ok_or_else(|| {
+            Error::Config("kafka.brokers (--kafka, VITALTRAIL_KAFKA) is needed".into())
+        })?;
         let mut client = match &self.kafka.client_config_file {
             Some(f) => datadir::read_kafka_client_config(f)?,
             None => vec![],
@@ -601,7 +675,6 @@ impl NodeConfig {
         Ok(KafkaConfig {
             brokers,
             partitions: partitions as i32,
-            bus_key: Some(datadir::load_bus_key(&key_path)?),
             client,
             ..Default::default()
         })

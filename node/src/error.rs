@@ -22,6 +22,9 @@ pub enum Error {
     /// The attestor failed.
     #[error("attestor")]
     Attestor(#[from] vitaltrail_attestor::Error),
+    /// The anchor failed.
+    #[error("anchor")]
+    Anchor(#[from] vitaltrail_anchor::Error),
     /// The bus, the registry or a data-directory file failed.
     #[error(transparent)]
     Bus(#[from] vitaltrail_bus::Error),

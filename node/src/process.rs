@@ -1,5 +1,5 @@
-//! One stage per process, over Kafka: `vitaltrail ingest` and
-//! `vitaltrail attest`, each with its own `/metrics` when `http.listen`
+//! One stage per process, over Kafka: `vitaltrail ingest`,
+//! `vitaltrail attest` and `vitaltrail anchor`, each with its own `/metrics` when `http.listen`
 //! is set.
 
 use std::sync::Arc;
@@ -116,5 +116,20 @@ pub async fn run_attest(cfg: NodeConfig, shutdown: watch::Receiver<bool>) -> Res
     let stage = attest_stage(&cfg, &registry)?;
     let http = serve_metrics(&cfg, &registry, &shutdown);
     let run = vitaltrail_attestor::run(stage, shutdown);
+    with_http(http, async move { Ok(run.await?) }).await
+}
+
+/// `vitaltrail anchor`: run the anchor over `vitals.checkpoints` until
+/// `shutdown`.
+pub async fn run_anchor(cfg: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
+    let registry = prometheus::Registry::new();
+    let kafka = cfg.kafka_config_without_bus_key(cfg.kafka.topic_partitions)?;
+    let stage = vitaltrail_anchor::StageConfig {
+        anchor: cfg.anchor_config(),
+        source: vitaltrail_anchor::AnchorSource::Kafka(kafka),
+        metrics: registry.clone(),
+    };
+    let http = serve_metrics(&cfg, &registry, &shutdown);
+    let run = vitaltrail_anchor::run(stage, shutdown);
     with_http(http, async move { Ok(run.await?) }).await
 }

@@ -61,6 +61,8 @@ pub struct UpConfig {
     /// With `kafka`: whose signature `vitals.devices` records must carry
     /// (default: the data directory's operator key).
     pub operator: Option<vitaltrail_core::DeviceId>,
+    /// The anchor (its `data_dir` is overridden by ours); none when off.
+    pub anchor: Option<vitaltrail_anchor::AnchorConfig>,
 }
 
 impl Default for UpConfig {
@@ -80,6 +82,7 @@ impl Default for UpConfig {
             kafka: None,
             rejects: n.dead_letters,
             operator: None,
+            anchor: Some(n.anchor_config()),
         }
     }
 }
@@ -110,6 +113,7 @@ impl UpConfig {
             kafka,
             rejects: n.dead_letters,
             operator,
+            anchor: n.anchor.enabled.then(|| n.anchor_config()),
         })
     }
 }
@@ -264,6 +268,14 @@ async fn run_over_kafka(
         registry: registry.clone(),
         clock: clock.clone(),
     };
+    let anchor = cfg.anchor.clone().map(|a| vitaltrail_anchor::StageConfig {
+        anchor: vitaltrail_anchor::AnchorConfig {
+            data_dir: cfg.data_dir.clone(),
+            ..a
+        },
+        source: vitaltrail_anchor::AnchorSource::Kafka(kafka.clone()),
+        metrics: registry.clone(),
+    });
     let attest = AttestStage {
         attestor: AttestorConfig {
             data_dir: cfg.data_dir.clone(),
@@ -297,7 +309,19 @@ async fn run_over_kafka(
     };
     let mut a = tokio::spawn(vitaltrail_attestor::run(attest, shutdown.clone()));
     let mut i = tokio::spawn(vitaltrail_ingest::run(ingest, shutdown.clone()));
+    // The anchor reads vitals.checkpoints, as `vitaltrail anchor` does.
+    let mut an = match anchor {
+        Some(stage) => tokio::spawn(vitaltrail_anchor::run(stage, shutdown.clone())),
+        None => {
+            let mut stop = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = stop.wait_for(|s| *s).await;
+                Ok(())
+            })
+        }
+    };
     let mut broker = broker;
+    let mut anchor_done = false;
     // Any stage ending before shutdown stops the process; on shutdown,
     // ingest drains and the attestor finishes what it has.
     tokio::select! {
@@ -314,7 +338,16 @@ async fn run_over_kafka(
             until_shutdown("ingest", &mut i, &shutdown).await?;
             until_shutdown("the attestor", &mut a, &shutdown).await?;
         }
+        r = until_shutdown("the anchor", &mut an, &shutdown) => {
+            anchor_done = true;
+            r?;
+            until_shutdown("ingest", &mut i, &shutdown).await?;
+            until_shutdown("the attestor", &mut a, &shutdown).await?;
+        }
         r = &mut broker => r?,
+    }
+    if !anchor_done {
+        until_shutdown("the anchor", &mut an, &shutdown).await?;
     }
     Ok(())
 }
@@ -351,6 +384,27 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
     let (attest_stop, attest_stop_rx) = watch::channel(false);
     let (rest_stop, rest_stop_rx) = watch::channel(false);
     let (receipts_tx, receipts_rx) = receipts::queue(&Default::default());
+    let mut others = tokio::task::JoinSet::new();
+    // The anchor takes every checkpoint the attestor signs; it ends once
+    // the attestor has (its queue closes), after a last epoch.
+    let checkpoints = match &cfg.anchor {
+        Some(anchor) => {
+            let (tx, rx) =
+                tokio::sync::mpsc::channel(vitaltrail_attestor::pipeline::ANNOUNCE_QUEUE);
+            let stage = vitaltrail_anchor::StageConfig {
+                anchor: vitaltrail_anchor::AnchorConfig {
+                    data_dir: cfg.data_dir.clone(),
+                    ..anchor.clone()
+                },
+                source: vitaltrail_anchor::AnchorSource::InProc(rx),
+                metrics: registry.clone(),
+            };
+            let stop = rest_stop_rx.clone();
+            others.spawn(async move { Ok(vitaltrail_anchor::run(stage, stop).await?) });
+            Some(tx)
+        }
+        None => None,
+    };
     let mut attestor = tokio::spawn(vitaltrail_attestor::run(
         AttestStage {
             attestor: cfg.attestor.clone(),
@@ -359,6 +413,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
                 rejects: rejects.clone(),
                 receipts: receipts_tx.clone(),
                 devices: devices.clone(),
+                checkpoints,
             },
             metrics: registry.clone(),
             clock: clock.clone(),
@@ -368,7 +423,6 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
 
     let (mqtt, broker) = mqtt_endpoint(&cfg, &devices, &registry, rest_stop_rx.clone()).await?;
     let mut broker = broker;
-    let mut others = tokio::task::JoinSet::new();
     others.spawn({
         let rcfg = ReceiptConfig {
             mqtt: mqtt.clone(),
@@ -434,7 +488,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
         Some(r) = others.join_next() => {
             r.map_err(|e| Error::StageStopped(format!("a stage panicked: {e}")))??;
             return Err(Error::StageStopped(
-                "the HTTP server, the receipt publisher or the dead-letter flusher stopped while ingest was running".into(),
+                "the HTTP server, the receipt publisher, the dead-letter flusher or the anchor stopped while ingest was running".into(),
             ));
         }
     }

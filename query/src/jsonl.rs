@@ -1,4 +1,4 @@
-//! The `checkpoints` and `rejected` tables, streamed from their JSONL files
+//! The `checkpoints`, `anchors` and `rejected` tables, streamed from their JSONL files
 //! line by line in batches of [`BATCH_ROWS`]: a query never reads a whole
 //! file into memory, however long the file has grown. Each query reads the
 //! files as they are when it starts executing.
@@ -245,6 +245,81 @@ impl Rows for CheckpointRows {
             Arc::new(self.root.finish()),
             Arc::new(self.at.finish().with_timezone("UTC")),
             Arc::new(self.note.finish()),
+        ];
+        Ok(RecordBatch::try_new(schema.clone(), cols)?)
+    }
+}
+
+/// `anchors`: every anchor of the epoch log, from the local ledger
+/// (`<data>/anchor/ledger.jsonl`), oldest first. Each row comes from the
+/// signed record itself; `vitaltrail anchor verify-ledger` checks them.
+pub fn anchors_table(data: &Path) -> Result<Arc<StreamingTable>> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("backend", DataType::Utf8, false),
+        Field::new("stream", DataType::Utf8, false),
+        Field::new("epoch_log_size", DataType::UInt64, false),
+        Field::new("root", DataType::Utf8, false),
+        Field::new("seq", DataType::UInt64, true),
+        Field::new("tx_hash", DataType::Utf8, true),
+        Field::new("block_number", DataType::UInt64, true),
+        Field::new("confirmations", DataType::UInt64, true),
+        Field::new("anchored_at", ts(), false),
+    ]));
+    let ledger = vitaltrail_anchor::ledger::ledger_path(&data.join("anchor"));
+    let files = Arc::new(move || vec![(ledger.clone(), 0)]);
+    table(schema, files, AnchorRows::default)
+}
+
+#[derive(Default)]
+struct AnchorRows {
+    backend: StringBuilder,
+    stream: StringBuilder,
+    size: UInt64Builder,
+    root: StringBuilder,
+    seq: UInt64Builder,
+    tx: StringBuilder,
+    block: UInt64Builder,
+    confirmations: UInt64Builder,
+    at: TimestampMillisecondBuilder,
+    n: usize,
+}
+
+impl Rows for AnchorRows {
+    fn push(&mut self, line: &str, _tag: u32) {
+        let Ok(l) = serde_json::from_str::<vitaltrail_anchor::ledger::LedgerLine>(line) else {
+            return;
+        };
+        let Ok(r) = vitaltrail_core::anchor::LedgerRecord::parse_unverified(&l.record) else {
+            return;
+        };
+        self.backend.append_value("ledger");
+        self.stream.append_value(&r.stream);
+        self.size.append_value(r.size);
+        self.root.append_value(r.root.to_hex());
+        self.seq.append_value(r.seq);
+        self.tx.append_null();
+        self.block.append_null();
+        self.confirmations.append_null();
+        self.at.append_value(r.time_ms as i64);
+        self.n += 1;
+    }
+
+    fn len(&self) -> usize {
+        self.n
+    }
+
+    fn batch(&mut self, schema: &SchemaRef) -> Result<RecordBatch> {
+        self.n = 0;
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(self.backend.finish()),
+            Arc::new(self.stream.finish()),
+            Arc::new(self.size.finish()),
+            Arc::new(self.root.finish()),
+            Arc::new(self.seq.finish()),
+            Arc::new(self.tx.finish()),
+            Arc::new(self.block.finish()),
+            Arc::new(self.confirmations.finish()),
+            Arc::new(self.at.finish().with_timezone("UTC")),
         ];
         Ok(RecordBatch::try_new(schema.clone(), cols)?)
     }

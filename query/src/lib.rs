@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `readings` | `<data>/readings/date=YYYY-MM-DD/*.parquet` | measurement (device, patient, seq, device_time, log_time, loinc, value, unit, partition, log_index, leaf_hash, date) |
 //! | `checkpoints` | `<data>/partitions/*/checkpoints.jsonl` | signed checkpoint (partition, origin, tree_size, root, signed_at, note) |
+//! | `anchors` | `<data>/anchor/ledger.jsonl` | anchor of the epoch log (backend, stream, epoch_log_size, root, seq, tx_hash, block_number, confirmations, anchored_at) |
 //! | `rejected` | `<data>/rejected.jsonl` | rejected message (received_at, stage, reason, detail, device, seq, topic, size, source, envelope_b64, count), or a summary of `count` rejections past a dead-letter limit |
 //!
 //! Rejections that a crash made appear twice carry the same `source`;
@@ -34,6 +35,7 @@
 
 pub mod http;
 mod jsonl;
+pub mod prove;
 pub mod store;
 
 use std::path::Path;
@@ -63,6 +65,13 @@ pub enum Error {
     /// Reading the data directory failed.
     #[error("data directory: {0}")]
     Data(String),
+    /// No such reading is logged (caller's fault).
+    #[error("{0}")]
+    NotFound(String),
+    /// The reading is not provable yet (logged, but no checkpoint covers
+    /// it): retry in a second.
+    #[error("{0}; retry in a second")]
+    NotYet(String),
     /// An output format that cannot go where it was asked to.
     #[error("{0}")]
     Format(String),
@@ -103,8 +112,9 @@ impl Error {
             | Error::TooLarge { .. }
             | Error::Format(_)
             | Error::Timeout(_)
-            | Error::TooBig(_) => true,
-            Error::Arrow(_) | Error::Data(_) => false,
+            | Error::TooBig(_)
+            | Error::NotFound(_) => true,
+            Error::Arrow(_) | Error::Data(_) | Error::NotYet(_) => false,
         }
     }
 }
@@ -315,6 +325,7 @@ impl QueryEngine {
         // Streamed from their JSONL files, never read whole.
         ctx.register_table("checkpoints", jsonl::checkpoints_table(data_dir)?)?;
         ctx.register_table("rejected", jsonl::rejected_table(data_dir)?)?;
+        ctx.register_table("anchors", jsonl::anchors_table(data_dir)?)?;
         Ok(QueryEngine { ctx, limits })
     }
 

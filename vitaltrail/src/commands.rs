@@ -199,9 +199,12 @@ pub fn parse_log_key(arg: &str) -> Result<LogPublicKey> {
     Ok(LogPublicKey::parse(&text)?)
 }
 
+/// `vitaltrail verify`: exit 0 when every check passes, 2 when every
+/// check but `anchor` passes and the anchor is pending, 1 otherwise.
 pub fn verify(
     bundle: &Path,
     log_key: Option<&str>,
+    anchor_key: Option<&str>,
     data: &Path,
     device: Option<&str>,
 ) -> Result<ExitCode> {
@@ -215,21 +218,49 @@ pub fn verify(
         Some(k) => parse_log_key(k)?,
         None => parse_log_key(&crate::pipeline_cmds::log_key_for(data, &bundle)?)?,
     };
-    let report = bundle.verify(&key, device.as_ref());
+    let anchor = if bundle.format == vitaltrail_core::bundle::FORMAT_V2 {
+        match crate::pipeline_cmds::anchor_key_for(data, anchor_key) {
+            Ok(k) => Some(k),
+            // The anchor checks then fail, saying why.
+            Err(e) => {
+                eprintln!("warning: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let report = bundle.verify_anchored(&key, anchor.as_ref(), device.as_ref());
     for (name, r) in &report.checks {
         match r {
             Ok(()) => println!("ok   {name}"),
             Err(e) => println!("FAIL {name}: {e}"),
         }
     }
+    if let (Some(r), Some(cp)) = (&report.reading, &report.checkpoint)
+        && (report.ok() || report.ok_but_pending())
+    {
+        println!(
+            "verified: reading seq {} from {} is leaf {} of {} (tree size {})",
+            r.seq, r.did, bundle.leaf_index, cp.origin, cp.size
+        );
+    }
     if report.ok() {
-        if let (Some(r), Some(cp)) = (&report.reading, &report.checkpoint) {
+        if let Some(e) = &report.epoch_checkpoint {
             println!(
-                "verified: reading seq {} from {} is leaf {} of {} (tree size {})",
-                r.seq, r.did, bundle.leaf_index, cp.origin, cp.size
+                "anchored: in epoch log {} at size {}{}",
+                e.origin,
+                e.size,
+                match &report.ledger {
+                    Some(l) => format!(", ledger record {} (local ledger)", l.seq),
+                    None => String::new(),
+                }
             );
         }
         Ok(ExitCode::SUCCESS)
+    } else if report.ok_but_pending() {
+        eprintln!("not anchored yet: valid up to the signed checkpoint (vitaltrail prove --wait)");
+        Ok(ExitCode::from(2))
     } else {
         let (name, why) = report.first_failure().unwrap_or(("verify", "failed"));
         eprintln!("error: verification failed at {name}: {why}");

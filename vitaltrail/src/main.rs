@@ -50,6 +50,11 @@ enum Command {
         /// Without it, the key is taken from the data directory (`--data`).
         #[arg(long, env = "VITALTRAIL_LOG_KEY")]
         log_key: Option<String>,
+        /// The anchor's verifier key (epoch log checkpoints and ledger
+        /// records), or a file holding it; for a v2 bundle. Default:
+        /// <data>/anchor/anchor.vkey.
+        #[arg(long, env = "VITALTRAIL_ANCHOR_VKEY")]
+        anchor_key: Option<String>,
         /// The `vitaltrail up` data directory to take the log key from.
         #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
         data: PathBuf,
@@ -64,6 +69,9 @@ enum Command {
     Ingest(node_args::IngestArgs),
     /// Run one attestor process (distributed mode) for a set of partitions.
     Attest(node_args::AttestArgs),
+    /// Run the anchor (distributed mode): epochs over vitals.checkpoints,
+    /// anchored to the local ledger. `vitaltrail up` runs it in process.
+    Anchor(node_args::AnchorArgs),
     /// The layered configuration of up, ingest and attest.
     Config {
         #[command(subcommand)]
@@ -175,6 +183,13 @@ enum Command {
         /// Write the bundle here instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Wait until the reading is logged, checkpointed and anchored
+        /// (at most --timeout seconds; then a `pending` bundle).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 60.0, requires = "wait")]
+        timeout: f64,
     },
     /// Run the end-to-end demo: sign, log, checkpoint, prove, verify, tamper.
     Demo {
@@ -395,9 +410,25 @@ fn main() -> ExitCode {
         Command::Verify {
             bundle,
             log_key,
+            anchor_key,
             data,
             device,
-        } => commands::verify(&bundle, log_key.as_deref(), &data, device.as_deref()),
+        } => commands::verify(
+            &bundle,
+            log_key.as_deref(),
+            anchor_key.as_deref(),
+            &data,
+            device.as_deref(),
+        ),
+        Command::Anchor(args) => {
+            init_tracing();
+            match &args.cmd {
+                Some(node_args::AnchorCmd::VerifyLedger { data, anchor_key }) => {
+                    pipeline_cmds::anchor_verify_ledger(data, anchor_key.as_deref())
+                }
+                None => pipeline_cmds::anchor(args),
+            }
+        }
         Command::Up(args) => {
             init_tracing();
             pipeline_cmds::up(args)
@@ -492,7 +523,15 @@ fn main() -> ExitCode {
             seq,
             data,
             out,
-        } => pipeline_cmds::prove(&data, &device, seq, out.as_deref()),
+            wait,
+            timeout,
+        } => pipeline_cmds::prove(
+            &data,
+            &device,
+            seq,
+            out.as_deref(),
+            wait.then(|| std::time::Duration::from_secs_f64(timeout.clamp(0.0, 86_400.0))),
+        ),
         Command::Demo { dir, readings } => demo::run(&dir, readings),
     };
     match result {

@@ -256,3 +256,60 @@ impl AttestArgs {
         o
     }
 }
+
+/// `vitaltrail anchor`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AnchorArgs {
+    #[command(subcommand)]
+    pub cmd: Option<AnchorCmd>,
+    #[command(flatten)]
+    pub config: ConfigFile,
+    /// Kafka bootstrap servers. [kafka.brokers]
+    #[arg(long)]
+    kafka: Option<String>,
+    /// Data directory (the anchor's state in <data>/anchor, the partition
+    /// log keys in <data>/partitions/*/log.vkey). [data_dir; default
+    /// vitaltrail-data]
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Close an epoch this often (ms). [anchor.epoch_interval_ms; default 1000]
+    #[arg(long)]
+    epoch_interval_ms: Option<u64>,
+    /// librdkafka client properties, one key=value per line.
+    /// [kafka.client_config_file]
+    #[arg(long)]
+    kafka_config_file: Option<PathBuf>,
+    /// Where /metrics is served. [http.listen]
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+}
+
+/// `vitaltrail anchor …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AnchorCmd {
+    /// Check the local ledger: every record's signature, the hash chain,
+    /// and each root against the epoch log.
+    VerifyLedger {
+        /// The data directory.
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
+        data: PathBuf,
+        /// The anchor's verifier key, or a file holding it. Default:
+        /// <data>/anchor/anchor.vkey.
+        #[arg(long)]
+        anchor_key: Option<String>,
+    },
+}
+
+impl AnchorArgs {
+    /// The flags given, as configuration keys.
+    pub fn overrides(&self) -> Overrides {
+        let mut o = Overrides::new();
+        o.set_opt("kafka.brokers", self.kafka.clone())
+            .set_opt("data_dir", self.data.clone())
+            .set_opt("anchor.epoch_interval_ms", self.epoch_interval_ms)
+            .set_opt("kafka.client_config_file", self.kafka_config_file.clone())
+            .set_opt("http.listen", self.metrics_listen);
+        o
+    }
+}

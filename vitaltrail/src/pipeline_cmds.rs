@@ -1,4 +1,5 @@
-//! The subcommands of the pipeline (issue #4): `up`, `sim`, `devices`, `prove`.
+//! The subcommands of the pipeline: `up`, `ingest`, `attest`, `anchor`,
+//! `sim`, `devices`, `prove`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,8 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use vitaltrail_attestor::DurableLog;
-use vitaltrail_core::{Checkpoint, Clock, DeviceId, ProofBundle, SystemClock, envelope, leaf};
+use vitaltrail_core::{Checkpoint, Clock, DeviceId, ProofBundle, SystemClock};
 use vitaltrail_device_sim::attacks::Attack;
 use vitaltrail_device_sim::physiology::Scenario;
 use vitaltrail_device_sim::publisher::{self, SimConfig};
@@ -55,6 +55,44 @@ pub fn attest(a: crate::node_args::AttestArgs) -> Result<ExitCode> {
         vitaltrail_node::process::run_attest(cfg, shutdown_on_ctrl_c()).await
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `vitaltrail anchor`.
+pub fn anchor(a: crate::node_args::AnchorArgs) -> Result<ExitCode> {
+    let cfg = a.config.load(Role::Anchor, &a.overrides())?;
+    vitaltrail_node::exit_on_panic();
+    runtime()?.block_on(async move {
+        vitaltrail_node::process::run_anchor(cfg, shutdown_on_ctrl_c()).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vitaltrail anchor verify-ledger`: every record of the local ledger,
+/// and that each root is the epoch log's at its size.
+pub fn anchor_verify_ledger(data: &Path, anchor_key: Option<&str>) -> Result<ExitCode> {
+    let key = anchor_key_for(data, anchor_key)?;
+    let (n, torn) = vitaltrail_anchor::ledger::verify_against_log(&data.join("anchor"), &key)?;
+    println!(
+        "ok   {n} ledger records: chain, signatures (key {key}) and roots verified{}",
+        if torn {
+            "; a torn last line (a crash mid-append) is not a record"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The anchor's verifier key: `--anchor-key` (a key or a file holding
+/// one), else `<data>/anchor/anchor.vkey`.
+pub fn anchor_key_for(data: &Path, given: Option<&str>) -> Result<vitaltrail_core::LogPublicKey> {
+    if let Some(k) = given {
+        return crate::commands::parse_log_key(k);
+    }
+    let path = data.join("anchor").join("anchor.vkey");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("no anchor key at {}; pass --anchor-key", path.display()))?;
+    Ok(vitaltrail_core::LogPublicKey::parse(text.trim())?)
 }
 
 /// `vitaltrail up`.
@@ -411,60 +449,62 @@ pub fn devices_list(data: &Path) -> Result<ExitCode> {
 }
 
 fn partition_dirs(data: &Path) -> Result<Vec<PathBuf>> {
-    let root = data.join("partitions");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .with_context(|| {
-            format!(
-                "{} has no partition logs; is it a `vitaltrail up` data directory?",
-                data.display()
-            )
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("HEAD").exists())
-        .collect();
-    dirs.sort();
-    Ok(dirs)
+    vitaltrail_query::prove::partition_dirs(data).with_context(|| {
+        format!(
+            "{} has no partition logs; is it a `vitaltrail up` data directory?",
+            data.display()
+        )
+    })
 }
 
-/// `vitaltrail prove --device DID --seq N`.
-pub fn prove(data: &Path, device: &str, seq: u64, out: Option<&Path>) -> Result<ExitCode> {
+/// `vitaltrail prove --device DID --seq N [--wait]`.
+pub fn prove(
+    data: &Path,
+    device: &str,
+    seq: u64,
+    out: Option<&Path>,
+    wait: Option<Duration>,
+) -> Result<ExitCode> {
     let did = DeviceId::parse(device).context("--device")?;
-    for dir in partition_dirs(data)? {
-        let log = DurableLog::open_read_only(&dir)?;
-        for i in (0..log.size()).rev() {
-            let bytes = log.leaf(i)?;
-            let l = leaf::decode(&bytes)?;
-            let r = envelope::decode_verified_upstream(l.envelope)?;
-            if r.did != did || r.seq != seq {
-                continue;
+    let deadline = wait.map(|w| std::time::Instant::now() + w);
+    let proved = loop {
+        let r = vitaltrail_query::prove::prove(data, &did, seq);
+        let anchored = matches!(&r, Ok(p) if p.anchored_size.is_some() || !p.anchoring);
+        let retry = match &r {
+            Ok(_) => !anchored,
+            Err(vitaltrail_query::Error::NotYet(_) | vitaltrail_query::Error::NotFound(_)) => true,
+            Err(_) => false,
+        };
+        match deadline {
+            Some(d) if retry && std::time::Instant::now() < d => {
+                std::thread::sleep(Duration::from_millis(200));
             }
-            let note = log
-                .latest_checkpoint()?
-                .context("the partition has no checkpoint yet; retry in a second")?;
-            let cp = Checkpoint::parse_unverified(&note)?;
-            if i >= cp.size {
-                bail!(
-                    "the reading is logged (leaf {i}) but not yet covered by a checkpoint; retry in a second"
-                );
+            Some(_) if retry && r.is_ok() => {
+                eprintln!("warning: not anchored within --timeout; the bundle says `pending`");
+                break r?;
             }
-            let proof = log.prove_inclusion(cp.size, i)?;
-            let bundle = ProofBundle::new(l.envelope, l.log_time_ms, i, &proof, &note);
-            let json = format!("{}\n", bundle.to_json());
-            match out {
-                Some(p) => {
-                    std::fs::write(p, json).with_context(|| format!("writing {}", p.display()))?
-                }
-                None => print!("{json}"),
-            }
-            eprintln!(
-                "proved seq {seq} of {did}: leaf {i} of {} (log key: {})",
-                cp.origin,
-                dir.join("log.vkey").display()
-            );
-            return Ok(ExitCode::SUCCESS);
+            _ => break r?,
         }
+    };
+    let json = format!("{}\n", proved.bundle.to_json());
+    match out {
+        Some(p) => std::fs::write(p, json).with_context(|| format!("writing {}", p.display()))?,
+        None => print!("{json}"),
     }
-    bail!("no logged reading with seq {seq} from {did}")
+    let how = match (proved.anchoring, proved.anchored_size) {
+        (false, _) => "anchoring is off: a v1 bundle, up to the checkpoint".to_owned(),
+        (true, Some(n)) => format!("anchored by the ledger at epoch log size {n}"),
+        (true, None) => {
+            "not anchored yet (the bundle says `pending`; prove --wait waits)".to_owned()
+        }
+    };
+    eprintln!(
+        "proved seq {seq} of {did}: leaf {} of {}; {how} (log key: {})",
+        proved.leaf,
+        proved.origin,
+        proved.partition_dir.join("log.vkey").display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The verifier key for a checkpoint origin, from a data directory.

@@ -1,4 +1,7 @@
-//! A durable, file-backed Merkle log.
+//! # vitaltrail-log
+//!
+//! A durable, file-backed Merkle log: each attestor partition's log and
+//! the anchor's epoch log.
 //!
 //! # Files (in one directory)
 //!
@@ -41,7 +44,9 @@ use std::path::{Path, PathBuf};
 
 use vitaltrail_core::merkle::{self, Frontier, Hash, HashReader};
 
-use crate::error::{Error, Result};
+mod error;
+
+pub use error::{Error, Result};
 
 const HEAD_SLOT: u64 = 64;
 /// Largest leaf accepted (an envelope plus the leaf header, with headroom).
@@ -144,7 +149,8 @@ fn read_at(f: &File, path: &Path, buf: &mut [u8], at: u64) -> Result<()> {
     })
 }
 
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+/// `fsync` a directory, making renames and creations in it durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("fsync directory", dir))

@@ -1,0 +1,325 @@
+//! The anchor stage, `run(StageConfig, shutdown)`: take the partitions'
+//! checkpoints (in process, or from `vitals.checkpoints`), close an epoch
+//! every `epoch_interval` in which a head moved, and anchor the epoch log
+//! with each backend.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use vitaltrail_bus::PartitionSource as _;
+use vitaltrail_bus::checkpoints::PublishedCheckpoint;
+use vitaltrail_bus::datadir;
+use vitaltrail_bus::kafka::{CHECKPOINTS_TOPIC, KafkaConfig, KafkaConsumer};
+use vitaltrail_core::{LogPublicKey, LogSigner};
+
+use crate::heads::{Heads, Offer, TrustedKeys};
+use crate::ledger::Ledger;
+use crate::metrics::Metrics;
+use crate::store::EpochStore;
+use crate::{Error, Result};
+
+/// The anchor's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnchorConfig {
+    /// The data directory; the anchor keeps `<data_dir>/anchor/`.
+    pub data_dir: PathBuf,
+    /// Close an epoch this often (when a head moved).
+    pub epoch_interval: Duration,
+    /// The epoch log's origin, which is the anchor key's name.
+    pub origin: String,
+    /// The anchor key (PKCS#8 PEM); default `$VITALTRAIL_ANCHOR_KEY`,
+    /// else `<data>/keys/anchor.pem`.
+    pub key_file: Option<PathBuf>,
+    /// Partition log verifier keys to trust besides
+    /// `<data>/partitions/*/log.vkey`.
+    pub log_keys: Vec<String>,
+    /// Anchor to the local ledger (`<data>/anchor/ledger.jsonl`).
+    pub ledger: bool,
+}
+
+impl Default for AnchorConfig {
+    fn default() -> Self {
+        AnchorConfig {
+            data_dir: PathBuf::from("vitaltrail-data"),
+            epoch_interval: Duration::from_secs(1),
+            origin: "vitaltrail.local/epochs".to_owned(),
+            key_file: None,
+            log_keys: vec![],
+            ledger: true,
+        }
+    }
+}
+
+impl AnchorConfig {
+    /// `<data_dir>/anchor`.
+    pub fn anchor_dir(&self) -> PathBuf {
+        self.data_dir.join("anchor")
+    }
+}
+
+/// Where the checkpoints come from.
+#[derive(Debug)]
+pub enum AnchorSource {
+    /// The attestor in this process announces them.
+    InProc(mpsc::Receiver<PublishedCheckpoint>),
+    /// `vitals.checkpoints`, resumed from the offset stored with the last
+    /// epoch.
+    Kafka(KafkaConfig),
+}
+
+/// Typed configuration of the anchor stage.
+#[derive(Debug)]
+pub struct StageConfig {
+    /// Settings.
+    pub anchor: AnchorConfig,
+    /// The source of checkpoints.
+    pub source: AnchorSource,
+    /// Where this stage registers its metrics (served by the caller).
+    pub metrics: prometheus::Registry,
+}
+
+/// The key the offset of the next `vitals.checkpoints` record is stored
+/// under.
+const KAFKA_OFFSET: &str = "kafka_offset";
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Everything the loop owns.
+struct Anchor {
+    store: EpochStore,
+    heads: Heads,
+    ledger: Option<Ledger>,
+    metrics: Metrics,
+    /// When each epoch not yet anchored by the ledger closed.
+    closed_at: std::collections::VecDeque<(u64, Instant)>,
+}
+
+impl Anchor {
+    fn open(cfg: &AnchorConfig, metrics: Metrics) -> Result<Self> {
+        let key = datadir::anchor_key(&cfg.data_dir, cfg.key_file.as_deref())?;
+        let signer = LogSigner::new(&cfg.origin, key)?;
+        let store = EpochStore::open(&cfg.anchor_dir(), signer)?;
+        let configured = cfg
+            .log_keys
+            .iter()
+            .map(|k| LogPublicKey::parse(k))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let (held, stopped) = store.load()?;
+        let heads = Heads::new(TrustedKeys::new(&cfg.data_dir, configured), held, stopped);
+        let ledger = if cfg.ledger {
+            let l = Ledger::open(&cfg.anchor_dir(), &store.public_key())?;
+            // The ledger may not anchor more than the epoch log holds, nor
+            // another root: that is a ledger of another log.
+            if l.anchored_size() > store.log().size() {
+                return Err(Error::Ledger {
+                    path: crate::ledger::ledger_path(&cfg.anchor_dir()),
+                    detail: format!(
+                        "it anchors size {} but the epoch log holds {}",
+                        l.anchored_size(),
+                        store.log().size()
+                    ),
+                });
+            }
+            if let Some(last) = l.last()
+                && store.log().root_at(last.size)?.to_hex() != last.root
+            {
+                return Err(Error::Ledger {
+                    path: crate::ledger::ledger_path(&cfg.anchor_dir()),
+                    detail: format!("its root at size {} is not the epoch log's", last.size),
+                });
+            }
+            Some(l)
+        } else {
+            None
+        };
+        metrics.forked_partitions.set(heads.stopped().len() as i64);
+        metrics.epoch_log_size.set(store.log().size() as i64);
+        let a = Anchor {
+            store,
+            heads,
+            ledger,
+            metrics,
+            closed_at: Default::default(),
+        };
+        a.gauges();
+        tracing::info!(
+            origin = %cfg.origin,
+            epochs = a.store.log().size(),
+            key = %a.store.public_key(),
+            "anchor is up"
+        );
+        Ok(a)
+    }
+
+    fn offer(&mut self, cp: &PublishedCheckpoint) {
+        let outcome = self.heads.offer(cp);
+        self.metrics
+            .checkpoints
+            .with_label_values(&[outcome.label()])
+            .inc();
+        match &outcome {
+            Offer::Fork(_) => self
+                .metrics
+                .forked_partitions
+                .set(self.heads.stopped().len() as i64),
+            Offer::Rejected(r) => {
+                tracing::warn!(origin = %cp.origin, size = cp.size, reason = r, "checkpoint refused")
+            }
+            Offer::Gap => {
+                tracing::debug!(origin = %cp.origin, size = cp.size, from = cp.from_size, "checkpoint does not link to the held one")
+            }
+            _ => {}
+        }
+    }
+
+    /// Close an epoch if a head moved, then anchor whatever is not.
+    fn tick(&mut self, meta: &[(&str, u64)]) -> Result<()> {
+        if let Some(c) = self.store.close_epoch(&mut self.heads, now_ms(), meta)? {
+            self.metrics.epochs.inc();
+            self.metrics.epoch_log_size.set(c.size as i64);
+            self.metrics.partitions.set(self.heads.heads().len() as i64);
+            self.closed_at.push_back((c.epoch, Instant::now()));
+            // Bounded: one entry per epoch not yet anchored, and the
+            // ledger anchors each at once; without a ledger, keep none.
+            if self.ledger.is_none() || self.closed_at.len() > 4096 {
+                self.closed_at.pop_front();
+            }
+        }
+        self.anchor_ledger()?;
+        self.gauges();
+        Ok(())
+    }
+
+    fn anchor_ledger(&mut self) -> Result<()> {
+        let Some(ledger) = self.ledger.as_mut() else {
+            return Ok(());
+        };
+        let size = self.store.log().size();
+        if size <= ledger.anchored_size() {
+            return Ok(());
+        }
+        let root = self.store.log().root();
+        match ledger.append(self.store.signer(), size, root, now_ms()) {
+            Ok(_) => {
+                self.metrics.anchors.with_label_values(&["ledger"]).inc();
+                while let Some(&(e, at)) = self.closed_at.front() {
+                    if e >= size {
+                        break;
+                    }
+                    self.metrics
+                        .anchor_latency
+                        .with_label_values(&["ledger"])
+                        .observe(at.elapsed().as_secs_f64());
+                    self.closed_at.pop_front();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics
+                    .anchor_errors
+                    .with_label_values(&["ledger"])
+                    .inc();
+                Err(e)
+            }
+        }
+    }
+
+    fn gauges(&self) {
+        let size = self.store.log().size();
+        if let Some(l) = &self.ledger {
+            self.metrics
+                .anchored_size
+                .with_label_values(&["ledger"])
+                .set(l.anchored_size() as i64);
+            self.metrics
+                .epochs_pending
+                .with_label_values(&["ledger"])
+                .set(size.saturating_sub(l.anchored_size()) as i64);
+        }
+    }
+}
+
+/// Run the anchor stage until `shutdown` (then close a last epoch), or
+/// until its in-process source closes.
+pub async fn run(cfg: StageConfig, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+    let StageConfig {
+        anchor,
+        source,
+        metrics,
+    } = cfg;
+    let metrics = Metrics::new(&metrics)?;
+    let mut a = tokio::task::block_in_place(|| Anchor::open(&anchor, metrics))?;
+    let mut tick = tokio::time::interval(anchor.epoch_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    match source {
+        AnchorSource::InProc(mut rx) => {
+            loop {
+                tokio::select! {
+                    cp = rx.recv() => match cp {
+                        Some(cp) => {
+                            a.metrics.queue_depth.set(rx.len() as i64);
+                            a.offer(&cp);
+                        }
+                        None => break,
+                    },
+                    _ = tick.tick() => tokio::task::block_in_place(|| a.tick(&[]))?,
+                    _ = shutdown.changed() => {
+                        if *shutdown.borrow() {
+                            // What the attestor announced while stopping.
+                            while let Ok(cp) = rx.try_recv() {
+                                a.offer(&cp);
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::task::block_in_place(|| a.tick(&[]))
+        }
+        AnchorSource::Kafka(kafka) => {
+            vitaltrail_bus::kafka::ensure_topics(&kafka).await?;
+            let start = a.store.meta(KAFKA_OFFSET)?;
+            let kafka = KafkaConfig {
+                group_id: "vitaltrail-anchor".to_owned(),
+                ..kafka
+            };
+            let (_consumer, mut parts) =
+                KafkaConsumer::assign(&kafka, CHECKPOINTS_TOPIC, &[(0, start)])?;
+            let mut part = parts
+                .pop()
+                .ok_or_else(|| Error::NotFound(format!("no partition 0 of {CHECKPOINTS_TOPIC}")))?;
+            let mut next = start.unwrap_or(0);
+            let mut batch = Vec::new();
+            loop {
+                tokio::select! {
+                    more = part.next_batch(256, &mut batch) => {
+                        if !more? {
+                            break;
+                        }
+                        for d in batch.drain(..) {
+                            next = d.offset + 1;
+                            match serde_json::from_slice::<PublishedCheckpoint>(&d.record.payload) {
+                                Ok(cp) => a.offer(&cp),
+                                Err(_) => a.metrics.checkpoints.with_label_values(&["malformed"]).inc(),
+                            }
+                        }
+                    }
+                    _ = tick.tick() => {
+                        tokio::task::block_in_place(|| a.tick(&[(KAFKA_OFFSET, next)]))?;
+                    }
+                    _ = shutdown.changed() => {
+                        if *shutdown.borrow() {
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::task::block_in_place(|| a.tick(&[(KAFKA_OFFSET, next)]))
+        }
+    }
+}

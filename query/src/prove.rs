@@ -1,0 +1,151 @@
+//! Proof bundles from a data directory: from a reading, named by its
+//! device and seq, to its anchor (`docs/proof-bundle.md`).
+//!
+//! The reading is found through each partition's seq index (read beside
+//! the running attestor), not by decoding leaves. With anchoring on, the
+//! bundle is v2: the partition checkpoint is the one the first epoch
+//! holding the leaf took, and the anchor part leads from it to the latest
+//! ledger record. A reading that no anchor covers yet gets a v2 bundle
+//! whose anchor part says `pending`, with the latest checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use vitaltrail_anchor::ledger::{LedgerLine, ledger_path};
+use vitaltrail_anchor::store::EpochReader;
+use vitaltrail_attestor::durable::DurableLog;
+use vitaltrail_core::bundle::AnchorProof;
+use vitaltrail_core::{Checkpoint, DeviceId, ProofBundle, envelope, leaf};
+
+use crate::{Error, Result};
+
+/// A bundle, and what it says.
+#[derive(Debug, Clone)]
+pub struct Proved {
+    /// The bundle.
+    pub bundle: ProofBundle,
+    /// The partition directory the reading is in (its `log.vkey` verifies
+    /// the bundle's checkpoint).
+    pub partition_dir: PathBuf,
+    /// The leaf index.
+    pub leaf: u64,
+    /// The partition log's origin.
+    pub origin: String,
+    /// The anchored epoch log size, when anchored.
+    pub anchored_size: Option<u64>,
+    /// Anchoring is on in this data directory.
+    pub anchoring: bool,
+}
+
+fn data_err(e: impl std::fmt::Display) -> Error {
+    Error::Data(e.to_string())
+}
+
+/// The partition directories of a data directory, in partition order.
+pub fn partition_dirs(data: &Path) -> Result<Vec<PathBuf>> {
+    let root = data.join("partitions");
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir(&root)
+        .map_err(|e| Error::Data(format!("{}: {e}", root.display())))?
+        .flatten()
+        .filter_map(|d| {
+            let p: u32 = d.file_name().to_str()?.parse().ok()?;
+            Some((p, d.path()))
+        })
+        .collect();
+    dirs.sort();
+    Ok(dirs.into_iter().map(|(_, d)| d).collect())
+}
+
+/// The last line of the ledger that anchors more than `epoch` epochs.
+fn ledger_covering(anchor_dir: &Path, epoch: u64) -> Result<Option<LedgerLine>> {
+    let path = ledger_path(anchor_dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(data_err(format!("{}: {e}", path.display()))),
+    };
+    // Only complete lines (a torn last line is not a record). The
+    // verifier checks the record itself.
+    let complete = text.rfind('\n').map_or(0, |i| i + 1);
+    Ok(text[..complete]
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<LedgerLine>(l).ok())
+        .find(|l| l.size > epoch))
+}
+
+/// Find `device`'s reading `seq` and prove it as far as it has got.
+pub fn prove(data: &Path, device: &DeviceId, seq: u64) -> Result<Proved> {
+    let did = device.as_str();
+    for dir in partition_dirs(data)? {
+        let Some(i) = vitaltrail_attestor::index::lookup(&dir, did, seq).map_err(data_err)? else {
+            continue;
+        };
+        let log = DurableLog::open_read_only(&dir).map_err(data_err)?;
+        let bytes = log.leaf(i).map_err(data_err)?;
+        let l = leaf::decode(&bytes).map_err(data_err)?;
+        let r = envelope::decode_verified_upstream(l.envelope).map_err(data_err)?;
+        if r.did != *device || r.seq != seq {
+            return Err(Error::Data(format!(
+                "the index of {} names leaf {i} for seq {seq} of {did}, which holds another reading",
+                dir.display()
+            )));
+        }
+        let latest = log
+            .latest_checkpoint()
+            .map_err(data_err)?
+            .ok_or_else(|| Error::NotYet("the partition has no checkpoint yet".into()))?;
+        let cp = Checkpoint::parse_unverified(&latest).map_err(data_err)?;
+        if i >= cp.size {
+            return Err(Error::NotYet(format!(
+                "the reading is logged (leaf {i}) but no checkpoint covers it yet"
+            )));
+        }
+        let anchor_dir = data.join("anchor");
+        let plain = |note: &str, size: u64| -> Result<ProofBundle> {
+            let proof = log.prove_inclusion(size, i).map_err(data_err)?;
+            Ok(ProofBundle::new(l.envelope, l.log_time_ms, i, &proof, note))
+        };
+        let mut proved = Proved {
+            bundle: plain(&latest, cp.size)?,
+            partition_dir: dir.clone(),
+            leaf: i,
+            origin: cp.origin.clone(),
+            anchored_size: None,
+            anchoring: anchor_dir.join("state.redb").exists(),
+        };
+        if !proved.anchoring {
+            return Ok(proved);
+        }
+        let reader = EpochReader::open(&anchor_dir).map_err(data_err)?;
+        let found = reader.find(&cp.origin, i).map_err(data_err)?;
+        let anchored = match &found {
+            Some(f) => ledger_covering(&anchor_dir, f.epoch)?.map(|line| (f, line)),
+            None => None,
+        };
+        let Some((f, line)) = anchored else {
+            proved.bundle = proved.bundle.with_anchor(AnchorProof::pending());
+            return Ok(proved);
+        };
+        let epoch_note = reader
+            .epoch_checkpoint(line.size)
+            .map_err(data_err)?
+            .ok_or_else(|| Error::Data(format!("no epoch checkpoint at size {}", line.size)))?;
+        let epoch_proof = reader
+            .log()
+            .prove_inclusion(line.size, f.epoch)
+            .map_err(data_err)?;
+        proved.bundle = plain(&f.note, f.head.size)?.with_anchor(AnchorProof::anchored(
+            &f.record,
+            f.head_index,
+            &f.head_proof,
+            &epoch_note,
+            &epoch_proof,
+            Some(&line.record),
+        ));
+        proved.anchored_size = Some(line.size);
+        return Ok(proved);
+    }
+    Err(Error::NotFound(format!(
+        "no logged and checkpointed reading with seq {seq} from {did}"
+    )))
+}
