@@ -36,6 +36,13 @@ pub enum Error {
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The chain's JSON-RPC failed (retried).
+    #[error("evm: {0}")]
+    Evm(String),
+    /// A setting of the EVM backend is wrong (no key, no contract, another
+    /// chain), or someone else anchors with its key: not retried.
+    #[error("evm: {0}")]
+    Setting(String),
     /// What was asked cannot be answered (no such reading, not anchored).
     #[error("{0}")]
     NotFound(String),
@@ -44,7 +51,7 @@ pub enum Error {
 impl Error {
     /// True when the caller asked for something that does not exist.
     pub fn is_caller_fault(&self) -> bool {
-        matches!(self, Error::NotFound(_))
+        matches!(self, Error::NotFound(_) | Error::Setting(_))
     }
 }
 

@@ -13,6 +13,9 @@
 //!   proofs need beside it;
 //! * [`ledger`]: the embedded backend, a local file of signed,
 //!   hash-chained records of the epoch log's root;
+//! * [`evm`]: the chain backend, through `alloy`: the epoch log's root in
+//!   `AnchorRegistry` on any EVM JSON-RPC chain, with confirmations,
+//!   replacements, reorg handling and retries;
 //! * [`stage`]: [`run`], the stage, fed in process by the attestor or from
 //!   `vitals.checkpoints`;
 //! * [`metrics`]: its Prometheus metrics.
@@ -21,6 +24,7 @@
 //! patient.
 
 mod error;
+pub mod evm;
 pub mod heads;
 pub mod ledger;
 pub mod metrics;

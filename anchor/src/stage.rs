@@ -36,6 +36,8 @@ pub struct AnchorConfig {
     pub log_keys: Vec<String>,
     /// Anchor to the local ledger (`<data>/anchor/ledger.jsonl`).
     pub ledger: bool,
+    /// Anchor to an EVM chain too.
+    pub evm: Option<crate::evm::EvmConfig>,
 }
 
 impl Default for AnchorConfig {
@@ -47,6 +49,7 @@ impl Default for AnchorConfig {
             key_file: None,
             log_keys: vec![],
             ledger: true,
+            evm: None,
         }
     }
 }
@@ -97,6 +100,8 @@ struct Anchor {
     metrics: Metrics,
     /// When each epoch not yet anchored by the ledger closed.
     closed_at: std::collections::VecDeque<(u64, Instant)>,
+    /// The latest signed epoch log size, for the chain backend.
+    evm_target: watch::Sender<Option<crate::evm::Target>>,
 }
 
 impl Anchor {
@@ -139,12 +144,15 @@ impl Anchor {
         };
         metrics.forked_partitions.set(heads.stopped().len() as i64);
         metrics.epoch_log_size.set(store.log().size() as i64);
+        let size = store.log().size();
+        let target = (size > 0).then(|| (size, store.log().root(), Instant::now()));
         let a = Anchor {
             store,
             heads,
             ledger,
             metrics,
             closed_at: Default::default(),
+            evm_target: watch::Sender::new(target),
         };
         a.gauges();
         tracing::info!(
@@ -184,6 +192,8 @@ impl Anchor {
             self.metrics.epoch_log_size.set(c.size as i64);
             self.metrics.partitions.set(self.heads.heads().len() as i64);
             self.closed_at.push_back((c.epoch, Instant::now()));
+            self.evm_target
+                .send_replace(Some((c.size, c.root, Instant::now())));
             // Bounded: one entry per epoch not yet anchored, and the
             // ledger anchors each at once; without a ledger, keep none.
             if self.ledger.is_none() || self.closed_at.len() > 4096 {
@@ -246,14 +256,54 @@ impl Anchor {
 
 /// Run the anchor stage until `shutdown` (then close a last epoch), or
 /// until its in-process source closes.
-pub async fn run(cfg: StageConfig, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
     let StageConfig {
         anchor,
         source,
         metrics,
     } = cfg;
     let metrics = Metrics::new(&metrics)?;
-    let mut a = tokio::task::block_in_place(|| Anchor::open(&anchor, metrics))?;
+    let mut a = tokio::task::block_in_place(|| Anchor::open(&anchor, metrics.clone()))?;
+    // The chain backend runs beside the epoch loop, so a slow or absent
+    // chain never holds epochs back; it ends with the stage.
+    let evm = match &anchor.evm {
+        Some(cfg) => {
+            let epochs = crate::store::epochs_dir(&anchor.anchor_dir());
+            let root_at = Box::new(move |size: u64| {
+                Ok(vitaltrail_log::DurableLog::open_read_only(&epochs)?.root_at(size)?)
+            });
+            let backend = crate::evm::EvmAnchor::new(
+                cfg.clone(),
+                &anchor.anchor_dir(),
+                &anchor.origin,
+                metrics,
+                root_at,
+            )?;
+            let targets = a.evm_target.subscribe();
+            let stop = shutdown.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) = backend.run(targets, stop).await {
+                    tracing::error!(error = %e, "EVM anchoring stopped; the ledger and epochs go on");
+                }
+            }))
+        }
+        None => None,
+    };
+    let res = run_loop(&mut a, source, &anchor, shutdown).await;
+    if let Some(t) = evm {
+        // It sees the same shutdown; a transaction in flight is picked up
+        // from the chain on the next start.
+        let _ = t.await;
+    }
+    res
+}
+
+async fn run_loop(
+    a: &mut Anchor,
+    source: AnchorSource,
+    anchor: &AnchorConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
     let mut tick = tokio::time::interval(anchor.epoch_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     match source {

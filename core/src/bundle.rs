@@ -76,6 +76,45 @@ pub struct AnchorProof {
     /// The local ledger's signed record anchoring that size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ledger_record: Option<String>,
+    /// The EVM transaction anchoring that size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evm: Option<EvmReceipt>,
+}
+
+/// Where an EVM chain holds the anchor (`docs/anchoring.md` §6): the
+/// registry's `Anchored(submitter, keccak256(origin), size, root)` event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvmReceipt {
+    /// EIP-155 chain id.
+    pub chain_id: u64,
+    /// The registry's address, `0x` and 40 hex digits.
+    pub contract: String,
+    /// The anchoring address, `0x` and 40 hex digits.
+    pub submitter: String,
+    /// The transaction, `0x` and 64 hex digits.
+    pub tx_hash: String,
+    /// The block that held it when the bundle was made.
+    pub block_number: u64,
+}
+
+impl EvmReceipt {
+    /// `Ok` when every field has its documented form.
+    pub fn check_form(&self) -> std::result::Result<(), String> {
+        let hex = |s: &str, n: usize, what: &str| {
+            let ok = s.len() == 2 + n
+                && s.starts_with("0x")
+                && s[2..].bytes().all(|b| b.is_ascii_hexdigit());
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("{what} is not 0x and {n} hex digits"))
+            }
+        };
+        hex(&self.contract, 40, "contract")?;
+        hex(&self.submitter, 40, "submitter")?;
+        hex(&self.tx_hash, 64, "tx_hash")
+    }
 }
 
 /// `"status"` of an anchored bundle.
@@ -94,6 +133,7 @@ impl AnchorProof {
             epoch_checkpoint: None,
             epoch_proof: None,
             ledger_record: None,
+            evm: None,
         }
     }
 
@@ -105,6 +145,7 @@ impl AnchorProof {
         epoch_checkpoint: &str,
         epoch_proof: &[Hash],
         ledger_record: Option<&str>,
+        evm: Option<EvmReceipt>,
     ) -> Self {
         AnchorProof {
             status: ANCHORED.to_owned(),
@@ -114,6 +155,7 @@ impl AnchorProof {
             epoch_checkpoint: Some(epoch_checkpoint.to_owned()),
             epoch_proof: Some(epoch_proof.iter().map(Hash::to_base64).collect()),
             ledger_record: ledger_record.map(str::to_owned),
+            evm,
         }
     }
 }
@@ -169,9 +211,10 @@ impl ProofBundle {
                 a.epoch_checkpoint.is_some(),
                 a.epoch_proof.is_some(),
             ];
+            let receipts = a.ledger_record.is_some() || a.evm.is_some();
             let shape_ok = match a.status.as_str() {
-                ANCHORED => all.iter().all(|x| *x),
-                PENDING => !all.iter().any(|x| *x) && a.ledger_record.is_none(),
+                ANCHORED => all.iter().all(|x| *x) && receipts,
+                PENDING => !all.iter().any(|x| *x) && !receipts,
                 _ => false,
             };
             if !shape_ok {
@@ -378,6 +421,10 @@ impl ProofBundle {
             r.ledger = ledger.as_ref().ok().cloned();
             r.push("ledger_signature", ledger.map(|_| ()));
         }
+        if let Some(evm) = &a.evm {
+            r.push("evm_receipt", evm.check_form());
+            r.evm = Some(evm.clone());
+        }
         r.epoch_checkpoint = epoch_cp.ok();
     }
 }
@@ -397,6 +444,9 @@ pub struct Report {
     pub ledger: Option<crate::anchor::LedgerRecord>,
     /// v2: the anchor part says `pending` (every other check may pass).
     pub pending: bool,
+    /// v2: the EVM receipt, if the bundle carries one (its chain check is
+    /// the caller's: it needs the network).
+    pub evm: Option<EvmReceipt>,
 }
 
 impl Report {
@@ -407,6 +457,11 @@ impl Report {
     /// True only if every check passed.
     pub fn ok(&self) -> bool {
         !self.checks.is_empty() && self.checks.iter().all(|(_, r)| r.is_ok())
+    }
+
+    /// Add a check the caller ran (the chain check of `verify --rpc`).
+    pub fn add(&mut self, name: &'static str, r: std::result::Result<(), String>) {
+        self.push(name, r);
     }
 
     /// True when every check but `anchor` passed and the anchor is
@@ -605,6 +660,7 @@ mod tests {
             &note,
             &epochs.prove_inclusion(5, 2).unwrap(),
             Some(&ledger),
+            None,
         );
         (b.with_anchor(part), pk, anchor)
     }

@@ -85,8 +85,7 @@ impl Checkpoint {
         if note.len() > MAX_CHECKPOINT_BYTES {
             return Err(Error::MalformedCheckpoint("note too large".into()));
         }
-        let parsed = Note::from_bytes(note.as_bytes())
-            .map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
+        let parsed = parse_note(note)?;
         let cp = tlog_tiles::Checkpoint::from_bytes(parsed.text())
             .map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
         Ok(Checkpoint {
@@ -96,6 +95,29 @@ impl Checkpoint {
             extensions: cp.extension().lines().map(str::to_owned).collect(),
         })
     }
+}
+
+/// Parse a signed note under the rules of `docs/checkpoint.md` §2, which
+/// are stricter than `signed_note`'s: no Unicode control character but
+/// newline anywhere (it lets DEL and C1 through), and no empty line in the
+/// text (split at the last `"\n\n"`, so splitting at the first empty
+/// line instead gives the same text for every note we take).
+fn parse_note(note: &str) -> Result<Note> {
+    if let Some(c) = note.chars().find(|&c| c.is_control() && c != '\n') {
+        return Err(Error::MalformedCheckpoint(format!(
+            "control character U+{:04X} in the note",
+            c as u32
+        )));
+    }
+    let parsed =
+        Note::from_bytes(note.as_bytes()).map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
+    let text = parsed.text();
+    if text.starts_with(b"\n") || text.windows(2).any(|w| w == b"\n\n") {
+        return Err(Error::MalformedCheckpoint(
+            "an empty line in the note text".into(),
+        ));
+    }
+    Ok(parsed)
 }
 
 /// Sign `body` as a signed note with one signature, by `signer`.
@@ -109,8 +131,7 @@ pub(crate) fn sign_note(body: &str, signer: &LogSigner) -> Result<String> {
 
 /// Check that `note` carries a valid signature by `key`; its text.
 pub(crate) fn open_note(note: &str, key: &LogPublicKey) -> Result<String> {
-    let parsed =
-        Note::from_bytes(note.as_bytes()).map_err(|e| Error::MalformedCheckpoint(e.to_string()))?;
+    let parsed = parse_note(note)?;
     let verifiers = VerifierList::new(vec![Box::new(key.verifier()?)]);
     parsed
         .verify(&verifiers)
@@ -199,6 +220,13 @@ impl LogPublicKey {
     /// Parse a verifier key string.
     pub fn parse(vkey: &str) -> Result<Self> {
         let vkey = vkey.trim();
+        // `signed_note` takes upper-case hex too; the format says lower.
+        let id = vkey.split('+').nth(1).unwrap_or_default();
+        if id.len() != 8 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(Error::InvalidKey(
+                "log verifier key: the key ID is not 8 lowercase hex digits".into(),
+            ));
+        }
         StandardVerifier::new(vkey)
             .map_err(|e| Error::InvalidKey(format!("log verifier key: {e}")))?;
         let name = vkey.split('+').next().unwrap_or_default().to_owned();
@@ -314,5 +342,56 @@ mod tests {
         for junk in ["", "\n", "a\n1\n", "x\n\n\u{2014} x AAAA\n"] {
             assert!(Checkpoint::open(junk, &s.public_key()).is_err());
         }
+    }
+    /// The settled readings of `docs/checkpoint.md`: DEL and C1 controls
+    /// are refused (signed_note took them), an empty line in the text is
+    /// refused (so the first-empty-line and last-"\n\n" splits agree), a
+    /// verifier key's ID must be lower-case hex (signed_note took upper),
+    /// and base64 must be canonical (no set unused bits).
+    #[test]
+    fn the_strict_readings_of_the_format() {
+        let s = signer();
+        for bad in ["\u{7f}", "\u{85}", "\u{9f}"] {
+            let body = format!(
+                "vitaltrail.test/log/0\n3\n{}\nx{bad}\n",
+                cp(3).root.to_base64()
+            );
+            let note = sign_note(&body, &s).unwrap();
+            assert!(Checkpoint::open(&note, &s.public_key()).is_err(), "{bad:?}");
+        }
+        let body = format!(
+            "vitaltrail.test/log/0\n3\n{}\n\nx\n",
+            cp(3).root.to_base64()
+        );
+        let note = sign_note(&body, &s).unwrap();
+        assert!(Checkpoint::open(&note, &s.public_key()).is_err());
+        let vkey = s.public_key().as_str().to_owned();
+        let mut parts: Vec<String> = vkey.splitn(3, '+').map(str::to_owned).collect();
+        parts[1] = parts[1].to_uppercase();
+        if parts[1].bytes().any(|b| b.is_ascii_alphabetic()) {
+            assert!(LogPublicKey::parse(&parts.join("+")).is_err());
+        }
+        // A signature line whose last base64 character has a set unused
+        // bit decodes to the same bytes: refused, not a second spelling.
+        let note = cp(3).sign(&s).unwrap();
+        let sig_at = note.rfind(' ').unwrap() + 1;
+        let b64 = note[sig_at..].trim_end().to_owned();
+        let last = b64.trim_end_matches('=').chars().last().unwrap();
+        let alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let v = alphabet.find(last).unwrap();
+        let sibling = alphabet.as_bytes()[v ^ 1] as char;
+        let mut t = note.clone();
+        let pos = sig_at + b64.trim_end_matches('=').len() - 1;
+        t.replace_range(pos..pos + 1, &sibling.to_string());
+        assert!(Checkpoint::open(&t, &s.public_key()).is_err());
+        let h = cp(3).root.to_base64();
+        let l = h.trim_end_matches('=').chars().last().unwrap();
+        let mut h2 = h.clone();
+        let p = h.trim_end_matches('=').len() - 1;
+        h2.replace_range(
+            p..p + 1,
+            &(alphabet.as_bytes()[alphabet.find(l).unwrap() ^ 1] as char).to_string(),
+        );
+        assert!(crate::merkle::Hash::from_base64(&h2).is_none());
     }
 }

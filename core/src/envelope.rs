@@ -143,8 +143,92 @@ pub fn verify_parsed(parsed: Vec<Result<Envelope>>) -> Vec<Result<Reading>> {
         .collect()
 }
 
+/// Check the CBOR items of `bytes` for what the format forbids but a
+/// general decoder would take silently: any tag (but one at the top, when
+/// `top_tag`: the message's tag, which step 3 checks), the simple value
+/// `undefined` and every simple value other than `false`, `true` and
+/// `null`. ciborium reads `undefined` as `null` and a tag 2/3 bignum as an
+/// integer, so without this a reading a spec-following verifier rejects
+/// could be logged. Only headers are read: malformed lengths are left to
+/// the decoder (which reports them).
+fn check_items(bytes: &[u8], part: &'static str, top_tag: bool) -> Result<()> {
+    let bad = |detail: String| Error::MalformedCbor { part, detail };
+    // (position, items left in the current container; u64::MAX =
+    // indefinite until a break).
+    let mut at = 0usize;
+    let mut stack: Vec<u64> = vec![1];
+    let mut top = true;
+    while let Some(left) = stack.last_mut() {
+        if *left == 0 {
+            stack.pop();
+            continue;
+        }
+        let Some(&ib) = bytes.get(at) else {
+            return Ok(()); // truncated: the decoder reports it
+        };
+        at += 1;
+        let (major, info) = (ib >> 5, ib & 0x1f);
+        if ib == 0xff {
+            if *left == u64::MAX {
+                stack.pop();
+                continue;
+            }
+            return Ok(()); // a stray break: the decoder reports it
+        }
+        if *left != u64::MAX {
+            *left -= 1;
+        }
+        let arg = match info {
+            0..=23 => u64::from(info),
+            24..=27 => {
+                let n = 1usize << (info - 24);
+                let Some(b) = bytes.get(at..at + n) else {
+                    return Ok(());
+                };
+                at += n;
+                b.iter().fold(0u64, |a, &x| (a << 8) | u64::from(x))
+            }
+            31 => u64::MAX,
+            _ => return Ok(()),
+        };
+        let was_top = std::mem::replace(&mut top, false);
+        match major {
+            0 | 1 => {}
+            2 | 3 => {
+                if arg != u64::MAX {
+                    at = at.saturating_add(usize::try_from(arg).unwrap_or(usize::MAX));
+                } else {
+                    stack.push(u64::MAX);
+                }
+            }
+            4 => stack.push(arg),
+            5 => stack.push(if arg == u64::MAX {
+                arg
+            } else {
+                arg.saturating_mul(2)
+            }),
+            6 => {
+                if !(was_top && top_tag) {
+                    return Err(bad(format!("tag {arg} is not allowed here")));
+                }
+                stack.push(1);
+            }
+            _ => match info {
+                20..=22 | 25..=27 => {}
+                23 => return Err(bad("the simple value undefined is not allowed".into())),
+                _ => return Err(bad(format!("the simple value {arg} is not allowed"))),
+            },
+        }
+        if stack.len() > 300 {
+            return Ok(()); // the decoder refuses nesting past its limit
+        }
+    }
+    Ok(())
+}
+
 /// Decode exactly one CBOR item; trailing bytes are an error.
 fn decode_one(bytes: &[u8], part: &'static str) -> Result<Value> {
+    check_items(bytes, part, part == "message")?;
     let mut rest = bytes;
     let v: Value = ciborium::de::from_reader(&mut rest).map_err(|e| Error::MalformedCbor {
         part,
@@ -728,5 +812,72 @@ mod tests {
             verify(&vec![0u8; MAX_ENVELOPE_BYTES + 1]),
             Err(Error::Oversize { .. })
         ));
+    }
+    /// Sign `payload` (raw CBOR bytes) as `key`'s envelope.
+    fn sign_raw(key: &SecretKey, payload: Vec<u8>) -> Vec<u8> {
+        let protected = HeaderBuilder::new()
+            .algorithm(iana::Algorithm::EdDSA)
+            .key_id(key.did().as_str().as_bytes().to_vec())
+            .build();
+        let sign1 = CoseSign1Builder::new()
+            .protected(protected)
+            .payload(payload)
+            .create_signature(b"", |tbs| key.sign(tbs).to_vec())
+            .build();
+        let mut out = Vec::new();
+        ciborium::ser::into_writer(
+            &Value::Tag(18, Box::new(sign1.to_cbor_value().unwrap())),
+            &mut out,
+        )
+        .unwrap();
+        out
+    }
+
+    fn replace(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+        let at = hay.windows(from.len()).position(|w| w == from).unwrap();
+        [&hay[..at], to, &hay[at + from.len()..]].concat()
+    }
+
+    /// What §3 forbids is refused, though ciborium would read it: before
+    /// this check a tag-2 bignum `seq` was read as 5, and `undefined` in
+    /// `meta` as null, so the log could hold envelopes a verifier written
+    /// from the spec rejects.
+    #[test]
+    fn bignums_undefined_and_tags_are_refused_as_the_spec_says() {
+        let k = key(3);
+        let plain = encode_payload(k.did(), &reading(5)).unwrap();
+        assert!(verify(&sign_raw(&k, plain.clone())).is_ok());
+        let seq = b"\x63seq";
+        let bignum = replace(
+            &plain,
+            &[&seq[..], &[0x05]].concat(),
+            &[&seq[..], &[0xc2, 0x41, 0x05]].concat(),
+        );
+        let with_meta = |item: &[u8]| {
+            let mut p = plain.clone();
+            assert_eq!(p[0], 0xa4);
+            p[0] = 0xa5;
+            p.extend_from_slice(b"\x64meta\xa1\x61x");
+            p.extend_from_slice(item);
+            p
+        };
+        let undefined = with_meta(&[0xf7]);
+        let tagged = with_meta(&[0xc1, 0x1a, 0x65, 0x5c, 0x00, 0x00]);
+        let simple = with_meta(&[0xf8, 0x20]);
+        let null = with_meta(&[0xf6]);
+        assert!(verify(&sign_raw(&k, null)).is_ok());
+        for (what, p) in [
+            ("bignum", bignum),
+            ("undefined", undefined),
+            ("tag", tagged),
+            ("simple", simple),
+        ] {
+            let e = verify(&sign_raw(&k, p)).unwrap_err();
+            assert_eq!(e.code(), "malformed_cbor", "{what}: {e}");
+        }
+        // Nor outside the payload: a second tag inside the message's tag 18.
+        let env = sign(&k, &reading(1)).unwrap();
+        let e = parse(&[&[0xd2, 0xc1][..], &env[1..]].concat()).unwrap_err();
+        assert_eq!(e.code(), "malformed_cbor", "{e}");
     }
 }

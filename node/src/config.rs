@@ -294,8 +294,9 @@ pub struct AttestorSection {
     pub compact_every_ms: u64,
 }
 
-/// `[anchor]`; see `vitaltrail_anchor::AnchorConfig`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `[anchor]`; see `vitaltrail_anchor::AnchorConfig`. `Debug` shows the
+/// RPC URL's scheme and host only.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AnchorSection {
     /// `up`: run the anchor in process.
@@ -314,6 +315,54 @@ pub struct AnchorSection {
     pub log_keys: Vec<String>,
     /// Anchor to the local ledger (`<data>/anchor/ledger.jsonl`).
     pub ledger: bool,
+    /// Anchor to an EVM chain through this JSON-RPC URL too (unset: no
+    /// chain). `config print` shows only its scheme and host: a provider's
+    /// API key may be in its path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evm_rpc_url: Option<String>,
+    /// The registry's address; default `<data>/anchor/evm.json`'s (what
+    /// `vitaltrail anchor deploy` wrote).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evm_contract: Option<String>,
+    /// A file holding the chain private key (hex); default
+    /// `$VITALTRAIL_EVM_KEY`. Never a flag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evm_key_file: Option<PathBuf>,
+    /// Refuse any other chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evm_chain_id: Option<u64>,
+    /// An anchor counts once this many blocks hold it.
+    pub evm_confirmations: u64,
+    /// Anchor on chain at most this often (ms).
+    pub evm_interval_ms: u64,
+    /// Replace a transaction not mined within this long (ms).
+    pub evm_tx_timeout_ms: u64,
+}
+
+impl std::fmt::Debug for AnchorSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnchorSection")
+            .field("enabled", &self.enabled)
+            .field("epoch_interval_ms", &self.epoch_interval_ms)
+            .field("origin", &self.origin)
+            .field("key_file", &self.key_file)
+            .field("log_keys", &self.log_keys)
+            .field("ledger", &self.ledger)
+            .field(
+                "evm_rpc_url",
+                &self
+                    .evm_rpc_url
+                    .as_deref()
+                    .map(vitaltrail_anchor::evm::redact_url),
+            )
+            .field("evm_contract", &self.evm_contract)
+            .field("evm_key_file", &self.evm_key_file)
+            .field("evm_chain_id", &self.evm_chain_id)
+            .field("evm_confirmations", &self.evm_confirmations)
+            .field("evm_interval_ms", &self.evm_interval_ms)
+            .field("evm_tx_timeout_ms", &self.evm_tx_timeout_ms)
+            .finish()
+    }
 }
 
 /// `[http]`.
@@ -333,6 +382,7 @@ impl NodeConfig {
         let i = IngestConfig::default();
         let a = AttestorConfig::default();
         let an = vitaltrail_anchor::AnchorConfig::default();
+        let evm = vitaltrail_anchor::evm::EvmConfig::default();
         NodeConfig {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             partitions: None,
@@ -393,6 +443,13 @@ impl NodeConfig {
                 key_file: an.key_file,
                 log_keys: an.log_keys,
                 ledger: an.ledger,
+                evm_rpc_url: None,
+                evm_contract: None,
+                evm_key_file: None,
+                evm_chain_id: None,
+                evm_confirmations: evm.confirmations,
+                evm_interval_ms: evm.interval.as_millis() as u64,
+                evm_tx_timeout_ms: evm.tx_timeout.as_millis() as u64,
             },
             dead_letters: RejectLimits::default(),
             http: HttpSection {
@@ -510,6 +567,12 @@ impl NodeConfig {
                 return bad(format!("{k} must be at least 1"));
             }
         }
+        if self.anchor.evm_interval_ms < 100 || self.anchor.evm_tx_timeout_ms < 1000 {
+            return bad(
+                "anchor.evm_interval_ms must be at least 100 and anchor.evm_tx_timeout_ms at least 1000"
+                    .into(),
+            );
+        }
         if self.anchor.epoch_interval_ms < 10 {
             return bad("anchor.epoch_interval_ms must be at least 10".into());
         }
@@ -573,6 +636,11 @@ impl NodeConfig {
     pub fn to_toml_redacted(&self) -> Result<String> {
         let mut shown = self.clone();
         shown.kafka.client = redact_client(&self.kafka.client);
+        shown.anchor.evm_rpc_url = self
+            .anchor
+            .evm_rpc_url
+            .as_deref()
+            .map(vitaltrail_anchor::evm::redact_url);
         toml::to_string_pretty(&shown)
             .map_err(|e| Error::Config(format!("the configuration cannot be printed: {e}")))
     }
@@ -603,6 +671,18 @@ impl NodeConfig {
             key_file: a.key_file.clone(),
             log_keys: a.log_keys.clone(),
             ledger: a.ledger,
+            evm: a
+                .evm_rpc_url
+                .clone()
+                .map(|rpc_url| vitaltrail_anchor::evm::EvmConfig {
+                    rpc_url,
+                    contract: a.evm_contract.clone(),
+                    key_file: a.evm_key_file.clone(),
+                    confirmations: a.evm_confirmations,
+                    interval: Duration::from_millis(a.evm_interval_ms),
+                    tx_timeout: Duration::from_millis(a.evm_tx_timeout_ms),
+                    chain_id: a.evm_chain_id,
+                }),
         }
     }
 

@@ -250,12 +250,15 @@ impl Rows for CheckpointRows {
     }
 }
 
-/// `anchors`: every anchor of the epoch log, from the local ledger
-/// (`<data>/anchor/ledger.jsonl`), oldest first. Each row comes from the
-/// signed record itself; `vitaltrail anchor verify-ledger` checks them.
+/// `anchors`: every anchor of the epoch log: the local ledger's
+/// (`<data>/anchor/ledger.jsonl`, each row from the signed record itself;
+/// `vitaltrail anchor verify-ledger` checks them), then the chain's
+/// (`<data>/anchor/evm.jsonl`: confirmed ones, and a `reorged` row for
+/// each that a reorg removed later).
 pub fn anchors_table(data: &Path) -> Result<Arc<StreamingTable>> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("backend", DataType::Utf8, false),
+        Field::new("status", DataType::Utf8, false),
         Field::new("stream", DataType::Utf8, false),
         Field::new("epoch_log_size", DataType::UInt64, false),
         Field::new("root", DataType::Utf8, false),
@@ -266,13 +269,15 @@ pub fn anchors_table(data: &Path) -> Result<Arc<StreamingTable>> {
         Field::new("anchored_at", ts(), false),
     ]));
     let ledger = vitaltrail_anchor::ledger::ledger_path(&data.join("anchor"));
-    let files = Arc::new(move || vec![(ledger.clone(), 0)]);
+    let evm = vitaltrail_anchor::evm::evm_path(&data.join("anchor"));
+    let files = Arc::new(move || vec![(ledger.clone(), 0), (evm.clone(), 1)]);
     table(schema, files, AnchorRows::default)
 }
 
 #[derive(Default)]
 struct AnchorRows {
     backend: StringBuilder,
+    status: StringBuilder,
     stream: StringBuilder,
     size: UInt64Builder,
     root: StringBuilder,
@@ -285,7 +290,30 @@ struct AnchorRows {
 }
 
 impl Rows for AnchorRows {
-    fn push(&mut self, line: &str, _tag: u32) {
+    fn push(&mut self, line: &str, tag: u32) {
+        if tag == 1 {
+            // The chain's: confirmed anchors, and those a reorg removed
+            // later (a row of their own, status `reorged`).
+            let Ok(l) = serde_json::from_str::<vitaltrail_anchor::evm::EvmLine>(line) else {
+                return;
+            };
+            if l.kind == "submitted" {
+                return;
+            }
+            self.backend.append_value("evm");
+            self.status.append_value(&l.kind);
+            self.stream
+                .append_value(format!("chain {} contract {}", l.chain_id, l.contract));
+            self.size.append_value(l.size);
+            self.root.append_value(&l.root);
+            self.seq.append_null();
+            self.tx.append_value(&l.tx_hash);
+            self.block.append_option(l.block_number);
+            self.confirmations.append_option(l.confirmations);
+            self.at.append_value(l.time_ms as i64);
+            self.n += 1;
+            return;
+        }
         let Ok(l) = serde_json::from_str::<vitaltrail_anchor::ledger::LedgerLine>(line) else {
             return;
         };
@@ -293,6 +321,7 @@ impl Rows for AnchorRows {
             return;
         };
         self.backend.append_value("ledger");
+        self.status.append_value("written");
         self.stream.append_value(&r.stream);
         self.size.append_value(r.size);
         self.root.append_value(r.root.to_hex());
@@ -312,6 +341,7 @@ impl Rows for AnchorRows {
         self.n = 0;
         let cols: Vec<ArrayRef> = vec![
             Arc::new(self.backend.finish()),
+            Arc::new(self.status.finish()),
             Arc::new(self.stream.finish()),
             Arc::new(self.size.finish()),
             Arc::new(self.root.finish()),

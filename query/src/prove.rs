@@ -32,6 +32,11 @@ pub struct Proved {
     pub origin: String,
     /// The anchored epoch log size, when anchored.
     pub anchored_size: Option<u64>,
+    /// The bundle carries an EVM receipt.
+    pub on_chain: bool,
+    /// EVM anchoring is on in this data directory (`anchor/evm.json`
+    /// names a submitter): `prove --wait` waits for the chain.
+    pub evm_on: bool,
     /// Anchoring is on in this data directory.
     pub anchoring: bool,
 }
@@ -55,22 +60,21 @@ pub fn partition_dirs(data: &Path) -> Result<Vec<PathBuf>> {
     Ok(dirs.into_iter().map(|(_, d)| d).collect())
 }
 
-/// The last line of the ledger that anchors more than `epoch` epochs.
-fn ledger_covering(anchor_dir: &Path, epoch: u64) -> Result<Option<LedgerLine>> {
+/// The ledger's lines, newest first (only complete lines: a torn last
+/// line is not a record; the verifier checks the records themselves).
+fn ledger_lines(anchor_dir: &Path) -> Result<Vec<LedgerLine>> {
     let path = ledger_path(anchor_dir);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
         Err(e) => return Err(data_err(format!("{}: {e}", path.display()))),
     };
-    // Only complete lines (a torn last line is not a record). The
-    // verifier checks the record itself.
     let complete = text.rfind('\n').map_or(0, |i| i + 1);
     Ok(text[..complete]
         .lines()
         .rev()
         .filter_map(|l| serde_json::from_str::<LedgerLine>(l).ok())
-        .find(|l| l.size > epoch))
+        .collect())
 }
 
 /// Find `device`'s reading `seq` and prove it as far as it has got.
@@ -111,28 +115,55 @@ pub fn prove(data: &Path, device: &DeviceId, seq: u64) -> Result<Proved> {
             leaf: i,
             origin: cp.origin.clone(),
             anchored_size: None,
+            on_chain: false,
+            evm_on: false,
             anchoring: anchor_dir.join("state.redb").exists(),
         };
         if !proved.anchoring {
             return Ok(proved);
         }
         let reader = EpochReader::open(&anchor_dir).map_err(data_err)?;
-        let found = reader.find(&cp.origin, i).map_err(data_err)?;
-        let anchored = match &found {
-            Some(f) => ledger_covering(&anchor_dir, f.epoch)?.map(|line| (f, line)),
-            None => None,
-        };
-        let Some((f, line)) = anchored else {
+        let deployment = vitaltrail_anchor::evm::read_deployment(&anchor_dir).map_err(data_err)?;
+        proved.evm_on = deployment.is_some_and(|d| d.submitter.is_some());
+        let Some(f) = reader.find(&cp.origin, i).map_err(data_err)? else {
             proved.bundle = proved.bundle.with_anchor(AnchorProof::pending());
             return Ok(proved);
         };
-        let epoch_note = reader
-            .epoch_checkpoint(line.size)
+        // The chain's latest confirmed anchor covering the epoch, else the
+        // ledger's latest; with the ledger's record of that same size.
+        let ledger = ledger_lines(&anchor_dir)?;
+        let chain = vitaltrail_anchor::evm::confirmed(&anchor_dir)
             .map_err(data_err)?
-            .ok_or_else(|| Error::Data(format!("no epoch checkpoint at size {}", line.size)))?;
+            .into_iter()
+            .rev()
+            .find(|l| l.size > f.epoch);
+        let size = match (&chain, ledger.iter().find(|l| l.size > f.epoch)) {
+            (Some(c), _) => c.size,
+            (None, Some(l)) => l.size,
+            (None, None) => {
+                proved.bundle = proved.bundle.with_anchor(AnchorProof::pending());
+                return Ok(proved);
+            }
+        };
+        let record = ledger
+            .iter()
+            .find(|l| l.size == size)
+            .map(|l| l.record.as_str());
+        let evm = chain.map(|c| vitaltrail_core::bundle::EvmReceipt {
+            chain_id: c.chain_id,
+            contract: c.contract,
+            submitter: c.submitter,
+            tx_hash: c.tx_hash,
+            block_number: c.block_number.unwrap_or_default(),
+        });
+        proved.on_chain = evm.is_some();
+        let epoch_note = reader
+            .epoch_checkpoint(size)
+            .map_err(data_err)?
+            .ok_or_else(|| Error::Data(format!("no epoch checkpoint at size {size}")))?;
         let epoch_proof = reader
             .log()
-            .prove_inclusion(line.size, f.epoch)
+            .prove_inclusion(size, f.epoch)
             .map_err(data_err)?;
         proved.bundle = plain(&f.note, f.head.size)?.with_anchor(AnchorProof::anchored(
             &f.record,
@@ -140,9 +171,10 @@ pub fn prove(data: &Path, device: &DeviceId, seq: u64) -> Result<Proved> {
             &f.head_proof,
             &epoch_note,
             &epoch_proof,
-            Some(&line.record),
+            record,
+            evm,
         ));
-        proved.anchored_size = Some(line.size);
+        proved.anchored_size = Some(size);
         return Ok(proved);
     }
     Err(Error::NotFound(format!(

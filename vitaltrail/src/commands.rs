@@ -199,15 +199,106 @@ pub fn parse_log_key(arg: &str) -> Result<LogPublicKey> {
     Ok(LogPublicKey::parse(&text)?)
 }
 
+/// What `vitaltrail verify` trusts, besides the bundle.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyKeys<'a> {
+    /// The partition log's verifier key (or a file), else the data dir's.
+    pub log_key: Option<&'a str>,
+    /// The anchor's verifier key (or a file), else the data dir's.
+    pub anchor_key: Option<&'a str>,
+    /// An EVM JSON-RPC URL to ask about the EVM receipt.
+    pub rpc: Option<&'a str>,
+    /// Blocks deep the chain anchor must be.
+    pub confirmations: u64,
+    /// The registry the anchor must be in (else `<data>/anchor/evm.json`).
+    pub evm_contract: Option<&'a str>,
+    /// Who must have anchored it (else `<data>/anchor/evm.json`).
+    pub evm_submitter: Option<&'a str>,
+}
+
+/// The chain check of `verify --rpc`: the registry and submitter are the
+/// pinned ones, never the bundle's word, and the chain holds the epoch
+/// checkpoint's root at its size, deep enough.
+fn chain_check(
+    report: &vitaltrail_core::bundle::Report,
+    keys: &VerifyKeys<'_>,
+    rpc: &str,
+    data: &Path,
+) -> std::result::Result<String, String> {
+    let evm = report
+        .evm
+        .as_ref()
+        .ok_or("the bundle carries no EVM receipt")?;
+    let ecp = report
+        .epoch_checkpoint
+        .as_ref()
+        .ok_or("needs a valid epoch checkpoint")?;
+    let deployed = vitaltrail_anchor::evm::read_deployment(&data.join("anchor"))
+        .ok()
+        .flatten();
+    let contract = keys
+        .evm_contract
+        .map(str::to_owned)
+        .or_else(|| deployed.as_ref().map(|d| d.contract.clone()))
+        .ok_or("no registry to trust: pass --evm-contract")?;
+    let submitter = keys
+        .evm_submitter
+        .map(str::to_owned)
+        .or_else(|| deployed.as_ref().and_then(|d| d.submitter.clone()))
+        .ok_or("no submitter to trust: pass --evm-submitter")?;
+    let parse = |s: &str| {
+        s.parse::<vitaltrail_anchor::evm::Address>()
+            .map_err(|_| format!("{s:?} is not an address"))
+    };
+    let (contract, submitter) = (parse(&contract)?, parse(&submitter)?);
+    if parse(&evm.contract)? != contract || parse(&evm.submitter)? != submitter {
+        return Err(format!(
+            "the bundle names registry {} and submitter {}, not the trusted {contract} and {submitter}",
+            evm.contract, evm.submitter
+        ));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let c = rt
+        .block_on(vitaltrail_anchor::evm::check_on_chain(
+            rpc,
+            &vitaltrail_anchor::evm::OnChain {
+                chain_id: evm.chain_id,
+                contract,
+                submitter,
+                stream: vitaltrail_anchor::evm::stream_id(&ecp.origin),
+                size: ecp.size,
+                root: vitaltrail_anchor::evm::B256::from(ecp.root.0),
+                tx_hash: evm
+                    .tx_hash
+                    .parse()
+                    .map_err(|_| format!("{:?} is not a transaction hash", evm.tx_hash))?,
+            },
+            keys.confirmations,
+        ))
+        .map_err(|e| e.to_string())?;
+    Ok(format!(
+        "chain {} holds root {} at size {} in block {} ({} confirmations{})",
+        evm.chain_id,
+        ecp.root,
+        ecp.size,
+        c.block_number,
+        c.confirmations,
+        if c.latest { ", the latest anchor" } else { "" }
+    ))
+}
+
 /// `vitaltrail verify`: exit 0 when every check passes, 2 when every
 /// check but `anchor` passes and the anchor is pending, 1 otherwise.
 pub fn verify(
     bundle: &Path,
-    log_key: Option<&str>,
-    anchor_key: Option<&str>,
+    keys: &VerifyKeys<'_>,
     data: &Path,
     device: Option<&str>,
 ) -> Result<ExitCode> {
+    let (log_key, anchor_key) = (keys.log_key, keys.anchor_key);
     let device = device
         .map(DeviceId::parse)
         .transpose()
@@ -230,7 +321,13 @@ pub fn verify(
     } else {
         None
     };
-    let report = bundle.verify_anchored(&key, anchor.as_ref(), device.as_ref());
+    let mut report = bundle.verify_anchored(&key, anchor.as_ref(), device.as_ref());
+    let mut chain_note = None;
+    if let Some(rpc) = keys.rpc {
+        let r = chain_check(&report, keys, rpc, data);
+        chain_note = r.as_ref().ok().cloned();
+        report.add("chain", r.map(|_| ()));
+    }
     for (name, r) in &report.checks {
         match r {
             Ok(()) => println!("ok   {name}"),
@@ -255,6 +352,14 @@ pub fn verify(
                     Some(l) => format!(", ledger record {} (local ledger)", l.seq),
                     None => String::new(),
                 }
+            );
+        }
+        if let Some(n) = chain_note {
+            println!("on chain: {n}");
+        } else if let Some(e) = &report.evm {
+            println!(
+                "on chain (not asked; pass --rpc): chain {} tx {} in block {}",
+                e.chain_id, e.tx_hash, e.block_number
             );
         }
         Ok(ExitCode::SUCCESS)

@@ -55,6 +55,21 @@ enum Command {
         /// <data>/anchor/anchor.vkey.
         #[arg(long, env = "VITALTRAIL_ANCHOR_VKEY")]
         anchor_key: Option<String>,
+        /// Also ask this EVM JSON-RPC endpoint whether the registry holds
+        /// the anchored root (a v2 bundle with an EVM receipt).
+        #[arg(long)]
+        rpc: Option<String>,
+        /// With --rpc: blocks deep the anchor must be.
+        #[arg(long, default_value_t = 1, requires = "rpc")]
+        confirmations: u64,
+        /// With --rpc: the registry the anchor must be in (default:
+        /// <data>/anchor/evm.json's; never the bundle's own word).
+        #[arg(long, requires = "rpc")]
+        evm_contract: Option<String>,
+        /// With --rpc: the address that must have anchored it (default:
+        /// <data>/anchor/evm.json's submitter).
+        #[arg(long, requires = "rpc")]
+        evm_submitter: Option<String>,
         /// The `vitaltrail up` data directory to take the log key from.
         #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
         data: PathBuf,
@@ -411,12 +426,22 @@ fn main() -> ExitCode {
             bundle,
             log_key,
             anchor_key,
+            rpc,
+            confirmations,
+            evm_contract,
+            evm_submitter,
             data,
             device,
         } => commands::verify(
             &bundle,
-            log_key.as_deref(),
-            anchor_key.as_deref(),
+            &commands::VerifyKeys {
+                log_key: log_key.as_deref(),
+                anchor_key: anchor_key.as_deref(),
+                rpc: rpc.as_deref(),
+                confirmations,
+                evm_contract: evm_contract.as_deref(),
+                evm_submitter: evm_submitter.as_deref(),
+            },
             &data,
             device.as_deref(),
         ),
@@ -426,6 +451,12 @@ fn main() -> ExitCode {
                 Some(node_args::AnchorCmd::VerifyLedger { data, anchor_key }) => {
                     pipeline_cmds::anchor_verify_ledger(data, anchor_key.as_deref())
                 }
+                Some(node_args::AnchorCmd::Deploy {
+                    rpc,
+                    key_file,
+                    data,
+                    confirmations,
+                }) => pipeline_cmds::anchor_deploy(rpc, key_file.as_deref(), data, *confirmations),
                 None => pipeline_cmds::anchor(args),
             }
         }

@@ -109,6 +109,42 @@ pub struct UpArgs {
     /// [attestor.checkpoint_interval_ms; default 1000]
     #[arg(long)]
     checkpoint_interval_ms: Option<u64>,
+    #[command(flatten)]
+    anchor: AnchorFlags,
+}
+
+/// The anchor's flags shared by `up` and `anchor`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AnchorFlags {
+    /// Close an epoch this often (ms). [anchor.epoch_interval_ms; default 1000]
+    #[arg(long)]
+    epoch_interval_ms: Option<u64>,
+    /// Also anchor to the EVM chain at this JSON-RPC URL (key from
+    /// anchor.evm_key_file or $VITALTRAIL_EVM_KEY). [anchor.evm_rpc_url]
+    #[arg(long)]
+    evm_rpc: Option<String>,
+    /// The registry's address (default: <data>/anchor/evm.json, which
+    /// `vitaltrail anchor deploy` writes). [anchor.evm_contract]
+    #[arg(long)]
+    evm_contract: Option<String>,
+    /// Anchor on chain at most this often (ms). [anchor.evm_interval_ms;
+    /// default 3000]
+    #[arg(long)]
+    evm_interval_ms: Option<u64>,
+    /// Blocks deep an anchor must be to count. [anchor.evm_confirmations;
+    /// default 1]
+    #[arg(long)]
+    evm_confirmations: Option<u64>,
+}
+
+impl AnchorFlags {
+    fn apply(&self, o: &mut Overrides) {
+        o.set_opt("anchor.epoch_interval_ms", self.epoch_interval_ms)
+            .set_opt("anchor.evm_rpc_url", self.evm_rpc.clone())
+            .set_opt("anchor.evm_contract", self.evm_contract.clone())
+            .set_opt("anchor.evm_interval_ms", self.evm_interval_ms)
+            .set_opt("anchor.evm_confirmations", self.evm_confirmations);
+    }
 }
 
 impl UpArgs {
@@ -129,6 +165,7 @@ impl UpArgs {
         if !self.mqtt_names.is_empty() {
             o.set("mqtt.names", self.mqtt_names.clone());
         }
+        self.anchor.apply(&mut o);
         o
     }
 }
@@ -273,9 +310,8 @@ pub struct AnchorArgs {
     /// vitaltrail-data]
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Close an epoch this often (ms). [anchor.epoch_interval_ms; default 1000]
-    #[arg(long)]
-    epoch_interval_ms: Option<u64>,
+    #[command(flatten)]
+    anchor: AnchorFlags,
     /// librdkafka client properties, one key=value per line.
     /// [kafka.client_config_file]
     #[arg(long)]
@@ -288,6 +324,23 @@ pub struct AnchorArgs {
 /// `vitaltrail anchor …`.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum AnchorCmd {
+    /// Deploy the AnchorRegistry contract (anchor/contracts) to an EVM
+    /// chain, wait for it, and write <data>/anchor/evm.json. The key comes
+    /// from --key-file or $VITALTRAIL_EVM_KEY, never a flag.
+    Deploy {
+        /// The chain's JSON-RPC URL.
+        #[arg(long)]
+        rpc: String,
+        /// A file holding the deployer's private key (hex).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// The data directory to write <data>/anchor/evm.json in.
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
+        data: PathBuf,
+        /// Blocks deep the deployment must be.
+        #[arg(long, default_value_t = 1)]
+        confirmations: u64,
+    },
     /// Check the local ledger: every record's signature, the hash chain,
     /// and each root against the epoch log.
     VerifyLedger {
@@ -307,9 +360,9 @@ impl AnchorArgs {
         let mut o = Overrides::new();
         o.set_opt("kafka.brokers", self.kafka.clone())
             .set_opt("data_dir", self.data.clone())
-            .set_opt("anchor.epoch_interval_ms", self.epoch_interval_ms)
             .set_opt("kafka.client_config_file", self.kafka_config_file.clone())
             .set_opt("http.listen", self.metrics_listen);
+        self.anchor.apply(&mut o);
         o
     }
 }

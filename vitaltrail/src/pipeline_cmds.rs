@@ -83,6 +83,33 @@ pub fn anchor_verify_ledger(data: &Path, anchor_key: Option<&str>) -> Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
+/// `vitaltrail anchor deploy`.
+pub fn anchor_deploy(
+    rpc: &str,
+    key_file: Option<&Path>,
+    data: &Path,
+    confirmations: u64,
+) -> Result<ExitCode> {
+    let signer = vitaltrail_anchor::evm::load_key(key_file)?;
+    let dir = data.join("anchor");
+    let d = runtime()?.block_on(vitaltrail_anchor::evm::deploy(
+        rpc,
+        signer,
+        confirmations,
+        &dir,
+    ))?;
+    println!("{}", d.contract);
+    eprintln!(
+        "deployed AnchorRegistry at {} on chain {} (tx {}, block {}); written to {}",
+        d.contract,
+        d.chain_id,
+        d.tx_hash.as_deref().unwrap_or("?"),
+        d.block_number.map_or("?".to_owned(), |b| b.to_string()),
+        vitaltrail_anchor::evm::deployment_path(&dir).display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The anchor's verifier key: `--anchor-key` (a key or a file holding
 /// one), else `<data>/anchor/anchor.vkey`.
 pub fn anchor_key_for(data: &Path, given: Option<&str>) -> Result<vitaltrail_core::LogPublicKey> {
@@ -469,7 +496,9 @@ pub fn prove(
     let deadline = wait.map(|w| std::time::Instant::now() + w);
     let proved = loop {
         let r = vitaltrail_query::prove::prove(data, &did, seq);
-        let anchored = matches!(&r, Ok(p) if p.anchored_size.is_some() || !p.anchoring);
+        // With the chain on, --wait waits for the chain's anchor.
+        let anchored = matches!(&r, Ok(p)
+            if !p.anchoring || (p.anchored_size.is_some() && (p.on_chain || !p.evm_on)));
         let retry = match &r {
             Ok(_) => !anchored,
             Err(vitaltrail_query::Error::NotYet(_) | vitaltrail_query::Error::NotFound(_)) => true,
@@ -493,6 +522,9 @@ pub fn prove(
     }
     let how = match (proved.anchoring, proved.anchored_size) {
         (false, _) => "anchoring is off: a v1 bundle, up to the checkpoint".to_owned(),
+        (true, Some(n)) if proved.on_chain => {
+            format!("anchored on chain (and in the ledger) at epoch log size {n}")
+        }
         (true, Some(n)) => format!("anchored by the ledger at epoch log size {n}"),
         (true, None) => {
             "not anchored yet (the bundle says `pending`; prove --wait waits)".to_owned()

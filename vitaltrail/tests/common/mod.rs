@@ -276,13 +276,20 @@ pub struct Proc {
     pub child: Child,
     pub args: Vec<String>,
     log: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Proc {
     pub fn spawn(args: &[String], log: PathBuf) -> Proc {
+        Proc::spawn_env(args, log, &[])
+    }
+
+    /// [`Proc::spawn`] with more environment variables (a key, say).
+    pub fn spawn_env(args: &[String], log: PathBuf, env: &[(&str, &str)]) -> Proc {
         let child = Command::new(env!("CARGO_BIN_EXE_vitaltrail"))
             .args(args)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -297,6 +304,10 @@ impl Proc {
             child,
             args: args.to_vec(),
             log,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
@@ -304,7 +315,9 @@ impl Proc {
     pub fn crash_and_restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        *self = Proc::spawn(&self.args.clone(), self.log.clone());
+        let env: Vec<(String, String)> = self.env.clone();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        *self = Proc::spawn_env(&self.args.clone(), self.log.clone(), &env);
     }
 
     pub fn assert_running(&mut self) {
@@ -622,4 +635,254 @@ pub async fn wait_ready(http: SocketAddr) {
         assert!(Instant::now() < deadline, "{http}/readyz never said ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// After a graceful stop: the epoch log holds epochs 0…E−1, each once and
+/// in order; the ledger verifies (every signature, the chain, each root
+/// against the epoch log) and anchors all E; every partition's latest
+/// checkpoint is in an epoch; and `per_partition` readings of each
+/// partition, spread over its log, get an anchored v2 bundle that
+/// verifies with the log key and the anchor key. Returns the epoch count.
+pub fn check_anchoring(data: &Path, per_partition: u64) -> u64 {
+    use vitaltrail_anchor::store::EpochReader;
+    use vitaltrail_core::anchor::EpochRecord;
+    let adir = data.join("anchor");
+    let akey = LogPublicKey::parse(
+        std::fs::read_to_string(adir.join("anchor.vkey"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    let reader = EpochReader::open(&adir).unwrap();
+    let epochs = reader.log().size();
+    assert!(epochs > 0, "no epoch was closed");
+    let mut last_time = 0;
+    for e in 0..epochs {
+        let rec = EpochRecord::decode(&reader.log().leaf(e).unwrap()).unwrap();
+        assert_eq!(rec.epoch, e, "epoch {e} is out of place: lost or doubled");
+        assert!(
+            rec.time_ms >= last_time,
+            "epoch {e} closed before {}",
+            e - 1
+        );
+        last_time = rec.time_ms;
+    }
+    let (records, torn) = vitaltrail_anchor::ledger::verify_against_log(&adir, &akey).unwrap();
+    assert!(!torn && records > 0);
+    let (lines, _) = vitaltrail_anchor::ledger::read_checked(
+        &vitaltrail_anchor::ledger::ledger_path(&adir),
+        &akey,
+        true,
+    )
+    .unwrap();
+    assert_eq!(
+        lines.last().unwrap().size,
+        epochs,
+        "the ledger does not anchor every epoch"
+    );
+    for dir in vitaltrail_query::prove::partition_dirs(data).unwrap() {
+        let vkey = LogPublicKey::parse(
+            std::fs::read_to_string(dir.join("log.vkey"))
+                .unwrap()
+                .trim(),
+        )
+        .unwrap();
+        let log = DurableLog::open_read_only(&dir).unwrap();
+        let Some(note) = log.latest_checkpoint().unwrap() else {
+            continue;
+        };
+        let cp = Checkpoint::open(&note, &vkey).unwrap();
+        if cp.size == 0 {
+            continue;
+        }
+        let f = reader
+            .find(&cp.origin, cp.size - 1)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{} at {} is in no epoch", cp.origin, cp.size));
+        assert_eq!(
+            f.head.size, cp.size,
+            "the latest checkpoint is not anchored"
+        );
+        let step = (cp.size / per_partition.max(1)).max(1);
+        for i in (0..cp.size).step_by(step as usize) {
+            let l = log.leaf(i).unwrap();
+            let l = leaf::decode(&l).unwrap();
+            let r = envelope::decode_verified_upstream(l.envelope).unwrap();
+            let p = vitaltrail_query::prove::prove(data, &r.did, r.seq).unwrap();
+            assert!(
+                p.anchored_size.is_some(),
+                "seq {} of {} is not anchored",
+                r.seq,
+                r.did
+            );
+            let rep = p.bundle.verify_anchored(&vkey, Some(&akey), Some(&r.did));
+            assert!(rep.ok(), "{:?}", rep.checks);
+        }
+    }
+    epochs
+}
+
+/// The npm tools scripts/setup installs (Anvil, cast, solc-js).
+pub fn npm_tool(package: &str, bin: &str) -> PathBuf {
+    let root = std::env::var("VITALTRAIL_NPM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/vitaltrail-tools/npm")
+        });
+    let p = root
+        .join("node_modules/@foundry-rs")
+        .join(package)
+        .join("bin")
+        .join(bin);
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/setup (it installs anchor/contracts/package.json's npm tools into {})",
+        p.display(),
+        root.display()
+    );
+    p
+}
+
+/// Anvil's first test account (the well-known test mnemonic; tests only).
+pub const ANVIL_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+/// Its address.
+pub const ANVIL_ADDRESS: &str = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266";
+
+/// Anvil on 127.0.0.1 with 1 s blocks, its chain kept in a state file
+/// across [`Anvil::stop`] and [`Anvil::start_again`]; killed on drop.
+pub struct Anvil {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Anvil {
+    pub fn start() -> Anvil {
+        let mut a = Anvil {
+            port: free_addr().port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        a.start_again();
+        a
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Start (again) on the same port, from the saved chain.
+    pub fn start_again(&mut self) {
+        let state = self.dir.path().join("state.json");
+        let child = Command::new(npm_tool("anvil-linux-amd64", "anvil"))
+            .args([
+                "--host",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "--block-time",
+                "1",
+            ])
+            .arg("--state")
+            .arg(&state)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("anvil.log")).unwrap())
+            .spawn()
+            .expect("start anvil");
+        self.child = Some(child);
+        wait_port(self.port);
+    }
+
+    /// Stop gracefully (SIGTERM: Anvil saves its chain), wait for the port
+    /// to close.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `cast` against this chain; its trimmed stdout (it must succeed).
+    pub fn cast(&self, args: &[&str]) -> String {
+        let o = Command::new(npm_tool("cast-linux-amd64", "cast"))
+            .args(args)
+            .env("ETH_RPC_URL", self.url())
+            .output()
+            .expect("run cast");
+        assert!(
+            o.status.success(),
+            "cast {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap().trim().to_owned()
+    }
+}
+
+impl Drop for Anvil {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Wait until every partition's latest checkpoint is in an epoch and the
+/// ledger anchors every epoch (the anchor has caught up).
+pub async fn wait_anchored(data: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if anchored_all(data) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the anchor did not catch up within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn anchored_all(data: &Path) -> bool {
+    let adir = data.join("anchor");
+    let Ok(reader) = vitaltrail_anchor::store::EpochReader::open(&adir) else {
+        return false;
+    };
+    let Ok(dirs) = vitaltrail_query::prove::partition_dirs(data) else {
+        return false;
+    };
+    for dir in dirs {
+        let Ok(log) = DurableLog::open_read_only(&dir) else {
+            return false;
+        };
+        let Some(cp) = log
+            .latest_checkpoint()
+            .ok()
+            .flatten()
+            .and_then(|n| Checkpoint::parse_unverified(&n).ok())
+        else {
+            continue;
+        };
+        if cp.size > 0
+            && !matches!(reader.find(&cp.origin, cp.size - 1), Ok(Some(f)) if f.head.size == cp.size)
+        {
+            return false;
+        }
+    }
+    let text =
+        std::fs::read_to_string(vitaltrail_anchor::ledger::ledger_path(&adir)).unwrap_or_default();
+    let last = text
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<vitaltrail_anchor::ledger::LedgerLine>(l).ok());
+    last.is_some_and(|l| l.size == reader.log().size())
 }
