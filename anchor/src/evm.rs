@@ -100,7 +100,9 @@ impl Default for EvmConfig {
             contract: None,
             key_file: None,
             confirmations: 1,
-            interval: Duration::from_secs(3),
+            // 30,445 gas per anchor (measured on Anvil): at 10,000
+            // readings/s, under 1 gas per reading from 3.05 s on.
+            interval: Duration::from_millis(3200),
             tx_timeout: Duration::from_secs(60),
             chain_id: None,
         }
@@ -731,6 +733,9 @@ impl EvmAnchor {
         let mut attempt = 0u32;
         let mut backoff = Duration::from_millis(500);
         loop {
+            // One anchor per `interval` at most, counted from the start of
+            // a pass (a pass waits for its confirmation).
+            let started = tokio::time::Instant::now();
             let target = *targets.borrow_and_update();
             if let Some(t) = target {
                 match self.pass(&t, &mut last, &mut attempt, &shutdown).await {
@@ -752,7 +757,7 @@ impl EvmAnchor {
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.cfg.interval) => {}
+                _ = tokio::time::sleep_until(started + self.cfg.interval) => {}
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
             }
         }

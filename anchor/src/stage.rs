@@ -82,6 +82,10 @@ pub struct StageConfig {
     pub metrics: prometheus::Registry,
 }
 
+/// How long an epoch waits after the first head moved, for the other
+/// partitions' checkpoints of the same round.
+const COALESCE: Duration = Duration::from_millis(50);
+
 /// The key the offset of the next `vitals.checkpoints` record is stored
 /// under.
 const KAFKA_OFFSET: &str = "kafka_offset";
@@ -102,6 +106,8 @@ struct Anchor {
     closed_at: std::collections::VecDeque<(u64, Instant)>,
     /// The latest signed epoch log size, for the chain backend.
     evm_target: watch::Sender<Option<crate::evm::Target>>,
+    /// When the last epoch closed.
+    last_close: Option<Instant>,
 }
 
 impl Anchor {
@@ -153,6 +159,7 @@ impl Anchor {
             metrics,
             closed_at: Default::default(),
             evm_target: watch::Sender::new(target),
+            last_close: None,
         };
         a.gauges();
         tracing::info!(
@@ -192,6 +199,7 @@ impl Anchor {
             self.metrics.epoch_log_size.set(c.size as i64);
             self.metrics.partitions.set(self.heads.heads().len() as i64);
             self.closed_at.push_back((c.epoch, Instant::now()));
+            self.last_close = Some(Instant::now());
             self.evm_target
                 .send_replace(Some((c.size, c.root, Instant::now())));
             // Bounded: one entry per epoch not yet anchored, and the
@@ -304,8 +312,22 @@ async fn run_loop(
     anchor: &AnchorConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    let mut tick = tokio::time::interval(anchor.epoch_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // An epoch closes `COALESCE` after the first head moved (so the other
+    // partitions' checkpoints of the same round join it), but no sooner
+    // than `epoch_interval` after the one before.
+    let interval = anchor.epoch_interval;
+    let due = |a: &Anchor| -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let after_last = a
+            .last_close
+            .map_or(now, |t| tokio::time::Instant::from_std(t + interval));
+        after_last.max(now + COALESCE)
+    };
+    let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+    let mut deadline = far();
+    // An epoch the ledger has not anchored yet (a crash in between) is
+    // anchored now, not at the next epoch.
+    tokio::task::block_in_place(|| a.tick(&[]))?;
     match source {
         AnchorSource::InProc(mut rx) => {
             loop {
@@ -313,11 +335,18 @@ async fn run_loop(
                     cp = rx.recv() => match cp {
                         Some(cp) => {
                             a.metrics.queue_depth.set(rx.len() as i64);
+                            let was = a.heads.moved();
                             a.offer(&cp);
+                            if !was && a.heads.moved() {
+                                deadline = due(a);
+                            }
                         }
                         None => break,
                     },
-                    _ = tick.tick() => tokio::task::block_in_place(|| a.tick(&[]))?,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        tokio::task::block_in_place(|| a.tick(&[]))?;
+                        deadline = if a.heads.moved() { due(a) } else { far() };
+                    }
                     _ = shutdown.changed() => {
                         if *shutdown.borrow() {
                             // What the attestor announced while stopping.
@@ -351,6 +380,7 @@ async fn run_loop(
                         if !more? {
                             break;
                         }
+                        let was = a.heads.moved();
                         for d in batch.drain(..) {
                             next = d.offset + 1;
                             match serde_json::from_slice::<PublishedCheckpoint>(&d.record.payload) {
@@ -358,9 +388,13 @@ async fn run_loop(
                                 Err(_) => a.metrics.checkpoints.with_label_values(&["malformed"]).inc(),
                             }
                         }
+                        if !was && a.heads.moved() {
+                            deadline = due(a);
+                        }
                     }
-                    _ = tick.tick() => {
+                    _ = tokio::time::sleep_until(deadline) => {
                         tokio::task::block_in_place(|| a.tick(&[(KAFKA_OFFSET, next)]))?;
+                        deadline = if a.heads.moved() { due(a) } else { far() };
                     }
                     _ = shutdown.changed() => {
                         if *shutdown.borrow() {

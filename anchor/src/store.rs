@@ -410,9 +410,16 @@ impl EpochReader {
                 anchor_dir.display()
             )));
         }
-        let db = builder()
-            .open_read_only(&db_path)
-            .map_err(|e| state_err(&db_path, e))?;
+        let db = builder().open_read_only(&db_path).map_err(|e| match e {
+            // A writer that crashed leaves the file to be repaired, which
+            // only a writer does.
+            redb::DatabaseError::RepairAborted => Error::NotFound(format!(
+                "{} was not closed cleanly (the anchor crashed): start the anchor \
+                 (vitaltrail up or vitaltrail anchor) once to recover it",
+                db_path.display()
+            )),
+            e => state_err(&db_path, e),
+        })?;
         let log = DurableLog::open_read_only(epochs_dir(anchor_dir))?;
         Ok(EpochReader { db_path, log, db })
     }

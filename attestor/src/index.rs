@@ -68,7 +68,13 @@ pub fn lookup(dir: &Path, did: &str, seq: u64) -> Result<Option<u64>> {
         .set_cache_size(1024 * 1024)
         .set_concurrency_mode(redb::ConcurrencyMode::SingleWriter)
         .open_read_only(&path)
-        .map_err(|e| db_err(&path, e))?;
+        .map_err(|e| match e {
+            redb::DatabaseError::RepairAborted => db_err(
+                &path,
+                "not closed cleanly (the attestor crashed): start it once to recover the index",
+            ),
+            e => db_err(&path, e),
+        })?;
     let tx = db.begin_read().map_err(|e| db_err(&path, e))?;
     let t = match tx.open_table(SEQS) {
         Ok(t) => t,

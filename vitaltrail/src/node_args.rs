@@ -128,7 +128,7 @@ pub struct AnchorFlags {
     #[arg(long)]
     evm_contract: Option<String>,
     /// Anchor on chain at most this often (ms). [anchor.evm_interval_ms;
-    /// default 3000]
+    /// default 3200]
     #[arg(long)]
     evm_interval_ms: Option<u64>,
     /// Blocks deep an anchor must be to count. [anchor.evm_confirmations;

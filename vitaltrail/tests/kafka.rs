@@ -24,6 +24,9 @@ struct Cluster {
     kafka: Nisshi,
     ingest: Vec<Proc>,
     attest: Proc,
+    /// `vitaltrail anchor`, from vitals.checkpoints (it shares the data
+    /// directory, so it finds the partitions' log keys there).
+    anchor: Proc,
 }
 
 fn start(data: &Path, persistent_kafka: bool) -> Cluster {
@@ -69,11 +72,24 @@ fn start(data: &Path, persistent_kafka: bool) -> Cluster {
         ],
         data.join("attest.log"),
     );
+    let anchor = Proc::spawn(
+        &[
+            s("anchor"),
+            s("--kafka"),
+            kafka.brokers(),
+            s("--data"),
+            data.display().to_string(),
+            s("--epoch-interval-ms"),
+            s("200"),
+        ],
+        data.join("anchor.log"),
+    );
     Cluster {
         mqtt,
         kafka,
         ingest,
         attest,
+        anchor,
     }
 }
 
@@ -177,9 +193,15 @@ async fn two_ingest_processes_and_an_attestor_over_kafka() {
         .insert("unauthenticated_record".into(), 2);
     report.expected_rejects.insert("key_mismatch".into(), 1);
     common::wait_settled(data.path(), PARTITIONS, &report, Duration::from_secs(60)).await;
-    for p in c.ingest.iter_mut().chain([&mut c.attest]) {
+    for p in c.ingest.iter_mut().chain([&mut c.attest, &mut c.anchor]) {
         p.assert_running();
     }
+    // The distributed anchor, from vitals.checkpoints: every partition's
+    // latest checkpoint in an epoch, and the readings provable to it.
+    common::wait_anchored(data.path(), Duration::from_secs(60)).await;
+    // Beside the running stages (a killed one's state needs its next start
+    // to recover before it can be read).
+    common::check_anchoring(data.path(), 10);
     drop(c);
     common::check_outcome(data.path(), PARTITIONS, &report, false);
     common::check_tables(data.path(), &report).await;
@@ -211,8 +233,9 @@ async fn kill_9_of_ingest_and_attestor_loses_and_duplicates_nothing() {
         rng ^= rng >> 7;
         rng ^= rng << 17;
         tokio::time::sleep(Duration::from_millis(300 + rng % 600)).await;
-        match rng % 3 {
+        match rng % 4 {
             0 => c.attest.crash_and_restart(),
+            3 => c.anchor.crash_and_restart(),
             n => c.ingest[(n - 1) as usize].crash_and_restart(),
         }
         kills += 1;
@@ -221,6 +244,10 @@ async fn kill_9_of_ingest_and_attestor_loses_and_duplicates_nothing() {
     assert!(kills >= 6, "only {kills} kills");
     common::wait_settled(data.path(), PARTITIONS, &report, Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    common::wait_anchored(data.path(), Duration::from_secs(60)).await;
+    // …and anchored: kills of the anchor and the attestor lost no epoch
+    // and doubled none (checked beside the running stages).
+    common::check_anchoring(data.path(), 10);
     drop(c);
     common::check_outcome_with(data.path(), PARTITIONS, &report, Rejects::AtLeast);
     // …and in the tables: every reading's rows once, none missing.

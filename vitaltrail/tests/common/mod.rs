@@ -637,7 +637,8 @@ pub async fn wait_ready(http: SocketAddr) {
     }
 }
 
-/// After a graceful stop: the epoch log holds epochs 0…E−1, each once and
+/// After a graceful stop (or beside a running anchor, which has caught
+/// up): the epoch log holds epochs 0…E−1, each once and
 /// in order; the ledger verifies (every signature, the chain, each root
 /// against the epoch log) and anchors all E; every partition's latest
 /// checkpoint is in an epoch; and `per_partition` readings of each
