@@ -151,12 +151,12 @@ async fn a_reading_not_yet_anchored_gets_a_pending_bundle_and_exit_code_2() {
     let d = data.path().display().to_string();
     let b = data.path().join("p.json");
     let bs = b.display().to_string();
-    // Epochs every 10 minutes: the first tick comes at the start, with
-    // nothing yet, so the readings of the run are checkpointed, not
+    // Epochs every 10 minutes: the first closes with the first checkpoint,
+    // so a reading 2 s into the run (seq 10 at 5/s) is checkpointed, not
     // anchored, until `up` stops.
     run_up(data.path(), &["--epoch-interval-ms", "600000"], |dids| {
         let o = vt(&[
-            "prove", "--data", &d, "--device", &dids[0], "--seq", "1", "--out", &bs,
+            "prove", "--data", &d, "--device", &dids[0], "--seq", "10", "--out", &bs,
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let text = std::fs::read_to_string(&b).unwrap();
@@ -176,7 +176,7 @@ async fn a_reading_not_yet_anchored_gets_a_pending_bundle_and_exit_code_2() {
             "--device",
             &dids[0],
             "--seq",
-            "1",
+            "10",
             "--wait",
             "--timeout",
             "1",
@@ -195,7 +195,7 @@ async fn a_reading_not_yet_anchored_gets_a_pending_bundle_and_exit_code_2() {
     let mut anchored = 0;
     for did in &dids {
         let o = vt(&[
-            "prove", "--data", &d, "--device", did, "--seq", "1", "--out", &bs,
+            "prove", "--data", &d, "--device", did, "--seq", "10", "--out", &bs,
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let o = vt(&["verify", &bs, "--data", &d]);
