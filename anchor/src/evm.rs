@@ -112,18 +112,41 @@ impl Default for EvmConfig {
 /// `scheme://host[:port]` of a URL: never its path or query, which may hold
 /// a provider's API key.
 pub fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
-            let host = host.rsplit('@').next().unwrap_or_default();
-            format!("{scheme}://{host}")
-        }
-        None => "<url>".to_owned(),
+    match alloy::transports::http::reqwest::Url::parse(url) {
+        Ok(u) => match (u.host_str(), u.port()) {
+            (Some(h), Some(p)) => format!("{}://{h}:{p}", u.scheme()),
+            (Some(h), None) => format!("{}://{h}", u.scheme()),
+            _ => "<url>".to_owned(),
+        },
+        Err(_) => "<url>".to_owned(),
     }
 }
 
+/// An RPC error, with every URL in its text cut to `scheme://host`
+/// (reqwest names the URL it failed on, and its path may hold a
+/// provider's API key).
 fn rpc_err(e: impl std::fmt::Display) -> Error {
-    Error::Evm(e.to_string())
+    Error::Evm(scrub_urls(&e.to_string()))
+}
+
+/// `text` with each URL in it cut to `scheme://host[:port]`.
+pub fn scrub_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        // The scheme: the letters before "://".
+        let start = rest[..i]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.'))
+            .map_or(0, |j| j + 1);
+        let end = rest[i..]
+            .find(|c: char| c.is_whitespace() || matches!(c, ')' | '"' | '\'' | '>' | ','))
+            .map_or(rest.len(), |j| i + j);
+        out.push_str(&rest[..start]);
+        out.push_str(&redact_url(&rest[start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The private key: `key_file` (hex, `0x` optional), else `$VITALTRAIL_EVM_KEY`.
@@ -647,10 +670,12 @@ impl EvmAnchor {
             tracing::debug!(latest, size, "the chain is past the target");
             return Ok(());
         }
+        // The first nonce not mined: a transaction of ours still pending
+        // with it is replaced (higher fees on a retry), never queued behind.
         let nonce = self
             .provider
             .get_transaction_count(self.me)
-            .pending()
+            .latest()
             .await
             .map_err(rpc_err)?;
         let mut call = self
@@ -680,6 +705,11 @@ impl EvmAnchor {
                     // Anchored meanwhile: the next pass reads it back.
                     return Ok(());
                 }
+                let text = e.to_string();
+                if text.contains("underpriced") || text.contains("already known") {
+                    // One of ours with this nonce is pending: pay more.
+                    *attempt += 1;
+                }
                 return Err(rpc_err(e));
             }
         };
@@ -695,6 +725,22 @@ impl EvmAnchor {
             {
                 *last = Some(l);
                 *attempt = 0;
+                return Ok(());
+            }
+            // Dropped from the pool (a reorg, a restarted node), or the
+            // anchor before it taken by a reorg: start over at once.
+            let known = self
+                .provider
+                .get_transaction_by_hash(tx)
+                .await
+                .map_err(rpc_err)?
+                .is_some();
+            let before_gone = match last.as_ref() {
+                Some(l) => !self.still_there(l).await?,
+                None => false,
+            };
+            if !known || before_gone {
+                tracing::warn!(tx = %format!("{tx:#x}"), known, before_gone, "anchor transaction dropped or its predecessor reorged; starting over");
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -858,4 +904,27 @@ pub async fn check_on_chain(rpc: &str, a: &OnChain, confirmations: u64) -> Resul
         confirmations: depth,
         latest,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_path_query_and_credentials() {
+        assert_eq!(
+            redact_url("https://mainnet.example/v3/SECRETKEY?x=1"),
+            "https://mainnet.example"
+        );
+        assert_eq!(redact_url("http://user:pa@host:8545/k"), "http://host:8545");
+        assert_eq!(redact_url("https://user:pa/ss@host"), "<url>");
+        assert_eq!(redact_url("not a url"), "<url>");
+        let e = "error sending request for url (http://127.0.0.1:18599/secretapikey?token=SECRETQ): boom";
+        let s = scrub_urls(e);
+        assert!(!s.contains("secret") && !s.contains("SECRETQ"), "{s}");
+        assert_eq!(
+            s,
+            "error sending request for url (http://127.0.0.1:18599): boom"
+        );
+    }
 }

@@ -1,8 +1,9 @@
 //! What the anchor believes about each partition log: its latest verified
 //! checkpoint. A checkpoint is taken only if it is signed by that
 //! partition's log key and (after the first) is a proven extension of the
-//! one held before it. A checkpoint that contradicts the held one is a
-//! fork: the partition is never advanced again, and nothing of the fork
+//! one held before it; one whose (unsigned) proof fails is refused, and
+//! the head stays. Two signed checkpoints of one size with two roots are
+//! a fork: the partition is never advanced again, and nothing of the fork
 //! is anchored.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -39,7 +40,8 @@ pub enum Offer {
     Gap,
     /// It contradicts the head: the partition is stopped.
     Fork(String),
-    /// Not signed by the partition's log key, or malformed.
+    /// Not signed by the partition's log key, malformed, or its
+    /// consistency proof fails (`bad_proof`).
     Rejected(&'static str),
     /// The partition was stopped by an earlier fork.
     Stopped,
@@ -193,13 +195,11 @@ impl Heads {
                 self.take(cp, opened.root);
                 Offer::Advanced
             }
-            Err(e) => self.fork(
-                &cp.origin,
-                format!(
-                    "size {} does not extend size {}: {e}",
-                    opened.size, held.size
-                ),
-            ),
+            // The proof is not signed: anyone on the topic can send a bad
+            // one with a genuine note, so it proves nothing about the log.
+            // Refused (the head stays); only two signed heads of one size
+            // with two roots prove a fork.
+            Err(_) => Offer::Rejected("bad_proof"),
         }
     }
 
@@ -363,7 +363,9 @@ mod tests {
         log.grow(2);
         assert_eq!(h.offer(&log.cp(4)), Offer::Stopped);
         assert!(h.stopped().contains("vitaltrail.test/log/0"));
-        // A longer fork with a proof from our size does not verify either.
+        // A longer history whose proof from our size fails is refused,
+        // not taken and not a fork (the proof is unsigned: anyone can spoil
+        // one); the genuine extension is taken after it.
         let mut h = heads(&log);
         let mut small = Log::new(1);
         small.grow(4);
@@ -371,7 +373,13 @@ mod tests {
         let mut bad = Log::new(1);
         bad.tree.append(b"forged");
         bad.grow(8);
-        assert!(matches!(h.offer(&bad.cp(4)), Offer::Fork(_)));
+        assert_eq!(h.offer(&bad.cp(4)), Offer::Rejected("bad_proof"));
+        small.grow(3);
+        let mut spoiled = small.cp(4);
+        spoiled.consistency.clear();
+        assert_eq!(h.offer(&spoiled), Offer::Rejected("bad_proof"));
+        assert!(h.stopped().is_empty());
+        assert_eq!(h.offer(&small.cp(4)), Offer::Advanced);
     }
 
     #[test]

@@ -76,75 +76,135 @@ fn parse_line(path: &Path, n: usize, line: &str) -> Result<(LedgerLine, LedgerRe
     Ok((l, r))
 }
 
-/// Read and check a ledger file: the chain, and the signature of the last
-/// record (or of every record, with `all_signatures`). Returns its lines.
-/// A torn last line is ignored (and reported in the second value).
+/// What reading a ledger file found.
+#[derive(Debug, Clone, Default)]
+pub struct Checked {
+    /// Complete records.
+    pub records: u64,
+    /// The last of them.
+    pub last: Option<LedgerLine>,
+    /// A torn last line (a crash mid-append) follows them.
+    pub torn: bool,
+}
+
+/// Read and check a ledger file line by line: the chain, and the
+/// signature of the last record (or of every record, with
+/// `all_signatures`), handing each line to `each`. Holds one line at a
+/// time. A torn last line is not a record (`Checked::torn`).
 pub fn read_checked(
     path: &Path,
     key: &LogPublicKey,
     all_signatures: bool,
-) -> Result<(Vec<LedgerLine>, bool)> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((vec![], false)),
+    mut each: impl FnMut(&LedgerLine) -> Result<()>,
+) -> Result<Checked> {
+    use std::io::BufRead as _;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Checked::default()),
         Err(e) => return Err(lerr(path, e)),
     };
-    let complete = text.rfind('\n').map_or(0, |i| i + 1);
-    let torn = complete < text.len();
-    let mut out = Vec::new();
+    let mut reader = std::io::BufReader::new(file);
+    let mut out = Checked::default();
     let mut prev = Hash([0; 32]);
-    let mut last_size = None;
-    for (n, line) in text[..complete].lines().enumerate() {
-        let (l, r) = parse_line(path, n, line)?;
-        if r.seq != n as u64 {
+    let mut buf = String::new();
+    loop {
+        buf.clear();
+        let n = reader.read_line(&mut buf).map_err(|e| lerr(path, e))?;
+        if n == 0 {
+            break;
+        }
+        if !buf.ends_with('\n') {
+            out.torn = true;
+            break;
+        }
+        let i = out.records;
+        let (l, r) = parse_line(path, i as usize, buf.trim_end_matches('\n'))?;
+        if r.seq != i {
             return Err(lerr(
                 path,
-                format!("line {} holds record {}: a gap or a reorder", n + 1, r.seq),
+                format!("line {} holds record {}: a gap or a reorder", i + 1, r.seq),
             ));
         }
         if r.prev != prev {
             return Err(lerr(
                 path,
-                format!("record {n} does not chain to the record before it"),
+                format!("record {i} does not chain to the record before it"),
             ));
         }
         if r.stream != key.name() {
-            return Err(lerr(path, format!("record {n} is for {:?}", r.stream)));
+            return Err(lerr(path, format!("record {i} is for {:?}", r.stream)));
         }
-        if last_size.is_some_and(|s| r.size <= s) {
+        if out.last.as_ref().is_some_and(|p| r.size <= p.size) {
             return Err(lerr(
                 path,
-                format!("record {n} does not grow the anchored size"),
+                format!("record {i} does not grow the anchored size"),
             ));
         }
         if all_signatures {
             LedgerRecord::open(&l.record, key)
-                .map_err(|e| lerr(path, format!("record {n}: {e}")))?;
+                .map_err(|e| lerr(path, format!("record {i}: {e}")))?;
         }
-        last_size = Some(r.size);
+        each(&l)?;
         prev = LedgerRecord::chain_hash(&l.record);
-        out.push(l);
+        out.records += 1;
+        out.last = Some(l);
     }
-    if let Some(l) = out.last() {
+    if let Some(l) = &out.last {
         LedgerRecord::open(&l.record, key)
             .map_err(|e| lerr(path, format!("the last record: {e}")))?;
     }
-    Ok((out, torn))
+    Ok(out)
 }
 
 /// Check every record of a ledger file; the number of records.
-pub fn verify_file(path: &Path, key: &LogPublicKey) -> Result<usize> {
-    read_checked(path, key, true).map(|(l, _)| l.len())
+pub fn verify_file(path: &Path, key: &LogPublicKey) -> Result<u64> {
+    read_checked(path, key, true, |_| Ok(())).map(|c| c.records)
 }
 
-/// Check every record of the ledger of `anchor_dir` and that each root is
-/// the epoch log's at its size; the number of records, and whether a torn
+/// The record count `ledger.head` names (`None` without the file).
+fn read_head(path: &Path) -> Result<Option<u64>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t.trim().parse::<u64>().map_err(|e| lerr(path, e))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(lerr(path, e)),
+    }
+}
+
+/// Refuse a ledger with fewer complete records than `ledger.head` or
+/// `min_records` (the count the anchor's state keeps) say it had.
+fn check_count(path: &Path, head_path: &Path, records: u64, min_records: u64) -> Result<()> {
+    let want = read_head(head_path)?.unwrap_or(0).max(min_records);
+    if records < want {
+        return Err(lerr(
+            path,
+            format!(
+                "it holds {records} complete records but {want} were written: records were \
+                 removed (or the last line lost its newline)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Check the ledger of `anchor_dir` whole: every record's signature, the
+/// chain, that no record was removed (`ledger.head`, and the count in the
+/// anchor's state), that every epoch of the epoch log reads back (its
+/// stored hashes) and is in place, and that each record's root is the
+/// epoch log's at its size. The number of records, and whether a torn
 /// last line was found.
-pub fn verify_against_log(anchor_dir: &Path, key: &LogPublicKey) -> Result<(usize, bool)> {
+pub fn verify_against_log(anchor_dir: &Path, key: &LogPublicKey) -> Result<(u64, bool)> {
     let path = ledger_path(anchor_dir);
-    let (lines, torn) = read_checked(&path, key, true)?;
     let log = vitaltrail_log::DurableLog::open_read_only(crate::store::epochs_dir(anchor_dir))?;
-    for l in &lines {
+    for e in 0..log.size() {
+        let rec = vitaltrail_core::anchor::EpochRecord::decode(&log.leaf(e)?)?;
+        if rec.epoch != e {
+            return Err(lerr(
+                &path,
+                format!("epoch log leaf {e} holds epoch {}", rec.epoch),
+            ));
+        }
+    }
+    let c = read_checked(&path, key, true, |l| {
         if l.size > log.size() {
             return Err(lerr(
                 &path,
@@ -165,8 +225,14 @@ pub fn verify_against_log(anchor_dir: &Path, key: &LogPublicKey) -> Result<(usiz
                 ),
             ));
         }
-    }
-    Ok((lines.len(), torn))
+        Ok(())
+    })?;
+    let state = crate::store::EpochReader::open(anchor_dir)
+        .ok()
+        .and_then(|r| r.meta(crate::store::LEDGER_RECORDS).ok().flatten())
+        .unwrap_or(0);
+    check_count(&path, &anchor_dir.join("ledger.head"), c.records, state)?;
+    Ok((c.records, c.torn))
 }
 
 /// The ledger, open for appending.
@@ -179,14 +245,18 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Open (or create) the ledger of `anchor_dir`, checking it.
-    pub fn open(anchor_dir: &Path, key: &LogPublicKey) -> Result<Self> {
+    /// Open (or create) the ledger of `anchor_dir`, checking it. It must
+    /// hold at least `min_records` records (what the anchor's state says
+    /// were written), and as many as `ledger.head` says; nothing is cut
+    /// before that is known.
+    pub fn open(anchor_dir: &Path, key: &LogPublicKey, min_records: u64) -> Result<Self> {
         let path = ledger_path(anchor_dir);
         let head_path = anchor_dir.join("ledger.head");
-        let (lines, torn) = read_checked(&path, key, false)?;
-        if torn {
+        let c = read_checked(&path, key, false, |_| Ok(()))?;
+        check_count(&path, &head_path, c.records, min_records)?;
+        if c.torn {
             // Cut the torn tail (a crash mid-append): it was never
-            // acknowledged.
+            // acknowledged, and every record written is there.
             let text = std::fs::read(&path).map_err(|e| lerr(&path, e))?;
             let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
             let f = std::fs::OpenOptions::new()
@@ -198,29 +268,14 @@ impl Ledger {
                 .map_err(|e| lerr(&path, e))?;
             tracing::warn!(path = %path.display(), "cut a torn last ledger line");
         }
-        let head = match std::fs::read_to_string(&head_path) {
-            Ok(t) => Some(t.trim().parse::<u64>().map_err(|e| lerr(&head_path, e))?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(lerr(&head_path, e)),
-        };
-        let n = lines.len() as u64;
-        if let Some(h) = head
-            && h > n
-        {
-            return Err(lerr(
-                &path,
-                format!(
-                    "ledger.head names {h} records but the ledger holds {n}: records were removed"
-                ),
-            ));
-        }
-        let prev = lines
-            .last()
+        let prev = c
+            .last
+            .as_ref()
             .map_or(Hash([0; 32]), |l| LedgerRecord::chain_hash(&l.record));
         Ok(Ledger {
             path,
             head_path,
-            last: lines.into_iter().last(),
+            last: c.last,
             prev,
         })
     }
@@ -228,6 +283,11 @@ impl Ledger {
     /// The last record.
     pub fn last(&self) -> Option<&LedgerLine> {
         self.last.as_ref()
+    }
+
+    /// Records written.
+    pub fn records(&self) -> u64 {
+        self.last.as_ref().map_or(0, |l| l.seq + 1)
     }
 
     /// The anchored size (0 when empty).
@@ -305,7 +365,7 @@ mod tests {
 
     fn ledger_of(n: u64) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        let mut l = Ledger::open(dir.path(), &signer().public_key()).unwrap();
+        let mut l = Ledger::open(dir.path(), &signer().public_key(), 0).unwrap();
         for i in 1..=n {
             l.append(&signer(), i * 2, leaf_hash(&i.to_be_bytes()), 1000 + i)
                 .unwrap();
@@ -330,7 +390,7 @@ mod tests {
     #[test]
     fn appends_reopen_and_verify() {
         let dir = ledger_of(5);
-        let l = Ledger::open(dir.path(), &signer().public_key()).unwrap();
+        let l = Ledger::open(dir.path(), &signer().public_key(), 0).unwrap();
         assert_eq!(l.anchored_size(), 10);
         assert_eq!(
             verify_file(&ledger_path(dir.path()), &signer().public_key()).unwrap(),
@@ -379,7 +439,7 @@ mod tests {
             // The head file says 5: a deleted last record is found too.
             std::fs::write(dir.path().join("ledger.head"), "5\n").unwrap();
             assert!(
-                Ledger::open(dir.path(), &key).is_err(),
+                Ledger::open(dir.path(), &key, 0).is_err(),
                 "{what}: {v:#?} opened"
             );
             assert!(verify_file(&ledger_path(dir.path()), &key).is_err() || what == "delete");
@@ -411,9 +471,39 @@ mod tests {
         let mut t = std::fs::read(ledger_path(dir.path())).unwrap();
         t.extend_from_slice(b"{\"seq\":3,\"str");
         std::fs::write(ledger_path(dir.path()), &t).unwrap();
-        let mut l = Ledger::open(dir.path(), &key).unwrap();
+        let mut l = Ledger::open(dir.path(), &key, 0).unwrap();
         assert_eq!(l.anchored_size(), 6);
         l.append(&signer(), 7, leaf_hash(b"y"), 0).unwrap();
         assert_eq!(verify_file(&ledger_path(dir.path()), &key).unwrap(), 4);
+    }
+    /// The reviewer's cases: a last line that lost its newline is not cut
+    /// by an open that then refuses (the record stays for the operator),
+    /// and a ledger cut short with its `ledger.head` gone is refused by the
+    /// count the anchor's state keeps.
+    #[test]
+    fn nothing_is_cut_before_the_count_is_known_and_a_lost_head_does_not_hide_a_cut() {
+        let dir = ledger_of(4);
+        let key = signer().public_key();
+        let path = ledger_path(dir.path());
+        let full = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &full[..full.len() - 1]).unwrap();
+        assert!(Ledger::open(dir.path(), &key, 0).is_err());
+        assert_eq!(
+            std::fs::read(&path).unwrap().len(),
+            full.len() - 1,
+            "the open cut it"
+        );
+        std::fs::write(&path, &full).unwrap();
+        let mut v = lines(dir.path());
+        v.pop();
+        write_lines(dir.path(), &v);
+        std::fs::remove_file(dir.path().join("ledger.head")).unwrap();
+        assert!(
+            Ledger::open(dir.path(), &key, 0).is_ok(),
+            "the file alone cannot tell"
+        );
+        assert!(Ledger::open(dir.path(), &key, 4).is_err());
+        std::fs::remove_file(&path).unwrap();
+        assert!(Ledger::open(dir.path(), &key, 4).is_err());
     }
 }

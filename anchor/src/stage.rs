@@ -108,6 +108,8 @@ struct Anchor {
     evm_target: watch::Sender<Option<crate::evm::Target>>,
     /// When the last epoch closed.
     last_close: Option<Instant>,
+    /// When a refused checkpoint was last logged.
+    warned: Option<Instant>,
 }
 
 impl Anchor {
@@ -123,7 +125,8 @@ impl Anchor {
         let (held, stopped) = store.load()?;
         let heads = Heads::new(TrustedKeys::new(&cfg.data_dir, configured), held, stopped);
         let ledger = if cfg.ledger {
-            let l = Ledger::open(&cfg.anchor_dir(), &store.public_key())?;
+            let written = store.meta(crate::store::LEDGER_RECORDS)?.unwrap_or(0);
+            let l = Ledger::open(&cfg.anchor_dir(), &store.public_key(), written)?;
             // The ledger may not anchor more than the epoch log holds, nor
             // another root: that is a ledger of another log.
             if l.anchored_size() > store.log().size() {
@@ -160,6 +163,7 @@ impl Anchor {
             closed_at: Default::default(),
             evm_target: watch::Sender::new(target),
             last_close: None,
+            warned: None,
         };
         a.gauges();
         tracing::info!(
@@ -182,8 +186,15 @@ impl Anchor {
                 .metrics
                 .forked_partitions
                 .set(self.heads.stopped().len() as i64),
-            Offer::Rejected(r) => {
-                tracing::warn!(origin = %cp.origin, size = cp.size, reason = r, "checkpoint refused")
+            // Anyone on the topic can send these: counted always, logged at
+            // most once a second.
+            Offer::Rejected(r)
+                if self
+                    .warned
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) =>
+            {
+                self.warned = Some(Instant::now());
+                tracing::warn!(origin = %cp.origin, size = cp.size, reason = r, "checkpoint refused (see vitaltrail_anchor_checkpoints_total)")
             }
             Offer::Gap => {
                 tracing::debug!(origin = %cp.origin, size = cp.size, from = cp.from_size, "checkpoint does not link to the held one")
@@ -223,7 +234,9 @@ impl Anchor {
         }
         let root = self.store.log().root();
         match ledger.append(self.store.signer(), size, root, now_ms()) {
-            Ok(_) => {
+            Ok(line) => {
+                self.store
+                    .set_meta(crate::store::LEDGER_RECORDS, line.seq + 1)?;
                 self.metrics.anchors.with_label_values(&["ledger"]).inc();
                 while let Some(&(e, at)) = self.closed_at.front() {
                     if e >= size {
@@ -362,39 +375,71 @@ async fn run_loop(
         }
         AnchorSource::Kafka(kafka) => {
             vitaltrail_bus::kafka::ensure_topics(&kafka).await?;
-            let start = a.store.meta(KAFKA_OFFSET)?;
+            // Every partition of the topic (one unless it was made with
+            // more), each from the offset stored with the last epoch.
+            let n = vitaltrail_bus::kafka::topic_partitions(&kafka, CHECKPOINTS_TOPIC)?.max(1);
+            let key = |p: u32| format!("{KAFKA_OFFSET}/{p}");
+            let mut next = std::collections::BTreeMap::new();
+            let mut starts = Vec::new();
+            for p in 0..n {
+                let o = a.store.meta(&key(p))?;
+                next.insert(p, o.unwrap_or(0));
+                starts.push((p, o));
+            }
             let kafka = KafkaConfig {
                 group_id: "vitaltrail-anchor".to_owned(),
                 ..kafka
             };
-            let (_consumer, mut parts) =
-                KafkaConsumer::assign(&kafka, CHECKPOINTS_TOPIC, &[(0, start)])?;
-            let mut part = parts
-                .pop()
-                .ok_or_else(|| Error::NotFound(format!("no partition 0 of {CHECKPOINTS_TOPIC}")))?;
-            let mut next = start.unwrap_or(0);
-            let mut batch = Vec::new();
+            let (_consumer, parts) = KafkaConsumer::assign(&kafka, CHECKPOINTS_TOPIC, &starts)?;
+            let (tx, mut rx) = mpsc::channel::<(u32, u64, Vec<u8>)>(1024);
+            let mut readers = tokio::task::JoinSet::new();
+            for mut part in parts {
+                let tx = tx.clone();
+                readers.spawn(async move {
+                    let mut batch = Vec::new();
+                    while part.next_batch(256, &mut batch).await? {
+                        for d in batch.drain(..) {
+                            if tx
+                                .send((d.partition, d.offset, d.record.payload))
+                                .await
+                                .is_err()
+                            {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Ok::<(), Error>(())
+                });
+            }
+            drop(tx);
+            let meta = |next: &std::collections::BTreeMap<u32, u64>| -> Vec<(String, u64)> {
+                next.iter().map(|(p, o)| (key(*p), *o)).collect()
+            };
             loop {
                 tokio::select! {
-                    more = part.next_batch(256, &mut batch) => {
-                        if !more? {
-                            break;
-                        }
+                    got = rx.recv() => {
+                        let Some((p, offset, payload)) = got else { break };
+                        next.insert(p, offset + 1);
                         let was = a.heads.moved();
-                        for d in batch.drain(..) {
-                            next = d.offset + 1;
-                            match serde_json::from_slice::<PublishedCheckpoint>(&d.record.payload) {
-                                Ok(cp) => a.offer(&cp),
-                                Err(_) => a.metrics.checkpoints.with_label_values(&["malformed"]).inc(),
-                            }
+                        match serde_json::from_slice::<PublishedCheckpoint>(&payload) {
+                            Ok(cp) => a.offer(&cp),
+                            Err(_) => a.metrics.checkpoints.with_label_values(&["malformed"]).inc(),
                         }
                         if !was && a.heads.moved() {
                             deadline = due(a);
                         }
                     }
                     _ = tokio::time::sleep_until(deadline) => {
-                        tokio::task::block_in_place(|| a.tick(&[(KAFKA_OFFSET, next)]))?;
+                        let m = meta(&next);
+                        tokio::task::block_in_place(|| a.tick(&as_refs(&m)))?;
                         deadline = if a.heads.moved() { due(a) } else { far() };
+                    }
+                    Some(r) = readers.join_next() => {
+                        r.map_err(|e| {
+                            Error::Bus(vitaltrail_bus::Error::Kafka(format!(
+                                "a {CHECKPOINTS_TOPIC} reader panicked: {e}"
+                            )))
+                        })??;
                     }
                     _ = shutdown.changed() => {
                         if *shutdown.borrow() {
@@ -403,7 +448,14 @@ async fn run_loop(
                     }
                 }
             }
-            tokio::task::block_in_place(|| a.tick(&[(KAFKA_OFFSET, next)]))
+            readers.abort_all();
+            let m = meta(&next);
+            tokio::task::block_in_place(|| a.tick(&as_refs(&m)))
         }
     }
+}
+
+/// `(key, offset)` pairs as `tick` takes them.
+fn as_refs(m: &[(String, u64)]) -> Vec<(&str, u64)> {
+    m.iter().map(|(k, v)| (k.as_str(), *v)).collect()
 }

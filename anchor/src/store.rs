@@ -40,6 +40,10 @@ const EPOCH_NOTES: TableDefinition<u64, &str> = TableDefinition::new("epoch_chec
 const STOPPED: TableDefinition<&str, &str> = TableDefinition::new("stopped");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// The `meta` key of the number of ledger records written (so a ledger
+/// cut short, or removed with its `ledger.head`, is refused).
+pub const LEDGER_RECORDS: &str = "ledger_records";
+
 /// redb's page cache for the anchor state.
 const DB_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -276,6 +280,16 @@ impl EpochStore {
         Ok((held, out))
     }
 
+    /// Store a counter.
+    pub fn set_meta(&self, key: &str, value: u64) -> Result<()> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut t = tx.open_table(META).map_err(|e| self.err(e))?;
+            t.insert(key, value).map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
     /// A stored counter (`None` if never set).
     pub fn meta(&self, key: &str) -> Result<Option<u64>> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
@@ -485,6 +499,13 @@ impl EpochReader {
             head_proof,
             note,
         }))
+    }
+
+    /// A stored counter (`None` if never set).
+    pub fn meta(&self, key: &str) -> Result<Option<u64>> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(META).map_err(|e| self.err(e))?;
+        Ok(t.get(key).map_err(|e| self.err(e))?.map(|v| v.value()))
     }
 
     /// The signed epoch log checkpoint at `size`.

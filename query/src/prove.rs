@@ -60,21 +60,40 @@ pub fn partition_dirs(data: &Path) -> Result<Vec<PathBuf>> {
     Ok(dirs.into_iter().map(|(_, d)| d).collect())
 }
 
-/// The ledger's lines, newest first (only complete lines: a torn last
-/// line is not a record; the verifier checks the records themselves).
-fn ledger_lines(anchor_dir: &Path) -> Result<Vec<LedgerLine>> {
+/// The ledger's last complete line, and the one anchoring exactly
+/// `size` if asked (a torn last line is not a record; the verifier checks
+/// the records themselves). Reads line by line.
+fn ledger_scan(
+    anchor_dir: &Path,
+    size: Option<u64>,
+) -> Result<(Option<LedgerLine>, Option<LedgerLine>)> {
+    use std::io::BufRead as _;
     let path = ledger_path(anchor_dir);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, None)),
         Err(e) => return Err(data_err(format!("{}: {e}", path.display()))),
     };
-    let complete = text.rfind('\n').map_or(0, |i| i + 1);
-    Ok(text[..complete]
-        .lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<LedgerLine>(l).ok())
-        .collect())
+    let (mut last, mut exact) = (None, None);
+    let mut reader = std::io::BufReader::new(file);
+    let mut buf = String::new();
+    loop {
+        buf.clear();
+        let n = reader
+            .read_line(&mut buf)
+            .map_err(|e| data_err(format!("{}: {e}", path.display())))?;
+        if n == 0 || !buf.ends_with('\n') {
+            break;
+        }
+        let Ok(l) = serde_json::from_str::<LedgerLine>(buf.trim_end()) else {
+            continue;
+        };
+        if Some(l.size) == size {
+            exact = Some(l.clone());
+        }
+        last = Some(l);
+    }
+    Ok((last, exact))
 }
 
 /// Find `device`'s reading `seq` and prove it as far as it has got.
@@ -129,26 +148,23 @@ pub fn prove(data: &Path, device: &DeviceId, seq: u64) -> Result<Proved> {
             proved.bundle = proved.bundle.with_anchor(AnchorProof::pending());
             return Ok(proved);
         };
-        // The chain's latest confirmed anchor covering the epoch, else the
-        // ledger's latest; with the ledger's record of that same size.
-        let ledger = ledger_lines(&anchor_dir)?;
+        // The chain's latest confirmed anchor if it covers the epoch, else
+        // the ledger's latest; with the ledger's record of that same size.
         let chain = vitaltrail_anchor::evm::confirmed(&anchor_dir)
             .map_err(data_err)?
-            .into_iter()
-            .rev()
-            .find(|l| l.size > f.epoch);
-        let size = match (&chain, ledger.iter().find(|l| l.size > f.epoch)) {
-            (Some(c), _) => c.size,
-            (None, Some(l)) => l.size,
-            (None, None) => {
+            .pop()
+            .filter(|l| l.size > f.epoch);
+        let (last, exact) = ledger_scan(&anchor_dir, chain.as_ref().map(|c| c.size))?;
+        let (size, record) = match (&chain, last) {
+            (Some(c), _) => (c.size, exact),
+            (None, Some(l)) if l.size > f.epoch => (l.size, Some(l)),
+            _ => {
                 proved.bundle = proved.bundle.with_anchor(AnchorProof::pending());
                 return Ok(proved);
             }
         };
-        let record = ledger
-            .iter()
-            .find(|l| l.size == size)
-            .map(|l| l.record.as_str());
+        let record = record.map(|l| l.record);
+        let record = record.as_deref();
         let evm = chain.map(|c| vitaltrail_core::bundle::EvmReceipt {
             chain_id: c.chain_id,
             contract: c.contract,

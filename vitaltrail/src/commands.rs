@@ -251,6 +251,15 @@ fn chain_check(
             .map_err(|_| format!("{s:?} is not an address"))
     };
     let (contract, submitter) = (parse(&contract)?, parse(&submitter)?);
+    if let Some(d) = &deployed
+        && keys.evm_contract.is_none()
+        && d.chain_id != evm.chain_id
+    {
+        return Err(format!(
+            "the bundle names chain {}, the trusted registry is on chain {}",
+            evm.chain_id, d.chain_id
+        ));
+    }
     if parse(&evm.contract)? != contract || parse(&evm.submitter)? != submitter {
         return Err(format!(
             "the bundle names registry {} and submitter {}, not the trusted {contract} and {submitter}",
@@ -358,7 +367,7 @@ pub fn verify(
             println!("on chain: {n}");
         } else if let Some(e) = &report.evm {
             println!(
-                "on chain (not asked; pass --rpc): chain {} tx {} in block {}",
+                "claims an anchor on chain {} (tx {}, block {}): not checked; pass --rpc",
                 e.chain_id, e.tx_hash, e.block_number
             );
         }

@@ -87,7 +87,7 @@ enum Command {
     /// Run the anchor (distributed mode): epochs over vitals.checkpoints,
     /// anchored to the local ledger. `vitaltrail up` runs it in process.
     Anchor(node_args::AnchorArgs),
-    /// The layered configuration of up, ingest and attest.
+    /// The layered configuration of up, ingest, attest and anchor.
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
@@ -165,7 +165,7 @@ enum Command {
         #[command(subcommand)]
         cmd: MqttCmd,
     },
-    /// Run SQL over the verified data: tables readings, checkpoints, rejected.
+    /// Run SQL over the verified data: tables readings, checkpoints, anchors, rejected.
     Query {
         /// One SQL statement, e.g. "SELECT loinc, avg(value) FROM readings GROUP BY loinc".
         sql: String,
@@ -223,7 +223,7 @@ enum ConfigCmd {
     /// file, then VITALTRAIL_* variables) as TOML, with every possible
     /// secret redacted. The output is a valid configuration file.
     Print {
-        /// Whose configuration: up, ingest or attest.
+        /// Whose configuration: up, ingest, attest or anchor.
         #[arg(long, default_value = "up")]
         role: vitaltrail_node::config::Role,
         #[command(flatten)]
