@@ -374,9 +374,7 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// What the epoch loop hands the backend: the latest signed epoch log
-/// size, its root, and when its newest epoch closed.
-pub type Target = (u64, Hash, Instant);
+pub use crate::backend::Target;
 
 /// The backend's loop.
 pub struct EvmAnchor {
@@ -754,7 +752,7 @@ impl EvmAnchor {
 
     /// Run until `shutdown`, anchoring what `targets` says. A chain that
     /// is down (at the start too) is retried with backoff.
-    pub async fn run(
+    async fn run_loop(
         mut self,
         mut targets: watch::Receiver<Option<Target>>,
         mut shutdown: watch::Receiver<bool>,
@@ -807,6 +805,24 @@ impl EvmAnchor {
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
             }
         }
+    }
+}
+
+impl crate::backend::Backend for EvmAnchor {
+    fn name(&self) -> &'static str {
+        "evm"
+    }
+
+    fn run(
+        self: Box<Self>,
+        targets: watch::Receiver<Option<Target>>,
+        stop: watch::Receiver<bool>,
+    ) -> crate::backend::BoxFuture<Result<()>> {
+        Box::pin(self.run_loop(targets, stop))
+    }
+
+    fn essential(&self) -> bool {
+        false
     }
 }
 

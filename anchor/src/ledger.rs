@@ -349,6 +349,105 @@ impl Ledger {
     }
 }
 
+/// The ledger as a [`crate::backend::Backend`]: every new signed epoch log
+/// size becomes one record at once (fsynced), and its count is kept in the
+/// anchor's state.
+#[derive(Debug)]
+pub struct LedgerBackend {
+    ledger: Ledger,
+    signer: LogSigner,
+    meta: crate::store::MetaHandle,
+    metrics: crate::metrics::Metrics,
+}
+
+impl LedgerBackend {
+    /// The backend over an opened ledger; `signer` is the anchor key.
+    pub fn new(
+        ledger: Ledger,
+        signer: LogSigner,
+        meta: crate::store::MetaHandle,
+        metrics: crate::metrics::Metrics,
+    ) -> Self {
+        LedgerBackend {
+            ledger,
+            signer,
+            meta,
+            metrics,
+        }
+    }
+
+    fn anchor(&mut self, t: &crate::backend::Target) -> Result<()> {
+        let (size, root, closed) = *t;
+        let pending = size.saturating_sub(self.ledger.anchored_size());
+        self.metrics
+            .epochs_pending
+            .with_label_values(&["ledger"])
+            .set(pending as i64);
+        if pending == 0 {
+            return Ok(());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let line = match self.ledger.append(&self.signer, size, root, now) {
+            Ok(l) => l,
+            Err(e) => {
+                self.metrics
+                    .anchor_errors
+                    .with_label_values(&["ledger"])
+                    .inc();
+                return Err(e);
+            }
+        };
+        self.meta.set(crate::store::LEDGER_RECORDS, line.seq + 1)?;
+        let m = &self.metrics;
+        m.anchors.with_label_values(&["ledger"]).inc();
+        m.anchored_size
+            .with_label_values(&["ledger"])
+            .set(size as i64);
+        m.epochs_pending.with_label_values(&["ledger"]).set(0);
+        m.anchor_latency
+            .with_label_values(&["ledger"])
+            .observe(closed.elapsed().as_secs_f64());
+        Ok(())
+    }
+}
+
+impl crate::backend::Backend for LedgerBackend {
+    fn name(&self) -> &'static str {
+        "ledger"
+    }
+
+    fn run(
+        self: Box<Self>,
+        mut targets: tokio::sync::watch::Receiver<Option<crate::backend::Target>>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> crate::backend::BoxFuture<Result<()>> {
+        let mut me = *self;
+        Box::pin(async move {
+            loop {
+                let target = *targets.borrow_and_update();
+                if let Some(t) = target {
+                    tokio::task::block_in_place(|| me.anchor(&t))?;
+                }
+                // The stage stops us after its last epoch: that one was
+                // anchored just now.
+                if *stop.borrow() {
+                    return Ok(());
+                }
+                tokio::select! {
+                    r = targets.changed() => if r.is_err() { return Ok(()) },
+                    _ = stop.changed() => {}
+                }
+            }
+        })
+    }
+
+    fn essential(&self) -> bool {
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,8 @@
 //!   root)`, appended to the **epoch log** (the same durable log as a
 //!   partition's, its checkpoints signed by the anchor key), with what
 //!   proofs need beside it;
+//! * [`backend`]: the trait every anchoring backend implements; they run
+//!   at once, each as a task;
 //! * [`ledger`]: the embedded backend, a local file of signed,
 //!   hash-chained records of the epoch log's root;
 //! * [`evm`]: the chain backend, through `alloy`: the epoch log's root in
@@ -23,6 +25,7 @@
 //! Only roots leave the anchor: an epoch record holds no reading, device or
 //! patient.
 
+pub mod backend;
 mod error;
 pub mod evm;
 pub mod heads;

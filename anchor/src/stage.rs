@@ -13,8 +13,9 @@ use vitaltrail_bus::datadir;
 use vitaltrail_bus::kafka::{CHECKPOINTS_TOPIC, KafkaConfig, KafkaConsumer};
 use vitaltrail_core::{LogPublicKey, LogSigner};
 
+use crate::backend::{Backend, Target};
 use crate::heads::{Heads, Offer, TrustedKeys};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, LedgerBackend};
 use crate::metrics::Metrics;
 use crate::store::EpochStore;
 use crate::{Error, Result};
@@ -100,12 +101,9 @@ fn now_ms() -> u64 {
 struct Anchor {
     store: EpochStore,
     heads: Heads,
-    ledger: Option<Ledger>,
     metrics: Metrics,
-    /// When each epoch not yet anchored by the ledger closed.
-    closed_at: std::collections::VecDeque<(u64, Instant)>,
-    /// The latest signed epoch log size, for the chain backend.
-    evm_target: watch::Sender<Option<crate::evm::Target>>,
+    /// The latest signed epoch log size, for every backend.
+    targets: watch::Sender<Option<Target>>,
     /// When the last epoch closed.
     last_close: Option<Instant>,
     /// When a refused checkpoint was last logged.
@@ -113,9 +111,12 @@ struct Anchor {
 }
 
 impl Anchor {
-    fn open(cfg: &AnchorConfig, metrics: Metrics) -> Result<Self> {
+    /// The loop's state, and the ledger backend if it is on (checked
+    /// against the epoch log).
+    fn open(cfg: &AnchorConfig, metrics: Metrics) -> Result<(Self, Option<LedgerBackend>)> {
         let key = datadir::anchor_key(&cfg.data_dir, cfg.key_file.as_deref())?;
-        let signer = LogSigner::new(&cfg.origin, key)?;
+        let signer = LogSigner::new(&cfg.origin, key.clone())?;
+        let ledger_signer = LogSigner::new(&cfg.origin, key)?;
         let store = EpochStore::open(&cfg.anchor_dir(), signer)?;
         let configured = cfg
             .log_keys
@@ -147,7 +148,12 @@ impl Anchor {
                     detail: format!("its root at size {} is not the epoch log's", last.size),
                 });
             }
-            Some(l)
+            Some(LedgerBackend::new(
+                l,
+                ledger_signer,
+                store.meta_handle(),
+                metrics.clone(),
+            ))
         } else {
             None
         };
@@ -158,21 +164,18 @@ impl Anchor {
         let a = Anchor {
             store,
             heads,
-            ledger,
             metrics,
-            closed_at: Default::default(),
-            evm_target: watch::Sender::new(target),
+            targets: watch::Sender::new(target),
             last_close: None,
             warned: None,
         };
-        a.gauges();
         tracing::info!(
             origin = %cfg.origin,
             epochs = a.store.log().size(),
             key = %a.store.public_key(),
             "anchor is up"
         );
-        Ok(a)
+        Ok((a, ledger))
     }
 
     fn offer(&mut self, cp: &PublishedCheckpoint) {
@@ -203,75 +206,41 @@ impl Anchor {
         }
     }
 
-    /// Close an epoch if a head moved, then anchor whatever is not.
+    /// Close an epoch if a head moved, and hand its size to the backends.
     fn tick(&mut self, meta: &[(&str, u64)]) -> Result<()> {
         if let Some(c) = self.store.close_epoch(&mut self.heads, now_ms(), meta)? {
             self.metrics.epochs.inc();
             self.metrics.epoch_log_size.set(c.size as i64);
             self.metrics.partitions.set(self.heads.heads().len() as i64);
-            self.closed_at.push_back((c.epoch, Instant::now()));
             self.last_close = Some(Instant::now());
-            self.evm_target
+            self.targets
                 .send_replace(Some((c.size, c.root, Instant::now())));
-            // Bounded: one entry per epoch not yet anchored, and the
-            // ledger anchors each at once; without a ledger, keep none.
-            if self.ledger.is_none() || self.closed_at.len() > 4096 {
-                self.closed_at.pop_front();
-            }
         }
-        self.anchor_ledger()?;
-        self.gauges();
         Ok(())
     }
+}
 
-    fn anchor_ledger(&mut self) -> Result<()> {
-        let Some(ledger) = self.ledger.as_mut() else {
-            return Ok(());
-        };
-        let size = self.store.log().size();
-        if size <= ledger.anchored_size() {
-            return Ok(());
-        }
-        let root = self.store.log().root();
-        match ledger.append(self.store.signer(), size, root, now_ms()) {
-            Ok(line) => {
-                self.store
-                    .set_meta(crate::store::LEDGER_RECORDS, line.seq + 1)?;
-                self.metrics.anchors.with_label_values(&["ledger"]).inc();
-                while let Some(&(e, at)) = self.closed_at.front() {
-                    if e >= size {
-                        break;
-                    }
-                    self.metrics
-                        .anchor_latency
-                        .with_label_values(&["ledger"])
-                        .observe(at.elapsed().as_secs_f64());
-                    self.closed_at.pop_front();
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.metrics
-                    .anchor_errors
-                    .with_label_values(&["ledger"])
-                    .inc();
-                Err(e)
-            }
-        }
-    }
+/// The backends' tasks: (name, essential, outcome).
+type Backends = tokio::task::JoinSet<(&'static str, bool, Result<()>)>;
 
-    fn gauges(&self) {
-        let size = self.store.log().size();
-        if let Some(l) = &self.ledger {
-            self.metrics
-                .anchored_size
-                .with_label_values(&["ledger"])
-                .set(l.anchored_size() as i64);
-            self.metrics
-                .epochs_pending
-                .with_label_values(&["ledger"])
-                .set(size.saturating_sub(l.anchored_size()) as i64);
+/// A backend that ended: an essential one's failure (or any panic) stops
+/// the stage; another's is logged.
+fn backend_ended(
+    r: std::result::Result<(&'static str, bool, Result<()>), tokio::task::JoinError>,
+) -> Result<()> {
+    match r {
+        Ok((_, _, Ok(()))) => Ok(()),
+        Ok((name, true, Err(e))) => {
+            tracing::error!(backend = name, error = %e, "anchoring backend failed; stopping");
+            Err(e)
         }
+        Ok((name, false, Err(e))) => {
+            tracing::error!(backend = name, error = %e, "anchoring backend stopped; epochs and the other backends go on");
+            Ok(())
+        }
+        Err(e) => Err(Error::Bus(vitaltrail_bus::Error::Kafka(format!(
+            "an anchoring backend panicked: {e}"
+        )))),
     }
 }
 
@@ -284,37 +253,39 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
         metrics,
     } = cfg;
     let metrics = Metrics::new(&metrics)?;
-    let mut a = tokio::task::block_in_place(|| Anchor::open(&anchor, metrics.clone()))?;
-    // The chain backend runs beside the epoch loop, so a slow or absent
-    // chain never holds epochs back; it ends with the stage.
-    let evm = match &anchor.evm {
-        Some(cfg) => {
-            let epochs = crate::store::epochs_dir(&anchor.anchor_dir());
-            let root_at = Box::new(move |size: u64| {
-                Ok(vitaltrail_log::DurableLog::open_read_only(&epochs)?.root_at(size)?)
-            });
-            let backend = crate::evm::EvmAnchor::new(
-                cfg.clone(),
-                &anchor.anchor_dir(),
-                &anchor.origin,
-                metrics,
-                root_at,
-            )?;
-            let targets = a.evm_target.subscribe();
-            let stop = shutdown.clone();
-            Some(tokio::spawn(async move {
-                if let Err(e) = backend.run(targets, stop).await {
-                    tracing::error!(error = %e, "EVM anchoring stopped; the ledger and epochs go on");
-                }
-            }))
-        }
-        None => None,
-    };
-    let res = run_loop(&mut a, source, &anchor, shutdown).await;
-    if let Some(t) = evm {
-        // It sees the same shutdown; a transaction in flight is picked up
-        // from the chain on the next start.
-        let _ = t.await;
+    let (mut a, ledger) = tokio::task::block_in_place(|| Anchor::open(&anchor, metrics.clone()))?;
+    // Every backend runs beside the epoch loop, as a task of its own: a
+    // slow or absent chain never holds epochs, or the ledger, back.
+    let mut backends: Vec<Box<dyn Backend>> = Vec::new();
+    if let Some(l) = ledger {
+        backends.push(Box::new(l));
+    }
+    if let Some(cfg) = &anchor.evm {
+        let epochs = crate::store::epochs_dir(&anchor.anchor_dir());
+        let root_at = Box::new(move |size: u64| {
+            Ok(vitaltrail_log::DurableLog::open_read_only(&epochs)?.root_at(size)?)
+        });
+        backends.push(Box::new(crate::evm::EvmAnchor::new(
+            cfg.clone(),
+            &anchor.anchor_dir(),
+            &anchor.origin,
+            metrics,
+            root_at,
+        )?));
+    }
+    // The backends stop after the loop's last epoch, so the ledger
+    // anchors that one too.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Backends::new();
+    for b in backends {
+        let (name, essential) = (b.name(), b.essential());
+        let (targets, stop) = (a.targets.subscribe(), stop_rx.clone());
+        tasks.spawn(async move { (name, essential, b.run(targets, stop).await) });
+    }
+    let res = run_loop(&mut a, source, &anchor, shutdown, &mut tasks).await;
+    let _ = stop_tx.send(true);
+    while let Some(r) = tasks.join_next().await {
+        backend_ended(r)?;
     }
     res
 }
@@ -324,6 +295,7 @@ async fn run_loop(
     source: AnchorSource,
     anchor: &AnchorConfig,
     mut shutdown: watch::Receiver<bool>,
+    tasks: &mut Backends,
 ) -> Result<()> {
     // An epoch closes `COALESCE` after the first head moved (so the other
     // partitions' checkpoints of the same round join it), but no sooner
@@ -360,6 +332,7 @@ async fn run_loop(
                         tokio::task::block_in_place(|| a.tick(&[]))?;
                         deadline = if a.heads.moved() { due(a) } else { far() };
                     }
+                    Some(r) = tasks.join_next() => backend_ended(r)?,
                     _ = shutdown.changed() => {
                         if *shutdown.borrow() {
                             // What the attestor announced while stopping.
@@ -434,6 +407,7 @@ async fn run_loop(
                         tokio::task::block_in_place(|| a.tick(&as_refs(&m)))?;
                         deadline = if a.heads.moved() { due(a) } else { far() };
                     }
+                    Some(r) = tasks.join_next() => backend_ended(r)?,
                     Some(r) = readers.join_next() => {
                         r.map_err(|e| {
                             Error::Bus(vitaltrail_bus::Error::Kafka(format!(

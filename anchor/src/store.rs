@@ -117,8 +117,31 @@ pub struct EpochStore {
     dir: PathBuf,
     db_path: PathBuf,
     log: DurableLog,
-    db: redb::Database,
+    db: std::sync::Arc<redb::Database>,
     signer: LogSigner,
+}
+
+/// Writes counters into the anchor state beside the epoch loop (a backend
+/// recording its progress, such as the ledger's record count).
+#[derive(Debug, Clone)]
+pub struct MetaHandle {
+    db: std::sync::Arc<redb::Database>,
+    path: PathBuf,
+}
+
+impl MetaHandle {
+    /// Store a counter.
+    pub fn set(&self, key: &str, value: u64) -> Result<()> {
+        let tx = self
+            .db
+            .begin_write()
+            .map_err(|e| state_err(&self.path, e))?;
+        {
+            let mut t = tx.open_table(META).map_err(|e| state_err(&self.path, e))?;
+            t.insert(key, value).map_err(|e| state_err(&self.path, e))?;
+        }
+        tx.commit().map_err(|e| state_err(&self.path, e))
+    }
 }
 
 impl EpochStore {
@@ -155,7 +178,7 @@ impl EpochStore {
             dir: anchor_dir.to_owned(),
             db_path,
             log,
-            db,
+            db: std::sync::Arc::new(db),
             signer,
         };
         s.recover()?;
@@ -280,14 +303,12 @@ impl EpochStore {
         Ok((held, out))
     }
 
-    /// Store a counter.
-    pub fn set_meta(&self, key: &str, value: u64) -> Result<()> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut t = tx.open_table(META).map_err(|e| self.err(e))?;
-            t.insert(key, value).map_err(|e| self.err(e))?;
+    /// A writer of counters, for a backend's task.
+    pub fn meta_handle(&self) -> MetaHandle {
+        MetaHandle {
+            db: self.db.clone(),
+            path: self.db_path.clone(),
         }
-        tx.commit().map_err(|e| self.err(e))
     }
 
     /// A stored counter (`None` if never set).

@@ -113,6 +113,7 @@ fn ecg_and_rr_replays_reach_the_log_and_prove() {
     let bundle = dir.path().join("beat.json");
     vt(&[
         "prove",
+        "--wait",
         "--device",
         &did,
         "--seq",
