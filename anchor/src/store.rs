@@ -44,6 +44,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// cut short, or removed with its `ledger.head`, is refused).
 pub const LEDGER_RECORDS: &str = "ledger_records";
 
+/// How many of the newest epochs are read back on open.
+pub const RECHECKED_EPOCHS: u64 = 4096;
+
 /// redb's page cache for the anchor state.
 const DB_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -214,8 +217,20 @@ impl EpochStore {
                 ));
             }
         }
-        // The signed checkpoint must describe this log (fork guard).
+        // The newest epochs read back (each leaf is re-hashed against its
+        // stored hash) and are in place: a damaged log is refused before
+        // anything is built on it. `anchor verify-ledger` reads them all.
         let size = self.log.size();
+        for e in size.saturating_sub(RECHECKED_EPOCHS)..size {
+            let rec = EpochRecord::decode(&self.log.leaf(e)?)?;
+            if rec.epoch != e {
+                return Err(state_err(
+                    &self.db_path,
+                    format!("epoch log leaf {e} holds epoch {}", rec.epoch),
+                ));
+            }
+        }
+        // The signed checkpoint must describe this log (fork guard).
         let signed = self.latest_signed()?;
         match signed {
             Some((n, note)) => {
@@ -677,5 +692,29 @@ mod tests {
         assert_eq!(store.log().leaf(1).unwrap(), want.to_vec());
         let r = EpochReader::open(&adir).unwrap();
         assert!(r.epoch_checkpoint(2).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_damaged_epoch_is_refused_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let adir = dir.path().join("anchor");
+        let mut store = EpochStore::open(&adir, anchor_signer()).unwrap();
+        let mut h = heads(dir.path(), &store);
+        let mut t0 = MemoryTree::new();
+        for k in 0..6u64 {
+            t0.append(&k.to_be_bytes());
+            h.offer(&cp(0, &t0, k));
+            store.close_epoch(&mut h, k, &[]).unwrap().unwrap();
+        }
+        drop(store);
+        let leaves = epochs_dir(&adir).join("leaves.dat");
+        let mut b = std::fs::read(&leaves).unwrap();
+        b[150] ^= 1;
+        std::fs::write(&leaves, &b).unwrap();
+        let e = EpochStore::open(&adir, anchor_signer()).unwrap_err();
+        assert!(
+            e.to_string().contains("corrupt") || e.to_string().contains("hash"),
+            "{e}"
+        );
     }
 }
