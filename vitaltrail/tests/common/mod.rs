@@ -412,12 +412,28 @@ pub enum Rejects {
     AtLeast,
 }
 
+/// Open a partition log for writing (which checks its lock) once the
+/// stopped stages have let go of it: a killed process's lock can outlive
+/// `wait` by a moment (seen once in CI); 10 s at most.
+fn open_log_when_free(dir: &Path) -> DurableLog {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match DurableLog::open(dir) {
+            Ok(l) => return l,
+            Err(vitaltrail_attestor::durable::Error::Locked(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("{}: {e}", dir.display()),
+        }
+    }
+}
+
 pub fn check_outcome_with(data: &Path, partitions: u32, report: &SimReport, mode: Rejects) {
     let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let mut sample = Vec::new();
     for p in 0..partitions {
         let dir = data.join("partitions").join(p.to_string());
-        let log = DurableLog::open(&dir).unwrap();
+        let log = open_log_when_free(&dir);
         for i in 0..log.size() {
             let l = log.leaf(i).unwrap();
             let l = leaf::decode(&l).unwrap();
@@ -488,7 +504,7 @@ pub fn check_outcome_with(data: &Path, partitions: u32, report: &SimReport, mode
         let dir = data.join("partitions").join(p.to_string());
         let vkey =
             LogPublicKey::parse(&std::fs::read_to_string(dir.join("log.vkey")).unwrap()).unwrap();
-        let log = DurableLog::open(&dir).unwrap();
+        let log = open_log_when_free(&dir);
         let note = log.latest_checkpoint().unwrap().unwrap();
         let cp = Checkpoint::open(&note, &vkey).unwrap();
         let l = log.leaf(i).unwrap();
