@@ -53,10 +53,6 @@ sol!(
 
 use AnchorRegistry::AnchorRegistryErrors as RegistryError;
 
-/// The contract's ABI and bytecode artefact (committed; CI checks it
-/// against the source).
-pub const ARTIFACT: &str = include_str!("../contracts/AnchorRegistry.json");
-
 /// The environment variable a private key may come from.
 pub const KEY_ENV: &str = "VITALTRAIL_EVM_KEY";
 
@@ -509,28 +505,16 @@ impl EvmAnchor {
     /// The `Anchored` event of our anchor at `size`, if the chain has one:
     /// (root, tx hash, block number).
     async fn find_event(&self, size: u64) -> Result<Option<(B256, B256, u64)>> {
-        let filter = Filter::new()
-            .address(*self.registry.address())
-            .event_signature(AnchorRegistry::Anchored::SIGNATURE_HASH)
-            .topic1(self.me)
-            .topic2(self.stream)
-            .topic3(U256::from(size))
-            .from_block(BlockNumberOrTag::Earliest)
-            .to_block(BlockNumberOrTag::Latest);
-        let logs = self.provider.get_logs(&filter).await.map_err(rpc_err)?;
-        for log in logs {
-            if log.removed {
-                continue;
-            }
-            let (Some(tx), Some(block)) = (log.transaction_hash, log.block_number) else {
-                continue;
-            };
-            let Ok(ev) = log.log_decode::<AnchorRegistry::Anchored>() else {
-                continue;
-            };
-            return Ok(Some((ev.inner.data.root, tx, block)));
-        }
-        Ok(None)
+        Ok(anchored_events(
+            &self.provider,
+            *self.registry.address(),
+            self.me,
+            self.stream,
+            size,
+        )
+        .await?
+        .into_iter()
+        .next())
     }
 
     /// Confirm the anchor at `size` made by `tx` in `block`: wait until it
@@ -826,6 +810,36 @@ impl crate::backend::Backend for EvmAnchor {
     }
 }
 
+/// The registry's `Anchored` events of `submitter`'s `stream` at `size`
+/// that the chain holds (not removed): (root, transaction, block), oldest
+/// first.
+async fn anchored_events(
+    p: &DynProvider,
+    contract: Address,
+    submitter: Address,
+    stream: B256,
+    size: u64,
+) -> Result<Vec<(B256, B256, u64)>> {
+    let filter = Filter::new()
+        .address(contract)
+        .event_signature(AnchorRegistry::Anchored::SIGNATURE_HASH)
+        .topic1(submitter)
+        .topic2(stream)
+        .topic3(U256::from(size))
+        .from_block(BlockNumberOrTag::Earliest)
+        .to_block(BlockNumberOrTag::Latest);
+    let logs = p.get_logs(&filter).await.map_err(rpc_err)?;
+    Ok(logs
+        .into_iter()
+        .filter(|l| !l.removed)
+        .filter_map(|l| {
+            let (tx, block) = (l.transaction_hash?, l.block_number?);
+            let ev = l.log_decode::<AnchorRegistry::Anchored>().ok()?;
+            Some((ev.inner.data.root, tx, block))
+        })
+        .collect())
+}
+
 /// What `vitaltrail verify --rpc` found about an anchor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainCheck {
@@ -882,27 +896,12 @@ pub async fn check_on_chain(rpc: &str, a: &OnChain, confirmations: u64) -> Resul
         .call()
         .await
         .map_err(rpc_err)?;
-    let filter = Filter::new()
-        .address(contract)
-        .event_signature(AnchorRegistry::Anchored::SIGNATURE_HASH)
-        .topic1(submitter)
-        .topic2(stream)
-        .topic3(U256::from(size))
-        .from_block(BlockNumberOrTag::Earliest)
-        .to_block(BlockNumberOrTag::Latest);
-    let logs = p.get_logs(&filter).await.map_err(rpc_err)?;
-    let mut found = None;
-    for log in logs {
-        if log.removed {
-            continue;
-        }
-        let Ok(ev) = log.log_decode::<AnchorRegistry::Anchored>() else {
-            continue;
-        };
-        if ev.inner.data.root == root && log.transaction_hash == Some(tx_hash) {
-            found = log.block_number;
-        }
-    }
+    let found = anchored_events(&p, contract, submitter, stream, size)
+        .await?
+        .into_iter()
+        .rev()
+        .find(|(r, tx, _)| *r == root && *tx == tx_hash)
+        .map(|(_, _, block)| block);
     let Some(block) = found else {
         return Err(Error::Evm(format!(
             "the contract holds no anchor of root {root} at size {size} by {submitter} in transaction {tx_hash}"

@@ -195,15 +195,7 @@ fn check_count(path: &Path, head_path: &Path, records: u64, min_records: u64) ->
 pub fn verify_against_log(anchor_dir: &Path, key: &LogPublicKey) -> Result<(u64, bool)> {
     let path = ledger_path(anchor_dir);
     let log = vitaltrail_log::DurableLog::open_read_only(crate::store::epochs_dir(anchor_dir))?;
-    for e in 0..log.size() {
-        let rec = vitaltrail_core::anchor::EpochRecord::decode(&log.leaf(e)?)?;
-        if rec.epoch != e {
-            return Err(lerr(
-                &path,
-                format!("epoch log leaf {e} holds epoch {}", rec.epoch),
-            ));
-        }
-    }
+    crate::store::check_epochs(&log, 0..log.size())?;
     let c = read_checked(&path, key, true, |l| {
         if l.size > log.size() {
             return Err(lerr(
@@ -283,11 +275,6 @@ impl Ledger {
     /// The last record.
     pub fn last(&self) -> Option<&LedgerLine> {
         self.last.as_ref()
-    }
-
-    /// Records written.
-    pub fn records(&self) -> u64 {
-        self.last.as_ref().map_or(0, |l| l.seq + 1)
     }
 
     /// The anchored size (0 when empty).

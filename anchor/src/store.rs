@@ -101,6 +101,21 @@ fn decode_heads(path: &Path, b: &[u8]) -> Result<(u64, Vec<PartitionHead>)> {
     Ok((time, heads))
 }
 
+/// Read back epochs `range` of `log`: each leaf against its stored hash,
+/// each a well-formed record in its place.
+pub fn check_epochs(log: &DurableLog, range: std::ops::Range<u64>) -> Result<()> {
+    for e in range {
+        let rec = EpochRecord::decode(&log.leaf(e)?)?;
+        if rec.epoch != e {
+            return Err(state_err(
+                log.dir(),
+                format!("epoch log leaf {e} holds epoch {}", rec.epoch),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// What closing an epoch made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Closed {
@@ -221,15 +236,7 @@ impl EpochStore {
         // stored hash) and are in place: a damaged log is refused before
         // anything is built on it. `anchor verify-ledger` reads them all.
         let size = self.log.size();
-        for e in size.saturating_sub(RECHECKED_EPOCHS)..size {
-            let rec = EpochRecord::decode(&self.log.leaf(e)?)?;
-            if rec.epoch != e {
-                return Err(state_err(
-                    &self.db_path,
-                    format!("epoch log leaf {e} holds epoch {}", rec.epoch),
-                ));
-            }
-        }
+        check_epochs(&self.log, size.saturating_sub(RECHECKED_EPOCHS)..size)?;
         // The signed checkpoint must describe this log (fork guard).
         let signed = self.latest_signed()?;
         match signed {

@@ -641,7 +641,11 @@ pub fn sign(key: &SecretKey, r: &UnsignedReading) -> Result<Vec<u8>> {
 /// test or a simulated attacker wants this: unless `key` is `claimed`'s
 /// key, every verifier rejects the result with `bad_signature`.
 pub fn sign_as(key: &SecretKey, claimed: &DeviceId, r: &UnsignedReading) -> Result<Vec<u8>> {
-    let payload = encode_payload(claimed, r)?;
+    sign_payload(key, claimed, encode_payload(claimed, r)?)
+}
+
+/// Sign encoded `payload` bytes as an envelope claiming `claimed`.
+fn sign_payload(key: &SecretKey, claimed: &DeviceId, payload: Vec<u8>) -> Result<Vec<u8>> {
     let protected = HeaderBuilder::new()
         .algorithm(iana::Algorithm::EdDSA)
         .key_id(claimed.as_str().as_bytes().to_vec())
@@ -815,22 +819,7 @@ mod tests {
     }
     /// Sign `payload` (raw CBOR bytes) as `key`'s envelope.
     fn sign_raw(key: &SecretKey, payload: Vec<u8>) -> Vec<u8> {
-        let protected = HeaderBuilder::new()
-            .algorithm(iana::Algorithm::EdDSA)
-            .key_id(key.did().as_str().as_bytes().to_vec())
-            .build();
-        let sign1 = CoseSign1Builder::new()
-            .protected(protected)
-            .payload(payload)
-            .create_signature(b"", |tbs| key.sign(tbs).to_vec())
-            .build();
-        let mut out = Vec::new();
-        ciborium::ser::into_writer(
-            &Value::Tag(18, Box::new(sign1.to_cbor_value().unwrap())),
-            &mut out,
-        )
-        .unwrap();
-        out
+        sign_payload(key, key.did(), payload).unwrap()
     }
 
     fn replace(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
