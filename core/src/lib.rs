@@ -19,6 +19,7 @@
 //! | [`busauth`] | the MAC on bus records from ingest to the attestor | `docs/kafka-topics.md` |
 //! | [`anchor`] | partition heads, epoch records and signed ledger records | `docs/anchoring.md` |
 //! | [`bundle`] | proof bundles that verify offline | `docs/proof-bundle.md` |
+//! | [`news2`] | NEWS2 scoring, shared by `vitaltrail news2` and the alert engine | RCP NEWS2 (2017) chart 1; `docs/news2.md` |
 //!
 //! Every decoder of untrusted bytes returns [`Result`] and never panics; each
 //! has a fuzz target under `fuzz/`.
@@ -34,6 +35,7 @@ pub mod envelope;
 mod error;
 pub mod leaf;
 pub mod merkle;
+pub mod news2;
 pub mod receipt;
 pub mod sig;
 pub mod topics;

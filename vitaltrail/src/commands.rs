@@ -381,3 +381,10 @@ pub fn verify(
         Ok(ExitCode::FAILURE)
     }
 }
+
+/// `vitaltrail news2`: score and print JSON.
+pub fn news2(o: &vitaltrail_core::news2::Observations) -> Result<ExitCode> {
+    let score = vitaltrail_core::news2::score(o)?;
+    println!("{}", serde_json::to_string(&score)?);
+    Ok(ExitCode::SUCCESS)
+}

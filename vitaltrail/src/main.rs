@@ -87,6 +87,36 @@ enum Command {
     /// Run the anchor (distributed mode): epochs over vitals.checkpoints,
     /// anchored to the local ledger. `vitaltrail up` runs it in process.
     Anchor(node_args::AnchorArgs),
+    /// Score NEWS2 (RCP 2017, chart 1) from the parameters given, with the
+    /// alert engine's own code. Prints JSON: total, per-parameter scores,
+    /// the parameters missing, and the risk band.
+    News2 {
+        /// Respiration rate, /min.
+        #[arg(long)]
+        rr: Option<f64>,
+        /// SpO2, %.
+        #[arg(long)]
+        spo2: Option<f64>,
+        /// The SpO2 chart: 1, or 2 (hypercapnic respiratory failure with a
+        /// prescribed 88-92 % target).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        scale: u8,
+        /// On supplemental oxygen (else air).
+        #[arg(long)]
+        oxygen: bool,
+        /// Systolic blood pressure, mmHg.
+        #[arg(long)]
+        sbp: Option<f64>,
+        /// Pulse, /min.
+        #[arg(long)]
+        pulse: Option<f64>,
+        /// ACVPU: A (alert), C (new confusion), V (voice), P (pain), U (unresponsive).
+        #[arg(long)]
+        consciousness: Option<vitaltrail_core::news2::Consciousness>,
+        /// Temperature, °C.
+        #[arg(long)]
+        temp: Option<f64>,
+    },
     /// The layered configuration of up, ingest, attest and anchor.
     Config {
         #[command(subcommand)]
@@ -564,6 +594,29 @@ fn main() -> ExitCode {
             wait.then(|| std::time::Duration::from_secs_f64(timeout.clamp(0.0, 86_400.0))),
         ),
         Command::Demo { dir, readings } => demo::run(&dir, readings),
+        Command::News2 {
+            rr,
+            spo2,
+            scale,
+            oxygen,
+            sbp,
+            pulse,
+            consciousness,
+            temp,
+        } => commands::news2(&vitaltrail_core::news2::Observations {
+            respiration_rate: rr,
+            spo2,
+            scale: if scale == 2 {
+                vitaltrail_core::news2::SpO2Scale::Scale2
+            } else {
+                vitaltrail_core::news2::SpO2Scale::Scale1
+            },
+            oxygen,
+            systolic_bp: sbp,
+            pulse,
+            consciousness,
+            temperature: temp,
+        }),
     };
     match result {
         Ok(code) => code,

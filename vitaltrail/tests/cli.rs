@@ -392,3 +392,66 @@ fn the_documented_defaults_are_the_printed_ones() {
         "update docs/configuration.md"
     );
 }
+
+/// `vitaltrail news2` prints the documented JSON, scores only what it is
+/// given, and refuses what it cannot score.
+#[test]
+fn news2_scores_from_flags() {
+    let j = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&ok(&[&["news2"], args].concat(), None)).unwrap()
+    };
+    // A sepsis-like picture: RR 22 (2), SpO2 93 (2), SBP 100 (2), pulse 115
+    // (2), temperature 38.5 (1), alert (0), on air (0) = 9, high.
+    let v = j(&[
+        "--rr",
+        "22",
+        "--spo2",
+        "93",
+        "--sbp",
+        "100",
+        "--pulse",
+        "115",
+        "--consciousness",
+        "A",
+        "--temp",
+        "38.5",
+    ]);
+    assert_eq!(v["total"], 9, "{v}");
+    assert_eq!(v["risk"], "high", "{v}");
+    assert_eq!(v["parameters"]["spo2"], 2, "{v}");
+    assert_eq!(v["parameters"]["air_or_oxygen"], 0, "{v}");
+    assert_eq!(v["missing"], serde_json::json!([]), "{v}");
+    assert_eq!(
+        v.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["missing", "parameters", "risk", "total"]
+    );
+    // Scale 2 on oxygen: 97 % scores 3, plus 2 for oxygen; the rest missing.
+    let v = j(&["--spo2", "97", "--scale", "2", "--oxygen"]);
+    assert_eq!(v["total"], 5, "{v}");
+    assert_eq!(v["risk"], "medium", "{v}");
+    assert_eq!(
+        v["missing"],
+        serde_json::json!([
+            "respiration_rate",
+            "systolic_bp",
+            "pulse",
+            "consciousness",
+            "temperature"
+        ]),
+        "{v}"
+    );
+    // A single 3 alone is low-medium; new confusion scores 3.
+    let v = j(&["--consciousness", "C"]);
+    assert_eq!(
+        (v["total"].as_u64(), v["risk"].as_str()),
+        (Some(3), Some("low-medium")),
+        "{v}"
+    );
+    // Nothing given: only air scored, everything else missing, low.
+    let v = j(&[]);
+    assert_eq!(v["total"], 0, "{v}");
+    assert_eq!(v["missing"].as_array().unwrap().len(), 6, "{v}");
+    fails(&["news2", "--scale", "3"], None);
+    fails(&["news2", "--consciousness", "X"], None);
+    fails(&["news2", "--pulse", "NaN"], None);
+}
