@@ -64,7 +64,9 @@ def attempt(host, port, client_id, tls, subscribe=None, publish=None, listen=2.0
     `received` counts what is not the insider's own (its own receipts,
     which its session may be subscribed to by a wildcard, are `own`).
     `until_own`: stop listening as soon as one of its own arrives (the
-    control), so a slow pipeline gets the whole `listen` to answer."""
+    control), so a slow pipeline gets the whole `listen` to answer; like a
+    device, it publishes again every 2 s until then (rejection receipts are
+    best-effort: a full receipt queue drops them, and the device resends)."""
     out = {"connected": False, "received": 0, "own": 0, "closed": False, "suback_refused": False}
     connected = threading.Event()
     listening = [True]
@@ -112,9 +114,15 @@ def attempt(host, port, client_id, tls, subscribe=None, publish=None, listen=2.0
             c.subscribe(subscribe, qos=1)
         if publish:
             c.publish(publish[0], publish[1], qos=publish[2] if len(publish) > 2 else 1)
-        deadline = time.monotonic() + listen
+        start = time.monotonic()
+        deadline, sent = start + listen, 1
         while time.monotonic() < deadline and not (until_own and out["own"] >= 1):
             time.sleep(0.05)
+            if until_own and publish and time.monotonic() - start >= 2.0 * sent:
+                c.publish(publish[0], publish[1], qos=publish[2] if len(publish) > 2 else 1)
+                sent += 1
+        if until_own:
+            out["sent"] = sent
     listening[0] = False
     c.loop_stop()
     try:
