@@ -1,0 +1,21 @@
+//! # vitaltrail-alerts
+//!
+//! Critical-event alerts for remote-monitoring nurses, over readings once
+//! they are durable in the log, so every alert knows the log positions of
+//! the readings that triggered it.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`engine`] | the rules (NEWS2 from `vitaltrail_core::news2`, thresholds with duration and repeat, silent devices) and the alarm lifecycle (raise once, severity updates, hysteresis on clearing, escalation, acknowledgement); no I/O, time given by the caller |
+//! | [`config`] | the typed `[alerts]` configuration |
+//!
+//! The engine's whole state serialises ([`engine::Engine::to_json`]), so it
+//! survives a restart.
+
+pub mod config;
+pub mod engine;
+mod error;
+
+pub use config::AlertsConfig;
+pub use engine::{Alarm, Engine, Event, EventKind, LoggedReading, Severity};
+pub use error::{Error, Result};
