@@ -75,7 +75,7 @@ impl Default for AlertsConfig {
             max_patients: 100_000,
             max_devices: 100_000,
             keep_cleared: 1024,
-            tick_ms: 1000,
+            tick_ms: 200,
             max_events_bytes: 256 * 1024 * 1024,
         }
     }

@@ -1,18 +1,38 @@
 //! The one error type of `vitaltrail-alerts`.
 
+use std::path::PathBuf;
+
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can go wrong in the alert engine.
+/// Everything that can go wrong in the alert engine and its stage.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The saved state does not parse (the caller's fault: an edited or
-    /// foreign file; rebuild from the log).
+    /// The saved state does not parse (an edited or foreign file; delete
+    /// it to rebuild from the logs), or a task failed.
     #[error("alert state: {0}")]
     State(String),
     /// An acknowledgement that cannot be taken (no such active alarm,
     /// already acknowledged, nobody named): the caller's fault.
     #[error("acknowledge: {0}")]
     Ack(String),
+    /// An operating-system I/O error (disk full, permissions…): retried by
+    /// restarting the stage.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A partition log could not be read.
+    #[error(transparent)]
+    Log(#[from] vitaltrail_log::Error),
+    /// The device registry could not be read.
+    #[error(transparent)]
+    Bus(#[from] vitaltrail_bus::Error),
+    /// Metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }

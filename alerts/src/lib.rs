@@ -8,6 +8,8 @@
 //! |---|---|
 //! | [`engine`] | the rules (NEWS2 from `vitaltrail_core::news2`, thresholds with duration and repeat, silent devices) and the alarm lifecycle (raise once, severity updates, hysteresis on clearing, escalation, acknowledgement); no I/O, time given by the caller |
 //! | [`config`] | the typed `[alerts]` configuration |
+//! | [`stage`] | `run(config, shutdown)`: follows the partition logs read-only, feeds the engine, writes `<data>/alerts/` (events, state) |
+//! | `metrics` | `vitaltrail_alerts_*` |
 //!
 //! The engine's whole state serialises ([`engine::Engine::to_json`]), so it
 //! survives a restart.
@@ -15,7 +17,10 @@
 pub mod config;
 pub mod engine;
 mod error;
+mod metrics;
+pub mod stage;
 
 pub use config::AlertsConfig;
 pub use engine::{Alarm, Engine, Event, EventKind, LoggedReading, Severity};
 pub use error::{Error, Result};
+pub use stage::{StageConfig, run};

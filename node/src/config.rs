@@ -152,6 +152,9 @@ pub struct NodeConfig {
     pub attestor: AttestorSection,
     /// The anchor.
     pub anchor: AnchorSection,
+    /// The alert engine (`up` runs it in process); see
+    /// `vitaltrail_alerts::AlertsConfig`.
+    pub alerts: vitaltrail_alerts::AlertsConfig,
     /// The dead-letter store (`<data>/rejected.jsonl`).
     pub dead_letters: RejectLimits,
     /// The HTTP server (`/metrics`, `POST /sql`, health).
@@ -451,6 +454,7 @@ impl NodeConfig {
                 evm_interval_ms: evm.interval.as_millis() as u64,
                 evm_tx_timeout_ms: evm.tx_timeout.as_millis() as u64,
             },
+            alerts: vitaltrail_alerts::AlertsConfig::default(),
             dead_letters: RejectLimits::default(),
             http: HttpSection {
                 listen: (role == Role::Up).then(|| SocketAddr::from(([127, 0, 0, 1], 9464))),

@@ -25,6 +25,9 @@ pub enum Error {
     /// The anchor failed.
     #[error("anchor")]
     Anchor(#[from] vitaltrail_anchor::Error),
+    /// The alert engine failed.
+    #[error("alerts")]
+    Alerts(#[from] vitaltrail_alerts::Error),
     /// The bus, the registry or a data-directory file failed.
     #[error(transparent)]
     Bus(#[from] vitaltrail_bus::Error),

@@ -63,6 +63,8 @@ pub struct UpConfig {
     pub operator: Option<vitaltrail_core::DeviceId>,
     /// The anchor (its `data_dir` is overridden by ours); none when off.
     pub anchor: Option<vitaltrail_anchor::AnchorConfig>,
+    /// The alert engine (in process only, for now); none when off.
+    pub alerts: Option<vitaltrail_alerts::AlertsConfig>,
 }
 
 impl Default for UpConfig {
@@ -83,6 +85,7 @@ impl Default for UpConfig {
             rejects: n.dead_letters,
             operator: None,
             anchor: Some(n.anchor_config()),
+            alerts: Some(n.alerts.clone()),
         }
     }
 }
@@ -114,6 +117,7 @@ impl UpConfig {
             rejects: n.dead_letters,
             operator,
             anchor: n.anchor.enabled.then(|| n.anchor_config()),
+            alerts: n.alerts.enabled.then(|| n.alerts.clone()),
         })
     }
 }
@@ -405,6 +409,18 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
         }
         None => None,
     };
+    // The alert engine follows the partition logs; it stops after the
+    // attestors, with a last round over what they committed.
+    if let Some(alerts) = &cfg.alerts {
+        let stage = vitaltrail_alerts::StageConfig {
+            alerts: alerts.clone(),
+            data_dir: cfg.data_dir.clone(),
+            clock: clock.clone(),
+            metrics: registry.clone(),
+        };
+        let stop = rest_stop_rx.clone();
+        others.spawn(async move { Ok(vitaltrail_alerts::run(stage, stop).await?) });
+    }
     let mut attestor = tokio::spawn(vitaltrail_attestor::run(
         AttestStage {
             attestor: cfg.attestor.clone(),
@@ -488,7 +504,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
         Some(r) = others.join_next() => {
             r.map_err(|e| Error::StageStopped(format!("a stage panicked: {e}")))??;
             return Err(Error::StageStopped(
-                "the HTTP server, the receipt publisher, the dead-letter flusher or the anchor stopped while ingest was running".into(),
+                "the HTTP server, the receipt publisher, the dead-letter flusher, the anchor or the alert engine stopped while ingest was running".into(),
             ));
         }
     }

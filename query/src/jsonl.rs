@@ -1,4 +1,4 @@
-//! The `checkpoints`, `anchors` and `rejected` tables, streamed from their JSONL files
+//! The `checkpoints`, `anchors`, `alerts` and `rejected` tables, streamed from their JSONL files
 //! line by line in batches of [`BATCH_ROWS`]: a query never reads a whole
 //! file into memory, however long the file has grown. Each query reads the
 //! files as they are when it starts executing.
@@ -350,6 +350,122 @@ impl Rows for AnchorRows {
             Arc::new(self.block.finish()),
             Arc::new(self.confirmations.finish()),
             Arc::new(self.at.finish().with_timezone("UTC")),
+        ];
+        Ok(RecordBatch::try_new(schema.clone(), cols)?)
+    }
+}
+
+/// `alerts`: every alarm event the alert engine wrote
+/// (`<data>/alerts/events-*.jsonl`, oldest generation first): one row per
+/// change of an alarm (`raised`, `updated`, `escalated`, `acknowledged`,
+/// `cleared`), with the alarm's state after it. `evidence` is a JSON array
+/// of the triggering readings, each with the `device`, `seq`, `partition`
+/// and `log_index` to fetch its proof bundle by.
+pub fn alerts_table(data: &Path) -> Result<Arc<StreamingTable>> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("at", ts(), false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("alarm_id", DataType::Utf8, false),
+        Field::new("rule", DataType::Utf8, false),
+        Field::new("subject", DataType::Utf8, false),
+        Field::new("ward", DataType::Utf8, true),
+        Field::new("severity", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("active", DataType::Boolean, false),
+        Field::new("acknowledged_by", DataType::Utf8, true),
+        Field::new("acknowledged_at", ts(), true),
+        Field::new("escalation", DataType::UInt32, false),
+        Field::new("notify", DataType::Utf8, true),
+        Field::new("raised_at", ts(), false),
+        Field::new("evidence", DataType::Utf8, false),
+    ]));
+    let dir = vitaltrail_alerts::stage::alerts_dir(data);
+    let files = Arc::new(move || {
+        vitaltrail_alerts::stage::event_files(&dir)
+            .into_iter()
+            .map(|(_, f)| (f, 0))
+            .collect()
+    });
+    table(schema, files, AlertRows::default)
+}
+
+#[derive(Default)]
+struct AlertRows {
+    at: TimestampMillisecondBuilder,
+    kind: StringBuilder,
+    id: StringBuilder,
+    rule: StringBuilder,
+    subject: StringBuilder,
+    ward: StringBuilder,
+    severity: StringBuilder,
+    reason: StringBuilder,
+    active: arrow::array::BooleanBuilder,
+    ack_by: StringBuilder,
+    ack_at: TimestampMillisecondBuilder,
+    escalation: UInt32Builder,
+    notify: StringBuilder,
+    raised: TimestampMillisecondBuilder,
+    evidence: StringBuilder,
+    n: usize,
+}
+
+impl Rows for AlertRows {
+    fn push(&mut self, line: &str, _tag: u32) {
+        let Ok(e) = serde_json::from_str::<vitaltrail_alerts::Event>(line) else {
+            return;
+        };
+        let a = &e.alarm;
+        let Ok(evidence) = serde_json::to_string(&a.evidence) else {
+            return;
+        };
+        self.at.append_value(e.at_ms as i64);
+        self.kind.append_value(
+            serde_json::to_value(e.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+        );
+        self.id.append_value(&a.id);
+        self.rule.append_value(&a.rule);
+        self.subject.append_value(&a.subject);
+        self.ward.append_option(a.ward.as_deref());
+        self.severity.append_value(a.severity.as_str());
+        self.reason.append_value(&a.reason);
+        self.active.append_value(a.active);
+        self.ack_by
+            .append_option(a.ack.as_ref().map(|k| k.by.as_str()));
+        self.ack_at
+            .append_option(a.ack.as_ref().map(|k| k.at_ms as i64));
+        self.escalation.append_value(a.escalation);
+        self.notify.append_option(e.notify.as_deref());
+        self.raised.append_value(a.raised_ms as i64);
+        self.evidence.append_value(evidence);
+        self.n += 1;
+    }
+
+    fn len(&self) -> usize {
+        self.n
+    }
+
+    fn batch(&mut self, schema: &SchemaRef) -> Result<RecordBatch> {
+        self.n = 0;
+        let utc = |b: &mut TimestampMillisecondBuilder| Arc::new(b.finish().with_timezone("UTC"));
+        let cols: Vec<ArrayRef> = vec![
+            utc(&mut self.at),
+            Arc::new(self.kind.finish()),
+            Arc::new(self.id.finish()),
+            Arc::new(self.rule.finish()),
+            Arc::new(self.subject.finish()),
+            Arc::new(self.ward.finish()),
+            Arc::new(self.severity.finish()),
+            Arc::new(self.reason.finish()),
+            Arc::new(self.active.finish()),
+            Arc::new(self.ack_by.finish()),
+            utc(&mut self.ack_at),
+            Arc::new(self.escalation.finish()),
+            Arc::new(self.notify.finish()),
+            utc(&mut self.raised),
+            Arc::new(self.evidence.finish()),
         ];
         Ok(RecordBatch::try_new(schema.clone(), cols)?)
     }

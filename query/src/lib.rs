@@ -7,6 +7,7 @@
 //! | `readings` | `<data>/readings/date=YYYY-MM-DD/*.parquet` | measurement (device, patient, seq, device_time, log_time, loinc, value, unit, partition, log_index, leaf_hash, date) |
 //! | `checkpoints` | `<data>/partitions/*/checkpoints.jsonl` | signed checkpoint (partition, origin, tree_size, root, signed_at, note) |
 //! | `anchors` | `<data>/anchor/ledger.jsonl`, `<data>/anchor/evm.jsonl` | anchor of the epoch log (backend `ledger` or `evm`, status `written`, `confirmed` or `reorged`, stream, epoch_log_size, root, seq, tx_hash, block_number, confirmations, anchored_at) |
+//! | `alerts` | `<data>/alerts/events-*.jsonl` | alarm event (at, kind, alarm_id, rule, subject, ward, severity, reason, active, acknowledged_by, acknowledged_at, escalation, notify, raised_at, evidence as JSON) |
 //! | `rejected` | `<data>/rejected.jsonl` | rejected message (received_at, stage, reason, detail, device, seq, topic, size, source, envelope_b64, count), or a summary of `count` rejections past a dead-letter limit |
 //!
 //! Rejections that a crash made appear twice carry the same `source`;
@@ -326,6 +327,7 @@ impl QueryEngine {
         ctx.register_table("checkpoints", jsonl::checkpoints_table(data_dir)?)?;
         ctx.register_table("rejected", jsonl::rejected_table(data_dir)?)?;
         ctx.register_table("anchors", jsonl::anchors_table(data_dir)?)?;
+        ctx.register_table("alerts", jsonl::alerts_table(data_dir)?)?;
         Ok(QueryEngine { ctx, limits })
     }
 

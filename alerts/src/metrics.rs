@@ -1,0 +1,73 @@
+//! Prometheus metrics of the alert stage, registered in an injected registry.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// The alert stage's metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Alarm events written, by kind.
+    pub events: IntCounterVec,
+    /// Durable readings taken from the logs.
+    pub readings: IntCounter,
+    /// Leaves that did not decode as readings (not scored).
+    pub undecodable: IntCounter,
+    /// Active alarms.
+    pub active: IntGauge,
+    /// Patients with state.
+    pub patients: IntGauge,
+    /// Readings not scored because the patient or device cap was reached.
+    pub dropped: IntGauge,
+    /// Leaves committed but not yet taken, per partition.
+    pub lag: IntGaugeVec,
+    /// The events file's size limit before a new generation starts.
+    pub events_file_max_bytes: IntGauge,
+}
+
+impl Metrics {
+    /// Create and register the metrics.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Metrics {
+            events: IntCounterVec::new(
+                Opts::new(
+                    "vitaltrail_alerts_events_total",
+                    "Alarm events written, by kind",
+                ),
+                &["kind"],
+            )?,
+            readings: IntCounter::new(
+                "vitaltrail_alerts_readings_total",
+                "Durable readings the alert engine took from the logs",
+            )?,
+            undecodable: IntCounter::new(
+                "vitaltrail_alerts_undecodable_total",
+                "Log leaves that did not decode as readings",
+            )?,
+            active: IntGauge::new("vitaltrail_alerts_active", "Active alarms")?,
+            patients: IntGauge::new("vitaltrail_alerts_patients", "Patients with alert state")?,
+            dropped: IntGauge::new(
+                "vitaltrail_alerts_dropped",
+                "Readings not scored because the patient or device cap was reached",
+            )?,
+            lag: IntGaugeVec::new(
+                Opts::new(
+                    "vitaltrail_alerts_lag_leaves",
+                    "Leaves committed to a partition log but not yet taken by the alert engine",
+                ),
+                &["partition"],
+            )?,
+            events_file_max_bytes: IntGauge::new(
+                "vitaltrail_alerts_events_file_max_bytes",
+                "Size of an events file before a new generation starts",
+            )?,
+        };
+        registry.register(Box::new(m.events.clone()))?;
+        registry.register(Box::new(m.readings.clone()))?;
+        registry.register(Box::new(m.undecodable.clone()))?;
+        registry.register(Box::new(m.active.clone()))?;
+        registry.register(Box::new(m.patients.clone()))?;
+        registry.register(Box::new(m.dropped.clone()))?;
+        registry.register(Box::new(m.lag.clone()))?;
+        registry.register(Box::new(m.events_file_max_bytes.clone()))?;
+        Ok(m)
+    }
+}
