@@ -319,13 +319,26 @@ impl Engine {
             code: code.to_owned(),
             value,
         };
+        // Only NEWS2's codes are kept as latest values (thresholds take each
+        // reading as it comes), so a device sending many codes cannot grow
+        // a patient's state.
         for (code, value) in &r.measurements {
+            if !news2::codes::ALL.contains(&code.as_str()) {
+                continue;
+            }
             let newer = p.latest.get(code).is_none_or(|e| e.time_ms <= r.time_ms);
             if newer {
                 p.latest.insert(code.clone(), evidence(code, *value));
             }
         }
-        let rules = std::mem::take(&mut self.config.thresholds);
+        // A reading older than the freshness window (an offline sync) is
+        // history: it does not start or clear a threshold episode now.
+        let stale = r.time_ms.saturating_add(self.config.news2.freshness_ms) < now_ms;
+        let rules = if stale {
+            Vec::new()
+        } else {
+            std::mem::take(&mut self.config.thresholds)
+        };
         for rule in &rules {
             for (code, value) in r
                 .measurements
@@ -342,7 +355,9 @@ impl Engine {
                 );
             }
         }
-        self.config.thresholds = rules;
+        if !stale {
+            self.config.thresholds = rules;
+        }
         if self.config.news2.enabled {
             self.news2_rule(&patient, &mut p, r.time_ms, &mut out, now_ms);
         }
@@ -947,6 +962,34 @@ mod tests {
             r.read("a", T0 + i * 100_000 + 40_000, &[("2708-6", 97.0)]);
         }
         assert_eq!(r.e.cleared().count(), 3);
+    }
+
+    #[test]
+    fn late_readings_and_unknown_codes_change_nothing_now() {
+        let mut r = Rig::new(only_thresholds(vec![spo2_rule(0, 1)]));
+        // An offline sync an hour late: SpO2 80 then, but not an episode now.
+        let late = LoggedReading {
+            partition: 0,
+            log_index: 0,
+            device: "did:key:dev-p1".into(),
+            seq: 1,
+            time_ms: T0,
+            patient: Some("p1".into()),
+            ward: None,
+            measurements: vec![("2708-6".into(), 80.0)],
+        };
+        assert!(r.e.reading(&late, T0 + 3_600_000).is_empty());
+        assert_eq!(r.e.active().count(), 0);
+        // Thousands of distinct codes keep no state beyond NEWS2's.
+        for i in 0..2_000u64 {
+            let m = [(format!("{}-{}", 10_000 + i, i % 10), 1.0)];
+            let m: Vec<(&str, f64)> = m.iter().map(|(c, v)| (c.as_str(), *v)).collect();
+            r.read("p1", T0 + i, &m);
+        }
+        assert!(
+            r.e.to_json().unwrap().len() < 4_096,
+            "state grew with codes"
+        );
     }
 
     use proptest::prelude::*;

@@ -33,6 +33,10 @@ pub mod codes {
     pub const PULSE: &[&str] = &["8867-4", "8889-8"];
     /// Body temperature.
     pub const TEMPERATURE: &[&str] = &["8310-5"];
+    /// Every code above.
+    pub const ALL: &[&str] = &[
+        "9279-1", "2708-6", "59408-5", "8480-6", "8867-4", "8889-8", "8310-5",
+    ];
 }
 
 /// Which SpO2 chart applies to a patient.
