@@ -27,9 +27,10 @@ pub struct AlertsConfig {
     /// Per-patient settings (SpO2 scale, oxygen), by patient ID.
     pub patients: BTreeMap<String, PatientSetting>,
     /// At most this many patients have state; readings of more are counted
-    /// (`vitaltrail_alerts_dropped_total`) and not scored.
+    /// (`vitaltrail_alerts_dropped`) and not scored.
     pub max_patients: usize,
-    /// At most this many devices are watched for silence.
+    /// At most this many devices have state; readings of more are counted
+    /// (`vitaltrail_alerts_dropped`) and not scored.
     pub max_devices: usize,
     /// Cleared alarms kept in the state (the events file keeps them all).
     pub keep_cleared: usize,
@@ -87,8 +88,8 @@ impl Default for AlertsConfig {
 pub struct News2Rule {
     /// Score at all.
     pub enabled: bool,
-    /// Values older than this (ms, by device time against the engine's
-    /// clock) are not scored, and are reported missing.
+    /// Values whose device time is older than this (ms) at the log time of
+    /// the reading being scored are not scored, and are reported missing.
     pub freshness_ms: u64,
     /// Raise `urgent` at this aggregate (or on any single 3).
     pub urgent: u8,

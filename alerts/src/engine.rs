@@ -165,6 +165,10 @@ struct Progress {
     clear_since: Option<u64>,
     /// The run's readings, newest last (bounded).
     evidence: VecDeque<Evidence>,
+    /// NEWS2: parameters scored when the alarm was last raised or updated;
+    /// it clears only with at least as many scored again.
+    #[serde(default)]
+    scored: usize,
 }
 
 /// What the engine knows of one patient.
@@ -211,6 +215,24 @@ mod as_list {
         Ok(v.into_iter()
             .map(|a| ((a.rule.clone(), a.subject.clone()), a))
             .collect())
+    }
+}
+
+/// The NEWS2 parameter a LOINC code feeds.
+fn news2_param(code: &str) -> &'static str {
+    use news2::codes::*;
+    if RESPIRATION_RATE.contains(&code) {
+        "respiration_rate"
+    } else if SPO2.contains(&code) {
+        "spo2"
+    } else if SYSTOLIC_BP.contains(&code) {
+        "systolic_bp"
+    } else if PULSE.contains(&code) {
+        "pulse"
+    } else if TEMPERATURE.contains(&code) {
+        "temperature"
+    } else {
+        ""
     }
 }
 
@@ -270,6 +292,9 @@ impl Engine {
                 .iter()
                 .filter_map(|c| p.latest.get(*c))
                 .filter(|e| e.time_ms.saturating_add(self.config.news2.freshness_ms) >= now_ms)
+                // A value no body shows (a fault, a sentinel) is missing,
+                // not a reason to stop scoring the others.
+                .filter(|e| news2::plausible(news2_param(&e.code), e.value))
                 .max_by_key(|e| e.time_ms)
                 .map(|e| e.value)
         };
@@ -326,10 +351,9 @@ impl Engine {
             if !news2::codes::ALL.contains(&code.as_str()) {
                 continue;
             }
-            let newer = p.latest.get(code).is_none_or(|e| e.time_ms <= r.time_ms);
-            if newer {
-                p.latest.insert(code.clone(), evidence(code, *value));
-            }
+            // Latest in log order, not by the device's word: a second device
+            // with a fast clock cannot pin an old value.
+            p.latest.insert(code.clone(), evidence(code, *value));
         }
         // A reading older than the freshness window (an offline sync) is
         // history: it does not start or clear a threshold episode now.
@@ -480,11 +504,13 @@ impl Engine {
         match (severity, self.active.get_mut(&key)) {
             (Some(sev), None) => {
                 pr.clear_since = None;
+                pr.scored = score.parameters.len();
                 let ev = evidence();
                 out.push(self.raise(key, p.ward.clone(), sev, reason, ev, now_ms));
             }
             (Some(sev), Some(a)) => {
                 pr.clear_since = None;
+                pr.scored = pr.scored.max(score.parameters.len());
                 if sev > a.severity {
                     a.severity = sev;
                     a.reason = reason;
@@ -501,7 +527,8 @@ impl Engine {
             (None, Some(_)) => {
                 // Hysteresis: clear only well below the firing line, and
                 // only after it has stayed there for clear_for_ms.
-                if score.total <= cfg.clear_at_or_below {
+                // A parameter gone stale (a sensor off) is not a recovery.
+                if score.total <= cfg.clear_at_or_below && score.parameters.len() >= pr.scored {
                     let since = *pr.clear_since.get_or_insert(t);
                     if t.saturating_sub(since) >= cfg.clear_for_ms {
                         pr.clear_since = None;
@@ -594,7 +621,11 @@ impl Engine {
         let table = &self.config.escalation;
         if every > 0 && !table.is_empty() {
             for a in self.active.values_mut() {
-                if a.ack.is_some() || a.escalation as usize >= table.len() {
+                // Warnings (a silent device) are not escalated to responders.
+                if a.ack.is_some()
+                    || a.severity == Severity::Warning
+                    || a.escalation as usize >= table.len()
+                {
                     continue;
                 }
                 let due = a
@@ -923,6 +954,39 @@ mod tests {
         );
         let s = r.e.news2("p3", T0 + 300_001).unwrap();
         assert!(s.missing.contains(&"pulse"), "{s:?}");
+    }
+
+    #[test]
+    fn news2_does_not_clear_when_a_sensor_falls_off_nor_stop_on_a_sentinel() {
+        let mut r = Rig::new(AlertsConfig {
+            thresholds: vec![],
+            silent_after_ms: None,
+            ..Default::default()
+        });
+        // SpO2 90 (3) and pulse 80 (0): urgent.
+        let ev = r.read("p1", T0, &[("2708-6", 90.0), ("8867-4", 80.0)]);
+        assert_eq!(kinds(&ev), [EventKind::Raised]);
+        // The oximeter falls off: only the pulse keeps coming, scoring 0,
+        // for ten minutes. SpO2 is missing, not recovered: still active.
+        for i in 1..=60 {
+            assert!(
+                r.read("p1", T0 + i * 10_000, &[("8867-4", 80.0)])
+                    .is_empty(),
+                "{i}"
+            );
+        }
+        assert_eq!(r.e.active().count(), 1);
+        // A sentinel pulse is missing, and the rest is still scored.
+        let s = r.e.news2("p1", T0 + 600_000).unwrap();
+        assert!(s.missing.contains(&"spo2"), "{s:?}");
+        r.read(
+            "p1",
+            T0 + 601_000,
+            &[("8867-4", 4_294_967_295.0), ("2708-6", 85.0)],
+        );
+        let s = r.e.news2("p1", T0 + 601_000).unwrap();
+        assert!(s.missing.contains(&"pulse"), "{s:?}");
+        assert_eq!(s.parameters["spo2"], 3, "{s:?}");
     }
 
     fn scale2() -> news2::SpO2Scale {

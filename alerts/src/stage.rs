@@ -131,16 +131,20 @@ impl Stage {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io("read", &state)(e)),
         };
+        // An engine section that does not restore (an edited file, or one
+        // from another version) is a rebuild too, never a stage failure.
+        let saved = saved.and_then(|s| {
+            let bytes = serde_json::to_vec(&s.engine).unwrap_or_default();
+            match Engine::restore(&bytes, cfg.alerts.clone()) {
+                Ok(e) => Some((e, s)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "alert state does not restore; rebuilding from the logs");
+                    None
+                }
+            }
+        });
         let (engine, cursors, events_gen, events_len) = match saved {
-            Some(s) => (
-                Engine::restore(
-                    &serde_json::to_vec(&s.engine).unwrap_or_default(),
-                    cfg.alerts.clone(),
-                )?,
-                s.cursors,
-                s.events_gen,
-                s.events_len,
-            ),
+            Some((engine, s)) => (engine, s.cursors, s.events_gen, s.events_len),
             None => {
                 // A rebuild: every event is raised again from the logs.
                 for (_, f) in event_files(&dir) {
@@ -237,11 +241,15 @@ impl Stage {
         // The log holds only what ingest verified (docs/threat-model.md);
         // a proof bundle re-checks the signature for anyone who asks.
         let r = envelope::decode_verified_upstream(l.envelope).ok()?;
+        // The registration the reading was logged under: a reading logged
+        // before the device's current registration (a device reassigned to
+        // another patient since) is not attributed to the new patient.
         let entry = match self.registry.1.lookup(r.did.as_str()) {
             vitaltrail_bus::registry::Lookup::Active(e)
             | vitaltrail_bus::registry::Lookup::Revoked(e) => Some(e),
             vitaltrail_bus::registry::Lookup::Unknown => None,
-        };
+        }
+        .filter(|e| e.added_ms <= l.log_time_ms);
         Some((
             LoggedReading {
                 partition,

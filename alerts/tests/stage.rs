@@ -137,4 +137,20 @@ async fn raises_from_the_log_and_restarts_without_duplicates() {
     std::fs::remove_file(&state).unwrap();
     run_once(data).await;
     assert_eq!(kinds(&events(data)), after);
+    // A state whose engine section does not restore: a rebuild, not a
+    // stage that fails (and takes `up` down with it).
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    v["engine"] = serde_json::json!({"active": []});
+    std::fs::write(&state, serde_json::to_vec(&v).unwrap()).unwrap();
+    run_once(data).await;
+    assert_eq!(kinds(&events(data)), after);
+    // The device reassigned to another patient: a rebuild does not move
+    // the old patient's alarms to the new one.
+    let reg = vitaltrail_bus::datadir::registry_file(data);
+    reg.revoke(key.did(), T0 + 500_000).unwrap();
+    reg.add(key.did(), "new-admission", Some("ward-9"), T0 + 600_000)
+        .unwrap();
+    std::fs::remove_file(&state).unwrap();
+    run_once(data).await;
+    assert!(events(data).is_empty(), "{:?}", kinds(&events(data)));
 }

@@ -15,6 +15,8 @@
 //!   stored as 35.04999…, and still counts as halfway.
 //! - SpO2 scale 2 is for patients with hypercapnic respiratory failure and a
 //!   prescribed target of 88–92 %; its upper bands score only on oxygen.
+//! - Values outside what a body can show ([`plausible`]: SpO2 above 100 %,
+//!   a negative rate, a temperature under 20 °C) are errors, not scores.
 //! - Air or oxygen is always known (a per-patient setting), so it is always
 //!   scored.
 use serde::Serialize;
@@ -170,8 +172,20 @@ impl Score {
 /// Score `x` against `band`, a function of the value rounded to whole units
 /// of the band's precision (`scale` units per whole: 1, or 10 for tenths).
 /// A value halfway between two rounded values takes the higher score.
+/// The values a body can show, per parameter: outside them a value is an
+/// error (a sensor fault or a sentinel), never a score.
+pub fn plausible(name: &str, x: f64) -> bool {
+    let (lo, hi) = match name {
+        "respiration_rate" | "spo2" => (0.0, 100.0),
+        "systolic_bp" | "pulse" => (0.0, 400.0),
+        "temperature" => (20.0, 46.0),
+        _ => return false,
+    };
+    x.is_finite() && (lo..=hi).contains(&x)
+}
+
 fn banded(name: &'static str, x: f64, scale: f64, band: impl Fn(i64) -> u8) -> Result<u8> {
-    if !x.is_finite() || !(-1e6..=1e6).contains(&x) {
+    if !plausible(name, x) {
         return Err(Error::InvalidField {
             field: name,
             reason: format!("{x} is not a plausible value"),
@@ -181,7 +195,7 @@ fn banded(name: &'static str, x: f64, scale: f64, band: impl Fn(i64) -> u8) -> R
     let lo = s.floor();
     let frac = s - lo;
     // Halfway, allowing for the binary representation of decimals.
-    if (frac - 0.5).abs() < 1e-6 {
+    if (frac - 0.5).abs() < 1e-9 {
         let lo = lo as i64;
         Ok(band(lo).max(band(lo + 1)))
     } else {
@@ -570,6 +584,9 @@ mod tests {
         // Nonsense is an error, not a score.
         assert!(score(&one(|o| o.pulse = Some(f64::NAN))).is_err());
         assert!(score(&one(|o| o.temperature = Some(f64::INFINITY))).is_err());
+        assert!(score(&one(|o| o.spo2 = Some(150.0))).is_err());
+        assert!(score(&one(|o| o.respiration_rate = Some(-5.0))).is_err());
+        assert!(score(&one(|o| o.pulse = Some(4_294_967_295.0))).is_err());
     }
 
     /// Against a naive reference: chart 1 written out as rows of
@@ -627,20 +644,36 @@ mod tests {
         };
         for tenths in 0..=3000i64 {
             let x = tenths as f64 / 10.0;
+            // Each parameter over its plausible range (elsewhere an error).
+            let v = |name: &str| plausible(name, x).then_some(x);
             let o = Observations {
-                respiration_rate: Some(x),
-                spo2: Some(x),
-                systolic_bp: Some(x),
-                pulse: Some(x),
-                temperature: Some(x),
+                respiration_rate: v("respiration_rate"),
+                spo2: v("spo2"),
+                systolic_bp: v("systolic_bp"),
+                pulse: v("pulse"),
+                temperature: v("temperature"),
                 ..Default::default()
             };
             let s = score(&o).unwrap();
-            assert_eq!(s.parameters["respiration_rate"], whole(&rr, tenths), "{x}");
-            assert_eq!(s.parameters["spo2"], whole(&spo2, tenths), "{x}");
-            assert_eq!(s.parameters["systolic_bp"], whole(&sbp, tenths), "{x}");
-            assert_eq!(s.parameters["pulse"], whole(&hr, tenths), "{x}");
-            assert_eq!(s.parameters["temperature"], look(&temp, tenths), "{x}");
+            let got = |name: &str| s.parameters.get(name).copied();
+            let want = |name: &str, f: u8| plausible(name, x).then_some(f);
+            assert_eq!(
+                got("respiration_rate"),
+                want("respiration_rate", whole(&rr, tenths)),
+                "{x}"
+            );
+            assert_eq!(got("spo2"), want("spo2", whole(&spo2, tenths)), "{x}");
+            assert_eq!(
+                got("systolic_bp"),
+                want("systolic_bp", whole(&sbp, tenths)),
+                "{x}"
+            );
+            assert_eq!(got("pulse"), want("pulse", whole(&hr, tenths)), "{x}");
+            assert_eq!(
+                got("temperature"),
+                want("temperature", look(&temp, tenths)),
+                "{x}"
+            );
             let sum: u8 = s.parameters.values().sum();
             assert_eq!(s.total, sum);
         }
