@@ -82,6 +82,54 @@ impl Default for AlertsConfig {
     }
 }
 
+impl AlertsConfig {
+    /// Refuse settings the engine cannot act on as meant.
+    pub fn validate(&self) -> Result<(), String> {
+        let n = &self.news2;
+        if !(1..=20).contains(&n.urgent) || !(n.urgent..=20).contains(&n.emergency) {
+            return Err(format!(
+                "news2.urgent ({}) must be 1-20 and news2.emergency ({}) from it to 20",
+                n.urgent, n.emergency
+            ));
+        }
+        if n.clear_at_or_below >= n.urgent {
+            return Err("news2.clear_at_or_below must be under news2.urgent".into());
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for r in &self.thresholds {
+            if r.id.is_empty() || r.id.contains('/') || r.id == "news2" || r.id == "device-silent" {
+                return Err(format!(
+                    "threshold id {:?} is empty, holds '/', or is a built-in rule's",
+                    r.id
+                ));
+            }
+            if !ids.insert(&r.id) {
+                return Err(format!("threshold id {:?} is used twice", r.id));
+            }
+            if r.codes.is_empty()
+                || r.codes
+                    .iter()
+                    .any(|c| !vitaltrail_core::envelope::is_loinc(c))
+            {
+                return Err(format!("threshold {:?}: codes must be LOINC codes", r.id));
+            }
+            if !r.value.is_finite() || r.clear_value.is_some_and(|v| !v.is_finite()) {
+                return Err(format!("threshold {:?}: values must be finite", r.id));
+            }
+        }
+        if self.max_patients == 0 || self.max_devices == 0 {
+            return Err("max_patients and max_devices must be at least 1".into());
+        }
+        if self.max_events_bytes < 1 << 20 {
+            return Err("max_events_bytes must be at least 1 MiB".into());
+        }
+        if self.tick_ms < 10 {
+            return Err("tick_ms must be at least 10".into());
+        }
+        Ok(())
+    }
+}
+
 /// NEWS2 as an alert rule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -166,4 +214,30 @@ pub struct PatientSetting {
     pub spo2_scale: SpO2Scale,
     /// On supplemental oxygen.
     pub oxygen: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_refuses_what_cannot_act_as_meant() {
+        assert_eq!(AlertsConfig::default().validate(), Ok(()));
+        let bad = |f: fn(&mut AlertsConfig)| {
+            let mut c = AlertsConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        bad(|c| c.thresholds[1].id = c.thresholds[0].id.clone());
+        bad(|c| c.thresholds[0].id = "news2".into());
+        bad(|c| c.thresholds[0].id = "a/b".into());
+        bad(|c| c.thresholds[0].codes = vec!["heart rate".into()]);
+        bad(|c| c.thresholds[0].value = f64::NAN);
+        bad(|c| c.news2.urgent = 0);
+        bad(|c| c.news2.emergency = 30);
+        bad(|c| c.news2.clear_at_or_below = 5);
+        bad(|c| c.max_patients = 0);
+        bad(|c| c.max_events_bytes = 0);
+        bad(|c| c.tick_ms = 0);
+    }
 }

@@ -96,7 +96,8 @@ pub struct Ack {
 /// One alarm.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Alarm {
-    /// `<rule>/<subject>/<raised_ms>`: unique, and the same on a rebuild.
+    /// `<rule>/<subject>/<raised_ms>-<episode>` (the episode counts from 1
+    /// per rule and subject): unique, and the same on a rebuild.
     pub id: String,
     /// The rule that raised it (`news2`, `device-silent`, a threshold's id).
     pub rule: String,
@@ -196,6 +197,10 @@ pub struct Engine {
     cleared: VecDeque<Alarm>,
     /// Readings ignored because the patient cap was reached.
     pub dropped_patients: u64,
+    /// Episodes raised so far per `<rule>/<subject>`: the last part of an
+    /// alarm ID, so two episodes raised at one log time differ.
+    #[serde(default)]
+    episodes: BTreeMap<String, u64>,
 }
 
 /// The active map saved as a list of alarms (JSON keys are strings only);
@@ -553,8 +558,13 @@ impl Engine {
         evidence: Vec<Evidence>,
         now_ms: u64,
     ) -> Event {
+        let n = self
+            .episodes
+            .entry(format!("{}/{}", key.0, key.1))
+            .or_default();
+        *n += 1;
         let a = Alarm {
-            id: format!("{}/{}/{}", key.0, key.1, now_ms),
+            id: format!("{}/{}/{}-{}", key.0, key.1, now_ms, n),
             rule: key.0.clone(),
             subject: key.1.clone(),
             ward,
@@ -778,6 +788,31 @@ mod tests {
             kinds(&r.read("p1", T0 + 60_000, &[("2708-6", 85.0)])),
             [EventKind::Raised]
         );
+    }
+
+    #[test]
+    fn two_episodes_at_one_log_time_have_two_ids() {
+        let mut rule = spo2_rule(0, 1);
+        rule.clear_for_ms = 0;
+        let mut r = Rig::new(only_thresholds(vec![rule]));
+        let mut at = |v: f64, t: u64| {
+            r.seq += 1;
+            let x = LoggedReading {
+                partition: 0,
+                log_index: r.seq,
+                device: "d".into(),
+                seq: r.seq,
+                time_ms: t,
+                patient: Some("p".into()),
+                ward: None,
+                measurements: vec![("2708-6".into(), v)],
+            };
+            r.e.reading(&x, T0)
+        };
+        let a = at(80.0, T0)[0].alarm.id.clone();
+        assert_eq!(at(95.0, T0 + 1)[0].kind, EventKind::Cleared);
+        let b = at(80.0, T0 + 2)[0].alarm.id.clone();
+        assert_ne!(a, b);
     }
 
     #[test]

@@ -591,6 +591,9 @@ impl NodeConfig {
                 return bad(format!("anchor.log_keys: {e}"));
             }
         }
+        if let Err(e) = self.alerts.validate() {
+            return bad(format!("alerts: {e}"));
+        }
         if self.attestor.compact_min_files < 2 {
             return bad("attestor.compact_min_files must be at least 2".into());
         }
