@@ -141,6 +141,19 @@ pub enum EventKind {
     Cleared,
 }
 
+impl EventKind {
+    /// The stored name (as serialised).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Raised => "raised",
+            EventKind::Updated => "updated",
+            EventKind::Escalated => "escalated",
+            EventKind::Acknowledged => "acknowledged",
+            EventKind::Cleared => "cleared",
+        }
+    }
+}
+
 /// One change of one alarm: what delivery sends and the `alerts` table holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -223,24 +236,6 @@ mod as_list {
     }
 }
 
-/// The NEWS2 parameter a LOINC code feeds.
-fn news2_param(code: &str) -> &'static str {
-    use news2::codes::*;
-    if RESPIRATION_RATE.contains(&code) {
-        "respiration_rate"
-    } else if SPO2.contains(&code) {
-        "spo2"
-    } else if SYSTOLIC_BP.contains(&code) {
-        "systolic_bp"
-    } else if PULSE.contains(&code) {
-        "pulse"
-    } else if TEMPERATURE.contains(&code) {
-        "temperature"
-    } else {
-        ""
-    }
-}
-
 fn push_bounded(q: &mut VecDeque<Evidence>, e: Evidence) {
     if q.len() == MAX_EVIDENCE {
         q.pop_front();
@@ -259,10 +254,14 @@ impl Engine {
 
     /// An engine restored from [`Engine::to_json`], with `config`.
     pub fn restore(json: &[u8], config: AlertsConfig) -> Result<Self> {
-        let mut e: Engine =
-            serde_json::from_slice(json).map_err(|e| Error::State(e.to_string()))?;
-        e.config = config;
-        Ok(e)
+        let e: Engine = serde_json::from_slice(json).map_err(|e| Error::State(e.to_string()))?;
+        Ok(e.with_config(config))
+    }
+
+    /// A deserialised engine, given its configuration (which is not saved).
+    pub fn with_config(mut self, config: AlertsConfig) -> Self {
+        self.config = config;
+        self
     }
 
     /// The state, for [`Engine::restore`].
@@ -299,7 +298,9 @@ impl Engine {
                 .filter(|e| e.time_ms.saturating_add(self.config.news2.freshness_ms) >= now_ms)
                 // A value no body shows (a fault, a sentinel) is missing,
                 // not a reason to stop scoring the others.
-                .filter(|e| news2::plausible(news2_param(&e.code), e.value))
+                .filter(|e| {
+                    news2::codes::parameter(&e.code).is_some_and(|p| news2::plausible(p, e.value))
+                })
                 .max_by_key(|e| e.time_ms)
                 .map(|e| e.value)
         };
@@ -353,7 +354,7 @@ impl Engine {
         // reading as it comes), so a device sending many codes cannot grow
         // a patient's state.
         for (code, value) in &r.measurements {
-            if !news2::codes::ALL.contains(&code.as_str()) {
+            if news2::codes::parameter(code).is_none() {
                 continue;
             }
             // Latest in log order, not by the device's word: a second device

@@ -56,7 +56,8 @@ impl std::fmt::Debug for StageConfig {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// `state.json`, read.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Saved {
     /// Per partition: leaves processed.
@@ -64,7 +65,16 @@ struct Saved {
     /// The current events file's generation and its length once written.
     events_gen: u64,
     events_len: u64,
-    engine: serde_json::Value,
+    engine: Engine,
+}
+
+/// `state.json`, written: the same fields, borrowed.
+#[derive(Serialize)]
+struct SavedRef<'a> {
+    cursors: &'a BTreeMap<u32, u64>,
+    events_gen: u64,
+    events_len: u64,
+    engine: &'a Engine,
 }
 
 /// `<data>/alerts`.
@@ -123,6 +133,9 @@ impl Stage {
         let saved: Option<Saved> = match std::fs::read(&state) {
             Ok(b) => match serde_json::from_slice(&b) {
                 Ok(s) => Some(s),
+                // Unreadable, or an engine section that does not restore
+                // (an edited file, one from another version): a rebuild,
+                // never a stage failure.
                 Err(e) => {
                     tracing::warn!(error = %e, "alert state unreadable; rebuilding from the logs");
                     None
@@ -131,20 +144,13 @@ impl Stage {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io("read", &state)(e)),
         };
-        // An engine section that does not restore (an edited file, or one
-        // from another version) is a rebuild too, never a stage failure.
-        let saved = saved.and_then(|s| {
-            let bytes = serde_json::to_vec(&s.engine).unwrap_or_default();
-            match Engine::restore(&bytes, cfg.alerts.clone()) {
-                Ok(e) => Some((e, s)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "alert state does not restore; rebuilding from the logs");
-                    None
-                }
-            }
-        });
         let (engine, cursors, events_gen, events_len) = match saved {
-            Some((engine, s)) => (engine, s.cursors, s.events_gen, s.events_len),
+            Some(s) => (
+                s.engine.with_config(cfg.alerts.clone()),
+                s.cursors,
+                s.events_gen,
+                s.events_len,
+            ),
             None => {
                 // A rebuild: every event is raised again from the logs.
                 for (_, f) in event_files(&dir) {
@@ -296,20 +302,21 @@ impl Stage {
             for e in events {
                 serde_json::to_writer(&mut buf, e).map_err(|e| Error::State(e.to_string()))?;
                 buf.push(b'\n');
-                self.metrics.events.with_label_values(&[kind_name(e)]).inc();
+                self.metrics
+                    .events
+                    .with_label_values(&[e.kind.as_str()])
+                    .inc();
             }
             let path = events_file(&self.dir, self.events_gen);
             self.events.write_all(&buf).map_err(io("append", &path))?;
             self.events.sync_data().map_err(io("fsync", &path))?;
             self.events_len += buf.len() as u64;
         }
-        let engine: serde_json::Value = serde_json::from_slice(&self.engine.to_json()?)
-            .map_err(|e| Error::State(e.to_string()))?;
-        let saved = Saved {
-            cursors: self.cursors.clone(),
+        let saved = SavedRef {
+            cursors: &self.cursors,
             events_gen: self.events_gen,
             events_len: self.events_len,
-            engine,
+            engine: &self.engine,
         };
         let bytes = serde_json::to_vec(&saved).map_err(|e| Error::State(e.to_string()))?;
         vitaltrail_log::write_atomic(&self.dir, "state.json", &bytes)?;
@@ -320,16 +327,6 @@ impl Stage {
             .dropped
             .set(self.engine.dropped_patients as i64);
         Ok(())
-    }
-}
-
-fn kind_name(e: &Event) -> &'static str {
-    match e.kind {
-        crate::EventKind::Raised => "raised",
-        crate::EventKind::Updated => "updated",
-        crate::EventKind::Escalated => "escalated",
-        crate::EventKind::Acknowledged => "acknowledged",
-        crate::EventKind::Cleared => "cleared",
     }
 }
 

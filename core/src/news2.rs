@@ -35,10 +35,20 @@ pub mod codes {
     pub const PULSE: &[&str] = &["8867-4", "8889-8"];
     /// Body temperature.
     pub const TEMPERATURE: &[&str] = &["8310-5"];
-    /// Every code above.
-    pub const ALL: &[&str] = &[
-        "9279-1", "2708-6", "59408-5", "8480-6", "8867-4", "8889-8", "8310-5",
-    ];
+
+    /// The parameter (a key of [`super::PARAMETERS`]) that `code` feeds.
+    pub fn parameter(code: &str) -> Option<&'static str> {
+        [
+            ("respiration_rate", RESPIRATION_RATE),
+            ("spo2", SPO2),
+            ("systolic_bp", SYSTOLIC_BP),
+            ("pulse", PULSE),
+            ("temperature", TEMPERATURE),
+        ]
+        .into_iter()
+        .find(|(_, codes)| codes.contains(&code))
+        .map(|(p, _)| p)
+    }
 }
 
 /// Which SpO2 chart applies to a patient.

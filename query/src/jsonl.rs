@@ -419,12 +419,7 @@ impl Rows for AlertRows {
             return;
         };
         self.at.append_value(e.at_ms as i64);
-        self.kind.append_value(
-            serde_json::to_value(e.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
-        );
+        self.kind.append_value(e.kind.as_str());
         self.id.append_value(&a.id);
         self.rule.append_value(&a.rule);
         self.subject.append_value(&a.subject);
