@@ -353,17 +353,18 @@ impl Engine {
         // Only NEWS2's codes are kept as latest values (thresholds take each
         // reading as it comes), so a device sending many codes cannot grow
         // a patient's state.
+        // A reading older than the freshness window (an offline sync) is
+        // history: it changes no latest value and does not start or clear a
+        // threshold episode now.
+        let stale = r.time_ms.saturating_add(self.config.news2.freshness_ms) < now_ms;
         for (code, value) in &r.measurements {
-            if news2::codes::parameter(code).is_none() {
+            if stale || news2::codes::parameter(code).is_none() {
                 continue;
             }
             // Latest in log order, not by the device's word: a second device
-            // with a fast clock cannot pin an old value.
+            // with a fast clock cannot pin an old value of the same code.
             p.latest.insert(code.clone(), evidence(code, *value));
         }
-        // A reading older than the freshness window (an offline sync) is
-        // history: it does not start or clear a threshold episode now.
-        let stale = r.time_ms.saturating_add(self.config.news2.freshness_ms) < now_ms;
         let rules = if stale {
             Vec::new()
         } else {
@@ -1080,6 +1081,14 @@ mod tests {
         };
         assert!(r.e.reading(&late, T0 + 3_600_000).is_empty());
         assert_eq!(r.e.active().count(), 0);
+        // Nor does it replace a live value: SpO2 90 (3) now, then the late 97.
+        let now = T0 + 3_600_000;
+        r.read("p2", now, &[("2708-6", 90.0)]);
+        let mut late2 = late.clone();
+        late2.patient = Some("p2".into());
+        late2.measurements = vec![("2708-6".into(), 97.0)];
+        r.e.reading(&late2, now + 1);
+        assert_eq!(r.e.news2("p2", now + 1).unwrap().parameters["spo2"], 3);
         // Thousands of distinct codes keep no state beyond NEWS2's.
         for i in 0..2_000u64 {
             let m = [(format!("{}-{}", 10_000 + i, i % 10), 1.0)];

@@ -179,9 +179,6 @@ impl Score {
     }
 }
 
-/// Score `x` against `band`, a function of the value rounded to whole units
-/// of the band's precision (`scale` units per whole: 1, or 10 for tenths).
-/// A value halfway between two rounded values takes the higher score.
 /// The values a body can show, per parameter: outside them a value is an
 /// error (a sensor fault or a sentinel), never a score.
 pub fn plausible(name: &str, x: f64) -> bool {
@@ -194,6 +191,9 @@ pub fn plausible(name: &str, x: f64) -> bool {
     x.is_finite() && (lo..=hi).contains(&x)
 }
 
+/// Score `x` against `band`, a function of the value rounded to whole units
+/// of the band's precision (`scale` units per whole: 1, or 10 for tenths).
+/// A value halfway between two rounded values takes the higher score.
 fn banded(name: &'static str, x: f64, scale: f64, band: impl Fn(i64) -> u8) -> Result<u8> {
     if !plausible(name, x) {
         return Err(Error::InvalidField {
