@@ -326,6 +326,10 @@ pub struct EvmLine {
     /// Confirmations when it was recorded (confirmed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirmations: Option<u64>,
+    /// The epoch log's origin, whose keccak256 is the event's stream
+    /// (absent from lines written before it was recorded).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub origin: String,
     /// EIP-155 chain id.
     pub chain_id: u64,
     /// The registry.
@@ -380,6 +384,8 @@ pub struct EvmAnchor {
     registry: AnchorRegistry::AnchorRegistryInstance<DynProvider>,
     me: Address,
     stream: B256,
+    /// The epoch log's origin (`stream` is its keccak256).
+    origin: String,
     chain_id: u64,
     metrics: Metrics,
     /// The epoch log's root at a size (read from the epoch log).
@@ -422,11 +428,14 @@ impl EvmAnchor {
         let contract: Address = contract
             .parse()
             .map_err(|_| Error::Setting(format!("{contract:?} is not an address")))?;
+        // Exported from the start (0), not first at the first error.
+        metrics.anchor_errors.with_label_values(&["evm"]);
         Ok(EvmAnchor {
             registry: AnchorRegistry::new(contract, provider.clone()),
             provider,
             me,
             stream: stream_id(origin),
+            origin: origin.to_owned(),
             chain_id: 0,
             dir: anchor_dir.to_owned(),
             cfg,
@@ -495,6 +504,7 @@ impl EvmAnchor {
             block_hash: None,
             gas_used: None,
             confirmations: None,
+            origin: self.origin.clone(),
             chain_id: self.chain_id,
             contract: self.registry.address().to_checksum(None),
             submitter: self.me.to_checksum(None),

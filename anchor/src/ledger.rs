@@ -355,6 +355,8 @@ impl LedgerBackend {
         meta: crate::store::MetaHandle,
         metrics: crate::metrics::Metrics,
     ) -> Self {
+        // Exported from the start (0), not first at the first error.
+        metrics.anchor_errors.with_label_values(&["ledger"]);
         LedgerBackend {
             ledger,
             signer,

@@ -159,6 +159,9 @@ impl Anchor {
         };
         metrics.forked_partitions.set(heads.stopped().len() as i64);
         metrics.epoch_log_size.set(store.log().size() as i64);
+        // What the latest epoch held, from the start (not 0 until the
+        // first epoch after a restart closes).
+        metrics.partitions.set(heads.heads().len() as i64);
         let size = store.log().size();
         let target = (size > 0).then(|| (size, store.log().root(), Instant::now()));
         let a = Anchor {

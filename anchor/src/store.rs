@@ -187,11 +187,6 @@ impl EpochStore {
             tx.commit().map_err(|e| state_err(&db_path, e))?;
         }
         let log = DurableLog::open(epochs_dir(anchor_dir))?;
-        vitaltrail_log::write_atomic(
-            anchor_dir,
-            "anchor.vkey",
-            format!("{}\n", signer.public_key()).as_bytes(),
-        )?;
         let mut s = EpochStore {
             dir: anchor_dir.to_owned(),
             db_path,
@@ -200,6 +195,13 @@ impl EpochStore {
             signer,
         };
         s.recover()?;
+        // Only once the key verifies what the epoch log holds: verifiers
+        // are provisioned from this file.
+        vitaltrail_log::write_atomic(
+            anchor_dir,
+            "anchor.vkey",
+            format!("{}\n", s.signer.public_key()).as_bytes(),
+        )?;
         Ok(s)
     }
 

@@ -376,12 +376,14 @@ impl PartitionState {
         let log = DurableLog::open(&dir)?;
         let origin = cfg.origin(p);
         let signer = LogSigner::new(&origin, key.clone())?;
+        let last_cp_size = fork_guard(&log, &signer, &dir)?;
+        // Only once the key verifies what the log holds: devices and
+        // verifiers are provisioned from this file.
         write_atomic(
             &dir,
             "log.vkey",
             format!("{}\n", signer.public_key()).as_bytes(),
         )?;
-        let last_cp_size = fork_guard(&log, &signer, &dir)?;
         let mut dids = DidCache::default();
         let index = SeqIndex::open(&dir, &log, &mut dids)?;
         let exporter = ParquetExporter::open(&cfg.data_dir, &dir, p)?;

@@ -329,6 +329,19 @@ async fn a_restored_older_log_beside_a_newer_checkpoint_is_refused() {
         PartitionState::open(&cfg, 0, &key, metrics, patients)
     };
     assert!(open().is_ok(), "the intact partition opens");
+    // Opened with another key (a careless restart), the partition is
+    // refused, and its log.vkey, what devices are provisioned from, stays
+    // the key that verifies its checkpoints (it was rewritten first).
+    let vkey = std::fs::read_to_string(pdir.join("log.vkey")).unwrap();
+    let stranger = SecretKey::from_seed(&[43; 32]).unwrap();
+    let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+    let patients: vitaltrail_attestor::parquet_out::PatientLookup =
+        Arc::new(|_| vitaltrail_attestor::parquet_out::Registered::Active("p".into()));
+    assert!(PartitionState::open(&cfg, 0, &stranger, metrics, patients).is_err());
+    assert_eq!(
+        std::fs::read_to_string(pdir.join("log.vkey")).unwrap(),
+        vkey
+    );
     // Restore the older log files; the newer checkpoint stays.
     for f in log_files {
         std::fs::copy(backup.join(f), pdir.join(f)).unwrap();

@@ -193,14 +193,20 @@ pub struct LedgerRecord {
     pub time_ms: u64,
 }
 
+/// Whether `name` may be an epoch log's origin as a ledger record's stream:
+/// non-empty, at most [`MAX_ORIGIN_BYTES`], no control characters, and not
+/// the reserved [`LEDGER_HEADER`] (`docs/anchoring.md` §5).
+pub fn is_valid_stream(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_ORIGIN_BYTES
+        && !name.chars().any(char::is_control)
+        && name != LEDGER_HEADER
+}
+
 impl LedgerRecord {
     /// The note body: seven lines, each ending in a newline.
     pub fn body(&self) -> Result<String> {
-        if self.stream.is_empty()
-            || self.stream.len() > MAX_ORIGIN_BYTES
-            || self.stream.chars().any(char::is_control)
-            || self.stream == LEDGER_HEADER
-        {
+        if !is_valid_stream(&self.stream) {
             return Err(bad("bad stream name"));
         }
         Ok(format!(

@@ -51,6 +51,30 @@ fn present<'de, D: serde::Deserializer<'de>>(
     serde_json::Value::deserialize(d).map(Some)
 }
 
+/// An optional member that, when present, must have its type: `null` is a
+/// member of the wrong type (`docs/proof-bundle.md` §1.1), not an absent
+/// one.
+fn not_null<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> std::result::Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// A v2 bundle read strictly, for its anchor part: unknown, duplicate and
+/// mistyped members anywhere in it are refused.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct StrictV2 {
+    format: serde::de::IgnoredAny,
+    envelope: serde::de::IgnoredAny,
+    log_time_ms: serde::de::IgnoredAny,
+    leaf_index: serde::de::IgnoredAny,
+    inclusion_proof: serde::de::IgnoredAny,
+    checkpoint: serde::de::IgnoredAny,
+    anchor: AnchorProof,
+}
+
 /// The anchor part of a v2 bundle (`docs/proof-bundle.md` §1.1).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,25 +83,53 @@ pub struct AnchorProof {
     /// then no other member appears).
     pub status: String,
     /// The epoch record (53 bytes), standard base64.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "not_null"
+    )]
     pub epoch_record: Option<String>,
     /// The index of the partition's head among the epoch's heads.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "not_null"
+    )]
     pub head_index: Option<u64>,
     /// Inclusion proof of the head in the epoch's heads tree.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "not_null"
+    )]
     pub head_proof: Option<Vec<String>>,
     /// The epoch log's signed checkpoint at the anchored size.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "not_null"
+    )]
     pub epoch_checkpoint: Option<String>,
     /// Inclusion proof of the epoch record in the epoch log at that size.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "not_null"
+    )]
     pub epoch_proof: Option<Vec<String>>,
     /// The local ledger's signed record anchoring that size.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "not_null"
+    )]
     pub ledger_record: Option<String>,
     /// The EVM transaction anchoring that size.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "not_null"
+    )]
     pub evm: Option<EvmReceipt>,
 }
 
@@ -194,16 +246,33 @@ impl ProofBundle {
                 bytes.len()
             )));
         }
+        // Objects only: serde would also take a struct written as a JSON
+        // array of its members in order, which §1 does not allow.
+        let v: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| Error::MalformedBundle(e.to_string()))?;
+        let anchor = v.get("anchor");
+        let evm = anchor.and_then(|a| a.get("evm"));
+        if !v.is_object()
+            || (v.get("format").and_then(|f| f.as_str()) == Some(FORMAT_V2)
+                && (!anchor.is_some_and(|a| a.is_object()) || evm.is_some_and(|e| !e.is_object())))
+        {
+            return Err(Error::MalformedBundle(
+                "the bundle, `anchor` and `evm` must be JSON objects".into(),
+            ));
+        }
         let b: ProofBundle =
             serde_json::from_slice(bytes).map_err(|e| Error::MalformedBundle(e.to_string()))?;
         // v2 requires its anchor part, in its documented shape.
         if b.format == FORMAT_V2 {
-            let a = b
-                .anchor
-                .clone()
-                .ok_or_else(|| Error::MalformedBundle("a v2 bundle needs `anchor`".into()))?;
-            let a: AnchorProof = serde_json::from_value(a)
-                .map_err(|e| Error::MalformedBundle(format!("anchor: {e}")))?;
+            if b.anchor.is_none() {
+                return Err(Error::MalformedBundle("a v2 bundle needs `anchor`".into()));
+            }
+            // From the bytes again, not from the parsed value: a duplicate
+            // member inside `anchor` or `evm` is then refused, where a
+            // JSON value would keep the last silently.
+            let a = serde_json::from_slice::<StrictV2>(bytes)
+                .map_err(|e| Error::MalformedBundle(format!("anchor: {e}")))?
+                .anchor;
             let all = [
                 a.epoch_record.is_some(),
                 a.head_index.is_some(),
@@ -747,5 +816,110 @@ mod tests {
         t.inclusion_proof = other.inclusion_proof;
         let r = t.verify_anchored(&pk2, Some(&anchor.public_key()), None);
         assert_eq!(r.first_failure().unwrap().0, "epoch_record");
+    }
+
+    /// `null` is a member of the wrong type, not an absent member (§1.1):
+    /// `"ledger_record": null` beside an `evm` receipt, or `"evm": null`
+    /// beside a ledger record, made a bundle that verified (issue #19).
+    #[test]
+    fn a_null_anchor_member_is_malformed_not_absent() {
+        let (b, _, _) = build_v2(9, 4);
+        let good: serde_json::Value = serde_json::from_str(&b.to_json()).unwrap();
+        assert!(good["anchor"]["ledger_record"].is_string());
+        let members = [
+            "epoch_record",
+            "head_index",
+            "head_proof",
+            "epoch_checkpoint",
+            "epoch_proof",
+            "ledger_record",
+            "evm",
+        ];
+        for m in members {
+            let mut v = good.clone();
+            v["anchor"][m] = serde_json::Value::Null;
+            match ProofBundle::from_json(v.to_string().as_bytes()) {
+                Err(Error::MalformedBundle(_)) => {}
+                other => panic!("\"{m}\": null gave {other:?}"),
+            }
+        }
+        // A member twice, inside `anchor` or inside `evm`: malformed, not
+        // the last one silently.
+        let text = b.to_json();
+        let twice = text.replacen(
+            "\"head_index\":",
+            "\"head_index\": 0,\n    \"head_index\":",
+            1,
+        );
+        assert_ne!(twice, text);
+        assert!(matches!(
+            ProofBundle::from_json(twice.as_bytes()),
+            Err(Error::MalformedBundle(_))
+        ));
+        let mut with_evm = good.clone();
+        with_evm["anchor"]["evm"] = serde_json::json!({
+            "chain_id": 1, "contract": format!("0x{}", "11".repeat(20)),
+            "submitter": format!("0x{}", "22".repeat(20)),
+            "tx_hash": format!("0x{}", "33".repeat(32)), "block_number": 5
+        });
+        let text = serde_json::to_string_pretty(&with_evm).unwrap();
+        assert!(ProofBundle::from_json(text.as_bytes()).is_ok());
+        let twice = text.replacen(
+            "\"block_number\":",
+            "\"block_number\": 4,\n \"block_number\":",
+            1,
+        );
+        assert!(matches!(
+            ProofBundle::from_json(twice.as_bytes()),
+            Err(Error::MalformedBundle(_))
+        ));
+        // Arrays in place of objects (serde takes a struct as the array of
+        // its members in order): malformed, at every level.
+        let arr = |v: &serde_json::Value, order: &[&str]| {
+            serde_json::Value::Array(order.iter().map(|k| v[*k].clone()).collect())
+        };
+        let evm_order = [
+            "chain_id",
+            "contract",
+            "submitter",
+            "tx_hash",
+            "block_number",
+        ];
+        let mut t = with_evm.clone();
+        t["anchor"]["evm"] = arr(&with_evm["anchor"]["evm"], &evm_order);
+        assert!(ProofBundle::from_json(t.to_string().as_bytes()).is_err());
+        let (p1, _, _) = build(5, 2);
+        let pending: serde_json::Value =
+            serde_json::from_str(&p1.with_anchor(AnchorProof::pending()).to_json()).unwrap();
+        let mut t = pending.clone();
+        t["anchor"] = serde_json::json!(["pending"]);
+        assert!(ProofBundle::from_json(t.to_string().as_bytes()).is_err());
+        let (v1, _, _) = build(5, 2);
+        let v1: serde_json::Value = serde_json::from_str(&v1.to_json()).unwrap();
+        let top = [
+            "format",
+            "envelope",
+            "log_time_ms",
+            "leaf_index",
+            "inclusion_proof",
+            "checkpoint",
+        ];
+        assert!(ProofBundle::from_json(arr(&v1, &top).to_string().as_bytes()).is_err());
+        assert!(ProofBundle::from_json(v1.to_string().as_bytes()).is_ok());
+        // The same for a pending part.
+        let (b, _, _) = build(5, 2);
+        let p = b.with_anchor(AnchorProof::pending());
+        let good: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
+        for m in members {
+            let mut v = good.clone();
+            v["anchor"][m] = serde_json::Value::Null;
+            assert!(
+                matches!(
+                    ProofBundle::from_json(v.to_string().as_bytes()),
+                    Err(Error::MalformedBundle(_))
+                ),
+                "pending with \"{m}\": null"
+            );
+        }
     }
 }

@@ -150,6 +150,10 @@ pub struct SimReport {
     pub receipt_rejects: BTreeMap<String, u64>,
     /// Readings sent again for want of a receipt.
     pub resent: u64,
+    /// Connections lost and connection attempts that failed, each retried
+    /// (every 200 ms). Attacks cost some: a broker that gates topics
+    /// closes the connection of a device that breaks its rules.
+    pub disconnections: u64,
 }
 
 impl SimReport {
@@ -369,7 +373,7 @@ impl Tracker {
 struct Session {
     /// By DID; the shared connection is under "".
     clients: HashMap<String, AsyncClient>,
-    acked: Arc<AtomicU64>,
+    counts: Arc<Counts>,
     pollers: Vec<tokio::task::JoinHandle<()>>,
     tracker: Arc<Mutex<Tracker>>,
     receipts: bool,
@@ -379,7 +383,7 @@ struct Session {
 fn connect(cfg: &SimConfig, keys: &[&SecretKey]) -> Result<Session> {
     let mut s = Session {
         clients: HashMap::new(),
-        acked: Arc::new(AtomicU64::new(0)),
+        counts: Arc::default(),
         pollers: vec![],
         tracker: Arc::new(Mutex::new(Tracker::default())),
         receipts: cfg.receipts,
@@ -396,7 +400,7 @@ fn connect(cfg: &SimConfig, keys: &[&SecretKey]) -> Result<Session> {
             eventloop,
             client.clone(),
             dids,
-            s.acked.clone(),
+            s.counts.clone(),
             s.tracker.clone(),
             cfg.log_keys.clone(),
             cfg.receipts,
@@ -424,23 +428,39 @@ fn connect(cfg: &SimConfig, keys: &[&SecretKey]) -> Result<Session> {
     Ok(s)
 }
 
+/// What the connection tasks count.
+#[derive(Debug, Default)]
+struct Counts {
+    /// The broker's acknowledgements (PUBACK).
+    acked: AtomicU64,
+    /// Connections lost, and connection attempts refused or failed (each
+    /// is retried, every 200 ms).
+    disconnections: AtomicU64,
+}
+
 /// Drive one connection until aborted.
 async fn poll(
     mut eventloop: EventLoop,
     sub: AsyncClient,
     dids: Vec<String>,
-    acks: Arc<AtomicU64>,
+    counts: Arc<Counts>,
     track: Arc<Mutex<Tracker>>,
     keys: Vec<LogPublicKey>,
     receipts: bool,
 ) {
     let mut connected_before = false;
+    let mut down_since: Option<Instant> = None;
+    let mut last_warned: Option<Instant> = None;
     loop {
         match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) if !receipts => {
+                down_since = None;
+            }
             Ok(Event::Incoming(Packet::PubAck(_))) => {
-                acks.fetch_add(1, Ordering::Relaxed);
+                counts.acked.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Event::Incoming(Packet::ConnAck(_))) if receipts => {
+                down_since = None;
                 for d in &dids {
                     if let Some(t) = vitaltrail_core::topics::receipts_topic(d) {
                         let _ = sub.subscribe(t, QoS::AtLeastOnce).await;
@@ -463,12 +483,28 @@ async fn poll(
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "sim: MQTT connection error; retrying");
+                // The broker closes a connection on purpose when an attack
+                // breaks its rules, and rumqttc reconnects: that is counted
+                // (the summary's `disconnections`), not a warning. A
+                // connection that stays down is one.
+                counts.disconnections.fetch_add(1, Ordering::Relaxed);
+                let since = *down_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= STILL_DOWN
+                    && last_warned.is_none_or(|w| w.elapsed() >= STILL_DOWN)
+                {
+                    tracing::warn!(error = %e, down_for_s = since.elapsed().as_secs(), "sim: cannot reach the MQTT broker; retrying");
+                    last_warned = Some(Instant::now());
+                } else {
+                    tracing::debug!(error = %e, "sim: MQTT connection closed; reconnecting");
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
 }
+
+/// How long a connection may stay down before the simulator warns.
+const STILL_DOWN: Duration = Duration::from_secs(5);
 
 impl Session {
     /// Publish one reading of `did`, keeping it until its receipt comes.
@@ -554,11 +590,12 @@ impl Session {
 async fn finish(cfg: &SimConfig, mut s: Session, mut report: SimReport) -> Result<SimReport> {
     let deadline = Instant::now() + cfg.ack_timeout;
     // Resends are acknowledged too.
-    while s.acked.load(Ordering::Relaxed) < report.published + s.resent && Instant::now() < deadline
+    while s.counts.acked.load(Ordering::Relaxed) < report.published + s.resent
+        && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    report.acked = s.acked.load(Ordering::Relaxed).min(report.published);
+    report.acked = s.counts.acked.load(Ordering::Relaxed).min(report.published);
     if s.receipts {
         let deadline = Instant::now() + cfg.receipt_timeout;
         while s.unreceipted() > 0 && Instant::now() < deadline {
@@ -574,6 +611,7 @@ async fn finish(cfg: &SimConfig, mut s: Session, mut report: SimReport) -> Resul
         p.abort();
     }
     report.resent = s.resent;
+    report.disconnections = s.counts.disconnections.load(Ordering::Relaxed);
     let (missing, invalid, unexpected) = match s.tracker.lock() {
         Ok(t) => {
             report.receipted = t.receipted;

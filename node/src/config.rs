@@ -298,7 +298,7 @@ pub struct AttestorSection {
 }
 
 /// `[anchor]`; see `vitaltrail_anchor::AnchorConfig`. `Debug` shows the
-/// RPC URL's scheme and host only.
+/// RPC URL as `scheme://host[:port]` (`vitaltrail_anchor::evm::redact_url`).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AnchorSection {
@@ -319,8 +319,9 @@ pub struct AnchorSection {
     /// Anchor to the local ledger (`<data>/anchor/ledger.jsonl`).
     pub ledger: bool,
     /// Anchor to an EVM chain through this JSON-RPC URL too (unset: no
-    /// chain). `config print` shows only its scheme and host: a provider's
-    /// API key may be in its path.
+    /// chain). `config print` shows it as `scheme://host[:port]` (the port
+    /// only when not the scheme's default): a provider's API key may be in
+    /// its path or query.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evm_rpc_url: Option<String>,
     /// The registry's address; default `<data>/anchor/evm.json`'s (what
@@ -583,6 +584,25 @@ impl NodeConfig {
         if !vitaltrail_core::checkpoint::is_valid_log_name(&self.anchor.origin) {
             return bad(format!(
                 "anchor.origin {:?} is not a valid key name (non-empty, no spaces or '+')",
+                self.anchor.origin
+            ));
+        }
+        // Every partition's origin, `<prefix>/<p>`, must be a key name and
+        // fit an epoch's head (checked for the longest, the last partition).
+        let longest = format!("{}/{}", self.attestor.origin_prefix, MAX_PARTITIONS - 1);
+        if self.attestor.origin_prefix.is_empty()
+            || !vitaltrail_core::checkpoint::is_valid_log_name(&longest)
+            || longest.len() > vitaltrail_core::anchor::MAX_ORIGIN_BYTES
+        {
+            return bad(format!(
+                "attestor.origin_prefix {:?} does not make valid log names (`<prefix>/<partition>`: no spaces or '+', at most {} bytes)",
+                self.attestor.origin_prefix,
+                vitaltrail_core::anchor::MAX_ORIGIN_BYTES
+            ));
+        }
+        if !vitaltrail_core::anchor::is_valid_stream(&self.anchor.origin) {
+            return bad(format!(
+                "anchor.origin {:?} is reserved or too long for a ledger record (docs/anchoring.md §5)",
                 self.anchor.origin
             ));
         }

@@ -69,7 +69,7 @@ trait Rows: Send + 'static {
 struct JsonlStream<R> {
     schema: SchemaRef,
     files: Arc<dyn Fn() -> Vec<(PathBuf, u32)> + Send + Sync>,
-    rows: fn() -> R,
+    rows: Arc<dyn Fn() -> R + Send + Sync>,
 }
 
 impl<R> std::fmt::Debug for JsonlStream<R> {
@@ -163,12 +163,12 @@ impl<R: Rows> PartitionStream for JsonlStream<R> {
 fn table<R: Rows>(
     schema: SchemaRef,
     files: Arc<dyn Fn() -> Vec<(PathBuf, u32)> + Send + Sync>,
-    rows: fn() -> R,
+    rows: impl Fn() -> R + Send + Sync + 'static,
 ) -> Result<Arc<StreamingTable>> {
     let stream = JsonlStream {
         schema: schema.clone(),
         files,
-        rows,
+        rows: Arc::new(rows),
     };
     Ok(Arc::new(StreamingTable::try_new(
         schema,
@@ -260,6 +260,7 @@ pub fn anchors_table(data: &Path) -> Result<Arc<StreamingTable>> {
         Field::new("backend", DataType::Utf8, false),
         Field::new("status", DataType::Utf8, false),
         Field::new("stream", DataType::Utf8, false),
+        Field::new("target", DataType::Utf8, false),
         Field::new("epoch_log_size", DataType::UInt64, false),
         Field::new("root", DataType::Utf8, false),
         Field::new("seq", DataType::UInt64, true),
@@ -271,14 +272,26 @@ pub fn anchors_table(data: &Path) -> Result<Arc<StreamingTable>> {
     let ledger = vitaltrail_anchor::ledger::ledger_path(&data.join("anchor"));
     let evm = vitaltrail_anchor::evm::evm_path(&data.join("anchor"));
     let files = Arc::new(move || vec![(ledger.clone(), 0), (evm.clone(), 1)]);
-    table(schema, files, AnchorRows::default)
+    // The epoch log's origin is the anchor key's name: the stream of chain
+    // lines written before they named it.
+    let origin = std::fs::read_to_string(data.join("anchor").join("anchor.vkey"))
+        .ok()
+        .and_then(|k| k.split('+').next().map(str::to_owned))
+        .unwrap_or_default();
+    table(schema, files, move || AnchorRows {
+        origin: origin.clone(),
+        ..AnchorRows::default()
+    })
 }
 
 #[derive(Default)]
 struct AnchorRows {
+    /// The epoch log's origin, for chain lines that do not name it.
+    origin: String,
     backend: StringBuilder,
     status: StringBuilder,
     stream: StringBuilder,
+    target: StringBuilder,
     size: UInt64Builder,
     root: StringBuilder,
     seq: UInt64Builder,
@@ -302,8 +315,16 @@ impl Rows for AnchorRows {
             }
             self.backend.append_value("evm");
             self.status.append_value(&l.kind);
-            self.stream
-                .append_value(format!("chain {} contract {}", l.chain_id, l.contract));
+            self.stream.append_value(if l.origin.is_empty() {
+                &self.origin
+            } else {
+                &l.origin
+            });
+            self.target.append_value(format!(
+                "evm:{}:{}",
+                l.chain_id,
+                l.contract.to_ascii_lowercase()
+            ));
             self.size.append_value(l.size);
             self.root.append_value(&l.root);
             self.seq.append_null();
@@ -323,6 +344,7 @@ impl Rows for AnchorRows {
         self.backend.append_value("ledger");
         self.status.append_value("written");
         self.stream.append_value(&r.stream);
+        self.target.append_value("ledger");
         self.size.append_value(r.size);
         self.root.append_value(r.root.to_hex());
         self.seq.append_value(r.seq);
@@ -343,6 +365,7 @@ impl Rows for AnchorRows {
             Arc::new(self.backend.finish()),
             Arc::new(self.status.finish()),
             Arc::new(self.stream.finish()),
+            Arc::new(self.target.finish()),
             Arc::new(self.size.finish()),
             Arc::new(self.root.finish()),
             Arc::new(self.seq.finish()),

@@ -37,8 +37,8 @@ fn write_output(path: Option<&Path>, bytes: &[u8]) -> Result<()> {
         Some(p) => std::fs::write(p, bytes).with_context(|| format!("writing {}", p.display())),
         None => {
             let mut out = std::io::stdout().lock();
-            out.write_all(bytes).context("writing stdout")?;
-            out.flush().context("writing stdout")
+            out.write_all(bytes).map_err(crate::out::stdout_error)?;
+            out.flush().map_err(crate::out::stdout_error)
         }
     }
 }
@@ -55,15 +55,15 @@ pub use vitaltrail_bus::datadir::write_key;
 pub fn keys_new(out: &Path) -> Result<ExitCode> {
     let key = SecretKey::generate(&mut rand::rngs::OsRng);
     write_key(out, &key)?;
-    println!("{}", key.did());
+    outln!("{}", key.did());
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn keys_show(path: &Path, log_name: Option<&str>) -> Result<ExitCode> {
     let key = load_key(path)?;
-    println!("{}", key.did());
+    outln!("{}", key.did());
     if let Some(name) = log_name {
-        println!("{}", LogSigner::new(name, key)?.public_key());
+        outln!("{}", LogSigner::new(name, key)?.public_key());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -100,7 +100,7 @@ pub fn reading_verify(file: Option<&Path>) -> Result<ExitCode> {
     let bytes = read_input(file)?;
     match envelope::verify(&bytes) {
         Ok(r) => {
-            println!("{}", serde_json::to_string_pretty(&r)?);
+            outln!("{}", serde_json::to_string_pretty(&r)?);
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => bail!("envelope rejected ({}): {e}", e.code()),
@@ -130,7 +130,7 @@ pub fn log_append(dir: &Path, files: &[PathBuf]) -> Result<ExitCode> {
     let leaves: Vec<Vec<u8>> = envs.iter().map(|e| leaf::encode(now, e)).collect();
     let mut log = DurableLog::open(dir)?;
     let a = log.append_batch(&leaves)?;
-    println!(
+    outln!(
         "appended {} readings at indexes {}..{}; tree size {}, root {}",
         leaves.len(),
         a.first_index,
@@ -165,7 +165,7 @@ pub fn log_checkpoint(dir: &Path, key: &Path, origin: &str) -> Result<ExitCode> 
         "log.vkey",
         format!("{}\n", signer.public_key()).as_bytes(),
     )?;
-    print!("{note}");
+    out!("{note}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -332,28 +332,70 @@ pub fn verify(
     };
     let mut report = bundle.verify_anchored(&key, anchor.as_ref(), device.as_ref());
     let mut chain_note = None;
-    if let Some(rpc) = keys.rpc {
+    // Check 12 (`chain`) is not run for a pending bundle, as checks 7-10
+    // are not: it is valid up to its checkpoint (exit 2) with or without
+    // --rpc. A v1 bundle names no anchor, so it fails the check.
+    let pending = bundle
+        .anchor_proof()
+        .is_some_and(|a| a.status == vitaltrail_core::bundle::PENDING);
+    if pending && keys.rpc.is_some() {
+        eprintln!("chain not asked: the bundle is pending (no anchor to look for)");
+    }
+    if let Some(rpc) = keys.rpc.filter(|_| !pending) {
         let r = chain_check(&report, keys, rpc, data);
         chain_note = r.as_ref().ok().cloned();
         report.add("chain", r.map(|_| ()));
     }
+    // The exit code is the verdict: a reader of stdout that has gone
+    // (`verify b.json | head -n 1`) stops the printing, never the verdict.
+    let code = if report.ok() {
+        ExitCode::SUCCESS
+    } else if report.ok_but_pending() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    };
+    match print_verdict(&report, &bundle, chain_note.as_deref()) {
+        Err(e) if !crate::out::is_stdout_closed(&e) => return Err(e),
+        _ => {}
+    }
+    if report.ok_but_pending() {
+        eprintln!("not anchored yet: valid up to the signed checkpoint (vitaltrail prove --wait)");
+    } else if !report.ok() {
+        let (name, why) = report.first_failure().unwrap_or(("verify", "failed"));
+        eprintln!("error: verification failed at {name}: {why}");
+    }
+    Ok(code)
+}
+
+/// What `verify` prints on stdout: every check by name, then what the
+/// bundle proves.
+fn print_verdict(
+    report: &vitaltrail_core::bundle::Report,
+    bundle: &ProofBundle,
+    chain_note: Option<&str>,
+) -> Result<()> {
     for (name, r) in &report.checks {
         match r {
-            Ok(()) => println!("ok   {name}"),
-            Err(e) => println!("FAIL {name}: {e}"),
+            Ok(()) => outln!("ok   {name}"),
+            Err(e) => outln!("FAIL {name}: {e}"),
         }
     }
     if let (Some(r), Some(cp)) = (&report.reading, &report.checkpoint)
         && (report.ok() || report.ok_but_pending())
     {
-        println!(
+        outln!(
             "verified: reading seq {} from {} is leaf {} of {} (tree size {})",
-            r.seq, r.did, bundle.leaf_index, cp.origin, cp.size
+            r.seq,
+            r.did,
+            bundle.leaf_index,
+            cp.origin,
+            cp.size
         );
     }
     if report.ok() {
         if let Some(e) = &report.epoch_checkpoint {
-            println!(
+            outln!(
                 "anchored: in epoch log {} at size {}{}",
                 e.origin,
                 e.size,
@@ -364,27 +406,22 @@ pub fn verify(
             );
         }
         if let Some(n) = chain_note {
-            println!("on chain: {n}");
+            outln!("on chain: {n}");
         } else if let Some(e) = &report.evm {
-            println!(
+            outln!(
                 "claims an anchor on chain {} (tx {}, block {}): not checked; pass --rpc",
-                e.chain_id, e.tx_hash, e.block_number
+                e.chain_id,
+                e.tx_hash,
+                e.block_number
             );
         }
-        Ok(ExitCode::SUCCESS)
-    } else if report.ok_but_pending() {
-        eprintln!("not anchored yet: valid up to the signed checkpoint (vitaltrail prove --wait)");
-        Ok(ExitCode::from(2))
-    } else {
-        let (name, why) = report.first_failure().unwrap_or(("verify", "failed"));
-        eprintln!("error: verification failed at {name}: {why}");
-        Ok(ExitCode::FAILURE)
     }
+    Ok(())
 }
 
 /// `vitaltrail news2`: score and print JSON.
 pub fn news2(o: &vitaltrail_core::news2::Observations) -> Result<ExitCode> {
     let score = vitaltrail_core::news2::score(o)?;
-    println!("{}", serde_json::to_string(&score)?);
+    outln!("{}", serde_json::to_string(&score)?);
     Ok(ExitCode::SUCCESS)
 }

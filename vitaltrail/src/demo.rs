@@ -45,11 +45,12 @@ fn vitals(seq: u64, device: usize) -> Vec<Measurement> {
     ]
 }
 
-fn print_report(label: &str, r: &vitaltrail_core::bundle::Report) {
+fn print_report(label: &str, r: &vitaltrail_core::bundle::Report) -> Result<()> {
     match r.first_failure() {
-        None => println!("  {label}: every check passes"),
-        Some((name, why)) => println!("  {label}: REJECTED at {name}: {why}"),
+        None => outln!("  {label}: every check passes"),
+        Some((name, why)) => outln!("  {label}: REJECTED at {name}: {why}"),
     }
+    Ok(())
 }
 
 pub fn run(dir: &Path, readings: u64) -> Result<ExitCode> {
@@ -67,7 +68,7 @@ pub fn run(dir: &Path, readings: u64) -> Result<ExitCode> {
     let clock = SystemClock;
     let origin = "vitaltrail.demo/log/0";
 
-    println!("1. keys");
+    outln!("1. keys");
     let log_key = SecretKey::generate(&mut rand::rngs::OsRng);
     write_key(&dir.join("keys/log.pem"), &log_key)?;
     let signer = LogSigner::new(origin, log_key)?;
@@ -76,11 +77,11 @@ pub fn run(dir: &Path, readings: u64) -> Result<ExitCode> {
         .collect();
     for (i, d) in devices.iter().enumerate() {
         write_key(&dir.join(format!("keys/device-{i}.pem")), d)?;
-        println!("  device {i}: {}", d.did());
+        outln!("  device {i}: {}", d.did());
     }
-    println!("  log key:  {}", signer.public_key());
+    outln!("  log key:  {}", signer.public_key());
 
-    println!("2. {readings} readings signed as COSE_Sign1 envelopes");
+    outln!("2. {readings} readings signed as COSE_Sign1 envelopes");
     let t0 = clock.now_ms();
     let envs: Vec<Vec<u8>> = (0..readings)
         .map(|i| {
@@ -98,19 +99,19 @@ pub fn run(dir: &Path, readings: u64) -> Result<ExitCode> {
         })
         .collect::<Result<_, _>>()?;
     let avg = envs.iter().map(Vec::len).sum::<usize>() / envs.len();
-    println!("  average envelope: {avg} bytes");
+    outln!("  average envelope: {avg} bytes");
 
-    println!("3. batch verification");
+    outln!("3. batch verification");
     let start = Instant::now();
     let verdicts = envelope::verify_batch(&envs);
     let ok = verdicts.iter().filter(|v| v.is_ok()).count();
-    println!(
+    outln!(
         "  {ok}/{} verified in {:.1} ms",
         envs.len(),
         start.elapsed().as_secs_f64() * 1e3
     );
 
-    println!("4. durable Merkle log, with a checkpoint half way");
+    outln!("4. durable Merkle log, with a checkpoint half way");
     let log_dir = dir.join("log");
     let mut log = DurableLog::open(&log_dir)?;
     let half = readings / 2;
@@ -145,21 +146,21 @@ pub fn run(dir: &Path, readings: u64) -> Result<ExitCode> {
     let first = Checkpoint::open(&first_note, &signer.public_key())?;
     let cproof = log.prove_consistency(first.size, cp.size)?;
     merkle::verify_consistency(first.size, cp.size, &first.root, &cp.root, &cproof)?;
-    println!("  tree size {}, root {}", cp.size, cp.root);
-    println!(
+    outln!("  tree size {}, root {}", cp.size, cp.root);
+    outln!(
         "  checkpoint at size {} is consistent with size {} ({} hashes of proof)",
         first.size,
         cp.size,
         cproof.len()
     );
-    print!(
+    out!(
         "{}",
         note.lines()
             .map(|l| format!("  | {l}\n"))
             .collect::<String>()
     );
 
-    println!("5. proof bundle for one reading, verified offline");
+    outln!("5. proof bundle for one reading, verified offline");
     let index = readings / 3;
     let l = log.leaf(index)?;
     let l = leaf::decode(&l)?;
@@ -169,17 +170,18 @@ pub fn run(dir: &Path, readings: u64) -> Result<ExitCode> {
     std::fs::write(&bundle_path, bundle.to_json())?;
     let pk = signer.public_key();
     let report = bundle.verify(&pk, None);
-    print_report("genuine bundle", &report);
+    print_report("genuine bundle", &report)?;
     if !report.ok() {
         bail!("the genuine bundle did not verify");
     }
 
-    println!("6. tampering is detected");
+    outln!("6. tampering is detected");
     let mut all_caught = true;
-    let mut check = |label: &str, b: &ProofBundle| {
+    let mut check = |label: &str, b: &ProofBundle| -> Result<()> {
         let r = b.verify(&pk, None);
-        print_report(label, &r);
+        print_report(label, &r)?;
         all_caught &= !r.ok();
+        Ok(())
     };
     let env = l.envelope.to_vec();
     // a) a measurement value changed inside the signed envelope
@@ -188,7 +190,7 @@ pub fn run(dir: &Path, readings: u64) -> Result<ExitCode> {
     let pos = e.len() - 70;
     e[pos] ^= 0x01;
     t.envelope = ProofBundle::new(&e, 0, 0, &[], "").envelope;
-    check("one bit of the envelope flipped", &t);
+    check("one bit of the envelope flipped", &t)?;
     // b) the reading re-signed by another key claiming the same device
     let forged = envelope::sign(
         &SecretKey::generate(&mut rand::rngs::OsRng),
@@ -201,17 +203,17 @@ pub fn run(dir: &Path, readings: u64) -> Result<ExitCode> {
     )?;
     let mut t = bundle.clone();
     t.envelope = ProofBundle::new(&forged, 0, 0, &[], "").envelope;
-    check("a reading from another device swapped in", &t);
+    check("a reading from another device swapped in", &t)?;
     // c) the acceptance time rewritten
     let mut t = bundle.clone();
     t.log_time_ms += 1;
-    check("log time moved by 1 ms", &t);
+    check("log time moved by 1 ms", &t)?;
     // d) a proof hash altered
     let mut t = bundle.clone();
     if let Some(h) = t.inclusion_proof.first_mut() {
         *h = merkle::Hash([7; 32]).to_base64();
     }
-    check("one proof hash replaced", &t);
+    check("one proof hash replaced", &t)?;
     // e) a checkpoint claiming a different size
     let mut t = bundle.clone();
     t.checkpoint = t.checkpoint.replacen(
@@ -219,24 +221,24 @@ pub fn run(dir: &Path, readings: u64) -> Result<ExitCode> {
         &format!("\n{}\n", cp.size + 1),
         1,
     );
-    check("checkpoint size edited", &t);
+    check("checkpoint size edited", &t)?;
     // f) a different log key
     let other = LogSigner::new(origin, SecretKey::generate(&mut rand::rngs::OsRng))?.public_key();
     let r = bundle.verify(&other, None);
-    print_report("checked against another log's key", &r);
+    print_report("checked against another log's key", &r)?;
     all_caught &= !r.ok();
 
-    println!();
+    outln!();
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "vitaltrail".into());
-    println!("Try it yourself:");
-    println!(
+    outln!("Try it yourself:");
+    outln!(
         "  {exe} verify {} --log-key {}",
         bundle_path.display(),
         log_dir.join("log.vkey").display()
     );
-    println!("  {exe} log prove --dir {} --index 0", log_dir.display());
+    outln!("  {exe} log prove --dir {} --index 0", log_dir.display());
     if !all_caught {
         bail!("a tampered bundle verified");
     }

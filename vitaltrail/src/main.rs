@@ -12,6 +12,8 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+#[macro_use]
+mod out;
 mod commands;
 mod demo;
 mod node_args;
@@ -42,7 +44,9 @@ enum Command {
         #[command(subcommand)]
         cmd: LogCmd,
     },
-    /// Verify a proof bundle offline. Exits 0 only if every check passes.
+    /// Verify a proof bundle: offline, or with --rpc also against an EVM
+    /// chain. Exits 0 only if every check passes, 2 if the bundle is valid
+    /// up to its checkpoint but not anchored yet, else 1.
     Verify {
         /// The proof bundle (JSON); `-` for standard input.
         bundle: PathBuf,
@@ -85,7 +89,8 @@ enum Command {
     /// Run one attestor process (distributed mode) for a set of partitions.
     Attest(node_args::AttestArgs),
     /// Run the anchor (distributed mode): epochs over vitals.checkpoints,
-    /// anchored to the local ledger. `vitaltrail up` runs it in process.
+    /// anchored to the local ledger and, when configured, an EVM chain.
+    /// `vitaltrail up` runs it in process.
     Anchor(node_args::AnchorArgs),
     /// Score NEWS2 (RCP 2017, chart 1) from the parameters given, with the
     /// alert engine's own code. Prints JSON: total, per-parameter scores,
@@ -422,8 +427,14 @@ enum LogCmd {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
+    // Colour only on a terminal (never into a log file), and never with
+    // NO_COLOR set (https://no-color.org).
+    use std::io::IsTerminal as _;
+    let ansi = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -620,6 +631,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // `vitaltrail … | head`: a normal end, as for `ls`.
+        Err(e) if out::is_stdout_closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, never a backtrace.
             eprintln!("error: {e:#}");

@@ -72,7 +72,7 @@ pub fn anchor(a: crate::node_args::AnchorArgs) -> Result<ExitCode> {
 pub fn anchor_verify_ledger(data: &Path, anchor_key: Option<&str>) -> Result<ExitCode> {
     let key = anchor_key_for(data, anchor_key)?;
     let (n, torn) = vitaltrail_anchor::ledger::verify_against_log(&data.join("anchor"), &key)?;
-    println!(
+    outln!(
         "ok   {n} ledger records: chain, signatures (key {key}) and roots verified{}",
         if torn {
             "; a torn last line (a crash mid-append) is not a record"
@@ -98,7 +98,7 @@ pub fn anchor_deploy(
         confirmations,
         &dir,
     ))?;
-    println!("{}", d.contract);
+    outln!("{}", d.contract);
     eprintln!(
         "deployed AnchorRegistry at {} on chain {} (tx {}, block {}); written to {}",
         d.contract,
@@ -134,7 +134,7 @@ pub fn up(a: crate::node_args::UpArgs) -> Result<ExitCode> {
 /// `vitaltrail config print`.
 pub fn config_print(role: Role, file: &crate::node_args::ConfigFile) -> Result<ExitCode> {
     let cfg = file.load(role, &Default::default())?;
-    print!("{}", cfg.to_toml_redacted()?);
+    out!("{}", cfg.to_toml_redacted()?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -294,10 +294,11 @@ pub fn sim(a: SimArgs) -> Result<ExitCode> {
         "receipts_verified": report.receipts_verified,
         "receipt_rejects": report.receipt_rejects,
         "resent": report.resent,
+        "disconnections": report.disconnections,
         "valid_readings": report.valid_count(),
         "expected_rejects": report.expected_rejects,
     });
-    println!("{}", serde_json::to_string_pretty(&summary)?);
+    outln!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -339,7 +340,7 @@ pub fn devices_cert(data: &Path, did: &str) -> Result<ExitCode> {
             data.display()
         )
     })?;
-    print!("{}", pki.issue_device(&did)?);
+    out!("{}", pki.issue_device(&did)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -390,9 +391,9 @@ pub fn devices_add(
             &entry,
             &op,
         ))?;
-        println!("registered {did} for patient {patient} (published to vitals.devices)");
+        outln!("registered {did} for patient {patient} (published to vitals.devices)");
     } else {
-        println!("registered {did} for patient {patient}");
+        outln!("registered {did} for patient {patient}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -423,7 +424,7 @@ pub fn devices_revoke(data: &Path, did: &str, kafka: Option<String>) -> Result<E
     let now = SystemClock.now_ms();
     let Some(brokers) = kafka else {
         file.revoke(&did, now)?;
-        println!("revoked {did}");
+        outln!("revoked {did}");
         return Ok(ExitCode::SUCCESS);
     };
     let cfg = kafka_cfg(brokers);
@@ -452,7 +453,7 @@ pub fn devices_revoke(data: &Path, did: &str, kafka: Option<String>) -> Result<E
     rt.block_on(vitaltrail_bus::registry::publish_to_topic(
         &cfg, &entry, &op,
     ))?;
-    println!("revoked {did} (published to vitals.devices)");
+    outln!("revoked {did} (published to vitals.devices)");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -465,7 +466,7 @@ pub fn devices_list(data: &Path) -> Result<ExitCode> {
         } else {
             "active"
         };
-        println!(
+        outln!(
             "{}\t{}\t{}\t{state}",
             d.did,
             d.patient,
@@ -518,7 +519,7 @@ pub fn prove(
     let json = format!("{}\n", proved.bundle.to_json());
     match out {
         Some(p) => std::fs::write(p, json).with_context(|| format!("writing {}", p.display()))?,
-        None => print!("{json}"),
+        None => out!("{json}"),
     }
     let how = match (proved.anchoring, proved.anchored_size) {
         (false, _) => "anchoring is off: a v1 bundle, up to the checkpoint".to_owned(),
@@ -576,7 +577,9 @@ pub fn query(data: &Path, sql: &str, format: &str, out: Option<&Path>) -> Result
         Some(p) => std::fs::write(p, bytes).with_context(|| format!("writing {}", p.display()))?,
         None => {
             use std::io::Write;
-            std::io::stdout().lock().write_all(&bytes)?;
+            let mut o = std::io::stdout().lock();
+            o.write_all(&bytes).map_err(crate::out::stdout_error)?;
+            o.flush().map_err(crate::out::stdout_error)?;
         }
     }
     Ok(ExitCode::SUCCESS)

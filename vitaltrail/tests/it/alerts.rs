@@ -4,7 +4,7 @@
 //! patient raises none; and `vitaltrail query` reads them as the `alerts`
 //! table.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

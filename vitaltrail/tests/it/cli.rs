@@ -359,6 +359,31 @@ fn config_layers_unknown_keys_and_redaction() {
     // A flag overrides the file (and the stage needs what it needs).
     let err = fails(&["ingest", "--config", &file, "--connections", "0"], None);
     assert!(err.contains("ingest.connections"), "{err}");
+    // A reserved anchor origin stops `up` before anything is written (it
+    // started, logged readings, then stopped at the first ledger write).
+    let o = run_env(
+        &["up", "--data", &data],
+        &[("VITALTRAIL_ANCHOR__ORIGIN", "vitaltrail/ledger/v1")],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("anchor.origin") && err.contains("reserved"),
+        "{err}"
+    );
+    assert!(!Path::new(&data).exists(), "nothing was created");
+    // So does an origin prefix that makes no valid log name (a 300-byte one
+    // stopped `up` at the first epoch; one with a space, at the attestor).
+    for prefix in ["a b", "a+b", "", &"x".repeat(300)] {
+        let o = run_env(
+            &["up", "--data", &data],
+            &[("VITALTRAIL_ATTESTOR__ORIGIN_PREFIX", prefix)],
+        );
+        assert!(!o.status.success(), "{prefix:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("attestor.origin_prefix"), "{prefix:?}: {err}");
+        assert!(!Path::new(&data).exists(), "nothing was created");
+    }
 }
 
 /// docs/configuration.md shows exactly what `config print --role up`
@@ -454,4 +479,92 @@ fn news2_scores_from_flags() {
     fails(&["news2", "--scale", "3"], None);
     fails(&["news2", "--consciousness", "X"], None);
     fails(&["news2", "--pulse", "NaN"], None);
+}
+
+/// `vitaltrail devices list | head -n 1`: a reader that has gone is a
+/// normal end, as it is for `ls`: exit 0, nothing on stderr, no panic
+/// ("failed printing to stdout: Broken pipe" before). The pipe's read end
+/// is closed before the command starts, so every write fails: the test is
+/// deterministic where `| head` is a race.
+#[test]
+fn a_closed_stdout_ends_each_command_quietly() {
+    let d = tempfile::tempdir().unwrap();
+    let data = p(d.path(), "data");
+    let key = p(d.path(), "dev.pem");
+    for i in 0..5 {
+        let k = p(d.path(), &format!("d{i}.pem"));
+        let did = ok(&["keys", "new", "--out", &k], None).trim().to_owned();
+        ok(
+            &[
+                "devices",
+                "add",
+                &did,
+                "--patient",
+                &format!("pt-{i}"),
+                "--data",
+                &data,
+            ],
+            None,
+        );
+    }
+    ok(&["keys", "new", "--out", &key], None);
+    let demo = p(d.path(), "demo");
+    let cases: [&[&str]; 6] = [
+        &["devices", "list", "--data", &data],
+        &[
+            "keys",
+            "show",
+            "--key",
+            &key,
+            "--log-name",
+            "example.org/log",
+        ],
+        &["news2", "--rr", "22", "--spo2", "93"],
+        &["config", "print", "--role", "up"],
+        &["demo", "--dir", &demo, "--readings", "40"],
+        &["query", "--data", &data, "SELECT 1 AS one"],
+    ];
+    let closed = |args: &[&str]| {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        bin()
+            .args(args)
+            .current_dir(d.path())
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    for args in cases {
+        let o = closed(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{args:?}: {:?} {err}", o.status);
+        assert!(err.is_empty(), "{args:?} wrote to stderr: {err}");
+    }
+    // But a verdict is never the printing's: `verify` of a tampered bundle
+    // with its reader gone still exits 1 (it exited 0 in review).
+    let demo = p(d.path(), "demo2");
+    ok(&["demo", "--dir", &demo, "--readings", "40"], None);
+    let key = p(Path::new(&demo), "log/log.vkey");
+    let good = p(Path::new(&demo), "bundle.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&good).unwrap()).unwrap();
+    v["log_time_ms"] = (v["log_time_ms"].as_u64().unwrap() + 1).into();
+    let bad = p(d.path(), "bad.json");
+    std::fs::write(&bad, v.to_string()).unwrap();
+    let o = closed(&["verify", &good, "--log-key", &key]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = closed(&["verify", &bad, "--log-key", &key]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -5,7 +5,7 @@
 //! independent client, a chain outage and a reorg in the middle of a run,
 //! and tampered bundles refused.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -419,6 +419,15 @@ async fn anchors_on_anvil_through_an_outage_and_a_reorg() {
             "evm transaction",
             Box::new(|t| t["anchor"]["evm"]["tx_hash"] = format!("0x{}", "ab".repeat(32)).into()),
         ),
+        // `null` is a member of the wrong type, not an absent one (#19).
+        (
+            "null ledger record",
+            Box::new(|t| t["anchor"]["ledger_record"] = serde_json::Value::Null),
+        ),
+        (
+            "null evm receipt",
+            Box::new(|t| t["anchor"]["evm"] = serde_json::Value::Null),
+        ),
     ];
     for (what, f) in cases {
         let o = tampered(&*f);
@@ -433,4 +442,67 @@ async fn anchors_on_anvil_through_an_outage_and_a_reorg() {
     assert!(up.child.wait().unwrap().success());
     common::check_tables(data.path(), &report).await;
     common::check_anchoring(data.path(), 10);
+
+    // In the `anchors` table, `stream` is the epoch log's origin on every
+    // row, and `target` says where it was anchored (#19).
+    let o = vt_env(&[
+        "query",
+        "--data",
+        &d,
+        "--format",
+        "csv",
+        "SELECT DISTINCT backend, stream, target FROM anchors ORDER BY backend",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let chain_id = anvil.cast(&["chain-id", "--rpc-url", &anvil.url()]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!(
+            "backend,stream,target\nevm,vitaltrail.local/epochs,evm:{chain_id}:{}\nledger,vitaltrail.local/epochs,ledger\n",
+            contract.to_ascii_lowercase()
+        )
+    );
+
+    // docs/anchoring.md §6.1's cast commands run as written (one failed
+    // in cast 1.7: #19), against the latest confirmed anchor.
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/anchoring.md"))
+        .unwrap();
+    let at = doc.find("With cast").expect("the cast section");
+    let start = doc[at..].find("```sh\n").unwrap() + at + "```sh\n".len();
+    let end = doc[start..].find("```").unwrap() + start;
+    let script = &doc[start..end];
+    let last = confirmed(data.path()).last().unwrap().clone();
+    let cast = common::npm_tool("cast-linux-amd64", "cast");
+    let path = format!(
+        "{}:{}",
+        cast.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let o = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .env("PATH", path)
+        .env("RPC", anvil.url())
+        .env("CONTRACT", &contract)
+        .env("SUBMITTER", ANVIL_ADDRESS)
+        .env("ORIGIN", "vitaltrail.local/epochs")
+        .env("N", last.size.to_string())
+        .env("R", format!("0x{}", last.root))
+        .env("TX", &last.tx_hash)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "the documented cast commands failed: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[1], chain_id, "{out}");
+    assert!(
+        out.to_ascii_lowercase()
+            .contains(&last.tx_hash.to_ascii_lowercase()),
+        "the Anchored log of size {} is not listed: {out}",
+        last.size
+    );
+    assert_eq!(lines.last(), Some(&"true"), "{out}");
 }

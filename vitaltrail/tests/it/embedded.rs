@@ -4,7 +4,7 @@
 //! once, every bad one is in `rejected` with the right reason, and proofs for
 //! a sample verify offline.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! process. Then the same with kill -9 of ingest and attestor at random
 //! points while the simulator runs.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

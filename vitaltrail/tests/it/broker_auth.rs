@@ -5,7 +5,7 @@
 //! outsider does may let it read a reading or a receipt, publish as another
 //! device, take the pipeline's place, or cost a reading.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! --replay-ecg` (MIT-BIH record 208) and `--replay-rr`, then `query`,
 //! `prove` and `verify`.
 
-mod common;
+use crate::common;
 
 use common::vt;
 

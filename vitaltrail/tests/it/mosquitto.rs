@@ -3,7 +3,7 @@
 //! publisher (`mosquitto_pub`) sending a pycose-signed envelope, and a broker
 //! restart in the middle of a run.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,8 +84,10 @@ async fn a_pycose_envelope_published_with_mosquitto_pub_is_accepted() {
         "mosquitto_pub",
         "install Debian package `mosquitto-clients`",
     );
-    let manifest: serde_json::Value =
-        serde_json::from_str(include_str!("../../core/tests/fixtures/cose/manifest.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(include_str!(
+        "../../../core/tests/fixtures/cose/manifest.json"
+    ))
+    .unwrap();
     let case = |name: &str| {
         let c = manifest["cases"]
             .as_array()

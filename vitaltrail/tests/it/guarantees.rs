@@ -2,7 +2,7 @@
 //! endpoints and what SQL may do, bounded dead letters under a garbage
 //! flood, and a graceful stop that drains ingest before the attestor.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -3,7 +3,7 @@
 //! refused by `up` and by `anchor verify-ledger`; a reading not anchored
 //! yet gets a `pending` bundle that `verify` answers with exit code 2.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;
@@ -169,6 +169,12 @@ async fn a_reading_not_yet_anchored_gets_a_pending_bundle_and_exit_code_2() {
             out.contains("ok   inclusion") && out.contains("FAIL anchor: not anchored yet"),
             "{out}"
         );
+        // With --rpc too: the chain check is not run for a pending bundle
+        // (proof-bundle.md §2, check 12), so it is still exit 2, not 1.
+        let o = vt(&["verify", &bs, "--data", &d, "--rpc", "http://127.0.0.1:9"]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(o.status.code(), Some(2), "{out}");
+        assert!(!out.contains(" chain"), "{out}");
         // --wait gives up after --timeout with the pending bundle.
         let o = vt(&[
             "prove",
@@ -209,4 +215,42 @@ async fn a_reading_not_yet_anchored_gets_a_pending_bundle_and_exit_code_2() {
         anchored += 1;
     }
     assert_eq!(anchored, 3);
+
+    // Restarted with nothing new to anchor: the anchor's gauges say what
+    // the epoch log holds at once (vitaltrail_anchor_partitions read 0
+    // until an epoch closed), and the error counter is exported at 0
+    // (it appeared only at the first error).
+    let http = common::free_addr();
+    let up = common::Proc::spawn(
+        &[
+            "up",
+            "--data",
+            &d,
+            "--mqtt-listen",
+            &common::free_addr().to_string(),
+            "--metrics-listen",
+            &http.to_string(),
+            "--epoch-interval-ms",
+            "600000",
+        ]
+        .map(str::to_owned),
+        data.path().join("up2.log"),
+    );
+    common::wait_ready(http).await;
+    let auth = format!("Bearer {}", common::token(data.path(), "metrics"));
+    let (status, _, body) =
+        common::http(http, "GET", "/metrics", &[("Authorization", &auth)], "").await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&body);
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} not exported:\n{text}"))
+    };
+    assert_eq!(value("vitaltrail_anchor_partitions "), 1.0);
+    assert_eq!(
+        value("vitaltrail_anchor_errors_total{backend=\"ledger\"} "),
+        0.0
+    );
+    drop(up);
 }

@@ -3,7 +3,7 @@
 //! publishes envelopes to `vitaltrail up`, and verifies every receipt's
 //! checkpoint signature and inclusion proof against the log key.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
