@@ -32,7 +32,7 @@ pub fn read_input(path: Option<&Path>) -> Result<Vec<u8>> {
 }
 
 /// Write bytes to a file, or stdout.
-fn write_output(path: Option<&Path>, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_output(path: Option<&Path>, bytes: &[u8]) -> Result<()> {
     match path {
         Some(p) => std::fs::write(p, bytes).with_context(|| format!("writing {}", p.display())),
         None => {

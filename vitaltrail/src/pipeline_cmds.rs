@@ -573,14 +573,6 @@ pub fn query(data: &Path, sql: &str, format: &str, out: Option<&Path>) -> Result
         let batches = engine.sql(sql).await?;
         encode(&batches, fmt)
     })?;
-    match out {
-        Some(p) => std::fs::write(p, bytes).with_context(|| format!("writing {}", p.display()))?,
-        None => {
-            use std::io::Write;
-            let mut o = std::io::stdout().lock();
-            o.write_all(&bytes).map_err(crate::out::stdout_error)?;
-            o.flush().map_err(crate::out::stdout_error)?;
-        }
-    }
+    crate::commands::write_output(out, &bytes)?;
     Ok(ExitCode::SUCCESS)
 }
