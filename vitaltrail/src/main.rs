@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand};
 
 /// jemalloc: it hands freed memory back to the system on a timer (and
 /// fragments less than glibc's malloc under many threads), so the resident
-/// size of a long-running `up` stays flat (`benches/scripts/soak`).
+/// size of a long-running `up` stays flat (`benches/scripts/soak`). On by
+/// default; `scripts/demo` builds without it (the `jemalloc` feature).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -383,9 +383,13 @@ impl Nisshi {
     fn start() -> Result<Nisshi> {
         let bin = std::env::var_os("NISSHI_BIN")
             .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("NISSHI_ROOT")
+                    .map(|r| std::path::PathBuf::from(r).join("bin/nisshi"))
+            })
             .unwrap_or_else(|| {
                 std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                    .join(".cache/vitaltrail-tools/nisshi-0.8.1/bin/nisshi")
+                    .join(".cache/vitaltrail-tools/nisshi-0.8.1-lean/bin/nisshi")
             });
         anyhow::ensure!(
             bin.is_file(),

@@ -171,14 +171,18 @@ pub fn nisshi_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NISSHI_BIN") {
         return PathBuf::from(p);
     }
-    let cached = PathBuf::from(std::env::var("HOME").unwrap_or_default())
-        .join(".cache/vitaltrail-tools/nisshi-0.8.1/bin/nisshi");
+    // Where scripts/setup installs it (NISSHI_ROOT, as there).
+    let cached = match std::env::var("NISSHI_ROOT") {
+        Ok(root) => PathBuf::from(root).join("bin/nisshi"),
+        Err(_) => PathBuf::from(std::env::var("HOME").unwrap_or_default())
+            .join(".cache/vitaltrail-tools/nisshi-0.8.1-lean/bin/nisshi"),
+    };
     if cached.is_file() {
         return cached;
     }
     require(
         "nisshi",
-        "install it with `cargo install nisshi --version 0.8.1 --locked --ignore-rust-version --root ~/.cache/vitaltrail-tools/nisshi-0.8.1`",
+        "install it with scripts/setup (it builds nisshi into ~/.cache/vitaltrail-tools/nisshi-0.8.1-lean), or set NISSHI_BIN",
     )
 }
 
