@@ -182,7 +182,7 @@ pub fn nisshi_bin() -> PathBuf {
     }
     require(
         "nisshi",
-        "install it with scripts/setup (it builds nisshi into ~/.cache/vitaltrail-tools/nisshi-0.8.1-lean), or set NISSHI_BIN",
+        "it is looked for in $NISSHI_BIN, $NISSHI_ROOT/bin and ~/.cache/vitaltrail-tools/nisshi-0.8.1-lean/bin",
     )
 }
 
