@@ -15,6 +15,13 @@
 //! The pipeline's `/metrics` gives the per-stage means printed under each
 //! full-speed line (batch sizes, verify time, bus send → durable, commit).
 //!
+//! The pipeline runs in a child process (this binary again, with the hidden
+//! `--serve-pipeline DIR`), as a deployment runs `vitaltrail up`; the
+//! devices run in this process, each on its own mutual-TLS connection. So
+//! the CPU per reading and the peak memory reported for the pipeline are
+//! `up`'s alone, read from `/proc/<pid>` (issue #20), and the devices' CPU
+//! is reported apart from it.
+//!
 //! Readings are signed before the clock starts, so signing cost is not counted.
 
 use std::collections::HashMap;
@@ -31,6 +38,7 @@ use vitaltrail_node::up::{self, UpConfig};
 
 use vitaltrail_bus::kafka::{KafkaConfig, KafkaProducer};
 use vitaltrail_core::envelope::{self, UnsignedReading};
+use vitaltrail_core::receipt::{Receipt, Status};
 use vitaltrail_core::{Clock, SecretKey, SystemClock, leaf};
 use vitaltrail_device_sim::physiology::{Patient, Scenario};
 
@@ -59,7 +67,8 @@ struct Args {
     #[arg(long)]
     ingest_connections: Option<usize>,
     /// Skip the Kafka path (it starts a nisshi broker on 127.0.0.1 from
-    /// ~/.cache/vitaltrail-tools or $NISSHI_BIN; scripts/setup builds it).
+    /// $NISSHI_BIN, $NISSHI_ROOT/bin or
+    /// ~/.cache/vitaltrail-tools/nisshi-0.8.1-lean/bin; scripts/setup builds it).
     #[arg(long)]
     skip_kafka: bool,
     /// Skip the embedded path.
@@ -70,19 +79,37 @@ struct Args {
     /// than 4).
     #[arg(long, default_value_t = 2)]
     kafka_partitions: u32,
+    /// Internal: run the pipeline (`up::run`) on this data directory until
+    /// SIGTERM; the bench starts itself so, to measure `up` alone.
+    #[arg(long, hide = true)]
+    serve_pipeline: Option<std::path::PathBuf>,
+    /// Internal (with --serve-pipeline): the MQTT listen address.
+    #[arg(long, hide = true)]
+    serve_mqtt: Option<std::net::SocketAddr>,
+    /// Internal (with --serve-pipeline): the metrics listen address.
+    #[arg(long, hide = true)]
+    serve_metrics: Option<std::net::SocketAddr>,
+    /// Internal (with --serve-pipeline): Kafka brokers (the Kafka path).
+    #[arg(long, hide = true)]
+    serve_kafka: Option<String>,
+    /// Internal (with --serve-pipeline): no receipts.
+    #[arg(long, hide = true)]
+    serve_no_receipts: bool,
 }
 
-fn cpu_seconds() -> f64 {
-    // utime + stime of this process, from /proc (clock ticks of 1/100 s).
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+/// utime + stime of a process (`self` or a pid), from /proc (clock ticks of
+/// 1/100 s).
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = stat.rsplit_once(") ").map(|x| x.1).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     let t = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
     (t(11) + t(12)) / 100.0
 }
 
-fn peak_rss_mb() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+/// Peak resident size of a process (`self` or a pid), MB.
+fn peak_rss_mb(pid: &str) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     s.lines()
         .find(|l| l.starts_with("VmHWM:"))
         .and_then(|l| l.split_whitespace().nth(1))
@@ -136,11 +163,15 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 
 /// Publish everything (optionally paced), wait for broker acks; returns the
 /// publish time of each (did, seq) in Unix ms.
+/// When each (did, seq) was first receipted as in the log, Unix ms.
+type Receipted = Arc<std::sync::Mutex<HashMap<(String, u64), u64>>>;
+
 async fn publish(
     port: u16,
     msgs: &[Signed],
     rate: Option<f64>,
     tls: Option<(&vitaltrail_mqtt::Pki, &[SecretKey])>,
+    receipted: Option<&Receipted>,
 ) -> Result<HashMap<(String, u64), u64>> {
     let acked = Arc::new(AtomicU64::new(0));
     let mut pollers = Vec::new();
@@ -153,12 +184,31 @@ async fn publish(
             .set_inflight(1000)
             .set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut el) = AsyncClient::new(opts, 10_000);
+        // A device subscribes to its receipts, as real devices do, so `up`
+        // pays for delivering them.
+        let receipted = receipted.filter(|_| !did.is_empty()).cloned();
+        if receipted.is_some() {
+            let _ = client.try_subscribe(format!("receipts/{did}"), QoS::AtLeastOnce);
+        }
         let a = acked.clone();
         pollers.push(tokio::spawn(async move {
             loop {
                 match el.poll().await {
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
                         a.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if let (Some(map), Ok(r)) = (&receipted, Receipt::from_json(&p.payload)) {
+                            let now = SystemClock.now_ms();
+                            let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+                            for e in r.entries {
+                                if let (Some(seq), Status::Logged | Status::Duplicate) =
+                                    (e.seq, e.status)
+                                {
+                                    m.entry((r.did.clone(), seq)).or_insert(now);
+                                }
+                            }
+                        }
                     }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -270,7 +320,107 @@ struct Path {
     receipts: bool,
 }
 
-/// Full speed, then latency at a fixed rate, through `up::run` on `path`.
+/// The pipeline child: `up::run` on `dir` until SIGTERM (`--serve-pipeline`).
+async fn serve_pipeline(a: &Args, dir: &std::path::Path) -> Result<()> {
+    let mut cfg = UpConfig {
+        data_dir: dir.to_owned(),
+        mqtt_listen: a.serve_mqtt.context("--serve-mqtt")?,
+        partitions: a.partitions.unwrap_or(UpConfig::default().partitions),
+        metrics_listen: Some(a.serve_metrics.context("--serve-metrics")?),
+        ..UpConfig::default()
+    };
+    if let Some(brokers) = &a.serve_kafka {
+        cfg = cfg.over_kafka(brokers)?;
+    }
+    if let Some(ms) = a.checkpoint_interval_ms {
+        cfg.attestor.checkpoint_interval = Duration::from_millis(ms);
+    }
+    cfg.attestor.receipts = !a.serve_no_receipts;
+    if let Some(n) = a.ingest_connections {
+        cfg.ingest.connections = n;
+    }
+    let (stop, stop_rx) = watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        term.recv().await;
+        let _ = stop.send(true);
+    });
+    up::run(cfg, stop_rx).await?;
+    Ok(())
+}
+
+/// The pipeline in its own process (this binary with `--serve-pipeline`),
+/// stopped with SIGTERM on drop if still running.
+struct Child {
+    child: std::process::Child,
+    pid: String,
+}
+
+impl Child {
+    fn start(
+        a: &Args,
+        path: &Path,
+        data: &std::path::Path,
+        mqtt: std::net::SocketAddr,
+        metrics: std::net::SocketAddr,
+    ) -> Result<Child> {
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.arg("--serve-pipeline")
+            .arg(data)
+            .arg("--serve-mqtt")
+            .arg(mqtt.to_string())
+            .arg("--serve-metrics")
+            .arg(metrics.to_string())
+            .arg("--partitions")
+            .arg(path.partitions.to_string());
+        if let Some(k) = &path.kafka {
+            cmd.arg("--serve-kafka").arg(k);
+        }
+        if !path.receipts {
+            cmd.arg("--serve-no-receipts");
+        }
+        if let Some(ms) = a.checkpoint_interval_ms {
+            cmd.arg("--checkpoint-interval-ms").arg(ms.to_string());
+        }
+        if let Some(n) = a.ingest_connections {
+            cmd.arg("--ingest-connections").arg(n.to_string());
+        }
+        let log = std::fs::File::create(data.join("pipeline.log"))?;
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting the pipeline process")?;
+        let pid = child.id().to_string();
+        Ok(Child { child, pid })
+    }
+
+    /// SIGTERM, then wait: the pipeline drains and stops cleanly.
+    fn stop(&mut self, data: &std::path::Path) -> Result<()> {
+        std::process::Command::new("kill")
+            .args(["-TERM", &self.pid])
+            .status()?;
+        let st = self.child.wait()?;
+        anyhow::ensure!(
+            st.success(),
+            "the pipeline process exited with {st}; its log: {}",
+            std::fs::read_to_string(data.join("pipeline.log")).unwrap_or_default()
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Full speed, then latency at a fixed rate, through the pipeline process
+/// on `path`. CPU is `up`'s alone (the child), the devices' apart.
 async fn run_path(
     a: &Args,
     path: &Path,
@@ -292,44 +442,45 @@ async fn run_path(
         vitaltrail_bus::datadir::metrics_token_path(data.path()),
         format!("{METRICS_TOKEN}\n"),
     )?;
-    let mut cfg = UpConfig {
-        data_dir: data.path().to_owned(),
-        mqtt_listen: mqtt,
-        partitions,
-        metrics_listen: Some(metrics_listen),
-        ..UpConfig::default()
-    };
-    if let Some(brokers) = &path.kafka {
-        cfg = cfg.over_kafka(brokers)?;
-    }
-    if let Some(ms) = a.checkpoint_interval_ms {
-        cfg.attestor.checkpoint_interval = Duration::from_millis(ms);
-    }
-    cfg.attestor.receipts = path.receipts;
-    if let Some(n) = a.ingest_connections {
-        cfg.ingest.connections = n;
-    }
-    let (stop, stop_rx) = watch::channel(false);
-    let pipeline = tokio::spawn(up::run(cfg, stop_rx));
-    vitaltrail_node::wait_for_port(mqtt, Duration::from_secs(10)).await?;
+    let mut child = Child::start(a, path, data.path(), mqtt, metrics_listen)?;
+    vitaltrail_node::wait_for_port(mqtt, Duration::from_secs(30))
+        .await
+        .with_context(|| {
+            format!(
+                "the pipeline process did not listen; its log: {}",
+                std::fs::read_to_string(data.path().join("pipeline.log")).unwrap_or_default()
+            )
+        })?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let name = path.name;
-    let cpu0 = cpu_seconds();
+    let pid = child.pid.clone();
+    let (up0, dev0) = (cpu_seconds(&pid), cpu_seconds("self"));
     let t = Instant::now();
     let pki = vitaltrail_mqtt::Pki::open(data.path())?;
-    publish(mqtt.port(), msgs, None, Some((&pki, keys))).await?;
+    let receipted = Receipted::default();
+    publish(
+        mqtt.port(),
+        msgs,
+        None,
+        Some((&pki, keys)),
+        Some(&receipted),
+    )
+    .await?;
     while appended(metrics_listen).await < msgs.len() as u64 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let secs = t.elapsed().as_secs_f64();
     let e2e_rate = msgs.len() as f64 / secs;
     let stage_means = stage_means(metrics_listen).await.unwrap_or_default();
-    let cpu_per_k = (cpu_seconds() - cpu0) / msgs.len() as f64 * 1000.0 * 1000.0;
+    let per = |cpu: f64, n: usize| cpu / n as f64 * 1e6;
+    let up_full = per(cpu_seconds(&pid) - up0, msgs.len());
+    let dev_full = per(cpu_seconds("self") - dev0, msgs.len());
     println!(
-        "{name} pipeline ({partitions} partitions), full speed: {e2e_rate:>9.0} readings/s  ({:.2}x the verify ceiling, {:.2}x its transport; {cpu_per_k:.0} ms CPU per 1k readings)",
+        "{name} pipeline ({partitions} partitions), full speed: {e2e_rate:>9.0} readings/s  ({:.2}x the verify ceiling, {:.2}x its transport); up alone {up_full:.0} µs CPU per reading ({:.2}x verify + transport), the devices {dev_full:.0} µs",
         e2e_rate / verify_rate,
-        e2e_rate / transport_rate
+        e2e_rate / transport_rate,
+        up_full / (1e6 / verify_rate + 1e6 / transport_rate),
     );
     println!("  where the time goes (means over the run): {stage_means}");
 
@@ -337,20 +488,37 @@ async fn run_path(
     let n = ((a.latency_rate * 10.0) as usize).min(a.readings);
     let msgs2 = sign_all(keys, n, 1_000_000)?;
     let before = appended(metrics_listen).await;
-    let cpu0 = cpu_seconds();
+    let (up0, dev0) = (cpu_seconds(&pid), cpu_seconds("self"));
     let sent = publish(
         mqtt.port(),
         &msgs2,
         Some(a.latency_rate),
         Some((&pki, keys)),
+        path.receipts.then_some(&receipted),
     )
     .await?;
     while appended(metrics_listen).await < before + n as u64 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let cpu_per_k2 = (cpu_seconds() - cpu0) / n as f64 * 1000.0 * 1000.0;
-    stop.send(true)?;
-    pipeline.await??;
+    // Receipts follow the next signed checkpoint; wait for them (bounded).
+    let receipt_lat = |m: &HashMap<(String, u64), u64>| -> Vec<f64> {
+        sent.iter()
+            .filter_map(|(k, t0)| Some(m.get(k)?.saturating_sub(*t0) as f64))
+            .collect()
+    };
+    if path.receipts {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while receipt_lat(&receipted.lock().unwrap_or_else(|e| e.into_inner())).len() < n
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut rlat = receipt_lat(&receipted.lock().unwrap_or_else(|e| e.into_inner()));
+    let up_rate = per(cpu_seconds(&pid) - up0, n);
+    let dev_rate = per(cpu_seconds("self") - dev0, n);
+    let rss = peak_rss_mb(&pid);
+    child.stop(data.path())?;
     let mut lat = Vec::with_capacity(n);
     for p in 0..partitions {
         let log = DurableLog::open(data.path().join("partitions").join(p.to_string()))?;
@@ -364,12 +532,22 @@ async fn run_path(
         }
     }
     println!(
-        "{name} pipeline at {:.0}/s offered: p50 {:.0} ms, p99 {:.0} ms publish->leaf ({} readings; {cpu_per_k2:.0} ms CPU per 1k)",
+        "{name} pipeline at {:.0}/s offered: p50 {:.0} ms, p99 {:.0} ms publish->leaf ({} readings); up alone {up_rate:.0} µs CPU per reading ({:.2}x its full-speed cost), the devices {dev_rate:.0} µs; up's peak RSS {rss:.0} MB",
         a.latency_rate,
         pct(&mut lat.clone(), 0.5),
         pct(&mut lat, 0.99),
-        n
+        n,
+        up_rate / up_full,
     );
+    if path.receipts {
+        println!(
+            "  publish->receipt at {:.0}/s: p50 {:.0} ms, p99 {:.0} ms ({} of {n} receipted within 30 s of the last leaf)",
+            a.latency_rate,
+            pct(&mut rlat.clone(), 0.5),
+            pct(&mut rlat, 0.99),
+            rlat.len(),
+        );
+    }
     Ok(())
 }
 
@@ -493,7 +671,7 @@ async fn transport_to_kafka(msgs: &[Signed], brokers: &str, connections: usize) 
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t = Instant::now();
-    publish(port, msgs, None, None).await?;
+    publish(port, msgs, None, None, None).await?;
     while got.load(Ordering::Relaxed) < msgs.len() as u64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -503,6 +681,9 @@ async fn transport_to_kafka(msgs: &[Signed], brokers: &str, connections: usize) 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let a = Args::parse();
+    if let Some(dir) = &a.serve_pipeline {
+        return serve_pipeline(&a, dir).await;
+    }
     let partitions = a.partitions.unwrap_or(UpConfig::default().partitions);
     let keys: Vec<SecretKey> = (0..a.devices)
         .map(|_| SecretKey::generate(&mut rand_core::OsRng))
@@ -549,7 +730,7 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let t = Instant::now();
-    publish(port, &msgs, None, None).await?;
+    publish(port, &msgs, None, None, None).await?;
     while got.load(Ordering::Relaxed) < a.readings as u64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -601,8 +782,8 @@ async fn main() -> Result<()> {
         run_path(&a, &off, &keys, &msgs, verify_rate, k_transport).await?;
     }
     println!(
-        "peak memory (RSS, whole process):              {:>9.0} MB",
-        peak_rss_mb()
+        "peak memory of the bench process (the devices): {:>9.0} MB",
+        peak_rss_mb("self")
     );
     Ok(())
 }
