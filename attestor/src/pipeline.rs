@@ -727,11 +727,21 @@ impl PartitionState {
                     (did.clone(), Some(idx))
                 }
                 Fate::Duplicate { did, seq, original } => {
-                    let at = match original {
-                        Some(Original::InBatch(pos)) => Some((first + *pos as u64, now_ms)),
-                        Some(Original::Logged(idx)) => {
-                            let l = self.log.leaf(*idx)?;
-                            Some((*idx, leaf::decode(&l)?.log_time_ms))
+                    let idx = match original {
+                        Some(Original::InBatch(pos)) => Some(first + *pos as u64),
+                        Some(Original::Logged(idx)) => Some(*idx),
+                        None => None,
+                    };
+                    // Only the same message is "already in the log": a
+                    // different message reusing a logged seq (the device's
+                    // key signed two readings with one seq, and the other
+                    // came first) is refused, never given the other's
+                    // proof (#18's CI caught one such receipt).
+                    let at = match idx {
+                        Some(idx) => {
+                            let l = self.log.leaf(idx)?;
+                            let l = leaf::decode(&l)?;
+                            (l.envelope == msg.as_slice()).then_some((idx, l.log_time_ms))
                         }
                         None => None,
                     };

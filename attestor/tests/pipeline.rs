@@ -469,3 +469,72 @@ async fn a_record_in_the_wrong_partition_is_rejected() {
     stop.send(true).unwrap();
     h.await.unwrap();
 }
+
+/// A different message reusing a logged seq (the device key signed two
+/// readings with one seq) is refused in its receipt with no proof; only the
+/// same message again is a duplicate with the original's proof. Before the
+/// fix the other message's receipt carried the original's index and proof,
+/// which its device could not verify (#18's CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_different_message_reusing_a_logged_seq_gets_no_proof() {
+    use vitaltrail_core::receipt::{Status, message_hash};
+    let d = tempfile::tempdir().unwrap();
+    let cfg = AttestorConfig {
+        data_dir: d.path().to_owned(),
+        checkpoint_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let key = SecretKey::from_seed(&[42; 32]).unwrap();
+    let (tx, parts) = inproc::bus(1, 64);
+    let rejects = Arc::new(RejectLog::open(cfg.data_dir.join("rejected.jsonl")).unwrap());
+    let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+    let patients: vitaltrail_attestor::parquet_out::PatientLookup =
+        Arc::new(|_| vitaltrail_attestor::parquet_out::Registered::Active("p".into()));
+    let state = PartitionState::open(&cfg, 0, &key, metrics, patients).unwrap();
+    let (rtx, mut rrx) = tokio::sync::mpsc::channel(64);
+    let (stop, stop_rx) = watch::channel(false);
+    let clock: Arc<dyn Clock> = Arc::new(MockClock::new(NOW));
+    let c2 = cfg.clone();
+    let h = tokio::spawn(async move {
+        let p = parts.into_iter().next().unwrap();
+        run_partition(p, state, c2, rejects, clock, None, Some(rtx), stop_rx)
+            .await
+            .unwrap();
+    });
+    let dev = SecretKey::from_seed(&[1; 32]).unwrap();
+    let first = reading(&dev, 1, NOW);
+    let other = reading(&dev, 1, NOW + 1);
+    assert_ne!(first.payload, other.payload);
+    let logged = Outcome::Logged {
+        partition: 0,
+        index: 0,
+    };
+    let dup = Outcome::Rejected {
+        reason: "duplicate".into(),
+    };
+    assert_eq!(tx.send(first.clone()).await.unwrap(), logged);
+    assert_eq!(tx.send(other.clone()).await.unwrap(), dup);
+    assert_eq!(tx.send(first.clone()).await.unwrap(), dup);
+    let mut entries = Vec::new();
+    while entries.len() < 3 {
+        let r = tokio::time::timeout(Duration::from_secs(10), rrx.recv())
+            .await
+            .expect("receipts")
+            .unwrap();
+        entries.extend(r.entries);
+    }
+    let (h_first, h_other) = (message_hash(&first.payload), message_hash(&other.payload));
+    assert_eq!(entries[0].message_hash, h_first);
+    assert_eq!(entries[0].status, Status::Logged);
+    assert_eq!(entries[1].message_hash, h_other);
+    assert_eq!(entries[1].status, Status::Rejected, "{:?}", entries[1]);
+    assert_eq!(entries[1].reason.as_deref(), Some("duplicate"));
+    assert!(entries[1].index.is_none() && entries[1].proof.is_none());
+    assert_eq!(entries[2].message_hash, h_first);
+    assert_eq!(entries[2].status, Status::Duplicate);
+    assert_eq!(entries[2].index, Some(0));
+    assert!(entries[2].proof.is_some());
+    stop.send(true).unwrap();
+    drop(tx);
+    h.await.unwrap();
+}

@@ -258,6 +258,14 @@ pub async fn run(
                     meta: None,
                 };
                 let earlier = t.first.clone().unwrap_or_default();
+                // A reused seq must reach the pipeline after the genuine
+                // reading, or the genuine one is the duplicate: with
+                // receipts, wait (bounded) until that reading is receipted.
+                if attack == Attack::DuplicateSeq {
+                    session
+                        .until_receipted(cfg, &t.key.did().to_string(), t.next_seq - 1)
+                        .await?;
+                }
                 let (claimed, bad) =
                     attacks::forge(attack, &t.key, &fresh, t.next_seq - 1, &earlier, &stranger)?;
                 // Attacks are not kept for resending: nothing but a
@@ -551,6 +559,28 @@ impl Session {
             .await
             .map_err(|e| Error::Mqtt(e.to_string()))?;
         Ok(true)
+    }
+
+    /// With receipts, wait until `did`'s reading `seq` is no longer
+    /// waiting for its receipt (resending as due), for at most the receipt
+    /// timeout. Without receipts, returns at once.
+    async fn until_receipted(&mut self, cfg: &SimConfig, did: &str, seq: u64) -> Result<()> {
+        if !self.receipts {
+            return Ok(());
+        }
+        let deadline = Instant::now() + cfg.receipt_timeout;
+        while Instant::now() < deadline {
+            let waiting = self
+                .tracker
+                .lock()
+                .is_ok_and(|t| t.pending.values().any(|u| u.did == did && u.seq == seq));
+            if !waiting {
+                break;
+            }
+            self.resend_due(cfg).await?;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
     }
 
     fn unreceipted(&self) -> usize {
