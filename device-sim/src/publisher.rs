@@ -261,10 +261,16 @@ pub async fn run(
                 // A reused seq must reach the pipeline after the genuine
                 // reading, or the genuine one is the duplicate: with
                 // receipts, wait (bounded) until that reading is receipted.
-                if attack == Attack::DuplicateSeq {
-                    session
+                if attack == Attack::DuplicateSeq
+                    && !session
                         .until_receipted(cfg, &t.key.did().to_string(), t.next_seq - 1)
-                        .await?;
+                        .await?
+                {
+                    tracing::warn!(
+                        "sim: the reading a duplicate-seq attack would reuse has no receipt after {:?}; attack not sent",
+                        cfg.receipt_timeout
+                    );
+                    continue;
                 }
                 let (claimed, bad) =
                     attacks::forge(attack, &t.key, &fresh, t.next_seq - 1, &earlier, &stranger)?;
@@ -563,24 +569,26 @@ impl Session {
 
     /// With receipts, wait until `did`'s reading `seq` is no longer
     /// waiting for its receipt (resending as due), for at most the receipt
-    /// timeout. Without receipts, returns at once.
-    async fn until_receipted(&mut self, cfg: &SimConfig, did: &str, seq: u64) -> Result<()> {
+    /// timeout; false if it still is. Without receipts, true at once.
+    async fn until_receipted(&mut self, cfg: &SimConfig, did: &str, seq: u64) -> Result<bool> {
         if !self.receipts {
-            return Ok(());
+            return Ok(true);
         }
         let deadline = Instant::now() + cfg.receipt_timeout;
-        while Instant::now() < deadline {
+        loop {
             let waiting = self
                 .tracker
                 .lock()
                 .is_ok_and(|t| t.pending.values().any(|u| u.did == did && u.seq == seq));
             if !waiting {
-                break;
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
             }
             self.resend_due(cfg).await?;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok(())
     }
 
     fn unreceipted(&self) -> usize {
