@@ -46,6 +46,19 @@ async fn start(
     watch::Sender<bool>,
     tokio::task::JoinHandle<()>,
 ) {
+    start_with_receipts(cfg, clock, None).await
+}
+
+/// [`start`], handing the partition's receipts to `receipts` if given.
+async fn start_with_receipts(
+    cfg: &AttestorConfig,
+    clock: MockClock,
+    receipts: Option<tokio::sync::mpsc::Sender<vitaltrail_core::receipt::Receipt>>,
+) -> (
+    inproc::InProcProducer,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
     let key = SecretKey::from_seed(&[42; 32]).unwrap();
     let (tx, parts) = inproc::bus(1, 64);
     let rejects = Arc::new(RejectLog::open(cfg.data_dir.join("rejected.jsonl")).unwrap());
@@ -58,7 +71,7 @@ async fn start(
     let clock: Arc<dyn Clock> = Arc::new(clock);
     let handle = tokio::spawn(async move {
         let p = parts.into_iter().next().unwrap();
-        run_partition(p, state, cfg, rejects, clock, None, None, stop_rx)
+        run_partition(p, state, cfg, rejects, clock, None, receipts, stop_rx)
             .await
             .unwrap();
     });
@@ -484,23 +497,8 @@ async fn a_different_message_reusing_a_logged_seq_gets_no_proof() {
         checkpoint_interval: Duration::from_millis(50),
         ..Default::default()
     };
-    let key = SecretKey::from_seed(&[42; 32]).unwrap();
-    let (tx, parts) = inproc::bus(1, 64);
-    let rejects = Arc::new(RejectLog::open(cfg.data_dir.join("rejected.jsonl")).unwrap());
-    let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
-    let patients: vitaltrail_attestor::parquet_out::PatientLookup =
-        Arc::new(|_| vitaltrail_attestor::parquet_out::Registered::Active("p".into()));
-    let state = PartitionState::open(&cfg, 0, &key, metrics, patients).unwrap();
     let (rtx, mut rrx) = tokio::sync::mpsc::channel(64);
-    let (stop, stop_rx) = watch::channel(false);
-    let clock: Arc<dyn Clock> = Arc::new(MockClock::new(NOW));
-    let c2 = cfg.clone();
-    let h = tokio::spawn(async move {
-        let p = parts.into_iter().next().unwrap();
-        run_partition(p, state, c2, rejects, clock, None, Some(rtx), stop_rx)
-            .await
-            .unwrap();
-    });
+    let (tx, stop, h) = start_with_receipts(&cfg, MockClock::new(NOW), Some(rtx)).await;
     let dev = SecretKey::from_seed(&[1; 32]).unwrap();
     let first = reading(&dev, 1, NOW);
     let other = reading(&dev, 1, NOW + 1);
