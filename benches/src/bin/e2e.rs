@@ -165,12 +165,17 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// When each (did, seq) was first receipted as in the log (Unix ms), and
-/// how many have been.
+/// When each (did, seq) was first receipted as in the log, Unix ms.
 #[derive(Default)]
 struct Receipted {
     at: std::sync::Mutex<HashMap<(String, u64), u64>>,
-    count: AtomicU64,
+}
+
+impl Receipted {
+    /// How many readings have been receipted.
+    fn count(&self) -> u64 {
+        self.at.lock().map_or(0, |m| m.len() as u64)
+    }
 }
 
 /// Simulated devices: one plain connection for all (an open broker), or,
@@ -246,12 +251,7 @@ impl Devices {
                                 if let (Some(seq), Status::Logged | Status::Duplicate) =
                                     (e.seq, e.status)
                                 {
-                                    let k = (r.did.clone(), seq);
-                                    if let std::collections::hash_map::Entry::Vacant(v) = m.entry(k)
-                                    {
-                                        v.insert(now);
-                                        rc.count.fetch_add(1, Ordering::Relaxed);
-                                    }
+                                    m.entry((r.did.clone(), seq)).or_insert(now);
                                 }
                             }
                         }
@@ -525,7 +525,7 @@ impl Child {
         }
         if let Some((r, want)) = receipts {
             let deadline = Instant::now() + Duration::from_secs(120);
-            while r.count.load(Ordering::Relaxed) < want && Instant::now() < deadline {
+            while r.count() < want && Instant::now() < deadline {
                 self.alive(data)?;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -617,7 +617,7 @@ async fn run_path(
     let up_full = per(cpu_seconds(&pid) - up0, msgs.len());
     let dev_full = per(cpu_seconds("self") - dev0, msgs.len());
     let rss_full = peak_rss_mb(&pid);
-    let got_full = receipted.count.load(Ordering::Relaxed);
+    let got_full = receipted.count();
     println!(
         "{name} pipeline ({partitions} partitions), full speed: {e2e_rate:>9.0} readings/s  ({:.2}x the verify ceiling, {:.2}x its transport); up alone {up_full:.0} µs CPU per reading ({:.2}x verify + transport), peak RSS {rss_full:.0} MB; the devices {dev_full:.0} µs{}",
         e2e_rate / verify_rate,
