@@ -34,19 +34,41 @@ pub use error::{Error, Result};
 use vitaltrail_bus::registry::{Lookup, SharedRegistry};
 
 /// Make every panic, on any thread (the embedded broker's included), end
-/// the process: a stage that died must never leave a zombie that accepts
-/// connections and logs nothing. Every acknowledgement waits for
-/// durability, so a restart loses nothing that was acknowledged by the
+/// the process with code 70: a stage that died must never leave a zombie
+/// that accepts connections and logs nothing. Every acknowledgement waits
+/// for durability, so a restart loses nothing that was acknowledged by the
 /// pipeline.
 pub fn exit_on_panic() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default(info);
-        eprintln!(
-            "vitaltrail: a thread panicked; exiting so that a supervisor restarts the process"
-        );
-        std::process::exit(70);
-    }));
+    exit_on_panic_with(SERVICE_PANIC_EXIT);
+}
+
+/// The exit code of a service that panicked (`EX_SOFTWARE`).
+pub const SERVICE_PANIC_EXIT: i32 = 70;
+
+/// On any panic: print its message (the standard hook), then exit the
+/// process with `code`. The release build aborts on panic (issue #18);
+/// exiting from the hook first means a clean exit code (101 for a one-shot
+/// command, as an unwinding panic gave, [`SERVICE_PANIC_EXIT`] for a
+/// service) and never a core file that could hold a key. Called again, it
+/// only changes the code.
+pub fn exit_on_panic_with(code: i32) {
+    use std::sync::atomic::{AtomicI32, Ordering};
+    static CODE: AtomicI32 = AtomicI32::new(101);
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    CODE.store(code, Ordering::SeqCst);
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default(info);
+            let code = CODE.load(Ordering::SeqCst);
+            if code == SERVICE_PANIC_EXIT {
+                eprintln!(
+                    "vitaltrail: a thread panicked; exiting so that a supervisor restarts the process"
+                );
+            }
+            std::process::exit(code);
+        }));
+    });
 }
 
 /// Wait until something accepts TCP connections on `addr`.

@@ -442,6 +442,9 @@ fn init_tracing() {
 }
 
 fn main() -> ExitCode {
+    // A panic exits 101, as an unwinding one did; the service commands
+    // make it 70 (`exit_on_panic`).
+    vitaltrail_node::exit_on_panic_with(101);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Keys {
