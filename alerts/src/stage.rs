@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use vitaltrail_core::{Clock, envelope, leaf};
+use vitaltrail_core::{Clock, DidCache, envelope, leaf};
 
 use crate::AlertsConfig;
 use crate::engine::{Engine, Event, LoggedReading};
@@ -123,6 +123,9 @@ struct Stage {
     metrics: Metrics,
     /// The cursors in the saved state (`None`: not saved since open).
     saved_cursors: Option<BTreeMap<u32, u64>>,
+    /// Parsed `did:key`s (bounded; a parse is a curve-point decompression,
+    /// issue #20).
+    dids: DidCache,
 }
 
 impl Stage {
@@ -189,6 +192,7 @@ impl Stage {
             registry: (None, Default::default()),
             metrics,
             saved_cursors: None,
+            dids: DidCache::default(),
             cfg,
         })
     }
@@ -242,11 +246,12 @@ impl Stage {
         Ok(out)
     }
 
-    fn decode(&self, partition: u32, n: u64, bytes: &[u8]) -> Option<(LoggedReading, u64)> {
+    fn decode(&mut self, partition: u32, n: u64, bytes: &[u8]) -> Option<(LoggedReading, u64)> {
         let l = leaf::decode(bytes).ok()?;
         // The log holds only what ingest verified (docs/threat-model.md);
         // a proof bundle re-checks the signature for anyone who asks.
-        let r = envelope::decode_verified_upstream(l.envelope).ok()?;
+        let dids = &mut self.dids;
+        let r = envelope::decode_verified_upstream_with(l.envelope, |s| dids.resolve(s)).ok()?;
         // The registration the reading was logged under: a reading logged
         // before the device's current registration (a device reassigned to
         // another patient since) is not attributed to the new patient.

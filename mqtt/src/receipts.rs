@@ -105,6 +105,9 @@ pub async fn publish(
         }
     });
     let mut stopping = false;
+    // Parsed `did:key`s of devices with readings in the log (bounded): a
+    // parse is a curve-point decompression.
+    let mut dids = vitaltrail_core::DidCache::default();
     loop {
         let r = if stopping {
             // What is still queued, for a moment; then stop.
@@ -128,12 +131,19 @@ pub async fn publish(
         // The DID comes from a record (Kafka) or an MQTT topic: publish only
         // to a valid DID's topic, never to one a hostile key could shape
         // (wildcards, levels).
-        let topic = match vitaltrail_core::topics::receipts_topic(&r.did) {
-            Some(t) if vitaltrail_core::DeviceId::parse(&r.did).is_ok() => t,
-            _ => {
-                metrics.skipped.inc();
-                continue;
-            }
+        let topic = vitaltrail_core::topics::receipts_topic(&r.did);
+        // Only a receipt with a logged entry (so a checkpoint) names a
+        // registered device; a rejection may name any DID, and those must
+        // not churn the cache (core::DidCache).
+        let valid = topic.is_some()
+            && if r.checkpoint.is_some() {
+                dids.resolve(&r.did).is_ok()
+            } else {
+                vitaltrail_core::DeviceId::parse(&r.did).is_ok()
+            };
+        let Some(topic) = topic.filter(|_| valid) else {
+            metrics.skipped.inc();
+            continue;
         };
         if let Err(e) = client
             .publish(topic, QoS::AtLeastOnce, false, r.to_json())
