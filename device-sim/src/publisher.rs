@@ -154,6 +154,11 @@ pub struct SimReport {
     /// (every 200 ms). Attacks cost some: a broker that gates topics
     /// closes the connection of a device that breaks its rules.
     pub disconnections: u64,
+    /// Attacks not sent, by the reason they would have been rejected for:
+    /// with device TLS the simulator has no certificate for a device that
+    /// is not registered (the gate would refuse its connection), so it
+    /// cannot send the unknown-device attack.
+    pub attacks_not_sent: BTreeMap<String, u64>,
 }
 
 impl SimReport {
@@ -279,7 +284,11 @@ pub async fn run(
                 // a device that is not registered has no connection (the
                 // broker's gate refuses it), so its attack cannot be sent.
                 if !session.publish(claimed.as_str(), bad).await? {
-                    tracing::info!(attack = ?attack, "sim: no connection for the claimed device; attack not sent");
+                    tracing::debug!(attack = ?attack, "sim: no connection for the claimed device; attack not sent");
+                    *report
+                        .attacks_not_sent
+                        .entry(attack.expected_reason().into())
+                        .or_default() += 1;
                     continue;
                 }
                 report.published += 1;

@@ -297,6 +297,7 @@ pub fn sim(a: SimArgs) -> Result<ExitCode> {
         "disconnections": report.disconnections,
         "valid_readings": report.valid_count(),
         "expected_rejects": report.expected_rejects,
+        "attacks_not_sent": report.attacks_not_sent,
     });
     outln!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(ExitCode::SUCCESS)

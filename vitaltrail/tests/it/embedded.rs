@@ -81,6 +81,15 @@ async fn embedded_pipeline_logs_valid_readings_once_and_rejects_every_attack() {
         .unwrap();
     assert_eq!(report.acked, report.published);
     assert!(report.valid_count() > 150, "{report:?}");
+    // With device TLS the simulator has no certificate for an unregistered
+    // device, so the unknown-device attacks are counted as not sent, not
+    // logged as noise (issue #18).
+    assert_eq!(
+        report.attacks_not_sent,
+        std::collections::BTreeMap::from([("unknown_device".to_string(), 2)]),
+        "{report:?}"
+    );
+    assert!(!report.expected_rejects.contains_key("unknown_device"));
     // Every valid reading has a receipt whose proof verified; the
     // clock-skewed device's readings were rejected by receipt.
     assert_eq!(report.receipted, report.valid_count(), "{report:?}");
