@@ -131,17 +131,17 @@ pub async fn publish(
         // The DID comes from a record (Kafka) or an MQTT topic: publish only
         // to a valid DID's topic, never to one a hostile key could shape
         // (wildcards, levels).
-        let topic = vitaltrail_core::topics::receipts_topic(&r.did);
         // Only a receipt with a logged entry (so a checkpoint) names a
         // registered device; a rejection may name any DID, and those must
         // not churn the cache (core::DidCache).
-        let valid = topic.is_some()
-            && if r.checkpoint.is_some() {
+        let topic = vitaltrail_core::topics::receipts_topic(&r.did).filter(|_| {
+            if r.checkpoint.is_some() {
                 dids.resolve(&r.did).is_ok()
             } else {
                 vitaltrail_core::DeviceId::parse(&r.did).is_ok()
-            };
-        let Some(topic) = topic.filter(|_| valid) else {
+            }
+        });
+        let Some(topic) = topic else {
             metrics.skipped.inc();
             continue;
         };
