@@ -157,7 +157,9 @@ pub struct SimReport {
     /// Attacks not sent, by the reason they would have been rejected for:
     /// with device TLS the simulator has no certificate for a device that
     /// is not registered (the gate would refuse its connection), so it
-    /// cannot send the unknown-device attack.
+    /// cannot send the unknown-device attack; and a duplicate-seq attack is
+    /// not sent (with a warning) when the reading it would reuse got no
+    /// receipt in time.
     pub attacks_not_sent: BTreeMap<String, u64>,
 }
 
@@ -275,6 +277,10 @@ pub async fn run(
                         "sim: the reading a duplicate-seq attack would reuse has no receipt after {:?}; attack not sent",
                         cfg.receipt_timeout
                     );
+                    *report
+                        .attacks_not_sent
+                        .entry(attack.expected_reason().into())
+                        .or_default() += 1;
                     continue;
                 }
                 let (claimed, bad) =
