@@ -38,6 +38,17 @@ pub struct AlertsConfig {
     pub tick_ms: u64,
     /// The events file is rotated (one `.1` kept) past this many bytes.
     pub max_events_bytes: u64,
+    /// Over Kafka (`vitaltrail alerts`): the `vitals.logged` partitions
+    /// this engine owns; unset: every partition.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<Vec<u32>>,
+    /// Over Kafka: other engines own the topic's other partitions.
+    pub partial: bool,
+    /// Over Kafka: the file holding the `vitals.logged` key (64 hex digits,
+    /// `vitaltrail alerts export-key`); unset: derived from the bus key
+    /// file, which must then exist.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logged_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for AlertsConfig {
@@ -78,6 +89,9 @@ impl Default for AlertsConfig {
             keep_cleared: 1024,
             tick_ms: 200,
             max_events_bytes: 256 * 1024 * 1024,
+            partitions: None,
+            partial: false,
+            logged_key_file: None,
         }
     }
 }

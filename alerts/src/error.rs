@@ -32,6 +32,10 @@ pub enum Error {
     /// The device registry could not be read.
     #[error(transparent)]
     Bus(#[from] vitaltrail_bus::Error),
+    /// `vitals.logged` partitions that are not the topic's, or not all of
+    /// them without `partial`: a configuration error.
+    #[error("{0}")]
+    Coverage(String),
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),

@@ -23,4 +23,4 @@ pub mod stage;
 pub use config::AlertsConfig;
 pub use engine::{Alarm, Engine, Event, EventKind, LoggedReading, Severity};
 pub use error::{Error, Result};
-pub use stage::{StageConfig, run};
+pub use stage::{AlertsSource, StageConfig, run};

@@ -21,6 +21,10 @@ pub struct Metrics {
     pub lag: IntGaugeVec,
     /// The events file's size limit before a new generation starts.
     pub events_file_max_bytes: IntGauge,
+    /// `vitals.logged` records dropped for a missing or wrong MAC.
+    pub unauthentic: IntCounter,
+    /// `vitals.logged` records dropped as repeats of leaves already taken.
+    pub repeats: IntCounter,
 }
 
 impl Metrics {
@@ -59,7 +63,17 @@ impl Metrics {
                 "vitaltrail_alerts_events_file_max_bytes",
                 "Size of an events file before a new generation starts",
             )?,
+            unauthentic: IntCounter::new(
+                "vitaltrail_alerts_unauthentic_announcements_total",
+                "vitals.logged records dropped because their MAC is missing or wrong",
+            )?,
+            repeats: IntCounter::new(
+                "vitaltrail_alerts_repeated_announcements_total",
+                "vitals.logged records dropped as repeats of leaves already taken",
+            )?,
         };
+        registry.register(Box::new(m.unauthentic.clone()))?;
+        registry.register(Box::new(m.repeats.clone()))?;
         registry.register(Box::new(m.events.clone()))?;
         registry.register(Box::new(m.readings.clone()))?;
         registry.register(Box::new(m.undecodable.clone()))?;

@@ -1,12 +1,21 @@
-//! The alert stage, `run(config, shutdown)`: it follows the partition logs
-//! of a data directory (read-only, beside their writers), so it sees a
-//! reading only once it is durable and knows its leaf index; feeds the
-//! [`Engine`]; and writes every alarm event to `<data>/alerts/`.
+//! The alert stage, `run(config, shutdown)`: it takes readings only once
+//! they are durable in a partition log, with their leaf index, from one of
+//! two sources ([`AlertsSource`]):
+//! - the partition logs of its data directory, followed read-only beside
+//!   their writers (one process: `vitaltrail up`);
+//! - `vitals.logged` on Kafka, where every attestor announces each leaf
+//!   once it is durable, under a MAC (`vitaltrail alerts`, `up --kafka`):
+//!   the logs may be on other machines, and several engines split the
+//!   topic's partitions, so the patients, between them.
+//!
+//! It feeds the [`Engine`] and writes every alarm event to `<data>/alerts/`.
 //!
 //! Durability and restarts (the files are specified in `docs/alerts.md`):
 //! - events go to `events-<gen>.jsonl` (fsynced per round), then
 //!   `state.json` is replaced atomically with the engine's state, each
-//!   partition's cursor, and the events file's generation and length;
+//!   partition's cursor (or, from Kafka, each topic partition's offset and
+//!   the next leaf expected of each log in it), and the events file's
+//!   generation and length;
 //! - on start, events past the saved length (and any later generation) are
 //!   cut: the readings behind them are read again from the log and raise
 //!   the same events, with the same IDs (reading-driven events are timed by
@@ -24,7 +33,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use vitaltrail_core::{Clock, DidCache, envelope, leaf};
+use vitaltrail_bus::kafka::KafkaConfig;
+use vitaltrail_bus::logged::{Announced, LOGGED_TOPIC, LoggedConsumer};
+use vitaltrail_bus::registry::{Lookup, Registry, SharedRegistry};
+use vitaltrail_core::busauth::LoggedKey;
+use vitaltrail_core::{Clock, DeviceId, DidCache, envelope, leaf};
 
 use crate::AlertsConfig;
 use crate::engine::{Engine, Event, LoggedReading};
@@ -34,10 +47,62 @@ use crate::metrics::Metrics;
 /// Readings taken from one partition per round, at most.
 const ROUND: u64 = 4096;
 
+/// Where the stage takes durable readings from.
+// Built once per process: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub enum AlertsSource {
+    /// The partition logs of the data directory, read-only.
+    Logs,
+    /// `vitals.logged` on Kafka.
+    Kafka {
+        /// The cluster and client settings (the bus key is not used).
+        kafka: KafkaConfig,
+        /// The key of the announcements' MAC (derived from the bus key).
+        key: LoggedKey,
+        /// The `vitals.logged` partitions this engine owns (empty: every
+        /// partition of the topic).
+        partitions: Vec<u32>,
+        /// Other engines own the topic's other partitions. Without it,
+        /// `partitions` must cover the whole topic.
+        partial: bool,
+        /// Whose signature `vitals.devices` records must carry (default:
+        /// the data directory's operator key).
+        operator: Option<DeviceId>,
+    },
+}
+
+impl std::fmt::Debug for AlertsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AlertsSource::Logs => f.write_str("Logs"),
+            AlertsSource::Kafka {
+                kafka,
+                partitions,
+                partial,
+                operator,
+                ..
+            } => f
+                .debug_struct("Kafka")
+                .field("kafka", kafka)
+                .field("partitions", partitions)
+                .field("partial", partial)
+                .field("operator", operator)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// The consumer group `vitals.logged` offsets are committed in (for lag
+/// monitoring only; each engine resumes from its own state).
+pub const LOGGED_GROUP: &str = "vitaltrail-alerts";
+
 /// What the stage needs.
 pub struct StageConfig {
     /// Rules and limits.
     pub alerts: AlertsConfig,
+    /// Where durable readings come from.
+    pub source: AlertsSource,
     /// The data directory whose partition logs, registry and `alerts/`
     /// directory it uses.
     pub data_dir: PathBuf,
@@ -51,6 +116,7 @@ impl std::fmt::Debug for StageConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StageConfig")
             .field("alerts", &self.alerts)
+            .field("source", &self.source)
             .field("data_dir", &self.data_dir)
             .finish_non_exhaustive()
     }
@@ -60,8 +126,15 @@ impl std::fmt::Debug for StageConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Saved {
-    /// Per partition: leaves processed.
+    /// Per partition: leaves processed (from the logs).
     cursors: BTreeMap<u32, u64>,
+    /// From Kafka: per `vitals.logged` partition, the next offset.
+    #[serde(default)]
+    offsets: BTreeMap<u32, u64>,
+    /// From Kafka: per `"<topic partition>/<log partition>"`, the next leaf
+    /// index expected (an announcement below it is a repeat).
+    #[serde(default)]
+    expected: BTreeMap<String, u64>,
     /// The current events file's generation and its length once written.
     events_gen: u64,
     events_len: u64,
@@ -72,6 +145,8 @@ struct Saved {
 #[derive(Serialize)]
 struct SavedRef<'a> {
     cursors: &'a BTreeMap<u32, u64>,
+    offsets: &'a BTreeMap<u32, u64>,
+    expected: &'a BTreeMap<String, u64>,
     events_gen: u64,
     events_len: u64,
     engine: &'a Engine,
@@ -108,28 +183,61 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error + u
     move |source| Error::Io { op, path, source }
 }
 
+/// The device registry as the stage sees it.
+enum Devices {
+    /// `<data>/devices.json`, re-read when its modification time changes
+    /// (checked every round, so a registration the attestor saw is seen).
+    File(Option<std::time::SystemTime>, Registry),
+    /// Followed from `vitals.devices` and the local file (Kafka).
+    Shared(SharedRegistry),
+}
+
+/// What the registry says of a device: patient, ward, registered at.
+type Registration = (String, Option<String>, u64);
+
+impl Devices {
+    fn lookup(&self, did: &str) -> Option<Registration> {
+        let pick = |r: &Registry| match r.lookup(did) {
+            Lookup::Active(e) | Lookup::Revoked(e) => {
+                Some((e.patient.clone(), e.ward.clone(), e.added_ms))
+            }
+            Lookup::Unknown => None,
+        };
+        match self {
+            Devices::File(_, r) => pick(r),
+            Devices::Shared(s) => s.with(pick),
+        }
+    }
+}
+
+/// The saved positions, to tell whether a round moved any.
+#[derive(Clone, PartialEq)]
+struct Marks {
+    cursors: BTreeMap<u32, u64>,
+    offsets: BTreeMap<u32, u64>,
+}
+
 struct Stage {
     cfg: StageConfig,
     dir: PathBuf,
     engine: Engine,
     cursors: BTreeMap<u32, u64>,
+    offsets: BTreeMap<u32, u64>,
+    expected: BTreeMap<String, u64>,
     events_gen: u64,
     events_len: u64,
     events: std::fs::File,
-    registry: (
-        Option<std::time::SystemTime>,
-        vitaltrail_bus::registry::Registry,
-    ),
+    registry: Devices,
     metrics: Metrics,
-    /// The cursors in the saved state (`None`: not saved since open).
-    saved_cursors: Option<BTreeMap<u32, u64>>,
+    /// The positions in the saved state (`None`: not saved since open).
+    saved: Option<Marks>,
     /// Parsed `did:key`s (bounded; a parse is a curve-point decompression,
     /// issue #20).
     dids: DidCache,
 }
 
 impl Stage {
-    fn open(cfg: StageConfig) -> Result<Self> {
+    fn open(cfg: StageConfig, registry: Devices) -> Result<Self> {
         let dir = alerts_dir(&cfg.data_dir);
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         let state = dir.join("state.json");
@@ -147,10 +255,12 @@ impl Stage {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io("read", &state)(e)),
         };
-        let (engine, cursors, events_gen, events_len) = match saved {
+        let (engine, cursors, offsets, expected, events_gen, events_len) = match saved {
             Some(s) => (
                 s.engine.with_config(cfg.alerts.clone()),
                 s.cursors,
+                s.offsets,
+                s.expected,
                 s.events_gen,
                 s.events_len,
             ),
@@ -159,7 +269,14 @@ impl Stage {
                 for (_, f) in event_files(&dir) {
                     std::fs::remove_file(&f).map_err(io("remove", &f))?;
                 }
-                (Engine::new(cfg.alerts.clone()), BTreeMap::new(), 0, 0)
+                (
+                    Engine::new(cfg.alerts.clone()),
+                    BTreeMap::new(),
+                    BTreeMap::new(),
+                    BTreeMap::new(),
+                    0,
+                    0,
+                )
             }
         };
         // Cut what was written after the state was saved.
@@ -186,33 +303,44 @@ impl Stage {
             dir,
             engine,
             cursors,
+            offsets,
+            expected,
             events_gen,
             events_len: events_len.min(len),
             events,
-            registry: (None, Default::default()),
+            registry,
             metrics,
-            saved_cursors: None,
+            saved: None,
             dids: DidCache::default(),
             cfg,
         })
     }
 
     fn registry(&mut self) -> Result<()> {
+        let Devices::File(seen, reg) = &mut self.registry else {
+            return Ok(());
+        };
         let file = vitaltrail_bus::datadir::registry_file(&self.cfg.data_dir);
         let mtime = std::fs::metadata(file.path())
             .and_then(|m| m.modified())
             .ok();
-        if mtime != self.registry.0 || mtime.is_none() {
-            self.registry = (mtime, file.load()?);
+        if mtime != *seen || mtime.is_none() {
+            *reg = file.load()?;
+            *seen = mtime;
         }
         Ok(())
     }
 
-    /// Take what the logs committed since the last round; returns the
-    /// events raised.
-    fn round(&mut self) -> Result<Vec<Event>> {
+    /// Take `announced` (Kafka), or what the logs committed since the last
+    /// round; returns the events raised.
+    fn round(&mut self, announced: Vec<Announced>) -> Result<Vec<Event>> {
         self.registry()?;
         let mut out = Vec::new();
+        if matches!(self.cfg.source, AlertsSource::Kafka { .. }) {
+            self.take_announced(announced, &mut out);
+            out.extend(self.engine.tick(self.cfg.clock.now_ms()));
+            return Ok(out);
+        }
         let partitions = vitaltrail_bus::datadir::existing_partitions(&self.cfg.data_dir);
         for p in 0..partitions {
             let dir = self.cfg.data_dir.join("partitions").join(p.to_string());
@@ -232,18 +360,53 @@ impl Stage {
                 .set((log.size() - from.min(log.size())) as i64);
             for n in from..to {
                 let bytes = log.leaf(n)?;
-                if let Some(r) = self.decode(p, n, &bytes) {
-                    let (reading, log_time) = r;
-                    out.extend(self.engine.reading(&reading, log_time));
-                    self.metrics.readings.inc();
-                } else {
-                    self.metrics.undecodable.inc();
-                }
+                self.score(p, n, &bytes, &mut out);
             }
             self.cursors.insert(p, to.max(from));
         }
         out.extend(self.engine.tick(self.cfg.clock.now_ms()));
         Ok(out)
+    }
+
+    /// Score announcements in order: each once (a repeat, at or below a
+    /// leaf already taken from its log in its topic partition, is dropped),
+    /// and only if its MAC checks out.
+    fn take_announced(&mut self, announced: Vec<Announced>, out: &mut Vec<Event>) {
+        for a in announced {
+            let next = self.offsets.entry(a.topic_partition).or_insert(0);
+            *next = (*next).max(a.offset + 1);
+            let Some((p, n)) = a.position.filter(|_| a.authentic) else {
+                // Anyone who can produce to Kafka can write the topic; only
+                // an attestor holds the key (docs/threat-model.md).
+                self.metrics.unauthentic.inc();
+                tracing::debug!(
+                    partition = a.topic_partition,
+                    offset = a.offset,
+                    "vitals.logged record without a valid MAC; dropped"
+                );
+                continue;
+            };
+            let expected = self
+                .expected
+                .entry(format!("{}/{p}", a.topic_partition))
+                .or_insert(0);
+            if n < *expected {
+                self.metrics.repeats.inc();
+                continue;
+            }
+            *expected = n + 1;
+            self.score(p, n, &a.leaf, out);
+        }
+    }
+
+    /// Feed one durable leaf to the engine.
+    fn score(&mut self, p: u32, n: u64, bytes: &[u8], out: &mut Vec<Event>) {
+        if let Some((reading, log_time)) = self.decode(p, n, bytes) {
+            out.extend(self.engine.reading(&reading, log_time));
+            self.metrics.readings.inc();
+        } else {
+            self.metrics.undecodable.inc();
+        }
     }
 
     fn decode(&mut self, partition: u32, n: u64, bytes: &[u8]) -> Option<(LoggedReading, u64)> {
@@ -255,12 +418,10 @@ impl Stage {
         // The registration the reading was logged under: a reading logged
         // before the device's current registration (a device reassigned to
         // another patient since) is not attributed to the new patient.
-        let entry = match self.registry.1.lookup(r.did.as_str()) {
-            vitaltrail_bus::registry::Lookup::Active(e)
-            | vitaltrail_bus::registry::Lookup::Revoked(e) => Some(e),
-            vitaltrail_bus::registry::Lookup::Unknown => None,
-        }
-        .filter(|e| e.added_ms <= l.log_time_ms);
+        let entry = self
+            .registry
+            .lookup(r.did.as_str())
+            .filter(|e| e.2 <= l.log_time_ms);
         Some((
             LoggedReading {
                 partition,
@@ -268,8 +429,8 @@ impl Stage {
                 device: r.did.as_str().to_owned(),
                 seq: r.seq,
                 time_ms: r.time,
-                patient: entry.map(|e| e.patient.clone()),
-                ward: entry.and_then(|e| e.ward.clone()),
+                patient: entry.as_ref().map(|e| e.0.clone()),
+                ward: entry.and_then(|e| e.1),
                 measurements: r
                     .measurements
                     .into_iter()
@@ -284,7 +445,11 @@ impl Stage {
     fn persist(&mut self, events: &[Event]) -> Result<()> {
         // The engine changes only with readings (the cursors move) or
         // events; otherwise there is nothing to save.
-        if events.is_empty() && self.saved_cursors.as_ref() == Some(&self.cursors) {
+        let marks = Marks {
+            cursors: self.cursors.clone(),
+            offsets: self.offsets.clone(),
+        };
+        if events.is_empty() && self.saved.as_ref() == Some(&marks) {
             return Ok(());
         }
         if !events.is_empty() {
@@ -319,13 +484,15 @@ impl Stage {
         }
         let saved = SavedRef {
             cursors: &self.cursors,
+            offsets: &self.offsets,
+            expected: &self.expected,
             events_gen: self.events_gen,
             events_len: self.events_len,
             engine: &self.engine,
         };
         let bytes = serde_json::to_vec(&saved).map_err(|e| Error::State(e.to_string()))?;
         vitaltrail_log::write_atomic(&self.dir, "state.json", &bytes)?;
-        self.saved_cursors = Some(self.cursors.clone());
+        self.saved = Some(marks);
         self.metrics.active.set(self.engine.active().count() as i64);
         self.metrics.patients.set(self.engine.patients() as i64);
         self.metrics
@@ -336,11 +503,95 @@ impl Stage {
 }
 
 /// Run until `shutdown` turns true (a last round is taken and saved).
-pub async fn run(cfg: StageConfig, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-    let tick = Duration::from_millis(cfg.alerts.tick_ms.clamp(10, 60_000));
-    let mut stage = tokio::task::spawn_blocking(move || Stage::open(cfg))
+pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
+    match cfg.source.clone() {
+        AlertsSource::Logs => {
+            let devices = Devices::File(None, Registry::default());
+            let stage = open(cfg, devices).await?;
+            follow_logs(stage, shutdown).await
+        }
+        AlertsSource::Kafka {
+            kafka,
+            key,
+            partitions,
+            partial,
+            operator,
+        } => {
+            vitaltrail_bus::kafka::ensure_topics(&kafka).await?;
+            let partitions = check_coverage(&kafka, partitions, partial)?;
+            let data = cfg.data_dir.clone();
+            let (devices, watch) = SharedRegistry::watch(
+                vitaltrail_bus::datadir::registry_file(&data),
+                Duration::from_millis(500),
+            )?;
+            let operator = vitaltrail_bus::datadir::trusted_operator(operator.as_ref(), &data)?;
+            let follow =
+                vitaltrail_bus::registry::follow_topic(&kafka, &devices, &operator).await?;
+            let stage = open(cfg, Devices::Shared(devices)).await?;
+            let starts: Vec<(u32, Option<u64>)> = partitions
+                .iter()
+                .map(|p| (*p, stage.offsets.get(p).copied()))
+                .collect();
+            let consumer = LoggedConsumer::assign(&kafka, LOGGED_GROUP, key, &starts)?;
+            tracing::info!(partitions = ?partitions, data = %data.display(), "alert engine is up on {LOGGED_TOPIC}");
+            let res = follow_kafka(stage, consumer, shutdown).await;
+            follow.abort();
+            watch.abort();
+            res
+        }
+    }
+}
+
+async fn open(cfg: StageConfig, devices: Devices) -> Result<Stage> {
+    tokio::task::spawn_blocking(move || Stage::open(cfg, devices))
         .await
-        .map_err(|e| Error::State(format!("alert stage task: {e}")))??;
+        .map_err(|e| Error::State(format!("alert stage task: {e}")))?
+}
+
+/// One round on a blocking thread: take, score, persist.
+async fn round(mut stage: Stage, announced: Vec<Announced>) -> Result<Stage> {
+    tokio::task::spawn_blocking(move || -> Result<Stage> {
+        let events = stage.round(announced)?;
+        stage.persist(&events)?;
+        Ok(stage)
+    })
+    .await
+    .map_err(|e| Error::State(format!("alert stage task: {e}")))?
+}
+
+/// Check, from the topic's metadata, that `ours` are partitions of
+/// `vitals.logged`, and (unless `partial`) all of them: a partition no
+/// engine follows is patients nobody is alerted about.
+fn check_coverage(kafka: &KafkaConfig, ours: Vec<u32>, partial: bool) -> Result<Vec<u32>> {
+    let n = vitaltrail_bus::kafka::topic_partitions(kafka, LOGGED_TOPIC)?;
+    if ours.is_empty() {
+        return Ok((0..n).collect());
+    }
+    if let Some(p) = ours.iter().find(|&&p| p >= n) {
+        return Err(Error::Coverage(format!(
+            "{LOGGED_TOPIC} has {n} partitions; partition {p} does not exist"
+        )));
+    }
+    let missing: Vec<u32> = (0..n).filter(|p| !ours.contains(p)).collect();
+    if !missing.is_empty() && !partial {
+        return Err(Error::Coverage(format!(
+            "{LOGGED_TOPIC} has {n} partitions but this engine owns {ours:?}: nobody would alert \
+             on the patients of partitions {missing:?}. Give every partition (--partitions), or \
+             pass --partial when other engines own the rest"
+        )));
+    }
+    if !missing.is_empty() {
+        tracing::warn!(
+            ?missing,
+            "vitals.logged partitions left to other engines (--partial)"
+        );
+    }
+    Ok(ours)
+}
+
+/// The partition logs, one round per tick.
+async fn follow_logs(mut stage: Stage, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+    let tick = Duration::from_millis(stage.cfg.alerts.tick_ms.clamp(10, 60_000));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -348,15 +599,153 @@ pub async fn run(cfg: StageConfig, mut shutdown: watch::Receiver<bool>) -> Resul
             _ = interval.tick() => false,
             _ = shutdown.changed() => true,
         } || *shutdown.borrow();
-        stage = tokio::task::spawn_blocking(move || -> Result<Stage> {
-            let events = stage.round()?;
-            stage.persist(&events)?;
-            Ok(stage)
-        })
-        .await
-        .map_err(|e| Error::State(format!("alert stage task: {e}")))??;
+        stage = round(stage, Vec::new()).await?;
         if stop {
             return Ok(());
         }
+    }
+}
+
+/// Rounds start at least this far apart (each one fsyncs).
+const MIN_ROUND_GAP: Duration = Duration::from_millis(20);
+
+/// `vitals.logged`: a round as soon as announcements arrive (rounds at
+/// least [`MIN_ROUND_GAP`] apart), and at least once per tick for the
+/// rules timed by the clock.
+async fn follow_kafka(
+    mut stage: Stage,
+    consumer: LoggedConsumer,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let tick = Duration::from_millis(stage.cfg.alerts.tick_ms.clamp(10, 60_000));
+    let mut batch = Vec::new();
+    loop {
+        let started = tokio::time::Instant::now();
+        let stop = tokio::select! {
+            _ = consumer.next_batch(ROUND as usize, tick, &mut batch) => false,
+            _ = shutdown.changed() => true,
+        } || *shutdown.borrow();
+        stage = round(stage, std::mem::take(&mut batch)).await?;
+        // Lag monitoring only: the engine resumes from its own state.
+        if let Err(e) = consumer.commit(&stage.offsets) {
+            tracing::debug!(error = %e, "committing vitals.logged offsets");
+        }
+        if stop {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(started + MIN_ROUND_GAP) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vitaltrail_core::{Measurement, MockClock, SecretKey, UnsignedReading};
+
+    const T0: u64 = 1_700_000_000_000;
+
+    fn leaf_of(key: &SecretKey, seq: u64) -> Vec<u8> {
+        let r = UnsignedReading {
+            seq,
+            time: T0 + seq * 1000,
+            measurements: vec![Measurement {
+                code: "2708-6".into(),
+                value: 97.0,
+                unit: "%".into(),
+            }],
+            meta: None,
+        };
+        leaf::encode(T0 + seq * 1000 + 5, &envelope::sign(key, &r).unwrap())
+    }
+
+    fn ann(
+        k: &LoggedKey,
+        tp: u32,
+        offset: u64,
+        p: u32,
+        n: u64,
+        leaf: &[u8],
+        forged: bool,
+    ) -> Announced {
+        let mac = k.mac("pt", p, n, leaf);
+        Announced {
+            topic_partition: tp,
+            offset,
+            key: "pt".into(),
+            position: Some((p, n)),
+            leaf: leaf.to_vec(),
+            authentic: !forged && k.check("pt", p, n, leaf, &mac),
+        }
+    }
+
+    fn stage(data: &Path, key: &LoggedKey) -> Stage {
+        let cfg = StageConfig {
+            alerts: AlertsConfig::default(),
+            source: AlertsSource::Kafka {
+                kafka: KafkaConfig::default(),
+                key: key.clone(),
+                partitions: vec![0, 1],
+                partial: false,
+                operator: None,
+            },
+            data_dir: data.to_owned(),
+            clock: Arc::new(MockClock::new(T0)),
+            metrics: prometheus::Registry::new(),
+        };
+        Stage::open(cfg, Devices::File(None, Registry::default())).unwrap()
+    }
+
+    /// Each leaf position is scored once per topic partition, whatever the
+    /// repeats (an attestor's restart) and interleaving; a record without a
+    /// valid MAC is never scored and moves no expectation; and the offsets
+    /// and expectations survive a restart of the stage.
+    #[test]
+    fn announcements_are_scored_once_each_and_only_when_authentic() {
+        let data = tempfile::tempdir().unwrap();
+        let key = vitaltrail_core::busauth::BusKey::from_hex(&"22".repeat(32))
+            .unwrap()
+            .logged_key();
+        let dev = SecretKey::from_seed(&[9; 32]).unwrap();
+        let l: Vec<Vec<u8>> = (0..8).map(|s| leaf_of(&dev, s)).collect();
+        let mut st = stage(data.path(), &key);
+        let mut out = Vec::new();
+        let batch = vec![
+            ann(&key, 0, 0, 0, 0, &l[0], false),
+            ann(&key, 0, 1, 0, 1, &l[1], false),
+            // A forged record far ahead must not make 2.. look like repeats.
+            ann(&key, 0, 2, 0, 500, &l[2], true),
+            ann(&key, 0, 3, 0, 2, &l[2], false),
+            // The attestor restarted and announced 1 and 2 again.
+            ann(&key, 0, 4, 0, 1, &l[1], false),
+            ann(&key, 0, 5, 0, 2, &l[2], false),
+            ann(&key, 0, 6, 0, 3, &l[3], false),
+            // Another log in the same topic partition, and the same log
+            // position in another topic partition: both new.
+            ann(&key, 0, 7, 1, 0, &l[4], false),
+            ann(&key, 1, 0, 0, 4, &l[5], false),
+        ];
+        st.take_announced(batch, &mut out);
+        assert_eq!(st.metrics.readings.get(), 6);
+        assert_eq!(st.metrics.repeats.get(), 2);
+        assert_eq!(st.metrics.unauthentic.get(), 1);
+        assert_eq!(st.offsets, BTreeMap::from([(0, 8), (1, 1)]));
+        st.persist(&out).unwrap();
+        drop(st);
+        // Restarted: the saved expectations still drop repeats.
+        let mut st = stage(data.path(), &key);
+        assert_eq!(st.offsets, BTreeMap::from([(0, 8), (1, 1)]));
+        st.take_announced(
+            vec![
+                ann(&key, 0, 8, 0, 3, &l[3], false),
+                ann(&key, 0, 9, 0, 4, &l[6], false),
+                ann(&key, 1, 1, 0, 4, &l[5], false),
+            ],
+            &mut out,
+        );
+        assert_eq!(st.metrics.readings.get(), 1);
+        assert_eq!(st.metrics.repeats.get(), 2);
     }
 }

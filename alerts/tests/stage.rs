@@ -56,6 +56,7 @@ async fn run_once(data: &Path) {
             silent_after_ms: None,
             ..Default::default()
         },
+        source: vitaltrail_alerts::AlertsSource::Logs,
         data_dir: data.to_owned(),
         clock: Arc::new(MockClock::new(T0 + 60_000)),
         metrics: prometheus::Registry::new(),

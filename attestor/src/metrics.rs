@@ -26,6 +26,11 @@ pub struct Metrics {
     /// Receipts dropped because the publisher's queue was full (the
     /// device resends and gets a duplicate's receipt).
     pub receipts_dropped: IntCounter,
+    /// Logged leaves handed to the `vitals.logged` announcer that Kafka
+    /// has not acknowledged yet (bounded by its queue).
+    pub logged_pending: prometheus::IntGauge,
+    /// Leaves announced on `vitals.logged` (Kafka has them).
+    pub logged_announced: IntCounter,
     /// Device windows held in memory (bounded; the rest are on disk).
     pub windows_cached: IntGaugeVec,
     /// Live Parquet files of each partition (compaction keeps it bounded).
@@ -47,6 +52,14 @@ impl Metrics {
             receipts_dropped: IntCounter::new(
                 "vitaltrail_attestor_receipts_dropped_total",
                 "Receipts dropped because the publisher's bounded queue was full",
+            )?,
+            logged_pending: prometheus::IntGauge::new(
+                "vitaltrail_attestor_logged_pending",
+                "Logged leaves handed to the vitals.logged announcer and not yet acknowledged by Kafka",
+            )?,
+            logged_announced: IntCounter::new(
+                "vitaltrail_attestor_logged_announced_total",
+                "Leaves announced on vitals.logged (acknowledged by Kafka)",
             )?,
             parquet_files: IntGaugeVec::new(
                 Opts::new(
@@ -132,6 +145,8 @@ impl Metrics {
         };
         registry.register(Box::new(m.receipts.clone()))?;
         registry.register(Box::new(m.receipts_dropped.clone()))?;
+        registry.register(Box::new(m.logged_pending.clone()))?;
+        registry.register(Box::new(m.logged_announced.clone()))?;
         registry.register(Box::new(m.windows_cached.clone()))?;
         registry.register(Box::new(m.parquet_files.clone()))?;
         registry.register(Box::new(m.parquet_compactions.clone()))?;

@@ -321,6 +321,7 @@ pub struct CheckpointRecord {
 }
 
 pub use vitaltrail_bus::checkpoints::PublishedCheckpoint;
+pub use vitaltrail_bus::logged::LoggedLeaf;
 
 /// The state a worker owns for one partition.
 pub struct PartitionState {
@@ -343,6 +344,12 @@ pub struct PartitionState {
     /// Parsed DIDs of this partition's devices (the log, dedup rebuild and
     /// Parquet export all decode the same devices' readings).
     dids: DidCache,
+    /// With `vitals.logged`: the first leaf not yet announced when the
+    /// worker started (its backlog), and each commit's leaves kept.
+    announce_from: Option<u64>,
+    announce: bool,
+    /// The leaves of the last commit, to announce ([`Self::take_logged`]).
+    logged: Vec<LoggedLeaf>,
 }
 
 impl std::fmt::Debug for PartitionState {
@@ -414,7 +421,66 @@ impl PartitionState {
             compact,
             patients,
             dids,
+            announce_from: None,
+            announce: false,
+            logged: Vec::new(),
         })
+    }
+
+    /// Announce leaves on `vitals.logged` from leaf `from` on: the worker
+    /// first hands over `from..size` (read back from the log), then keeps
+    /// each commit's leaves ([`Self::take_logged`]).
+    pub fn announce_logged(&mut self, from: u64) {
+        self.announce = true;
+        self.announce_from = Some(from);
+    }
+
+    /// The partition.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The leaves the last commit logged, to announce (empty unless
+    /// [`Self::announce_logged`]).
+    pub fn take_logged(&mut self) -> Vec<LoggedLeaf> {
+        std::mem::take(&mut self.logged)
+    }
+
+    /// The record key a leaf of `did` is announced under: the patient it is
+    /// registered to, or the DID if the registry no longer knows it.
+    fn announce_key(&self, did: &str) -> String {
+        match (self.patients)(did) {
+            Registered::Active(p) | Registered::Revoked(p) => p,
+            Registered::Unknown => did.to_owned(),
+        }
+    }
+
+    /// Leaves `from..to` (clamped to the log) read back for announcing,
+    /// e.g. those committed before a crash but never announced.
+    pub fn logged_range(&mut self, from: u64, to: u64) -> Result<Vec<LoggedLeaf>> {
+        let to = to.min(self.log.size());
+        let mut out = Vec::with_capacity(to.saturating_sub(from) as usize);
+        for index in from..to {
+            let leaf = self.log.leaf(index)?;
+            let did = leaf::decode(&leaf).ok().and_then(|l| {
+                envelope::decode_verified_upstream_with(l.envelope, |s| self.dids.resolve(s))
+                    .ok()
+                    .map(|r| r.did.as_str().to_owned())
+            });
+            let key = match did {
+                Some(d) => self.announce_key(&d),
+                // Never logged by this attestor (it decodes every leaf
+                // first); announced under no patient rather than dropped.
+                None => String::new(),
+            };
+            out.push(LoggedLeaf {
+                partition: self.partition,
+                index,
+                key,
+                leaf,
+            });
+        }
+        Ok(out)
     }
 
     /// The last `n` checkpoints this partition signed, oldest first, as
@@ -507,6 +573,8 @@ impl PartitionState {
             .observe(batch.len() as f64);
         let mut leaves = Vec::with_capacity(batch.len());
         let mut logged = Vec::with_capacity(batch.len());
+        // With `announce`: each leaf's `vitals.logged` key.
+        let mut keys = Vec::new();
         let mut dec = Decided::default();
         // Windows of the devices this batch touched, applied once durable.
         let mut pending: HashMap<String, SeqWindow> = HashMap::new();
@@ -632,6 +700,9 @@ impl PartitionState {
                     in_batch.insert((did.clone(), reading.seq), leaves.len());
                     let (pos, seq) = (leaves.len(), reading.seq);
                     leaves.push(leaf::encode(now_ms, payload));
+                    if self.announce {
+                        keys.push(self.announce_key(&did));
+                    }
                     logged.push(reading);
                     dec.fates.push((d, Fate::Leaf { pos, did, seq }));
                 }
@@ -657,13 +728,27 @@ impl PartitionState {
             .commit(&pending, &in_log, self.log.size(), false)?;
         self.exporter
             .stage(first, now_ms, logged, &appended.leaf_hashes);
+        let appended_count = leaves.len() as u64;
+        if self.announce {
+            self.logged = keys
+                .into_iter()
+                .zip(leaves)
+                .enumerate()
+                .map(|(i, (key, leaf))| LoggedLeaf {
+                    partition: self.partition,
+                    index: first + i as u64,
+                    key,
+                    leaf,
+                })
+                .collect();
+        }
         for r in rejected.iter().filter(|r| r.reason != "duplicate") {
             self.metrics.rejected.with_label_values(&[&r.reason]).inc();
         }
         self.metrics
             .appended
             .with_label_values(&[&part])
-            .inc_by(leaves.len() as u64);
+            .inc_by(appended_count);
         self.metrics
             .tree_size
             .with_label_values(&[&part])
@@ -1047,20 +1132,34 @@ fn hand_over(
     }
 }
 
-/// Run one partition until the source closes or `shutdown` turns true.
-/// Each new checkpoint is also sent to `checkpoints`, and each commit's
-/// receipts to `receipts`, if given.
-#[allow(clippy::too_many_arguments)]
+/// Where a partition worker hands what it made, each optional.
+#[derive(Debug, Default, Clone)]
+pub struct Outlets {
+    /// Each new checkpoint (the anchor, `vitals.checkpoints`).
+    pub checkpoints: Option<tokio::sync::mpsc::Sender<PublishedCheckpoint>>,
+    /// Each commit's receipts (never waits: a full queue drops them).
+    pub receipts: Option<tokio::sync::mpsc::Sender<Receipt>>,
+    /// Each commit's leaves, for `vitals.logged` (waits: bounded), once
+    /// the state was told to keep them ([`PartitionState::announce_logged`]).
+    pub logged: Option<tokio::sync::mpsc::Sender<Vec<LoggedLeaf>>>,
+}
+
+/// Run one partition until the source closes or `shutdown` turns true,
+/// handing checkpoints, receipts and logged leaves to `outlets`.
 pub async fn run_partition<S: PartitionSource>(
     mut source: S,
     mut state: PartitionState,
     cfg: AttestorConfig,
     rejects: Arc<RejectLog>,
     clock: Arc<dyn Clock>,
-    checkpoints: Option<tokio::sync::mpsc::Sender<PublishedCheckpoint>>,
-    receipts: Option<tokio::sync::mpsc::Sender<Receipt>>,
+    outlets: Outlets,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
+    let Outlets {
+        checkpoints,
+        receipts,
+        logged,
+    } = outlets;
     let cfg = AttestorConfig {
         receipts: cfg.receipts && receipts.is_some(),
         ..cfg
@@ -1070,6 +1169,19 @@ pub async fn run_partition<S: PartitionSource>(
     let now = clock.now_ms();
     let cp = tokio::task::block_in_place(|| state.catch_up(now, &cfg))?;
     announce(checkpoints.as_ref(), &state, cp, now).await;
+    // Leaves committed before but never announced, in bounded chunks.
+    if let (Some(tx), Some(mut next)) = (logged.as_ref(), state.announce_from.take()) {
+        let size = state.log.size();
+        while next < size {
+            let to = size.min(next.saturating_add(1024));
+            let leaves = tokio::task::block_in_place(|| state.logged_range(next, to))?;
+            state.metrics.logged_pending.add(leaves.len() as i64);
+            if tx.send(leaves).await.is_err() {
+                break;
+            }
+            next = to;
+        }
+    }
     let mut tick = tokio::time::interval(cfg.checkpoint_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(cfg.max_batch);
@@ -1087,6 +1199,14 @@ pub async fn run_partition<S: PartitionSource>(
                     Ok::<_, Error>((out, state.maybe_checkpoint(now, &cfg, false)?))
                 })?;
                 hand_over(receipts.as_ref(), out, &state.metrics);
+                let leaves = state.take_logged();
+                if let Some(tx) = logged.as_ref().filter(|_| !leaves.is_empty()) {
+                    // Closed only when the announcer failed, which stops
+                    // the stage; its watermark makes a restart announce
+                    // these again.
+                    state.metrics.logged_pending.add(leaves.len() as i64);
+                    let _ = tx.send(leaves).await;
+                }
                 state
                     .metrics
                     .windows_cached

@@ -4,7 +4,8 @@
 //! publisher (`vitals.checkpoints`) and the dead-letter copy
 //! (`vitals.rejected` into `<data>/rejected.jsonl`).
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,9 @@ use vitaltrail_bus::kafka::{
     self, CHECKPOINTS_TOPIC, KafkaConfig, KafkaConsumer, KafkaProducer, REJECTED_TOPIC,
     VERIFIED_TOPIC,
 };
+use vitaltrail_bus::logged::LOGGED_TOPIC;
 use vitaltrail_bus::registry::{self, Lookup, SharedRegistry};
+use vitaltrail_core::busauth::LoggedKey;
 use vitaltrail_core::receipt::Receipt;
 use vitaltrail_core::{Clock, DeviceId, SystemClock};
 use vitaltrail_mqtt::receipts::{self, ReceiptConfig, ReceiptMetrics};
@@ -25,7 +28,8 @@ use vitaltrail_mqtt::receipts::{self, ReceiptConfig, ReceiptMetrics};
 use crate::metrics::Metrics;
 use crate::parquet_out::{PatientLookup, Registered};
 use crate::pipeline::{
-    ANNOUNCE_QUEUE, AttestorConfig, PartitionState, PublishedCheckpoint, run_partition,
+    ANNOUNCE_QUEUE, AttestorConfig, LoggedLeaf, Outlets, PartitionState, PublishedCheckpoint,
+    run_partition,
 };
 use crate::{Error, Result};
 
@@ -158,8 +162,11 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
                     attestor.clone(),
                     rejects.clone(),
                     clock.clone(),
-                    checkpoints.clone(),
-                    Some(receipts.clone()),
+                    Outlets {
+                        checkpoints: checkpoints.clone(),
+                        receipts: Some(receipts.clone()),
+                        logged: None,
+                    },
                     shutdown.clone(),
                 ));
             }
@@ -215,6 +222,35 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
                 cp_rx,
                 shutdown.clone(),
             ));
+            // Leaves to vitals.logged: each worker first announces those
+            // committed but never announced (a crash), then each commit's.
+            let logged_tx = match kafka.bus_key.as_ref() {
+                Some(bus_key) => {
+                    let (tx, rx) = mpsc::channel(LOGGED_QUEUE);
+                    let mut marks = BTreeMap::new();
+                    for state in &mut states {
+                        let dir = attestor.partition_dir(state.partition());
+                        let from = announced_mark(&dir, state.log().size())?;
+                        state.announce_logged(from);
+                        marks.insert(state.partition(), (dir, from));
+                    }
+                    tasks.spawn(publish_logged(
+                        KafkaProducer::new(&kafka)?,
+                        bus_key.logged_key(),
+                        rx,
+                        marks,
+                        a_metrics.clone(),
+                        shutdown.clone(),
+                    ));
+                    Some(tx)
+                }
+                None => {
+                    tracing::warn!(
+                        "no bus key: leaves are not announced on {LOGGED_TOPIC}, so no alert engine can follow this attestor"
+                    );
+                    None
+                }
+            };
             let receipts_tx = match mqtt {
                 Some(mqtt) => {
                     let names: Vec<String> = partitions.iter().map(|p| p.to_string()).collect();
@@ -238,13 +274,17 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
                     attestor.clone(),
                     rejects.clone(),
                     clock.clone(),
-                    Some(cp_tx.clone()),
-                    receipts_tx.clone(),
+                    Outlets {
+                        checkpoints: Some(cp_tx.clone()),
+                        receipts: receipts_tx.clone(),
+                        logged: logged_tx.clone(),
+                    },
                     shutdown.clone(),
                 ));
             }
             drop(cp_tx);
             drop(receipts_tx);
+            drop(logged_tx);
             if dead_letters {
                 tasks.spawn(copy_dead_letters(
                     kafka.clone(),
@@ -300,6 +340,104 @@ async fn publish_checkpoints(
                 return Ok(());
             }
         }
+    }
+    Ok(())
+}
+
+/// How many commits' leaves may wait for the `vitals.logged` announcer;
+/// past that the partition workers wait (bounded memory, never a loss).
+pub const LOGGED_QUEUE: usize = 64;
+
+/// The file holding how many leaves of a partition were announced on
+/// `vitals.logged` (Kafka has every leaf below it).
+const ANNOUNCED_FILE: &str = "logged.announced";
+
+/// Where announcing resumes: the partition's mark, or, the first time (no
+/// mark yet), the log's size now, written down so a crash before the first
+/// announcement loses nothing. A log that existed before announcing was
+/// built is not announced back to its start.
+fn announced_mark(dir: &Path, size: u64) -> Result<u64> {
+    let path = dir.join(ANNOUNCED_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse::<u64>().map_err(|e| Error::State {
+            path: path.clone(),
+            detail: format!("not a leaf count: {e}"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            crate::durable::write_atomic(dir, ANNOUNCED_FILE, size.to_string().as_bytes())?;
+            Ok(size)
+        }
+        Err(e) => Err(Error::Io {
+            op: "reading",
+            path,
+            source: e,
+        }),
+    }
+}
+
+/// Produce each commit's leaves to `vitals.logged`, in order, until every
+/// partition worker is gone. Several waiting commits go out together. Once
+/// Kafka has a partition's leaves, its mark moves on in memory, and is
+/// written down (fsynced) at most once a second and at the end: a crash
+/// announces at most the leaves since the last write again, which the
+/// engine drops by leaf index. While Kafka is down the send waits and the
+/// bounded queue holds the workers back.
+async fn publish_logged(
+    producer: KafkaProducer,
+    key: LoggedKey,
+    mut rx: mpsc::Receiver<Vec<LoggedLeaf>>,
+    mut marks: BTreeMap<u32, (PathBuf, u64)>,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut written = std::time::Instant::now();
+    let mut dirty = false;
+    let write = |marks: &BTreeMap<u32, (PathBuf, u64)>| -> Result<()> {
+        tokio::task::block_in_place(|| {
+            for (dir, mark) in marks.values() {
+                crate::durable::write_atomic(dir, ANNOUNCED_FILE, mark.to_string().as_bytes())?;
+            }
+            Ok(())
+        })
+    };
+    let mut batch: Vec<LoggedLeaf> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.clear();
+        batch.extend(first);
+        while batch.len() < 8192 {
+            match rx.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        tokio::select! {
+            r = producer.send_logged(&key, &batch) => r?,
+            // Stopping with Kafka down: the mark was not moved, so the next
+            // start announces these leaves.
+            _ = async {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            } => {
+                tracing::warn!(leaves = batch.len(), "stopping before Kafka took logged leaves; they are announced on the next start");
+                break;
+            }
+        }
+        for l in &batch {
+            if let Some((_, mark)) = marks.get_mut(&l.partition) {
+                *mark = (*mark).max(l.index + 1);
+            }
+        }
+        metrics.logged_pending.sub(batch.len() as i64);
+        metrics.logged_announced.inc_by(batch.len() as u64);
+        dirty = true;
+        if written.elapsed() >= Duration::from_secs(1) {
+            write(&marks)?;
+            written = std::time::Instant::now();
+            dirty = false;
+        }
+    }
+    if dirty {
+        write(&marks)?;
     }
     Ok(())
 }

@@ -71,9 +71,20 @@ async fn start_with_receipts(
     let clock: Arc<dyn Clock> = Arc::new(clock);
     let handle = tokio::spawn(async move {
         let p = parts.into_iter().next().unwrap();
-        run_partition(p, state, cfg, rejects, clock, None, receipts, stop_rx)
-            .await
-            .unwrap();
+        run_partition(
+            p,
+            state,
+            cfg,
+            rejects,
+            clock,
+            vitaltrail_attestor::pipeline::Outlets {
+                receipts,
+                ..Default::default()
+            },
+            stop_rx,
+        )
+        .await
+        .unwrap();
     });
     (tx, stop, handle)
 }

@@ -9,7 +9,8 @@
 //!   at the offset stored with its durable log. Group offsets are committed
 //!   after the state is durable, for lag monitoring.
 //!
-//! Topics: `vitals.verified` (readings), `vitals.rejected` (dead letters, JSON).
+//! Topics: `vitals.verified` (readings), `vitals.rejected` (dead letters,
+//! JSON), and [`crate::logged`]'s `vitals.logged`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,7 +106,7 @@ impl KafkaConfig {
 /// Name of the header carrying a record's MAC.
 pub const MAC_HEADER: &str = "vt-mac";
 
-fn kerr(e: rdkafka::error::KafkaError) -> Error {
+pub(crate) fn kerr(e: rdkafka::error::KafkaError) -> Error {
     match e {
         // librdkafka's message names the value, which may be a secret
         // (`sasl.password`): name the property only.
@@ -117,7 +118,8 @@ fn kerr(e: rdkafka::error::KafkaError) -> Error {
 }
 
 /// Create the pipeline's topics that do not exist yet (`vitals.verified`
-/// with `cfg.partitions` partitions, and the one-partition topics).
+/// and `vitals.logged` with `cfg.partitions` partitions, and the
+/// one-partition topics).
 pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<()> {
     create_topics(
         cfg,
@@ -126,6 +128,11 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<()> {
             NewTopic::new(REJECTED_TOPIC, 1, TopicReplication::Fixed(1)),
             registry_topic(),
             NewTopic::new(CHECKPOINTS_TOPIC, 1, TopicReplication::Fixed(1)),
+            NewTopic::new(
+                crate::logged::LOGGED_TOPIC,
+                cfg.partitions,
+                TopicReplication::Fixed(1),
+            ),
         ],
     )
     .await
@@ -190,6 +197,10 @@ impl KafkaProducer {
             producer,
             bus_key: cfg.bus_key.clone(),
         })
+    }
+
+    pub(crate) fn inner(&self) -> &FutureProducer {
+        &self.producer
     }
 
     /// Produce one keyed record and wait until Kafka has it.

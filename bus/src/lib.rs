@@ -23,6 +23,7 @@ pub mod datadir;
 pub mod deadletter;
 pub mod inproc;
 pub mod kafka;
+pub mod logged;
 pub mod metrics;
 pub mod registry;
 

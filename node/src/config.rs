@@ -114,6 +114,9 @@ pub enum Role {
     /// `vitaltrail anchor`: the anchor over Kafka; no HTTP unless
     /// `http.listen` is set.
     Anchor,
+    /// `vitaltrail alerts`: the alert engine over Kafka (`vitals.logged`);
+    /// no HTTP unless `http.listen` is set.
+    Alerts,
 }
 
 impl std::str::FromStr for Role {
@@ -124,7 +127,10 @@ impl std::str::FromStr for Role {
             "ingest" => Ok(Role::Ingest),
             "attest" => Ok(Role::Attest),
             "anchor" => Ok(Role::Anchor),
-            _ => Err(format!("unknown role {s:?} (up, ingest, attest, anchor)")),
+            "alerts" => Ok(Role::Alerts),
+            _ => Err(format!(
+                "unknown role {s:?} (up, ingest, attest, anchor, alerts)"
+            )),
         }
     }
 }
@@ -761,6 +767,38 @@ impl NodeConfig {
             bus_key: Some(datadir::load_bus_key(&key_path)?),
             ..base
         })
+    }
+
+    /// The key of `vitals.logged` for the alert engine: the file
+    /// `alerts.logged_key_file`, else derived from the bus key file, which
+    /// must exist (an engine never creates a bus key: one it made would
+    /// check nothing any attestor announced).
+    pub fn logged_key(&self) -> Result<vitaltrail_core::busauth::LoggedKey> {
+        if let Some(f) = &self.alerts.logged_key_file {
+            let text = std::fs::read_to_string(f).map_err(|e| {
+                Error::Config(format!("alerts.logged_key_file {}: {e}", f.display()))
+            })?;
+            return vitaltrail_core::busauth::LoggedKey::from_hex(&text).ok_or_else(|| {
+                Error::Config(format!(
+                    "alerts.logged_key_file {} does not hold a key (64 hex digits)",
+                    f.display()
+                ))
+            });
+        }
+        let path = self
+            .kafka
+            .bus_key_file
+            .clone()
+            .unwrap_or_else(|| datadir::bus_key_path(&self.data_dir));
+        if !path.exists() {
+            return Err(Error::Config(format!(
+                "no vitals.logged key: give alerts.logged_key_file (--logged-key-file; made by \
+                 `vitaltrail alerts export-key` where the bus key is), or the pipeline's bus key \
+                 (kafka.bus_key_file, --bus-key); {} does not exist",
+                path.display()
+            )));
+        }
+        Ok(datadir::load_bus_key(&path)?.logged_key())
     }
 
     /// [`NodeConfig::kafka_config`] for a stage that neither writes nor

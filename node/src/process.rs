@@ -1,5 +1,5 @@
 //! One stage per process, over Kafka: `vitaltrail ingest`,
-//! `vitaltrail attest` and `vitaltrail anchor`, each with its own `/metrics` when `http.listen`
+//! `vitaltrail attest`, `vitaltrail anchor` and `vitaltrail alerts`, each with its own `/metrics` when `http.listen`
 //! is set.
 
 use std::sync::Arc;
@@ -116,6 +116,44 @@ pub async fn run_attest(cfg: NodeConfig, shutdown: watch::Receiver<bool>) -> Res
     let stage = attest_stage(&cfg, &registry)?;
     let http = serve_metrics(&cfg, &registry, &shutdown);
     let run = vitaltrail_attestor::run(stage, shutdown);
+    with_http(http, async move { Ok(run.await?) }).await
+}
+
+/// The alert stage's configuration from the layered one (over Kafka).
+pub fn alerts_stage(
+    cfg: &NodeConfig,
+    registry: &prometheus::Registry,
+) -> Result<vitaltrail_alerts::StageConfig> {
+    let partitions = match &cfg.alerts.partitions {
+        Some(p) if p.is_empty() => return Err(Error::Config("alerts.partitions is empty".into())),
+        Some(p) => p.clone(),
+        None => Vec::new(),
+    };
+    let operator = cfg.operator()?;
+    let key = cfg.logged_key()?;
+    let kafka = cfg.kafka_config_without_bus_key(cfg.kafka.topic_partitions)?;
+    Ok(vitaltrail_alerts::StageConfig {
+        alerts: cfg.alerts.clone(),
+        source: vitaltrail_alerts::AlertsSource::Kafka {
+            kafka,
+            key,
+            partitions,
+            partial: cfg.alerts.partial,
+            operator,
+        },
+        data_dir: cfg.data_dir.clone(),
+        clock: Arc::new(SystemClock) as Arc<dyn Clock>,
+        metrics: registry.clone(),
+    })
+}
+
+/// `vitaltrail alerts`: run the alert engine over `vitals.logged` until
+/// `shutdown`.
+pub async fn run_alerts(cfg: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
+    let registry = prometheus::Registry::new();
+    let stage = alerts_stage(&cfg, &registry)?;
+    let http = serve_metrics(&cfg, &registry, &shutdown);
+    let run = vitaltrail_alerts::run(stage, shutdown);
     with_http(http, async move { Ok(run.await?) }).await
 }
 

@@ -63,7 +63,8 @@ pub struct UpConfig {
     pub operator: Option<vitaltrail_core::DeviceId>,
     /// The anchor (its `data_dir` is overridden by ours); none when off.
     pub anchor: Option<vitaltrail_anchor::AnchorConfig>,
-    /// The alert engine (in process only, for now); none when off.
+    /// The alert engine (over the partition logs, or with `kafka` over
+    /// `vitals.logged`); none when off.
     pub alerts: Option<vitaltrail_alerts::AlertsConfig>,
 }
 
@@ -280,6 +281,27 @@ async fn run_over_kafka(
         source: vitaltrail_anchor::AnchorSource::Kafka(kafka.clone()),
         metrics: registry.clone(),
     });
+    // The alert engine follows vitals.logged, as `vitaltrail alerts` does.
+    let alerts = match (&cfg.alerts, &kafka.bus_key) {
+        (Some(a), Some(bus_key)) => Some(vitaltrail_alerts::StageConfig {
+            alerts: a.clone(),
+            source: vitaltrail_alerts::AlertsSource::Kafka {
+                kafka: kafka.clone(),
+                key: bus_key.logged_key(),
+                partitions: Vec::new(),
+                partial: false,
+                operator: Some(operator.clone()),
+            },
+            data_dir: cfg.data_dir.clone(),
+            clock: clock.clone(),
+            metrics: registry.clone(),
+        }),
+        (Some(_), None) => {
+            tracing::warn!("no bus key: the alert engine does not run");
+            None
+        }
+        (None, _) => None,
+    };
     let attest = AttestStage {
         attestor: AttestorConfig {
             data_dir: cfg.data_dir.clone(),
@@ -313,17 +335,29 @@ async fn run_over_kafka(
     };
     let mut a = tokio::spawn(vitaltrail_attestor::run(attest, shutdown.clone()));
     let mut i = tokio::spawn(vitaltrail_ingest::run(ingest, shutdown.clone()));
-    // The anchor reads vitals.checkpoints, as `vitaltrail anchor` does.
-    let mut an = match anchor {
-        Some(stage) => tokio::spawn(vitaltrail_anchor::run(stage, shutdown.clone())),
-        None => {
-            let mut stop = shutdown.clone();
-            tokio::spawn(async move {
-                let _ = stop.wait_for(|s| *s).await;
-                Ok(())
-            })
-        }
-    };
+    // The anchor reads vitals.checkpoints, as `vitaltrail anchor` does,
+    // and the alert engine vitals.logged: one task, the first to fail
+    // stops both.
+    let (stop_anchor, stop_alerts) = (shutdown.clone(), shutdown.clone());
+    let mut an = tokio::spawn(async move {
+        let idle = |mut stop: watch::Receiver<bool>| async move {
+            let _ = stop.wait_for(|s| *s).await;
+            Ok::<(), Error>(())
+        };
+        let anchor = async move {
+            match anchor {
+                Some(stage) => Ok(vitaltrail_anchor::run(stage, stop_anchor).await?),
+                None => idle(stop_anchor).await,
+            }
+        };
+        let alerts = async move {
+            match alerts {
+                Some(stage) => Ok(vitaltrail_alerts::run(stage, stop_alerts).await?),
+                None => idle(stop_alerts).await,
+            }
+        };
+        tokio::try_join!(anchor, alerts).map(|_| ())
+    });
     let mut broker = broker;
     let mut anchor_done = false;
     // Any stage ending before shutdown stops the process; on shutdown,
@@ -342,7 +376,7 @@ async fn run_over_kafka(
             until_shutdown("ingest", &mut i, &shutdown).await?;
             until_shutdown("the attestor", &mut a, &shutdown).await?;
         }
-        r = until_shutdown("the anchor", &mut an, &shutdown) => {
+        r = until_shutdown("the anchor or the alert engine", &mut an, &shutdown) => {
             anchor_done = true;
             r?;
             until_shutdown("ingest", &mut i, &shutdown).await?;
@@ -351,7 +385,7 @@ async fn run_over_kafka(
         r = &mut broker => r?,
     }
     if !anchor_done {
-        until_shutdown("the anchor", &mut an, &shutdown).await?;
+        until_shutdown("the anchor or the alert engine", &mut an, &shutdown).await?;
     }
     Ok(())
 }
@@ -414,6 +448,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
     if let Some(alerts) = &cfg.alerts {
         let stage = vitaltrail_alerts::StageConfig {
             alerts: alerts.clone(),
+            source: vitaltrail_alerts::AlertsSource::Logs,
             data_dir: cfg.data_dir.clone(),
             clock: clock.clone(),
             metrics: registry.clone(),

@@ -94,6 +94,10 @@ enum Command {
     /// anchored to the local ledger and, when configured, an EVM chain.
     /// `vitaltrail up` runs it in process.
     Anchor(node_args::AnchorArgs),
+    /// Run the alert engine (distributed mode) over vitals.logged, where
+    /// the attestors announce every leaf once it is durable. `vitaltrail
+    /// up` runs it in process.
+    Alerts(node_args::AlertsArgs),
     /// Score NEWS2 (RCP 2017, chart 1) from the parameters given, with the
     /// alert engine's own code. Prints JSON: total, per-parameter scores,
     /// the parameters missing, and the risk band.
@@ -491,6 +495,15 @@ fn main() -> ExitCode {
             &data,
             device.as_deref(),
         ),
+        Command::Alerts(args) => {
+            init_tracing();
+            match &args.cmd {
+                Some(node_args::AlertsCmd::ExportKey { bus_key, data, out }) => {
+                    pipeline_cmds::alerts_export_key(bus_key.as_deref(), data, out)
+                }
+                None => pipeline_cmds::alerts(&args),
+            }
+        }
         Command::Anchor(args) => {
             init_tracing();
             match &args.cmd {

@@ -1,4 +1,4 @@
-//! The flags of `up`, `ingest`, `attest` and `config print`: each flag
+//! The flags of `up`, `ingest`, `attest`, `anchor`, `alerts` and `config print`: each flag
 //! that is given becomes one key of the layered configuration
 //! (`vitaltrail_node::config`), over the file and the environment. No flag
 //! has a default of its own: defaults live in `NodeConfig::defaults`.
@@ -290,6 +290,89 @@ impl AttestArgs {
             o.set("attestor.copy_dead_letters", false);
         }
         self.trust.apply(&mut o);
+        o
+    }
+}
+
+/// `vitaltrail alerts`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AlertsArgs {
+    #[command(subcommand)]
+    pub cmd: Option<AlertsCmd>,
+    #[command(flatten)]
+    pub config: ConfigFile,
+    /// Kafka bootstrap servers. [kafka.brokers]
+    #[arg(long)]
+    kafka: Option<String>,
+    /// The vitals.logged partitions this engine owns, e.g. 0,1.
+    /// [alerts.partitions; default every partition of the topic]
+    #[arg(long, value_delimiter = ',')]
+    partitions: Option<Vec<u32>>,
+    /// Other engines own the topic's other partitions. Without it,
+    /// --partitions must cover every partition of vitals.logged, or the
+    /// engine refuses to start. [alerts.partial]
+    #[arg(long)]
+    partial: bool,
+    /// Data directory (the engine's state and events in <data>/alerts,
+    /// the local registry file). [data_dir; default vitaltrail-data]
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The file holding the vitals.logged key (`vitaltrail alerts
+    /// export-key`), so this machine needs no bus key. Default: derived
+    /// from the bus key file. [alerts.logged_key_file]
+    #[arg(long)]
+    logged_key_file: Option<PathBuf>,
+    /// The pipeline's bus key file, to derive the vitals.logged key from
+    /// (never created here). [kafka.bus_key_file]
+    #[arg(long)]
+    bus_key: Option<PathBuf>,
+    /// librdkafka client properties, one key=value per line.
+    /// [kafka.client_config_file]
+    #[arg(long)]
+    kafka_config_file: Option<PathBuf>,
+    /// The operator's DID, whose signature every vitals.devices record
+    /// must carry; default: the DID of <data>/keys/operator.pem.
+    /// [kafka.operator]
+    #[arg(long)]
+    operator: Option<String>,
+    /// Where /metrics is served. [http.listen]
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+}
+
+/// `vitaltrail alerts …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AlertsCmd {
+    /// Write the vitals.logged key, derived from the pipeline's bus key, to
+    /// a new file (mode 0600) for an alert engine's machine: it lets the
+    /// engine check the attestors' announcements, and nothing else.
+    ExportKey {
+        /// The bus key file. Default: <data>/keys/bus.key.
+        #[arg(long)]
+        bus_key: Option<PathBuf>,
+        /// The data directory holding keys/bus.key.
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
+        data: PathBuf,
+        /// The file to write (refused if it exists).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+impl AlertsArgs {
+    /// The flags given, as configuration keys.
+    pub fn overrides(&self) -> Overrides {
+        let mut o = Overrides::new();
+        o.set_opt("kafka.brokers", self.kafka.clone())
+            .set_opt("alerts.partitions", self.partitions.clone())
+            .set_flag("alerts.partial", self.partial)
+            .set_opt("data_dir", self.data.clone())
+            .set_opt("alerts.logged_key_file", self.logged_key_file.clone())
+            .set_opt("kafka.bus_key_file", self.bus_key.clone())
+            .set_opt("kafka.client_config_file", self.kafka_config_file.clone())
+            .set_opt("kafka.operator", self.operator.clone())
+            .set_opt("http.listen", self.metrics_listen);
         o
     }
 }

@@ -67,6 +67,39 @@ pub fn anchor(a: crate::node_args::AnchorArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `vitaltrail alerts`.
+pub fn alerts(a: &crate::node_args::AlertsArgs) -> Result<ExitCode> {
+    let cfg = a.config.load(Role::Alerts, &a.overrides())?;
+    vitaltrail_node::exit_on_panic();
+    runtime()?.block_on(async move {
+        vitaltrail_node::process::run_alerts(cfg, shutdown_on_ctrl_c()).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vitaltrail alerts export-key`: the vitals.logged key, derived from an
+/// existing bus key, to a new file (mode 0600).
+pub fn alerts_export_key(bus_key: Option<&Path>, data: &Path, out: &Path) -> Result<ExitCode> {
+    let path = bus_key.map_or_else(
+        || vitaltrail_bus::datadir::bus_key_path(data),
+        Path::to_owned,
+    );
+    if !path.exists() {
+        bail!("no bus key at {}", path.display());
+    }
+    if out.exists() {
+        bail!("{} exists; not overwritten", out.display());
+    }
+    let key = vitaltrail_bus::datadir::load_bus_key(&path)?.logged_key();
+    vitaltrail_bus::datadir::write_secret(out, &format!("{}\n", key.to_hex()))?;
+    eprintln!(
+        "wrote the vitals.logged key (derived from {}) to {}",
+        path.display(),
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `vitaltrail anchor verify-ledger`: every record of the local ledger,
 /// and that each root is the epoch log's at its size.
 pub fn anchor_verify_ledger(data: &Path, anchor_key: Option<&str>) -> Result<ExitCode> {

@@ -6,6 +6,7 @@
 
 use crate::common;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -636,4 +637,296 @@ async fn partition_coverage_and_partitioning_match_kafka() {
             "{key}"
         );
     }
+}
+
+/// The events an alert engine's data directory holds, in order.
+fn engine_events(dir: &Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for (_, f) in vitaltrail_alerts::stage::event_files(&dir.join("alerts")) {
+        let text = std::fs::read_to_string(f).unwrap();
+        out.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()),
+        );
+    }
+    out
+}
+
+/// `vitaltrail alerts` as two processes over `vitals.logged`, each owning
+/// one of its partitions and holding only the exported vitals.logged key,
+/// on their own machines' directories (no partition log there): each ill
+/// patient is alerted by exactly the engine owning the patient's
+/// partition, with evidence naming the leaves in the attestor's logs; an
+/// engine killed -9 and restarted mid-stream raises nothing twice; and
+/// announcements forged without the key (a steady patient's device
+/// "reporting" SpO2 70 %) raise nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn alert_engines_split_vitals_logged_and_survive_kill_9() {
+    let data = tempfile::tempdir().unwrap();
+    let scenarios = [
+        Scenario::Steady,
+        Scenario::Deterioration,
+        Scenario::AcuteHypoxia,
+        Scenario::Steady,
+    ];
+    let names = ["steady-a", "deteriorating", "hypoxic", "steady-b"];
+    let mut devs = publisher::devices(25, scenarios.len(), &scenarios);
+    let reg = vitaltrail_bus::datadir::registry_file(data.path());
+    for (d, name) in devs.iter().zip(names) {
+        reg.add(d.key.did(), name, Some("ward-3"), 0).unwrap();
+    }
+    let steady_key = devs[0].key.clone();
+    let mut c = start(data.path(), false);
+    let s = |x: &str| x.to_owned();
+    // The stages create the bus key as they start.
+    let bus_key_file = vitaltrail_bus::datadir::bus_key_path(data.path());
+    for _ in 0..100 {
+        if std::fs::read_to_string(&bus_key_file).is_ok_and(|t| t.trim().len() == 64) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Two engine machines: a registry copy and the exported key, no bus key.
+    let engines: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut procs: Vec<Proc> = engines
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| {
+            std::fs::copy(
+                data.path().join("devices.json"),
+                dir.path().join("devices.json"),
+            )
+            .unwrap();
+            let key = dir.path().join("logged.key");
+            vt(&[
+                "alerts",
+                "export-key",
+                "--data",
+                data.path().to_str().unwrap(),
+                "--out",
+                key.to_str().unwrap(),
+            ]);
+            Proc::spawn(
+                &[
+                    s("alerts"),
+                    s("--kafka"),
+                    c.kafka.brokers(),
+                    s("--partitions"),
+                    i.to_string(),
+                    s("--partial"),
+                    s("--data"),
+                    dir.path().display().to_string(),
+                    s("--logged-key-file"),
+                    key.display().to_string(),
+                ],
+                dir.path().join("alerts.log"),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sim = SimConfig {
+        mqtt: vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", c.mqtt.port),
+        rate: 10.0,
+        duration: Duration::from_secs(8),
+        ack_timeout: Duration::from_secs(60),
+        ..SimConfig::default()
+    };
+    let sim_task =
+        tokio::spawn(async move { publisher::run(&sim, &mut devs, Arc::new(SystemClock)).await });
+    // Forged announcements: a steady patient's device at SpO2 70 %, under
+    // a key derived from some other bus key, on both partitions.
+    let forger = vitaltrail_bus::kafka::KafkaProducer::new(&vitaltrail_bus::kafka::KafkaConfig {
+        brokers: c.kafka.brokers(),
+        ..Default::default()
+    })
+    .unwrap();
+    let wrong = vitaltrail_core::busauth::BusKey::generate(&mut rand::rngs::OsRng).logged_key();
+    let now = vitaltrail_core::Clock::now_ms(&SystemClock);
+    let forged: Vec<vitaltrail_bus::logged::LoggedLeaf> = (0..40u64)
+        .map(|i| {
+            let env = vitaltrail_core::envelope::sign(
+                &steady_key,
+                &vitaltrail_core::UnsignedReading {
+                    seq: 1_000_000 + i,
+                    time: now + i * 100,
+                    measurements: vec![vitaltrail_core::Measurement {
+                        code: "2708-6".into(),
+                        value: 70.0,
+                        unit: "%".into(),
+                    }],
+                    meta: None,
+                },
+            )
+            .unwrap();
+            vitaltrail_bus::logged::LoggedLeaf {
+                partition: (i % 2) as u32,
+                index: 1_000_000 + i,
+                key: if i % 2 == 0 { s("steady-a") } else { s("x") },
+                leaf: vitaltrail_core::leaf::encode(now + i * 100, &env),
+            }
+        })
+        .collect();
+    forger.send_logged(&wrong, &forged).await.unwrap();
+    // kill -9 each engine once mid-stream, and the attestor between them.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    procs[0].crash_and_restart();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    c.attest.crash_and_restart();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    procs[1].crash_and_restart();
+    let report = sim_task.await.unwrap().unwrap();
+    common::wait_settled(data.path(), PARTITIONS, &report, Duration::from_secs(90)).await;
+    // Both ill patients reach emergency (in whichever engine).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let emergency = |evs: &[serde_json::Value], p: &str| {
+        evs.iter().any(|e| {
+            e["alarm"]["subject"] == p
+                && e["alarm"]["rule"] == "news2"
+                && e["alarm"]["severity"] == "emergency"
+        })
+    };
+    loop {
+        let all: Vec<serde_json::Value> = engines
+            .iter()
+            .flat_map(|d| engine_events(d.path()))
+            .collect();
+        if emergency(&all, "deteriorating") && emergency(&all, "hypoxic") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no emergency for both ill patients within 60 s: {all:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for p in procs.iter_mut() {
+        p.assert_running();
+    }
+    drop(procs);
+    for (i, dir) in engines.iter().enumerate() {
+        let evs = engine_events(dir.path());
+        // Each event once (an event's identity: its alarm, kind and time).
+        let mut seen = std::collections::BTreeSet::new();
+        for e in &evs {
+            let id = (
+                e["alarm"]["id"].to_string(),
+                e["kind"].to_string(),
+                e["at_ms"].to_string(),
+            );
+            assert!(seen.insert(id), "engine {i}: event twice: {e}");
+        }
+        for e in &evs {
+            let subject = e["alarm"]["subject"].as_str().unwrap();
+            assert!(
+                !subject.starts_with("steady"),
+                "engine {i}: alert for a steady patient (a forged announcement?): {e}"
+            );
+            // Only the engine owning the patient's partition alerts on it.
+            assert_eq!(
+                vitaltrail_bus::partition_for(subject, PARTITIONS),
+                i as u32,
+                "engine {i} alerted on {subject}: {e}"
+            );
+            assert_eq!(e["alarm"]["ward"], "ward-3");
+        }
+        // One NEWS2 episode per patient: a restart raised none again.
+        let mut raised: BTreeMap<&str, usize> = BTreeMap::new();
+        for e in evs
+            .iter()
+            .filter(|e| e["kind"] == "raised" && e["alarm"]["rule"] == "news2")
+        {
+            *raised
+                .entry(e["alarm"]["subject"].as_str().unwrap())
+                .or_default() += 1;
+        }
+        assert!(raised.values().all(|&n| n == 1), "engine {i}: {raised:?}");
+        // Evidence names leaves of the attestor's logs.
+        for e in &evs {
+            for ev in e["alarm"]["evidence"].as_array().unwrap() {
+                let p = ev["partition"].as_u64().unwrap();
+                let log = vitaltrail_attestor::DurableLog::open_read_only(
+                    data.path().join(format!("partitions/{p}")),
+                )
+                .unwrap();
+                let leaf = log.leaf(ev["log_index"].as_u64().unwrap()).unwrap();
+                let l = vitaltrail_core::leaf::decode(&leaf).unwrap();
+                let r = vitaltrail_core::envelope::verify(l.envelope).unwrap();
+                assert_eq!(r.did.as_str(), ev["device"].as_str().unwrap());
+                assert_eq!(r.seq, ev["seq"].as_u64().unwrap());
+            }
+        }
+    }
+    // Every leaf of both logs is on vitals.logged under a valid MAC, byte
+    // for byte, despite the attestor's kill -9 (repeats allowed, no gap).
+    let bus_key =
+        vitaltrail_bus::datadir::load_bus_key(&vitaltrail_bus::datadir::bus_key_path(data.path()))
+            .unwrap();
+    let reader = vitaltrail_bus::logged::LoggedConsumer::assign(
+        &vitaltrail_bus::kafka::KafkaConfig {
+            brokers: c.kafka.brokers(),
+            ..Default::default()
+        },
+        "test-reader",
+        bus_key.logged_key(),
+        &[(0, None), (1, None)],
+    )
+    .unwrap();
+    let logs: Vec<vitaltrail_attestor::DurableLog> = (0..PARTITIONS)
+        .map(|p| {
+            vitaltrail_attestor::DurableLog::open_read_only(
+                data.path().join(format!("partitions/{p}")),
+            )
+            .unwrap()
+        })
+        .collect();
+    let want: usize = logs.iter().map(|l| l.size() as usize).sum();
+    let mut got = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while got.len() < want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {want} leaves announced",
+            got.len()
+        );
+        let mut batch = Vec::new();
+        reader
+            .next_batch(10_000, Duration::from_millis(500), &mut batch)
+            .await;
+        for a in batch {
+            let (p, n) = a.position.unwrap();
+            let log = &logs[p as usize];
+            if n >= log.size() || a.leaf != log.leaf(n).unwrap() {
+                // The forged records, and only they, differ from the log.
+                assert!(
+                    !a.authentic && n >= 1_000_000,
+                    "{p}/{n}: not the log's leaf"
+                );
+                continue;
+            }
+            assert!(
+                a.authentic,
+                "{p}/{n}: a genuine announcement without a valid MAC"
+            );
+            got.insert((p, n));
+        }
+    }
+    // The two ill patients between them: both alerted, each by one engine.
+    let all: Vec<serde_json::Value> = engines
+        .iter()
+        .flat_map(|d| engine_events(d.path()))
+        .collect();
+    for p in ["deteriorating", "hypoxic"] {
+        assert_eq!(
+            all.iter()
+                .filter(|e| e["alarm"]["subject"] == p
+                    && e["alarm"]["rule"] == "news2"
+                    && e["kind"] == "raised")
+                .count(),
+            1,
+            "{p}: {all:?}"
+        );
+    }
+    drop(c);
 }
