@@ -25,6 +25,9 @@ pub struct Metrics {
     pub unauthentic: IntCounter,
     /// `vitals.logged` records dropped as repeats of leaves already taken.
     pub repeats: IntCounter,
+    /// `vitals.logged` records dropped for being in a partition their key
+    /// does not belong in (a copy).
+    pub misplaced: IntCounter,
 }
 
 impl Metrics {
@@ -71,7 +74,12 @@ impl Metrics {
                 "vitaltrail_alerts_repeated_announcements_total",
                 "vitals.logged records dropped as repeats of leaves already taken",
             )?,
+            misplaced: IntCounter::new(
+                "vitaltrail_alerts_misplaced_announcements_total",
+                "vitals.logged records dropped for being in a partition their key does not belong in",
+            )?,
         };
+        registry.register(Box::new(m.misplaced.clone()))?;
         registry.register(Box::new(m.unauthentic.clone()))?;
         registry.register(Box::new(m.repeats.clone()))?;
         registry.register(Box::new(m.events.clone()))?;

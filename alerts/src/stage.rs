@@ -224,6 +224,8 @@ struct Stage {
     cursors: BTreeMap<u32, u64>,
     offsets: BTreeMap<u32, u64>,
     expected: BTreeMap<String, u64>,
+    /// Over Kafka: how many partitions `vitals.logged` has.
+    logged_partitions: u32,
     events_gen: u64,
     events_len: u64,
     events: std::fs::File,
@@ -265,9 +267,22 @@ impl Stage {
                 s.events_len,
             ),
             None => {
-                // A rebuild: every event is raised again from the logs.
-                for (_, f) in event_files(&dir) {
-                    std::fs::remove_file(&f).map_err(io("remove", &f))?;
+                // A rebuild: every event is raised again from the logs. Over
+                // Kafka only what the topic still holds can be read again,
+                // so the old events are kept aside, never deleted.
+                let files = event_files(&dir);
+                let aside = dir.join(format!("replaced-{}", cfg.clock.now_ms()));
+                if matches!(cfg.source, AlertsSource::Kafka { .. }) && !files.is_empty() {
+                    std::fs::create_dir_all(&aside).map_err(io("create", &aside))?;
+                    tracing::warn!(to = %aside.display(), "alert state lost: the events so far are kept aside, and the engine starts again from the oldest vitals.logged record Kafka holds");
+                }
+                for (_, f) in files {
+                    if matches!(cfg.source, AlertsSource::Kafka { .. }) {
+                        let to = aside.join(f.file_name().unwrap_or_default());
+                        std::fs::rename(&f, &to).map_err(io("move", &f))?;
+                    } else {
+                        std::fs::remove_file(&f).map_err(io("remove", &f))?;
+                    }
                 }
                 (
                     Engine::new(cfg.alerts.clone()),
@@ -305,6 +320,7 @@ impl Stage {
             cursors,
             offsets,
             expected,
+            logged_partitions: 1,
             events_gen,
             events_len: events_len.min(len),
             events,
@@ -360,7 +376,7 @@ impl Stage {
                 .set((log.size() - from.min(log.size())) as i64);
             for n in from..to {
                 let bytes = log.leaf(n)?;
-                self.score(p, n, &bytes, &mut out);
+                self.score(p, n, &bytes, None, &mut out);
             }
             self.cursors.insert(p, to.max(from));
         }
@@ -370,22 +386,41 @@ impl Stage {
 
     /// Score announcements in order: each once (a repeat, at or below a
     /// leaf already taken from its log in its topic partition, is dropped),
-    /// and only if its MAC checks out.
+    /// and only if its MAC checks out and it is in the partition its key
+    /// belongs in (a genuine record copied elsewhere is dropped).
     fn take_announced(&mut self, announced: Vec<Announced>, out: &mut Vec<Event>) {
         for a in announced {
             let next = self.offsets.entry(a.topic_partition).or_insert(0);
-            *next = (*next).max(a.offset + 1);
+            if *next > 0 && a.offset > *next {
+                tracing::warn!(
+                    partition = a.topic_partition,
+                    from = *next,
+                    to = a.offset,
+                    "vitals.logged records skipped: the saved offset is no longer in Kafka (retention); readings in between are not scored"
+                );
+            }
+            *next = (*next).max(a.offset.saturating_add(1));
             let Some((p, n)) = a.position.filter(|_| a.authentic) else {
                 // Anyone who can produce to Kafka can write the topic; only
                 // an attestor holds the key (docs/threat-model.md).
                 self.metrics.unauthentic.inc();
-                tracing::debug!(
-                    partition = a.topic_partition,
-                    offset = a.offset,
-                    "vitals.logged record without a valid MAC; dropped"
-                );
+                let count = self.metrics.unauthentic.get();
+                if count == 1 || count.is_multiple_of(10_000) {
+                    tracing::warn!(
+                        count,
+                        partition = a.topic_partition,
+                        offset = a.offset,
+                        "vitals.logged records without a valid MAC are dropped; if none is taken, \
+                         this engine's key (--logged-key-file) is not the one exported from this \
+                         pipeline's bus key"
+                    );
+                }
                 continue;
             };
+            if vitaltrail_bus::partition_for(&a.key, self.logged_partitions) != a.topic_partition {
+                self.metrics.misplaced.inc();
+                continue;
+            }
             let expected = self
                 .expected
                 .entry(format!("{}/{p}", a.topic_partition))
@@ -394,14 +429,22 @@ impl Stage {
                 self.metrics.repeats.inc();
                 continue;
             }
-            *expected = n + 1;
-            self.score(p, n, &a.leaf, out);
+            *expected = n.saturating_add(1);
+            self.score(p, n, &a.leaf, Some(&a.key), out);
         }
     }
 
-    /// Feed one durable leaf to the engine.
-    fn score(&mut self, p: u32, n: u64, bytes: &[u8], out: &mut Vec<Event>) {
-        if let Some((reading, log_time)) = self.decode(p, n, bytes) {
+    /// Feed one durable leaf to the engine; `announced`: the patient the
+    /// attestor announced it under.
+    fn score(
+        &mut self,
+        p: u32,
+        n: u64,
+        bytes: &[u8],
+        announced: Option<&str>,
+        out: &mut Vec<Event>,
+    ) {
+        if let Some((reading, log_time)) = self.decode(p, n, bytes, announced) {
             out.extend(self.engine.reading(&reading, log_time));
             self.metrics.readings.inc();
         } else {
@@ -409,7 +452,13 @@ impl Stage {
         }
     }
 
-    fn decode(&mut self, partition: u32, n: u64, bytes: &[u8]) -> Option<(LoggedReading, u64)> {
+    fn decode(
+        &mut self,
+        partition: u32,
+        n: u64,
+        bytes: &[u8],
+        announced: Option<&str>,
+    ) -> Option<(LoggedReading, u64)> {
         let l = leaf::decode(bytes).ok()?;
         // The log holds only what ingest verified (docs/threat-model.md);
         // a proof bundle re-checks the signature for anyone who asks.
@@ -418,10 +467,21 @@ impl Stage {
         // The registration the reading was logged under: a reading logged
         // before the device's current registration (a device reassigned to
         // another patient since) is not attributed to the new patient.
-        let entry = self
-            .registry
-            .lookup(r.did.as_str())
-            .filter(|e| e.2 <= l.log_time_ms);
+        let entry = self.registry.lookup(r.did.as_str());
+        let (patient, ward) = match (announced, entry) {
+            (None, Some(e)) if e.2 <= l.log_time_ms => (Some(e.0), e.1),
+            (None, _) => (None, None),
+            // Over Kafka the patient is the one the attestor announced (the
+            // key the MAC covers, and the one this engine's partition
+            // follows), with the ward if this registry agrees.
+            (Some(key), Some(e)) if e.0 == key && e.2 <= l.log_time_ms => (Some(e.0), e.1),
+            // Registered to someone else, or after the reading was logged
+            // (a reassignment announced again after an attestor restart).
+            (Some(_), Some(_)) => (None, None),
+            // This registry has not caught up with the attestor's.
+            (Some(key), None) if key != r.did.as_str() => (Some(key.to_owned()), None),
+            (Some(_), None) => (None, None),
+        };
         Some((
             LoggedReading {
                 partition,
@@ -429,8 +489,8 @@ impl Stage {
                 device: r.did.as_str().to_owned(),
                 seq: r.seq,
                 time_ms: r.time,
-                patient: entry.as_ref().map(|e| e.0.clone()),
-                ward: entry.and_then(|e| e.1),
+                patient,
+                ward,
                 measurements: r
                     .measurements
                     .into_iter()
@@ -517,8 +577,13 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
             partial,
             operator,
         } => {
-            vitaltrail_bus::kafka::ensure_topics(&kafka).await?;
-            let partitions = check_coverage(&kafka, partitions, partial)?;
+            if !cfg.alerts.enabled {
+                return Err(Error::Coverage(
+                    "alerts.enabled is false: nothing for the alert engine to do".into(),
+                ));
+            }
+            vitaltrail_bus::logged::ensure_logged_topic(&kafka).await?;
+            let (partitions, n) = check_coverage(&kafka, partitions, partial)?;
             let data = cfg.data_dir.clone();
             let (devices, watch) = SharedRegistry::watch(
                 vitaltrail_bus::datadir::registry_file(&data),
@@ -527,7 +592,8 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
             let operator = vitaltrail_bus::datadir::trusted_operator(operator.as_ref(), &data)?;
             let follow =
                 vitaltrail_bus::registry::follow_topic(&kafka, &devices, &operator).await?;
-            let stage = open(cfg, Devices::Shared(devices)).await?;
+            let mut stage = open(cfg, Devices::Shared(devices)).await?;
+            stage.logged_partitions = n;
             let starts: Vec<(u32, Option<u64>)> = partitions
                 .iter()
                 .map(|p| (*p, stage.offsets.get(p).copied()))
@@ -562,10 +628,10 @@ async fn round(mut stage: Stage, announced: Vec<Announced>) -> Result<Stage> {
 /// Check, from the topic's metadata, that `ours` are partitions of
 /// `vitals.logged`, and (unless `partial`) all of them: a partition no
 /// engine follows is patients nobody is alerted about.
-fn check_coverage(kafka: &KafkaConfig, ours: Vec<u32>, partial: bool) -> Result<Vec<u32>> {
+fn check_coverage(kafka: &KafkaConfig, ours: Vec<u32>, partial: bool) -> Result<(Vec<u32>, u32)> {
     let n = vitaltrail_bus::kafka::topic_partitions(kafka, LOGGED_TOPIC)?;
     if ours.is_empty() {
-        return Ok((0..n).collect());
+        return Ok(((0..n).collect(), n));
     }
     if let Some(p) = ours.iter().find(|&&p| p >= n) {
         return Err(Error::Coverage(format!(
@@ -586,7 +652,7 @@ fn check_coverage(kafka: &KafkaConfig, ours: Vec<u32>, partial: bool) -> Result<
             "vitals.logged partitions left to other engines (--partial)"
         );
     }
-    Ok(ours)
+    Ok((ours, n))
 }
 
 /// The partition logs, one round per tick.
@@ -661,6 +727,14 @@ mod tests {
         leaf::encode(T0 + seq * 1000 + 5, &envelope::sign(key, &r).unwrap())
     }
 
+    /// A patient whose records belong in topic partition `tp` of 2.
+    fn patient_in(tp: u32) -> String {
+        (0..)
+            .map(|i| format!("pt-{i}"))
+            .find(|k| vitaltrail_bus::partition_for(k, 2) == tp)
+            .unwrap()
+    }
+
     fn ann(
         k: &LoggedKey,
         tp: u32,
@@ -670,14 +744,15 @@ mod tests {
         leaf: &[u8],
         forged: bool,
     ) -> Announced {
-        let mac = k.mac("pt", p, n, leaf);
+        let key = patient_in(tp);
+        let mac = k.mac(&key, p, n, leaf);
         Announced {
             topic_partition: tp,
             offset,
-            key: "pt".into(),
+            key: key.clone(),
             position: Some((p, n)),
             leaf: leaf.to_vec(),
-            authentic: !forged && k.check("pt", p, n, leaf, &mac),
+            authentic: !forged && k.check(&key, p, n, leaf, &mac),
         }
     }
 
@@ -695,7 +770,9 @@ mod tests {
             clock: Arc::new(MockClock::new(T0)),
             metrics: prometheus::Registry::new(),
         };
-        Stage::open(cfg, Devices::File(None, Registry::default())).unwrap()
+        let mut st = Stage::open(cfg, Devices::File(None, Registry::default())).unwrap();
+        st.logged_partitions = 2;
+        st
     }
 
     /// Each leaf position is scored once per topic partition, whatever the
@@ -723,25 +800,33 @@ mod tests {
             ann(&key, 0, 5, 0, 2, &l[2], false),
             ann(&key, 0, 6, 0, 3, &l[3], false),
             // Another log in the same topic partition, and the same log
-            // position in another topic partition: both new.
+            // position under another patient's key in another topic
+            // partition: both new.
             ann(&key, 0, 7, 1, 0, &l[4], false),
             ann(&key, 1, 0, 0, 4, &l[5], false),
         ];
+        // A genuine record copied into the other topic partition.
+        let mut copied = batch[0].clone();
+        copied.topic_partition = 1;
+        copied.offset = 1;
+        let mut batch = batch;
+        batch.push(copied);
         st.take_announced(batch, &mut out);
         assert_eq!(st.metrics.readings.get(), 6);
         assert_eq!(st.metrics.repeats.get(), 2);
         assert_eq!(st.metrics.unauthentic.get(), 1);
-        assert_eq!(st.offsets, BTreeMap::from([(0, 8), (1, 1)]));
+        assert_eq!(st.metrics.misplaced.get(), 1);
+        assert_eq!(st.offsets, BTreeMap::from([(0, 8), (1, 2)]));
         st.persist(&out).unwrap();
         drop(st);
         // Restarted: the saved expectations still drop repeats.
         let mut st = stage(data.path(), &key);
-        assert_eq!(st.offsets, BTreeMap::from([(0, 8), (1, 1)]));
+        assert_eq!(st.offsets, BTreeMap::from([(0, 8), (1, 2)]));
         st.take_announced(
             vec![
                 ann(&key, 0, 8, 0, 3, &l[3], false),
                 ann(&key, 0, 9, 0, 4, &l[6], false),
-                ann(&key, 1, 1, 0, 4, &l[5], false),
+                ann(&key, 1, 2, 0, 4, &l[5], false),
             ],
             &mut out,
         );

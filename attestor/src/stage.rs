@@ -378,7 +378,8 @@ fn announced_mark(dir: &Path, size: u64) -> Result<u64> {
 /// Produce each commit's leaves to `vitals.logged`, in order, until every
 /// partition worker is gone. Several waiting commits go out together. Once
 /// Kafka has a partition's leaves, its mark moves on in memory, and is
-/// written down (fsynced) at most once a second and at the end: a crash
+/// written down (fsynced) at most once a second, after a second idle, and
+/// at the end: a crash
 /// announces at most the leaves since the last write again, which the
 /// engine drops by leaf index. While Kafka is down the send waits and the
 /// bounded queue holds the workers back.
@@ -401,7 +402,20 @@ async fn publish_logged(
         })
     };
     let mut batch: Vec<LoggedLeaf> = Vec::new();
-    while let Some(first) = rx.recv().await {
+    loop {
+        // Idle for a second with an unwritten mark: write it.
+        let first = match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+            Ok(Some(first)) => first,
+            Ok(None) => break,
+            Err(_) => {
+                if dirty {
+                    write(&marks)?;
+                    written = std::time::Instant::now();
+                    dirty = false;
+                }
+                continue;
+            }
+        };
         batch.clear();
         batch.extend(first);
         while batch.len() < 8192 {
@@ -419,6 +433,7 @@ async fn publish_logged(
                 tokio::time::sleep(Duration::from_secs(5)).await;
             } => {
                 tracing::warn!(leaves = batch.len(), "stopping before Kafka took logged leaves; they are announced on the next start");
+                metrics.logged_pending.sub(batch.len() as i64);
                 break;
             }
         }

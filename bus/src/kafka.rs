@@ -148,7 +148,7 @@ fn registry_topic() -> NewTopic<'static> {
     NewTopic::new(DEVICES_TOPIC, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact")
 }
 
-async fn create_topics(cfg: &KafkaConfig, topics: &[NewTopic<'_>]) -> Result<()> {
+pub(crate) async fn create_topics(cfg: &KafkaConfig, topics: &[NewTopic<'_>]) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = cfg.client_config().create().map_err(kerr)?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for r in admin

@@ -73,6 +73,21 @@ impl KafkaProducer {
     }
 }
 
+/// Create `vitals.logged` (with the configured partition count) if it
+/// does not exist; an alert engine creates no other topic, so it never
+/// decides how many partitions the readings get.
+pub async fn ensure_logged_topic(cfg: &KafkaConfig) -> Result<()> {
+    crate::kafka::create_topics(
+        cfg,
+        &[rdkafka::admin::NewTopic::new(
+            LOGGED_TOPIC,
+            cfg.partitions,
+            rdkafka::admin::TopicReplication::Fixed(1),
+        )],
+    )
+    .await
+}
+
 /// One announcement as consumed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Announced {
@@ -177,7 +192,10 @@ impl LoggedConsumer {
             Err(_) => return,
             Ok(Ok(m)) => out.push(self.decode(&m)),
             Ok(Err(e)) => {
+                // Broker down or similar: librdkafka reconnects; a pause
+                // keeps this from spinning (and flooding the log).
                 tracing::warn!(error = %e, topic = LOGGED_TOPIC, "kafka receive");
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 return;
             }
         }

@@ -639,6 +639,10 @@ async fn partition_coverage_and_partitioning_match_kafka() {
     }
 }
 
+fn s_(x: &str) -> String {
+    x.to_owned()
+}
+
 /// The events an alert engine's data directory holds, in order.
 fn engine_events(dir: &Path) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
@@ -670,10 +674,20 @@ async fn alert_engines_split_vitals_logged_and_survive_kill_9() {
         Scenario::AcuteHypoxia,
         Scenario::Steady,
     ];
-    let names = ["steady-a", "deteriorating", "hypoxic", "steady-b"];
+    // One ill patient in each vitals.logged partition, so each engine has
+    // one to alert on.
+    let name_in = |stem: &str, p: u32| {
+        (0..)
+            .map(|i| format!("{stem}-{i}"))
+            .find(|n| vitaltrail_bus::partition_for(n, PARTITIONS) == p)
+            .unwrap()
+    };
+    let (det, hyp) = (name_in("deteriorating", 0), name_in("hypoxic", 1));
+    let names = [s_("steady-a"), det.clone(), hyp.clone(), s_("steady-b")];
     let mut devs = publisher::devices(25, scenarios.len(), &scenarios);
+    let hyp_did = devs[2].key.did().as_str().to_owned();
     let reg = vitaltrail_bus::datadir::registry_file(data.path());
-    for (d, name) in devs.iter().zip(names) {
+    for (d, name) in devs.iter().zip(&names) {
         reg.add(d.key.did(), name, Some("ward-3"), 0).unwrap();
     }
     let steady_key = devs[0].key.clone();
@@ -791,7 +805,7 @@ async fn alert_engines_split_vitals_logged_and_survive_kill_9() {
             .iter()
             .flat_map(|d| engine_events(d.path()))
             .collect();
-        if emergency(&all, "deteriorating") && emergency(&all, "hypoxic") {
+        if emergency(&all, &det) && emergency(&all, &hyp) {
             break;
         }
         assert!(
@@ -800,7 +814,66 @@ async fn alert_engines_split_vitals_logged_and_survive_kill_9() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Genuine announcements of the hypoxic patient's low-SpO2 readings,
+    // copied (MAC and all) into the other engine's partition: dropped
+    // there as misplaced, so that engine never alerts on the patient.
+    {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let bus_key = vitaltrail_bus::datadir::load_bus_key(&bus_key_file).unwrap();
+        let lk = bus_key.logged_key();
+        let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", c.kafka.brokers())
+            .create()
+            .unwrap();
+        let mut copied = 0;
+        for p in 0..PARTITIONS {
+            let log = vitaltrail_attestor::DurableLog::open_read_only(
+                data.path().join(format!("partitions/{p}")),
+            )
+            .unwrap();
+            for n in 0..log.size() {
+                let leaf = log.leaf(n).unwrap();
+                let r = vitaltrail_core::envelope::verify(
+                    vitaltrail_core::leaf::decode(&leaf).unwrap().envelope,
+                )
+                .unwrap();
+                let low = r
+                    .measurements
+                    .iter()
+                    .any(|m| m.code == "2708-6" && m.value <= 91.0);
+                if r.did.as_str() != hyp_did || !low {
+                    continue;
+                }
+                let mut pos = [0u8; 12];
+                pos[..4].copy_from_slice(&p.to_be_bytes());
+                pos[4..].copy_from_slice(&n.to_be_bytes());
+                let mac = lk.mac(&hyp, p, n, &leaf);
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "vt-log",
+                        value: Some(&pos[..]),
+                    })
+                    .insert(Header {
+                        key: "vt-mac",
+                        value: Some(&mac[..]),
+                    });
+                producer
+                    .send(
+                        rdkafka::producer::FutureRecord::to("vitals.logged")
+                            .partition(0)
+                            .key(&hyp)
+                            .payload(&leaf)
+                            .headers(headers),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .unwrap();
+                copied += 1;
+            }
+        }
+        assert!(copied >= 5, "only {copied} low-SpO2 leaves to copy");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
     for p in procs.iter_mut() {
         p.assert_running();
     }
@@ -823,7 +896,8 @@ async fn alert_engines_split_vitals_logged_and_survive_kill_9() {
                 !subject.starts_with("steady"),
                 "engine {i}: alert for a steady patient (a forged announcement?): {e}"
             );
-            // Only the engine owning the patient's partition alerts on it.
+            // Only the engine owning the patient's partition alerts on it (the
+            // copies in partition 0 of the patient of partition 1 included).
             assert_eq!(
                 vitaltrail_bus::partition_for(subject, PARTITIONS),
                 i as u32,
@@ -831,6 +905,10 @@ async fn alert_engines_split_vitals_logged_and_survive_kill_9() {
             );
             assert_eq!(e["alarm"]["ward"], "ward-3");
         }
+        assert!(
+            evs.iter().any(|e| e["alarm"]["rule"] == "news2"),
+            "engine {i} raised no NEWS2 alarm for the ill patient it owns"
+        );
         // One NEWS2 episode per patient: a restart raised none again.
         let mut raised: BTreeMap<&str, usize> = BTreeMap::new();
         for e in evs
@@ -917,10 +995,10 @@ async fn alert_engines_split_vitals_logged_and_survive_kill_9() {
         .iter()
         .flat_map(|d| engine_events(d.path()))
         .collect();
-    for p in ["deteriorating", "hypoxic"] {
+    for p in [&det, &hyp] {
         assert_eq!(
             all.iter()
-                .filter(|e| e["alarm"]["subject"] == p
+                .filter(|e| e["alarm"]["subject"] == p.as_str()
                     && e["alarm"]["rule"] == "news2"
                     && e["kind"] == "raised")
                 .count(),
