@@ -32,6 +32,12 @@ pub struct AlertsConfig {
     /// At most this many devices have state; readings of more are counted
     /// (`vitaltrail_alerts_dropped`) and not scored.
     pub max_devices: usize,
+    /// A device silent this long (ms) is forgotten, so the caps count
+    /// devices and patients in use, not every one ever seen; a patient is
+    /// forgotten with the last of their devices once no alarm of theirs is
+    /// active. A silent device's alarm must have been acknowledged first
+    /// (it is then cleared). `None`: never forget.
+    pub forget_after_ms: Option<u64>,
     /// Cleared alarms kept in the state (the events file keeps them all).
     pub keep_cleared: usize,
     /// How often time-driven rules run and the state is saved (ms).
@@ -86,6 +92,7 @@ impl Default for AlertsConfig {
             patients: BTreeMap::new(),
             max_patients: 100_000,
             max_devices: 100_000,
+            forget_after_ms: Some(24 * 3600 * 1000),
             keep_cleared: 1024,
             tick_ms: 200,
             max_events_bytes: 256 * 1024 * 1024,
@@ -109,13 +116,26 @@ impl AlertsConfig {
         if n.clear_at_or_below >= n.urgent {
             return Err("news2.clear_at_or_below must be under news2.urgent".into());
         }
+        if n.freshness_ms == 0 {
+            // Every value would be stale at once: NEWS2 would never score.
+            return Err("news2.freshness_ms must be at least 1".into());
+        }
         let mut ids = std::collections::BTreeSet::new();
         for r in &self.thresholds {
-            if r.id.is_empty() || r.id.contains('/') || r.id == "news2" || r.id == "device-silent" {
+            if r.id.is_empty()
+                || r.id.contains('/')
+                || r.id.chars().any(char::is_whitespace)
+                || r.id == "news2"
+                || r.id == "device-silent"
+            {
                 return Err(format!(
-                    "threshold id {:?} is empty, holds '/', or is a built-in rule's",
+                    "threshold id {:?} is empty, holds '/' or whitespace, or is a built-in rule's",
                     r.id
                 ));
+            }
+            if r.repeat == 0 {
+                // "Held over 0 readings" would fire with no reading at all.
+                return Err(format!("threshold {:?}: repeat must be at least 1", r.id));
             }
             if !ids.insert(&r.id) {
                 return Err(format!("threshold id {:?} is used twice", r.id));
@@ -130,15 +150,61 @@ impl AlertsConfig {
             if !r.value.is_finite() || r.clear_value.is_some_and(|v| !v.is_finite()) {
                 return Err(format!("threshold {:?}: values must be finite", r.id));
             }
+            // Clearing is on the far side of the threshold (hysteresis): a
+            // clear_value past it would clear while the condition holds.
+            match (r.op, r.clear_value) {
+                (Op::Below, Some(c)) if c < r.value => {
+                    return Err(format!(
+                        "threshold {:?}: clear_value {c} is below value {} of a `below` rule; it must be at or above it",
+                        r.id, r.value
+                    ));
+                }
+                (Op::Above, Some(c)) if c > r.value => {
+                    return Err(format!(
+                        "threshold {:?}: clear_value {c} is above value {} of an `above` rule; it must be at or below it",
+                        r.id, r.value
+                    ));
+                }
+                _ => {}
+            }
         }
         if self.max_patients == 0 || self.max_devices == 0 {
             return Err("max_patients and max_devices must be at least 1".into());
+        }
+        if let Some(f) = self.forget_after_ms
+            && (f < self.news2.freshness_ms || self.silent_after_ms.is_some_and(|s| f <= s))
+        {
+            return Err(format!(
+                "forget_after_ms ({f}) must be at least news2.freshness_ms and more than silent_after_ms"
+            ));
         }
         if self.max_events_bytes < 1 << 20 {
             return Err("max_events_bytes must be at least 1 MiB".into());
         }
         if self.tick_ms < 10 {
             return Err("tick_ms must be at least 10".into());
+        }
+        if let Some(p) = self
+            .patients
+            .keys()
+            .find(|p| p.trim() != p.as_str() || p.is_empty())
+        {
+            // Patient IDs are matched exactly: " p1" would never apply.
+            return Err(format!(
+                "patients: {p:?} is empty or has whitespace around it"
+            ));
+        }
+        if let Some(e) = self
+            .escalation
+            .iter()
+            .find(|e| e.trim() != e.as_str() || e.is_empty())
+        {
+            return Err(format!(
+                "escalation: {e:?} is empty or has whitespace around it"
+            ));
+        }
+        if self.partitions.as_ref().is_some_and(Vec::is_empty) {
+            return Err("partitions, when given, must name at least one".into());
         }
         Ok(())
     }
@@ -253,5 +319,22 @@ mod tests {
         bad(|c| c.max_patients = 0);
         bad(|c| c.max_events_bytes = 0);
         bad(|c| c.tick_ms = 0);
+        // Left from the engine's review (issue #21 part 5).
+        bad(|c| c.thresholds[0].repeat = 0);
+        bad(|c| c.thresholds[0].clear_value = Some(80.0)); // spo2-low: below 88
+        bad(|c| c.thresholds[1].clear_value = Some(140.0)); // hr-high: above 130
+        bad(|c| c.thresholds[0].id = " spo2-low".into());
+        bad(|c| c.thresholds[0].id = "spo2 low".into());
+        bad(|c| c.news2.freshness_ms = 0);
+        bad(|c| c.partitions = Some(vec![]));
+        bad(|c| c.forget_after_ms = Some(1000));
+        bad(|c| {
+            c.patients.insert("p1 ".into(), PatientSetting::default());
+        });
+        bad(|c| c.escalation = vec!["charge-nurse".into(), " ".into()]);
+        // At the threshold itself is allowed (no hysteresis, but meant).
+        let mut c = AlertsConfig::default();
+        c.thresholds[0].clear_value = Some(88.0);
+        assert_eq!(c.validate(), Ok(()));
     }
 }
