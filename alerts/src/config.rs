@@ -32,12 +32,6 @@ pub struct AlertsConfig {
     /// At most this many devices have state; readings of more are counted
     /// (`vitaltrail_alerts_dropped`) and not scored.
     pub max_devices: usize,
-    /// A device silent this long (ms) is forgotten, so the caps count
-    /// devices and patients in use, not every one ever seen; a patient is
-    /// forgotten with the last of their devices once no alarm of theirs is
-    /// active. A silent device's alarm must have been acknowledged first
-    /// (it is then cleared). `None`: never forget.
-    pub forget_after_ms: Option<u64>,
     /// Cleared alarms kept in the state (the events file keeps them all).
     pub keep_cleared: usize,
     /// How often time-driven rules run and the state is saved (ms).
@@ -92,7 +86,6 @@ impl Default for AlertsConfig {
             patients: BTreeMap::new(),
             max_patients: 100_000,
             max_devices: 100_000,
-            forget_after_ms: Some(24 * 3600 * 1000),
             keep_cleared: 1024,
             tick_ms: 200,
             max_events_bytes: 256 * 1024 * 1024,
@@ -116,9 +109,10 @@ impl AlertsConfig {
         if n.clear_at_or_below >= n.urgent {
             return Err("news2.clear_at_or_below must be under news2.urgent".into());
         }
-        if n.freshness_ms == 0 {
-            // Every value would be stale at once: NEWS2 would never score.
-            return Err("news2.freshness_ms must be at least 1".into());
+        if n.freshness_ms < 10_000 {
+            // Below the pipeline's own latency every value is stale on
+            // arrival: nothing would ever be scored.
+            return Err("news2.freshness_ms must be at least 10000 (10 s)".into());
         }
         let mut ids = std::collections::BTreeSet::new();
         for r in &self.thresholds {
@@ -134,7 +128,8 @@ impl AlertsConfig {
                 ));
             }
             if r.repeat == 0 {
-                // "Held over 0 readings" would fire with no reading at all.
+                // "Held over 0 readings" means nothing (the engine would
+                // take it as 1): say so rather than guess.
                 return Err(format!("threshold {:?}: repeat must be at least 1", r.id));
             }
             if !ids.insert(&r.id) {
@@ -171,13 +166,6 @@ impl AlertsConfig {
         if self.max_patients == 0 || self.max_devices == 0 {
             return Err("max_patients and max_devices must be at least 1".into());
         }
-        if let Some(f) = self.forget_after_ms
-            && (f < self.news2.freshness_ms || self.silent_after_ms.is_some_and(|s| f <= s))
-        {
-            return Err(format!(
-                "forget_after_ms ({f}) must be at least news2.freshness_ms and more than silent_after_ms"
-            ));
-        }
         if self.max_events_bytes < 1 << 20 {
             return Err("max_events_bytes must be at least 1 MiB".into());
         }
@@ -189,7 +177,8 @@ impl AlertsConfig {
             .keys()
             .find(|p| p.trim() != p.as_str() || p.is_empty())
         {
-            // Patient IDs are matched exactly: " p1" would never apply.
+            // Patient IDs are matched exactly, and the registry refuses them
+            // with whitespace around (`devices add`).
             return Err(format!(
                 "patients: {p:?} is empty or has whitespace around it"
             ));
@@ -326,8 +315,8 @@ mod tests {
         bad(|c| c.thresholds[0].id = " spo2-low".into());
         bad(|c| c.thresholds[0].id = "spo2 low".into());
         bad(|c| c.news2.freshness_ms = 0);
+        bad(|c| c.news2.freshness_ms = 1);
         bad(|c| c.partitions = Some(vec![]));
-        bad(|c| c.forget_after_ms = Some(1000));
         bad(|c| {
             c.patients.insert("p1 ".into(), PatientSetting::default());
         });

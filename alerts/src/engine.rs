@@ -629,9 +629,6 @@ impl Engine {
                 out.push(self.raise(key, ward, Severity::Warning, reason, Vec::new(), now_ms));
             }
         }
-        if let Some(after) = self.config.forget_after_ms {
-            self.forget(after, now_ms, &mut out);
-        }
         let every = self.config.escalate_after_ms;
         let table = &self.config.escalation;
         if every > 0 && !table.is_empty() {
@@ -660,47 +657,6 @@ impl Engine {
             }
         }
         out
-    }
-
-    /// Forget devices silent for `after` (a silent device's alarm only once
-    /// acknowledged: it is cleared), then patients with no device left and
-    /// no active alarm: the caps bound the state in use, not history.
-    fn forget(&mut self, after: u64, now_ms: u64, out: &mut Vec<Event>) {
-        let gone: Vec<String> = self
-            .devices
-            .iter()
-            .filter(|(_, (seen, _, _))| now_ms.saturating_sub(*seen) >= after)
-            .map(|(d, _)| d.clone())
-            .collect();
-        for d in gone {
-            let key = ("device-silent".to_owned(), d.clone());
-            match self.active.get(&key) {
-                // Nobody has seen it yet: it stays.
-                Some(a) if a.ack.is_none() => continue,
-                Some(_) => {
-                    if let Some(a) = self.active.remove(&key) {
-                        out.push(self.clear(a, now_ms));
-                    }
-                }
-                None => {}
-            }
-            self.devices.remove(&d);
-            self.episodes.remove(&format!("device-silent/{d}"));
-        }
-        let in_use: std::collections::BTreeSet<&String> =
-            self.devices.values().map(|(_, p, _)| p).collect();
-        let idle: Vec<String> = self
-            .patients
-            .keys()
-            .filter(|p| !in_use.contains(p) && !self.active.keys().any(|(_, s)| s == *p))
-            .cloned()
-            .collect();
-        for p in idle {
-            self.patients.remove(&p);
-            // Rule IDs hold no '/', so the subject follows the first one.
-            self.episodes
-                .retain(|k, _| k.split_once('/').is_none_or(|(_, s)| s != p));
-        }
     }
 
     /// Acknowledge the active alarm `id`.
@@ -1107,60 +1063,6 @@ mod tests {
             r.read("a", T0 + i * 100_000 + 40_000, &[("2708-6", 97.0)]);
         }
         assert_eq!(r.e.cleared().count(), 3);
-    }
-
-    /// The caps count devices and patients in use: one silent past
-    /// `forget_after_ms` is forgotten, so a ward's turnover never fills
-    /// them, but never while a nurse has not acknowledged its silence, nor a
-    /// patient with an active alarm.
-    #[test]
-    fn idle_devices_and_patients_are_forgotten_so_turnover_never_fills_the_caps() {
-        let day = 24 * 3600 * 1000;
-        let mut cfg = only_thresholds(vec![spo2_rule(0, 1)]);
-        cfg.max_patients = 2;
-        cfg.max_devices = 2;
-        cfg.silent_after_ms = Some(300_000);
-        cfg.forget_after_ms = Some(day);
-        cfg.escalate_after_ms = 0;
-        assert_eq!(cfg.validate(), Ok(()));
-        let mut r = Rig::new(cfg);
-        // Two patients, then both go quiet: "a" silent, "b" with an active
-        // low-SpO2 alarm.
-        r.read("a", T0, &[("2708-6", 97.0)]);
-        r.read("b", T0, &[("2708-6", 80.0)]);
-        let silent = r.e.tick(T0 + 300_000);
-        assert_eq!(silent.len(), 2, "{silent:?}");
-        // A day on, nobody acknowledged the silences: everything stays, and
-        // a third patient is still refused.
-        assert!(r.e.tick(T0 + day).is_empty());
-        r.read("c", T0 + day, &[("2708-6", 97.0)]);
-        assert_eq!((r.e.patients(), r.e.dropped_patients), (2, 1));
-        // Acknowledged: "a"'s device is forgotten (its silence cleared),
-        // then "a"; "b" keeps its device-silent... until acknowledged too,
-        // and keeps the patient while its SpO2 alarm is active.
-        for id in silent
-            .iter()
-            .map(|e| e.alarm.id.clone())
-            .collect::<Vec<_>>()
-        {
-            r.e.acknowledge(&id, "nurse-1", T0 + day).unwrap();
-        }
-        let ev = r.e.tick(T0 + day + 1);
-        assert_eq!(kinds(&ev), [EventKind::Cleared, EventKind::Cleared]);
-        assert_eq!(r.e.patients(), 1, "b stays: its SpO2 alarm is active");
-        assert!(r.e.active().any(|a| a.subject == "b"));
-        // Room again: a new patient is taken.
-        assert!(r.read("c", T0 + day + 2, &[("2708-6", 97.0)]).is_empty());
-        assert_eq!(r.e.patients(), 2);
-        // Without forgetting, the caps are for a lifetime (the old way).
-        let mut cfg = only_thresholds(vec![spo2_rule(0, 1)]);
-        cfg.max_patients = 1;
-        cfg.forget_after_ms = None;
-        let mut r = Rig::new(cfg);
-        r.read("a", T0, &[("2708-6", 97.0)]);
-        r.e.tick(T0 + 10 * day);
-        r.read("b", T0 + 10 * day, &[("2708-6", 97.0)]);
-        assert_eq!(r.e.dropped_patients, 1);
     }
 
     #[test]

@@ -150,6 +150,13 @@ impl RegistryFile {
         if patient.trim().is_empty() {
             return Err(Error::InvalidArgument("patient must not be empty".into()));
         }
+        // IDs are matched exactly (alert settings, grants): " p1" and "p1"
+        // must not be two patients by accident.
+        if patient.trim() != patient || ward.is_some_and(|w| w.trim() != w || w.is_empty()) {
+            return Err(Error::InvalidArgument(
+                "patient and ward must not have whitespace around them (nor be empty)".into(),
+            ));
+        }
         self.edit(|m| {
             if let Some(e) = m.get(did.as_str())
                 && e.revoked_ms.is_none()
@@ -538,6 +545,12 @@ mod tests {
         f.add(a.did(), "patient-1", Some("ward-7"), 10).unwrap();
         f.add(b.did(), "patient-2", None, 11).unwrap();
         assert!(f.add(a.did(), "patient-9", None, 12).is_err());
+        // Whitespace around an ID would make a second patient by accident.
+        let c = SecretKey::from_seed(&[3; 32]).unwrap();
+        assert!(f.add(c.did(), " patient-1", None, 12).is_err());
+        assert!(f.add(c.did(), "patient-1\t", None, 12).is_err());
+        assert!(f.add(c.did(), "patient-1", Some("ward-7 "), 12).is_err());
+        assert!(f.add(c.did(), "patient-1", Some(""), 12).is_err());
         let r = f.load().unwrap();
         assert!(
             matches!(r.lookup(a.did().as_str()), Lookup::Active(e) if e.patient == "patient-1")
