@@ -606,6 +606,7 @@ impl PartitionState {
             let home = cfg
                 .topic_partitions
                 .map(|n| vitaltrail_bus::partition_for(&did, n));
+            let mut patient = None;
             let refusal = if d.record.key != did {
                 Some((
                     "key_mismatch",
@@ -621,7 +622,11 @@ impl PartitionState {
                 ))
             } else {
                 match (self.patients)(&did) {
-                    Registered::Active(_) => None,
+                    Registered::Active(p) => {
+                        // The vitals.logged key, from this same lookup.
+                        patient = Some(p);
+                        None
+                    }
                     Registered::Revoked(_) => {
                         Some(("revoked_device", format!("{did} was revoked")))
                     }
@@ -701,7 +706,7 @@ impl PartitionState {
                     let (pos, seq) = (leaves.len(), reading.seq);
                     leaves.push(leaf::encode(now_ms, payload));
                     if self.announce {
-                        keys.push(self.announce_key(&did));
+                        keys.push(patient.take().unwrap_or_else(|| did.clone()));
                     }
                     logged.push(reading);
                     dec.fates.push((d, Fate::Leaf { pos, did, seq }));
