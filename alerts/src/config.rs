@@ -49,6 +49,9 @@ pub struct AlertsConfig {
     /// file, which must then exist.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logged_key_file: Option<std::path::PathBuf>,
+    /// Webhooks: each alarm event POSTed as a FHIR `Communication`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<crate::webhook::WebhookConfig>,
 }
 
 impl Default for AlertsConfig {
@@ -92,6 +95,7 @@ impl Default for AlertsConfig {
             partitions: None,
             partial: false,
             logged_key_file: None,
+            webhooks: Vec::new(),
         }
     }
 }
@@ -194,6 +198,13 @@ impl AlertsConfig {
         }
         if self.partitions.as_ref().is_some_and(Vec::is_empty) {
             return Err("partitions, when given, must name at least one".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for w in &self.webhooks {
+            w.validate()?;
+            if !names.insert(w.name.as_str()) {
+                return Err(format!("webhooks: the name {:?} is used twice", w.name));
+            }
         }
         Ok(())
     }
@@ -321,6 +332,22 @@ mod tests {
             c.patients.insert("p1 ".into(), PatientSetting::default());
         });
         bad(|c| c.escalation = vec!["charge-nurse".into(), " ".into()]);
+        let hook = crate::webhook::WebhookConfig {
+            name: "ehr".into(),
+            url: "https://ehr.example/hook".into(),
+            wards: vec!["*".into()],
+            secret_file: "/dev/null".into(),
+            timeout_ms: 10_000,
+            first_backoff_ms: 500,
+            max_backoff_ms: 60_000,
+        };
+        let mut c = AlertsConfig {
+            webhooks: vec![hook.clone()],
+            ..AlertsConfig::default()
+        };
+        assert_eq!(c.validate(), Ok(()));
+        c.webhooks.push(hook);
+        assert!(c.validate().is_err(), "a name used twice");
         // At the threshold itself is allowed (no hysteresis, but meant).
         let mut c = AlertsConfig::default();
         c.thresholds[0].clear_value = Some(88.0);

@@ -36,6 +36,9 @@ pub enum Error {
     /// them without `partial`: a configuration error.
     #[error("{0}")]
     Coverage(String),
+    /// A setting that cannot work (a webhook's URL or secret file).
+    #[error("{0}")]
+    Setting(String),
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),

@@ -9,16 +9,22 @@
 //! | [`engine`] | the rules (NEWS2 from `vitaltrail_core::news2`, thresholds with duration and repeat, silent devices) and the alarm lifecycle (raise once, severity updates, hysteresis on clearing, escalation, acknowledgement); no I/O, time given by the caller |
 //! | [`config`] | the typed `[alerts]` configuration |
 //! | [`stage`] | `run(config, shutdown)`: follows the partition logs read-only, feeds the engine, writes `<data>/alerts/` (events, state) |
+//! | [`delivery`] | the outbox (the events files, one durable cursor per channel), retries with backoff, dead letters past the bound |
+//! | [`webhook`] | `[[alerts.webhooks]]`: a FHIR `Communication` per event, POSTed and signed with HMAC-SHA256 |
+//! | [`fhir`] | events as FHIR R4 `Communication`s; event keys |
 //! | `metrics` | `vitaltrail_alerts_*` |
 //!
 //! The engine's whole state serialises ([`engine::Engine::to_json`]), so it
 //! survives a restart.
 
 pub mod config;
+pub mod delivery;
 pub mod engine;
 mod error;
+pub mod fhir;
 mod metrics;
 pub mod stage;
+pub mod webhook;
 
 pub use config::AlertsConfig;
 pub use engine::{Alarm, Engine, Event, EventKind, LoggedReading, Severity};

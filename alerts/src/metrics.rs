@@ -28,6 +28,17 @@ pub struct Metrics {
     /// `vitals.logged` records dropped for being in a partition their key
     /// does not belong in (a copy).
     pub misplaced: IntCounter,
+    /// Alarm events delivered, per channel.
+    pub delivered: IntCounterVec,
+    /// Delivery attempts that failed (each is retried), per channel.
+    pub delivery_failures: IntCounterVec,
+    /// Committed bytes of the current events generation a channel has not
+    /// delivered yet (-1: it is behind by a generation or more).
+    pub delivery_backlog: IntGaugeVec,
+    /// Events moved to a channel's dead letters, past the outbox's bound.
+    pub dead_letters: IntCounterVec,
+    /// Dead letters discarded, past their own bound.
+    pub dead_letters_discarded: IntCounterVec,
 }
 
 impl Metrics {
@@ -78,7 +89,47 @@ impl Metrics {
                 "vitaltrail_alerts_misplaced_announcements_total",
                 "vitals.logged records dropped for being in a partition their key does not belong in",
             )?,
+            delivered: IntCounterVec::new(
+                Opts::new(
+                    "vitaltrail_alerts_delivered_total",
+                    "Alarm events delivered, per channel",
+                ),
+                &["channel"],
+            )?,
+            delivery_failures: IntCounterVec::new(
+                Opts::new(
+                    "vitaltrail_alerts_delivery_failures_total",
+                    "Alarm event deliveries that failed and are retried, per channel",
+                ),
+                &["channel"],
+            )?,
+            delivery_backlog: IntGaugeVec::new(
+                Opts::new(
+                    "vitaltrail_alerts_delivery_backlog_bytes",
+                    "Committed bytes of the current events file a channel has not delivered (-1: a generation or more behind)",
+                ),
+                &["channel"],
+            )?,
+            dead_letters: IntCounterVec::new(
+                Opts::new(
+                    "vitaltrail_alerts_dead_letters_total",
+                    "Alarm events moved to a channel's dead letters, undelivered past the outbox's bound",
+                ),
+                &["channel"],
+            )?,
+            dead_letters_discarded: IntCounterVec::new(
+                Opts::new(
+                    "vitaltrail_alerts_dead_letters_discarded_total",
+                    "Dead letters discarded past their own bound (two files of max_events_bytes per channel)",
+                ),
+                &["channel"],
+            )?,
         };
+        registry.register(Box::new(m.dead_letters_discarded.clone()))?;
+        registry.register(Box::new(m.delivered.clone()))?;
+        registry.register(Box::new(m.delivery_failures.clone()))?;
+        registry.register(Box::new(m.delivery_backlog.clone()))?;
+        registry.register(Box::new(m.dead_letters.clone()))?;
         registry.register(Box::new(m.misplaced.clone()))?;
         registry.register(Box::new(m.unauthentic.clone()))?;
         registry.register(Box::new(m.repeats.clone()))?;

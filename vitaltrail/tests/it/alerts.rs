@@ -138,3 +138,253 @@ async fn deterioration_and_hypoxia_raise_alerts_in_order_and_steady_none() {
         }
     }
 }
+
+/// Every alarm event of the events files, with its key, in file order.
+fn written_events(data: &std::path::Path) -> Vec<(String, vitaltrail_alerts::Event)> {
+    let dir = vitaltrail_alerts::stage::alerts_dir(data);
+    let mut out = Vec::new();
+    for (_, f) in vitaltrail_alerts::stage::event_files(&dir) {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        // A line still being written has no newline yet.
+        for l in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+            let e: vitaltrail_alerts::Event = serde_json::from_str(l).unwrap();
+            out.push((vitaltrail_alerts::fhir::event_key(&e), e));
+        }
+    }
+    out
+}
+
+/// What the receiver took (`took: true` lines), in arrival order, and the
+/// count of each kind of refusal.
+fn received(out: &std::path::Path) -> (Vec<serde_json::Value>, BTreeMap<String, usize>) {
+    let mut took = Vec::new();
+    let mut refused = BTreeMap::new();
+    for l in std::fs::read_to_string(out).unwrap_or_default().lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        if v["took"] == true {
+            took.push(v);
+        } else {
+            *refused
+                .entry(v["why"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    (took, refused)
+}
+
+/// Webhooks end to end, with `up` as its own process killed (-9) while it
+/// retries: an independent receiver (Python standard library, from
+/// docs/alerts.md) that checks every signature, and refuses every attempt
+/// while it is "down", gets every event of its ward at least once, as a
+/// FHIR Communication, in order per alarm, and none of another ward.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhooks_deliver_every_event_in_order_through_refusals_and_kill_9() {
+    use std::time::Instant;
+    let data = tempfile::tempdir().unwrap();
+    let secret = data.path().join("hook.secret");
+    std::fs::write(&secret, "a shared secret of the ward-3 EHR\n").unwrap();
+    let out = data.path().join("received.jsonl");
+    let port_file = data.path().join("hook.port");
+    // The receiver is down until this file goes.
+    let closed = data.path().join("hook.closed");
+    std::fs::write(&closed, "").unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/webhook_receiver.py"
+    );
+    /// Killed however the test ends.
+    struct Receiver(std::process::Child);
+    impl Drop for Receiver {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let receiver = Receiver(
+        std::process::Command::new(common::python())
+            .arg(script)
+            .arg(&secret)
+            .arg(&out)
+            .arg(&port_file)
+            .arg(&closed)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !port_file.exists() {
+        assert!(Instant::now() < deadline, "the receiver did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let port = std::fs::read_to_string(&port_file).unwrap();
+    let conf = data.path().join("vitaltrail.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[alerts.webhooks]]\nname = \"ehr\"\nurl = \"http://127.0.0.1:{port}/fhir/hook?token=not-logged\"\n\
+             wards = [\"ward-3\"]\nsecret_file = \"{}\"\nfirst_backoff_ms = 300\nmax_backoff_ms = 1000\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let scenarios = [
+        Scenario::Deterioration,
+        Scenario::AcuteHypoxia,
+        Scenario::Deterioration,
+        Scenario::Steady,
+    ];
+    let mut devs = publisher::devices(21, scenarios.len(), &scenarios);
+    let reg = vitaltrail_bus::datadir::registry_file(data.path());
+    let wards = ["ward-3", "ward-3", "ward-7", "ward-3"];
+    for (i, (d, w)) in devs.iter().zip(wards).enumerate() {
+        reg.add(d.key.did(), &format!("patient-{i}"), Some(w), 0)
+            .unwrap();
+    }
+    let mqtt = common::free_addr();
+    let args: Vec<String> = vec![
+        "up".into(),
+        "--config".into(),
+        conf.display().to_string(),
+        "--data".into(),
+        data.path().display().to_string(),
+        "--mqtt-listen".into(),
+        mqtt.to_string(),
+        "--metrics-listen".into(),
+        common::free_addr().to_string(),
+        "--checkpoint-interval-ms".into(),
+        "200".into(),
+    ];
+    let mut up = common::Proc::spawn(&args, data.path().join("up.log"));
+    common::wait_port(mqtt.port());
+    let sim = SimConfig {
+        mqtt: vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", mqtt.port()),
+        device_tls: common::device_tls(data.path()),
+        client_id: "sim-hooks".into(),
+        rate: 10.0,
+        duration: Duration::from_secs(10),
+        ..SimConfig::default()
+    };
+    publisher::run(&sim, &mut devs, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let refused = |_: ()| received(&out).1.get("refused").copied().unwrap_or(0);
+    let wait = |what: &'static str, f: &dyn Fn() -> bool, up: &mut common::Proc| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !f() {
+            up.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {}",
+                std::fs::read_to_string(data.path().join("up.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // Killed while it retries, twice.
+    wait(
+        "the receiver refused nothing",
+        &|| refused(()) >= 3,
+        &mut up,
+    );
+    up.crash_and_restart();
+    common::wait_port(mqtt.port());
+    let before = refused(());
+    wait(
+        "no retry after the restart",
+        &|| refused(()) > before,
+        &mut up,
+    );
+    up.crash_and_restart();
+    common::wait_port(mqtt.port());
+    // The receiver is back: killed again once deliveries have begun.
+    std::fs::remove_file(&closed).unwrap();
+    wait(
+        "nothing delivered",
+        &|| !received(&out).0.is_empty(),
+        &mut up,
+    );
+    up.crash_and_restart();
+    common::wait_port(mqtt.port());
+    // Everything of ward 3 the engine wrote arrives.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        up.assert_running();
+        let written = written_events(data.path());
+        let (took, _) = received(&out);
+        let keys: std::collections::BTreeSet<&str> =
+            took.iter().map(|t| t["key"].as_str().unwrap()).collect();
+        let missing: Vec<&String> = written
+            .iter()
+            .filter(|(_, e)| e.alarm.ward.as_deref() == Some("ward-3"))
+            .map(|(k, _)| k)
+            .filter(|k| !keys.contains(k.as_str()))
+            .collect();
+        if missing.is_empty() && !written.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not delivered: {missing:?}\n{}",
+            std::fs::read_to_string(data.path().join("up.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = up.child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(up.child.wait().unwrap().success());
+    drop(receiver);
+
+    let written = written_events(data.path());
+    let (took, refused) = received(&out);
+    eprintln!(
+        "{} events written, {} requests taken, {refused:?}",
+        written.len(),
+        took.len()
+    );
+    assert!(
+        refused.get("refused").copied().unwrap_or(0) >= 4,
+        "{refused:?}"
+    );
+    assert_eq!(refused.len(), 1, "bad signatures or bodies: {refused:?}");
+    // Ward 7's patient raised alarms; none went to ward 3's receiver.
+    assert!(
+        written
+            .iter()
+            .any(|(_, e)| e.alarm.ward.as_deref() == Some("ward-7")),
+        "the ward-7 patient raised nothing: the filter is untested"
+    );
+    let ours: Vec<&(String, vitaltrail_alerts::Event)> = written
+        .iter()
+        .filter(|(_, e)| e.alarm.ward.as_deref() == Some("ward-3"))
+        .collect();
+    for t in &took {
+        let key = t["key"].as_str().unwrap();
+        let (_, e) = ours
+            .iter()
+            .find(|(k, _)| k == key)
+            .unwrap_or_else(|| panic!("{key} is not a ward-3 event"));
+        // The body is the event's Communication.
+        assert_eq!(t["body"], vitaltrail_alerts::fhir::communication(e));
+    }
+    // In order per alarm: first arrivals follow the events file.
+    let mut first: Vec<&str> = Vec::new();
+    for t in &took {
+        let k = t["key"].as_str().unwrap();
+        if !first.contains(&k) {
+            first.push(k);
+        }
+    }
+    let mut alarms: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (k, e) in &ours {
+        alarms.entry(e.alarm.id.as_str()).or_default().push(k);
+    }
+    for (alarm, keys) in alarms {
+        let arrived: Vec<&str> = first.iter().copied().filter(|k| keys.contains(k)).collect();
+        assert_eq!(arrived, keys, "{alarm}: out of order");
+    }
+    // The URL's token is never logged.
+    let log = std::fs::read_to_string(data.path().join("up.log")).unwrap();
+    assert!(!log.contains("not-logged"), "{log}");
+}
