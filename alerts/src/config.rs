@@ -52,6 +52,8 @@ pub struct AlertsConfig {
     /// Webhooks: each alarm event POSTed as a FHIR `Communication`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<crate::webhook::WebhookConfig>,
+    /// The Kafka topic `alerts` (over Kafka only).
+    pub kafka_topic: crate::kafka_topic::KafkaTopicConfig,
 }
 
 impl Default for AlertsConfig {
@@ -96,6 +98,7 @@ impl Default for AlertsConfig {
             partial: false,
             logged_key_file: None,
             webhooks: Vec::new(),
+            kafka_topic: Default::default(),
         }
     }
 }
@@ -199,6 +202,7 @@ impl AlertsConfig {
         if self.partitions.as_ref().is_some_and(Vec::is_empty) {
             return Err("partitions, when given, must name at least one".into());
         }
+        self.kafka_topic.validate()?;
         let mut names = std::collections::BTreeSet::new();
         for w in &self.webhooks {
             w.validate()?;

@@ -243,11 +243,7 @@ const BATCH: usize = 256;
 /// Read committed events from `c` on: up to [`BATCH`], each with the
 /// cursor just past it. Also returns the cursor after skipping deleted
 /// generations.
-fn read_batch(
-    dir: &Path,
-    mut c: Cursor,
-    committed: Committed,
-) -> Result<(Cursor, Batch)> {
+fn read_batch(dir: &Path, mut c: Cursor, committed: Committed) -> Result<(Cursor, Batch)> {
     let mut out = Vec::new();
     loop {
         if (c.generation, c.offset) >= (committed.generation, committed.len) {
@@ -436,7 +432,18 @@ pub(crate) async fn run_channel<S: Sink>(
             }
             let mut attempt = 0u32;
             loop {
-                match sink.send(&event, &line).await {
+                // An attempt in flight is given up at shutdown (Kafka waits
+                // for a cluster that is down without a time limit): the
+                // event is sent again after the restart.
+                let sent = tokio::select! {
+                    r = sink.send(&event, &line) => Some(r),
+                    _ = shutdown.changed() => None,
+                };
+                let Some(sent) = sent else {
+                    save(cursor)?;
+                    return Ok(());
+                };
+                match sent {
                     Ok(()) => break,
                     Err(why) => {
                         attempt += 1;

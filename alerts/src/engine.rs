@@ -105,6 +105,10 @@ pub struct Alarm {
     pub subject: String,
     /// The patient's ward, when known.
     pub ward: Option<String>,
+    /// The patient: the subject, or for device rules the device's patient
+    /// (absent in events written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
     /// How urgent.
     pub severity: Severity,
     /// Why, in words.
@@ -433,7 +437,8 @@ impl Engine {
                     pr.count
                 );
                 let ev = pr.evidence.iter().cloned().collect();
-                out.push(self.raise(key, p.ward.clone(), rule.severity, reason, ev, now_ms));
+                let who = (key.1.clone(), p.ward.clone());
+                out.push(self.raise(key, who, rule.severity, reason, ev, now_ms));
             }
         } else {
             pr.holding_since = None;
@@ -513,7 +518,8 @@ impl Engine {
                 pr.clear_since = None;
                 pr.scored = score.parameters.len();
                 let ev = evidence();
-                out.push(self.raise(key, p.ward.clone(), sev, reason, ev, now_ms));
+                let who = (key.1.clone(), p.ward.clone());
+                out.push(self.raise(key, who, sev, reason, ev, now_ms));
             }
             (Some(sev), Some(a)) => {
                 pr.clear_since = None;
@@ -554,7 +560,7 @@ impl Engine {
     fn raise(
         &mut self,
         key: (String, String),
-        ward: Option<String>,
+        (patient, ward): (String, Option<String>),
         severity: Severity,
         reason: String,
         evidence: Vec<Evidence>,
@@ -570,6 +576,7 @@ impl Engine {
             rule: key.0.clone(),
             subject: key.1.clone(),
             ward,
+            patient: Some(patient),
             severity,
             reason,
             active: true,
@@ -626,7 +633,14 @@ impl Engine {
                     now_ms.saturating_sub(seen) / 1000
                 );
                 let key = ("device-silent".to_owned(), device);
-                out.push(self.raise(key, ward, Severity::Warning, reason, Vec::new(), now_ms));
+                out.push(self.raise(
+                    key,
+                    (patient, ward),
+                    Severity::Warning,
+                    reason,
+                    Vec::new(),
+                    now_ms,
+                ));
             }
         }
         let every = self.config.escalate_after_ms;

@@ -125,6 +125,19 @@ pub fn communication(e: &Event) -> Value {
         "payload": [{"contentString": text}],
     });
     let obj = c.as_object_mut().expect("a JSON object");
+    let patient = a
+        .patient
+        .as_deref()
+        .or((a.rule != "device-silent").then_some(a.subject.as_str()));
+    if let Some(p) = patient {
+        obj.insert(
+            "subject".into(),
+            json!({
+                "type": "Patient",
+                "identifier": {"system": PATIENT_SYSTEM, "value": p},
+            }),
+        );
+    }
     if a.rule == "device-silent" {
         obj.insert(
             "about".into(),
@@ -133,17 +146,8 @@ pub fn communication(e: &Event) -> Value {
                 "identifier": {"system": "urn:ietf:rfc:3986", "value": a.subject},
             }]),
         );
-    } else {
-        obj.insert(
-            "subject".into(),
-            json!({
-                "type": "Patient",
-                "identifier": {"system": PATIENT_SYSTEM, "value": a.subject},
-            }),
-        );
-        if !about.is_empty() {
-            obj.insert("about".into(), Value::Array(about));
-        }
+    } else if !about.is_empty() {
+        obj.insert("about".into(), Value::Array(about));
     }
     if let Some(n) = &e.notify {
         obj.insert("recipient".into(), json!([{ "display": n }]));
@@ -166,6 +170,7 @@ mod tests {
                 rule: "news2".into(),
                 subject: "patient-1".into(),
                 ward: Some("ward-3".into()),
+                patient: Some("patient-1".into()),
                 severity,
                 reason: "NEWS2 7 (high)".into(),
                 active: true,
@@ -241,13 +246,16 @@ mod tests {
         let text = c["payload"][0]["contentString"].as_str().unwrap();
         assert!(text.contains("tell charge-nurse"), "{text}");
         assert!(text.contains("acknowledged by nurse-a"), "{text}");
-        // A silent device: about the device, no patient subject.
+        // A silent device: about the device, for its patient (when recorded).
         let mut s = event(EventKind::Raised, Severity::Warning, 0);
         s.alarm.rule = "device-silent".into();
         s.alarm.subject = "did:key:z6Mkexample".into();
         s.alarm.evidence.clear();
         let c = communication(&s);
-        assert!(c.get("subject").is_none());
+        assert_eq!(c["subject"]["identifier"]["value"], "patient-1");
+        s.alarm.patient = None;
+        let c = communication(&s);
+        assert!(c.get("subject").is_none(), "the device is no patient");
         assert_eq!(c["about"][0]["type"], "Device");
         assert_eq!(c["priority"], "routine");
     }

@@ -606,7 +606,7 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
         AlertsSource::Logs => {
             let devices = Devices::File(None, Registry::default());
             let stage = open(cfg, devices).await?;
-            let delivery = start_delivery(&stage, &shutdown)?;
+            let delivery = start_delivery(&stage, &shutdown).await?;
             let res = follow_logs(stage, shutdown).await;
             finish(delivery, res).await
         }
@@ -639,7 +639,7 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
                 .map(|p| (*p, stage.offsets.get(p).copied()))
                 .collect();
             let consumer = LoggedConsumer::assign(&kafka, LOGGED_GROUP, key, &starts)?;
-            let delivery = start_delivery(&stage, &shutdown)?;
+            let delivery = start_delivery(&stage, &shutdown).await?;
             tracing::info!(partitions = ?partitions, data = %data.display(), "alert engine is up on {LOGGED_TOPIC}");
             let res = follow_kafka(stage, consumer, shutdown).await;
             follow.abort();
@@ -651,11 +651,41 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
 
 /// Start a delivery task per configured channel (a channel whose setting
 /// cannot work, an unreadable secret say, stops the stage now).
-fn start_delivery(
+async fn start_delivery(
     stage: &Stage,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<Vec<tokio::task::JoinHandle<Result<()>>>> {
     let mut tasks = Vec::new();
+    let topic = &stage.cfg.alerts.kafka_topic;
+    if topic.enabled {
+        let AlertsSource::Kafka { kafka, .. } = &stage.cfg.source else {
+            return Err(Error::Setting(
+                "alerts.kafka_topic.enabled: the engine runs over the local logs, with no Kafka \
+                 cluster to write to (run it with --kafka)"
+                    .into(),
+            ));
+        };
+        let sink = crate::kafka_topic::KafkaTopic::new(kafka, topic).await?;
+        let spec = ChannelSpec {
+            name: "kafka-alerts".into(),
+            wards: Wards::All,
+            // rdkafka retries inside a send; this paces the rare failure.
+            backoff: Backoff {
+                first: Duration::from_millis(500),
+                max: Duration::from_secs(30),
+            },
+        };
+        tracing::info!(channel = %spec.name, "delivering alarm events to the Kafka topic alerts");
+        tasks.push(tokio::spawn(crate::delivery::run_channel(
+            spec,
+            sink,
+            stage.dir.clone(),
+            stage.channels.clone(),
+            stage.committed.subscribe(),
+            shutdown.clone(),
+            stage.metrics.clone(),
+        )));
+    }
     for w in &stage.cfg.alerts.webhooks {
         let sink = crate::webhook::Webhook::new(w)?;
         let spec = ChannelSpec {
@@ -931,6 +961,7 @@ mod tests {
                 rule: "hr-high".into(),
                 subject: format!("patient-{i}"),
                 ward: Some(ward.into()),
+                patient: Some(format!("patient-{i}")),
                 severity: crate::Severity::Urgent,
                 reason: "HR 150 for 60 s".into(),
                 active: true,

@@ -42,6 +42,9 @@ pub const DEVICES_TOPIC: &str = "vitals.devices";
 /// Signed checkpoints: key = log origin, value = JSON
 /// `{partition, origin, size, time_ms, note}`.
 pub const CHECKPOINTS_TOPIC: &str = "vitals.checkpoints";
+/// Alarm events, written by the alert engines: key = patient, value = the
+/// event's line of the engine's events file (`docs/alerts.md`).
+pub const ALERTS_TOPIC: &str = "alerts";
 
 /// Typed Kafka settings.
 #[derive(Clone)]
@@ -148,6 +151,19 @@ fn registry_topic() -> NewTopic<'static> {
     NewTopic::new(DEVICES_TOPIC, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact")
 }
 
+/// Create `alerts` (the configured partition count) if it does not exist.
+pub async fn ensure_alerts_topic(cfg: &KafkaConfig) -> Result<()> {
+    create_topics(
+        cfg,
+        &[NewTopic::new(
+            ALERTS_TOPIC,
+            cfg.partitions,
+            TopicReplication::Fixed(1),
+        )],
+    )
+    .await
+}
+
 pub(crate) async fn create_topics(cfg: &KafkaConfig, topics: &[NewTopic<'_>]) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = cfg.client_config().create().map_err(kerr)?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -208,6 +224,31 @@ impl KafkaProducer {
         self.producer
             .send(
                 FutureRecord::to(topic).key(key).payload(payload),
+                Timeout::Never,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| kerr(e))
+    }
+
+    /// Produce one keyed record with headers and wait until Kafka has it.
+    pub async fn send_with_headers(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Result<()> {
+        let mut h = rdkafka::message::OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(rdkafka::message::Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        self.producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(payload).headers(h),
                 Timeout::Never,
             )
             .await

@@ -644,6 +644,51 @@ fn s_(x: &str) -> String {
 }
 
 /// The events an alert engine's data directory holds, in order.
+/// Every record of the topic `alerts`: (record key, value, event-key
+/// header, signature header), in each partition's order.
+fn alerts_topic(brokers: &str) -> Vec<(String, Vec<u8>, String, String)> {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::Consumer as _;
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "alerts-topic-check")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset("alerts", p as i32, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let mut idle = 0;
+    while idle < 5 {
+        match consumer.poll(Duration::from_millis(300)) {
+            Some(Ok(m)) => {
+                idle = 0;
+                let header = |name: &str| {
+                    use rdkafka::message::Headers as _;
+                    m.headers()
+                        .and_then(|h| h.iter().find(|x| x.key == name))
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8(v.to_vec()).unwrap())
+                        .unwrap_or_default()
+                };
+                out.push((
+                    String::from_utf8(m.key().unwrap_or_default().to_vec()).unwrap(),
+                    m.payload().unwrap_or_default().to_vec(),
+                    header("vt-event-key"),
+                    header("vt-signature"),
+                ));
+            }
+            Some(Err(e)) => panic!("reading the alerts topic: {e}"),
+            None => idle += 1,
+        }
+    }
+    out
+}
+
 fn engine_events(dir: &Path) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     for (_, f) in vitaltrail_alerts::stage::event_files(&dir.join("alerts")) {
@@ -667,6 +712,7 @@ fn engine_events(dir: &Path) -> Vec<serde_json::Value> {
 /// "reporting" SpO2 70 %) raise nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn alert_engines_split_vitals_logged_and_survive_kill_9() {
+    const TOPIC_SECRET: &str = "the alerts topic's consumers' key";
     let data = tempfile::tempdir().unwrap();
     let scenarios = [
         Scenario::Steady,
@@ -713,6 +759,16 @@ async fn alert_engines_split_vitals_logged_and_survive_kill_9() {
             )
             .unwrap();
             let key = dir.path().join("logged.key");
+            let conf = dir.path().join("engine.toml");
+            std::fs::write(dir.path().join("alerts-topic.secret"), TOPIC_SECRET).unwrap();
+            std::fs::write(
+                &conf,
+                format!(
+                    "[alerts.kafka_topic]\nenabled = true\nsecret_file = \"{}\"\n",
+                    dir.path().join("alerts-topic.secret").display()
+                ),
+            )
+            .unwrap();
             vt(&[
                 "alerts",
                 "export-key",
@@ -724,6 +780,8 @@ async fn alert_engines_split_vitals_logged_and_survive_kill_9() {
             Proc::spawn(
                 &[
                     s("alerts"),
+                    s("--config"),
+                    conf.display().to_string(),
                     s("--kafka"),
                     c.kafka.brokers(),
                     s("--partitions"),
@@ -876,6 +934,66 @@ async fn alert_engines_split_vitals_logged_and_survive_kill_9() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     for p in procs.iter_mut() {
         p.assert_running();
+    }
+    // Every event of both engines reaches the topic alerts, keyed by its
+    // patient, byte for byte, signed; in order per alarm.
+    let secret = vitaltrail_alerts::webhook::Secret::from_bytes(TOPIC_SECRET.as_bytes());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let lines: Vec<Vec<u8>> = engines
+            .iter()
+            .flat_map(|d| {
+                vitaltrail_alerts::stage::event_files(&d.path().join("alerts"))
+                    .into_iter()
+                    .flat_map(|(_, f)| {
+                        std::fs::read(f)
+                            .unwrap()
+                            .split(|b| *b == b'\n')
+                            .filter(|l| !l.is_empty())
+                            .map(<[u8]>::to_vec)
+                            .collect::<Vec<_>>()
+                    })
+            })
+            .collect();
+        let records = alerts_topic(&c.kafka.brokers());
+        let missing = lines
+            .iter()
+            .filter(|l| !records.iter().any(|r| &r.1 == *l))
+            .count();
+        if missing == 0 && !lines.is_empty() {
+            let mut first: Vec<&str> = Vec::new();
+            for (key, value, event_key, sig) in &records {
+                let e: vitaltrail_alerts::Event = serde_json::from_slice(value).unwrap();
+                assert_eq!(key, &e.alarm.subject, "keyed by patient");
+                assert_eq!(event_key, &vitaltrail_alerts::fhir::event_key(&e));
+                assert_eq!(sig, &secret.sign(value), "signature of {event_key}");
+                if !first.contains(&event_key.as_str()) {
+                    first.push(event_key);
+                }
+            }
+            for l in &lines {
+                let e: vitaltrail_alerts::Event = serde_json::from_slice(l).unwrap();
+                let ours: Vec<String> = lines
+                    .iter()
+                    .map(|l| serde_json::from_slice::<vitaltrail_alerts::Event>(l).unwrap())
+                    .filter(|x| x.alarm.id == e.alarm.id)
+                    .map(|x| vitaltrail_alerts::fhir::event_key(&x))
+                    .collect();
+                let arrived: Vec<&str> = first
+                    .iter()
+                    .copied()
+                    .filter(|k| ours.iter().any(|o| o == k))
+                    .collect();
+                assert_eq!(arrived, ours, "{}: out of order", e.alarm.id);
+            }
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{missing} of {} events not on the topic alerts",
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     drop(procs);
     for (i, dir) in engines.iter().enumerate() {
