@@ -52,6 +52,10 @@ pub struct AlertsConfig {
     /// Webhooks: each alarm event POSTed as a FHIR `Communication`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<crate::webhook::WebhookConfig>,
+    /// Publish each event of a ward to MQTT `alerts/<ward>` (QoS 1), when
+    /// the engine has a broker (`up`; `vitaltrail alerts` with
+    /// `mqtt.broker`).
+    pub mqtt: bool,
     /// The Kafka topic `alerts` (over Kafka only).
     pub kafka_topic: crate::kafka_topic::KafkaTopicConfig,
 }
@@ -98,6 +102,7 @@ impl Default for AlertsConfig {
             partial: false,
             logged_key_file: None,
             webhooks: Vec::new(),
+            mqtt: true,
             kafka_topic: Default::default(),
         }
     }

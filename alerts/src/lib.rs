@@ -11,6 +11,7 @@
 //! | [`stage`] | `run(config, shutdown)`: follows the partition logs read-only, feeds the engine, writes `<data>/alerts/` (events, state) |
 //! | [`delivery`] | the outbox (the events files, one durable cursor per channel), retries with backoff, dead letters past the bound |
 //! | [`webhook`] | `[[alerts.webhooks]]`: a FHIR `Communication` per event, POSTed and signed with HMAC-SHA256 |
+//! | [`mqtt_topic`] | each event of a ward to MQTT `alerts/<ward>`, QoS 1, for nurse stations |
 //! | [`kafka_topic`] | `[alerts.kafka_topic]`: each event to the Kafka topic `alerts`, keyed by patient, signed |
 //! | [`fhir`] | events as FHIR R4 `Communication`s; event keys |
 //! | `metrics` | `vitaltrail_alerts_*` |
@@ -25,6 +26,7 @@ mod error;
 pub mod fhir;
 pub mod kafka_topic;
 mod metrics;
+pub mod mqtt_topic;
 pub mod stage;
 pub mod webhook;
 

@@ -111,6 +111,9 @@ pub struct StageConfig {
     pub clock: Arc<dyn Clock>,
     /// Where its metrics are registered.
     pub metrics: prometheus::Registry,
+    /// The broker nurse stations subscribe to (`alerts/<ward>`), as the
+    /// pipeline; `None`: no MQTT delivery.
+    pub mqtt: Option<vitaltrail_mqtt::MqttEndpoint>,
 }
 
 impl std::fmt::Debug for StageConfig {
@@ -656,6 +659,31 @@ async fn start_delivery(
     shutdown: &watch::Receiver<bool>,
 ) -> Result<Vec<tokio::task::JoinHandle<Result<()>>>> {
     let mut tasks = Vec::new();
+    if let (true, Some(endpoint)) = (stage.cfg.alerts.mqtt, &stage.cfg.mqtt) {
+        let spec = ChannelSpec {
+            name: "mqtt-alerts".into(),
+            wards: Wards::All,
+            backoff: Backoff {
+                first: Duration::from_millis(200),
+                max: Duration::from_secs(10),
+            },
+        };
+        tracing::info!(channel = %spec.name, "delivering alarm events to MQTT alerts/<ward>");
+        // One engine per client ID: the engine's data directory names it.
+        let id = format!(
+            "vitaltrail-alerts-{:08x}",
+            stage.series as u32 ^ (stage.series >> 32) as u32
+        );
+        tasks.push(tokio::spawn(crate::delivery::run_channel(
+            spec,
+            crate::mqtt_topic::MqttAlerts::new(endpoint, &id),
+            stage.dir.clone(),
+            stage.channels.clone(),
+            stage.committed.subscribe(),
+            shutdown.clone(),
+            stage.metrics.clone(),
+        )));
+    }
     let topic = &stage.cfg.alerts.kafka_topic;
     if topic.enabled {
         let AlertsSource::Kafka { kafka, .. } = &stage.cfg.source else {
@@ -889,6 +917,7 @@ mod tests {
             data_dir: data.to_owned(),
             clock: Arc::new(MockClock::new(T0)),
             metrics: prometheus::Registry::new(),
+            mqtt: None,
         };
         let mut st = Stage::open(cfg, Devices::File(None, Registry::default())).unwrap();
         st.logged_partitions = 2;

@@ -60,6 +60,7 @@ async fn run_once(data: &Path) {
         data_dir: data.to_owned(),
         clock: Arc::new(MockClock::new(T0 + 60_000)),
         metrics: prometheus::Registry::new(),
+        mqtt: None,
     };
     let (tx, rx) = watch::channel(false);
     let h = tokio::spawn(stage::run(cfg, rx));

@@ -9,6 +9,26 @@
 pub const VITALS: &str = "vitals/";
 /// Prefix of receipt topics.
 pub const RECEIPTS: &str = "receipts/";
+/// Prefix of the alert topics of nurse stations: `alerts/<ward>`.
+pub const ALERTS: &str = "alerts/";
+
+/// Whether `ward` can be one topic level: 1-64 bytes, no level separator,
+/// wildcard, `$`, control character or whitespace.
+pub fn ward_topic_safe(ward: &str) -> bool {
+    !ward.is_empty()
+        && ward.len() <= 64
+        && !ward.starts_with('$')
+        && ward
+            .chars()
+            .all(|c| !matches!(c, '/' | '+' | '#') && !c.is_control() && !c.is_whitespace())
+}
+
+/// Where a ward's alarm events are published. `None` for a ward that
+/// cannot be one topic level ([`ward_topic_safe`]).
+pub fn alerts_topic(ward: &str) -> Option<String> {
+    ward_topic_safe(ward).then(|| format!("{ALERTS}{ward}"))
+}
+
 /// The filter that takes every device topic (a message on any topic under
 /// it that is not exactly a device topic is dead-lettered).
 pub const VITALS_FILTER: &str = "vitals/#";
@@ -46,6 +66,25 @@ mod tests {
     use super::*;
 
     const DID: &str = "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK";
+
+    #[test]
+    fn a_ward_is_one_safe_topic_level() {
+        assert_eq!(alerts_topic("ward-3").as_deref(), Some("alerts/ward-3"));
+        assert_eq!(alerts_topic("Station Süd"), None, "whitespace");
+        assert_eq!(alerts_topic("Süd").as_deref(), Some("alerts/Süd"));
+        for bad in [
+            "",
+            "a/b",
+            "+",
+            "#",
+            "w#",
+            "$SYS",
+            "a\u{0}b",
+            &"x".repeat(65),
+        ] {
+            assert_eq!(alerts_topic(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn device_topics_round_trip() {

@@ -53,6 +53,29 @@ use crate::{Error, Result};
 /// Whether the registry holds a device (by DID) as active.
 pub type DeviceCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
+/// The wards of an active viewer (a nurse station), by name; `None`: not
+/// an active viewer ([`crate::viewers`]).
+#[derive(Clone)]
+pub struct ViewerCheck(pub Arc<WardsOf>);
+
+/// A viewer's name → its wards, if active.
+pub type WardsOf = dyn Fn(&str) -> Option<Vec<String>> + Send + Sync;
+
+impl std::fmt::Debug for ViewerCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ViewerCheck")
+    }
+}
+
+/// Who a verified client certificate names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Peer {
+    /// A device, by DID.
+    Device(String),
+    /// A nurse station, by name.
+    Viewer(String),
+}
+
 /// Typed configuration of the gate.
 #[derive(Debug, Clone)]
 pub struct GateConfig {
@@ -81,6 +104,8 @@ pub struct GateConfig {
     pub stall_timeout: Duration,
     /// Largest MQTT packet a device may send.
     pub max_packet: usize,
+    /// Nurse stations: none unless set.
+    pub viewers: ViewerCheck,
 }
 
 impl GateConfig {
@@ -127,6 +152,7 @@ impl GateConfig {
             publish_burst: 10_000.0,
             stall_timeout: Duration::from_secs(10),
             max_packet: crate::embedded::MAX_PAYLOAD + 1024,
+            viewers: ViewerCheck(Arc::new(|_| None)),
         })
     }
 }
@@ -294,6 +320,63 @@ fn device_of(cert: &CertificateDer<'_>) -> Option<String> {
     Some(did)
 }
 
+/// The viewer a verified client certificate names: a key that is not
+/// Ed25519 (those name devices) and exactly one common name,
+/// `viewer:<name>`.
+fn viewer_of(cert: &CertificateDer<'_>) -> Option<String> {
+    const ED25519: &str = "1.3.101.112";
+    let (_, x) = x509_parser::parse_x509_certificate(cert).ok()?;
+    if x.public_key().algorithm.algorithm.to_id_string() == ED25519 {
+        return None;
+    }
+    let mut cns = x.subject().iter_common_name();
+    let cn = cns.next()?.as_str().ok()?;
+    if cns.next().is_some() {
+        return None;
+    }
+    let name = cn.strip_prefix(crate::viewers::PREFIX)?;
+    crate::viewers::valid_name(name).then(|| name.to_owned())
+}
+
+/// What a viewer sent, checked: it subscribes only to `alerts/<ward>` of
+/// its wards as they are now (no wildcards), and publishes nothing.
+fn admit_viewer(
+    p: Packet,
+    name: &str,
+    viewers: &ViewerCheck,
+) -> std::result::Result<Packet, Refused> {
+    match p {
+        Packet::Publish(_) => Err("topic"),
+        Packet::Subscribe(mut s) => {
+            let Some(wards) = (viewers.0)(name) else {
+                return Err("not_registered");
+            };
+            let allowed = |path: &str| {
+                wards
+                    .iter()
+                    .any(|w| topics::alerts_topic(w).as_deref() == Some(path))
+            };
+            if s.filters.is_empty() || !s.filters.iter().all(|f| allowed(&f.path)) {
+                return Err("subscribe");
+            }
+            for f in &mut s.filters {
+                if f.qos == rumqttc::mqttbytes::QoS::ExactlyOnce {
+                    f.qos = rumqttc::mqttbytes::QoS::AtLeastOnce;
+                }
+            }
+            Ok(Packet::Subscribe(s))
+        }
+        p @ (Packet::Unsubscribe(_) | Packet::PubAck(_) | Packet::PingReq | Packet::Disconnect) => {
+            Ok(p)
+        }
+        Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => Err("qos"),
+        _ => Err("protocol"),
+    }
+}
+
+/// How often a connected viewer's subscriptions are checked again.
+const VIEWER_RECHECK: Duration = Duration::from_secs(2);
+
 /// The longest keep-alive a device may ask for: the broker notices a dead
 /// device within 1.5 times this.
 pub const MAX_KEEP_ALIVE_SECS: u16 = 300;
@@ -423,16 +506,30 @@ async fn connection(
         Ok(Err(_)) => return Err("tls"),
         Err(_) => return Err("handshake_timeout"),
     };
-    let did = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(device_of)
-        .ok_or("certificate")?;
-    if !check(&did) {
+    let peer = {
+        let cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or("certificate")?;
+        match device_of(cert) {
+            Some(did) => Peer::Device(did),
+            None => Peer::Viewer(viewer_of(cert).ok_or("certificate")?),
+        }
+    };
+    let active = match &peer {
+        Peer::Device(did) => check(did),
+        Peer::Viewer(name) => (cfg.viewers.0)(name).is_some(),
+    };
+    if !active {
         return Err("not_registered");
     }
+    // The client ID: the DID, or `viewer:<name>`.
+    let did = match &peer {
+        Peer::Device(did) => did.clone(),
+        Peer::Viewer(name) => format!("{}{name}", crate::viewers::PREFIX),
+    };
     let (mut rd, mut wr) = tokio::io::split(tls);
     let mut buf = BytesMut::with_capacity(4096);
     let first = tokio::time::timeout(
@@ -453,7 +550,7 @@ async fn connection(
         c.keep_alive = MAX_KEEP_ALIVE_SECS;
     }
     if let Some(w) = &mut c.last_will {
-        if own_publish_topic(&did, &w.topic) {
+        if matches!(peer, Peer::Device(_)) && own_publish_topic(&did, &w.topic) {
             w.retain = false;
         } else {
             c.last_will = None;
@@ -494,9 +591,25 @@ async fn connection(
         r
     });
     let mut pace = Pace::new(cfg.max_publish_rate, cfg.publish_burst);
+    // A viewer's subscriptions, checked again every few seconds against the
+    // viewers file: revoked, or a ward taken away, it is closed.
+    let mut subscribed: Vec<String> = Vec::new();
+    let mut recheck = tokio::time::interval(VIEWER_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Device → broker: checked packet by packet.
     let result = loop {
         tokio::select! {
+            _ = recheck.tick(), if matches!(peer, Peer::Viewer(_)) => {
+                if let Peer::Viewer(name) = &peer {
+                    let wards = (cfg.viewers.0)(name);
+                    let still = wards.is_some_and(|w| subscribed.iter().all(|t| {
+                        w.iter().any(|x| topics::alerts_topic(x).as_deref() == Some(t.as_str()))
+                    }));
+                    if !still {
+                        break Err("not_registered");
+                    }
+                }
+            }
             p = read_packet(&mut rd, &mut buf, cfg.max_packet) => {
                 let p = match p {
                     Ok(Some(p)) => p,
@@ -510,8 +623,21 @@ async fn connection(
                         tokio::time::sleep(wait).await;
                     }
                 }
-                let p = match admit(p, &did, check) {
-                    Ok(p) => p,
+                let admitted = match &peer {
+                    Peer::Device(d) => admit(p, d, check),
+                    Peer::Viewer(name) => admit_viewer(p, name, &cfg.viewers),
+                };
+                let p = match admitted {
+                    Ok(p) => {
+                        if let (Peer::Viewer(_), Packet::Subscribe(s)) = (&peer, &p) {
+                            for f in &s.filters {
+                                if !subscribed.contains(&f.path) && subscribed.len() < 1024 {
+                                    subscribed.push(f.path.clone());
+                                }
+                            }
+                        }
+                        p
+                    }
                     Err(r) => {
                         // Counted by the caller; per-connection logs are
                         // debug, so a device cannot flood the log.
@@ -557,6 +683,87 @@ mod tests {
             assert_eq!(p.take(later), None);
         }
         assert!(p.take(later).is_some());
+    }
+
+    #[test]
+    fn a_viewer_subscribes_only_to_its_wards_and_publishes_nothing() {
+        use rumqttc::mqttbytes::QoS;
+        use rumqttc::mqttbytes::v4::{Publish, Subscribe, SubscribeFilter};
+        let viewers = ViewerCheck(Arc::new(|n: &str| {
+            (n == "nurse-3").then(|| vec!["ward-3".to_owned(), "ward-4".to_owned()])
+        }));
+        let sub = |paths: &[&str]| {
+            Packet::Subscribe(Subscribe::new_many(
+                paths
+                    .iter()
+                    .map(|p| SubscribeFilter::new((*p).to_owned(), QoS::ExactlyOnce)),
+            ))
+        };
+        match admit_viewer(
+            sub(&["alerts/ward-3", "alerts/ward-4"]),
+            "nurse-3",
+            &viewers,
+        ) {
+            Ok(Packet::Subscribe(s)) => {
+                assert!(s.filters.iter().all(|f| f.qos == QoS::AtLeastOnce))
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            vec!["alerts/ward-5"],
+            vec!["alerts/#"],
+            vec!["alerts/+"],
+            vec!["#"],
+            vec!["alerts/ward-3", "alerts/ward-5"],
+            vec!["alerts/ward-3/x"],
+            vec!["receipts/#"],
+            vec!["$share/g/alerts/ward-3"],
+        ] {
+            assert_eq!(
+                admit_viewer(sub(&bad), "nurse-3", &viewers).err(),
+                Some("subscribe"),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            admit_viewer(sub(&["alerts/ward-3"]), "nurse-9", &viewers).err(),
+            Some("not_registered"),
+            "revoked since it connected"
+        );
+        for topic in ["alerts/ward-3", "vitals/x"] {
+            let p = Publish::new(topic, QoS::AtLeastOnce, vec![1u8]);
+            assert_eq!(
+                admit_viewer(Packet::Publish(p), "nurse-3", &viewers).err(),
+                Some("topic")
+            );
+        }
+        // A device may not subscribe to alerts at all.
+        let yes: DeviceCheck = Arc::new(|_| true);
+        assert_eq!(
+            admit(sub(&["alerts/ward-3"]), DID, &yes).err(),
+            Some("subscribe")
+        );
+    }
+
+    #[test]
+    fn viewer_certificates_are_told_from_device_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = crate::Pki::load_or_create(dir.path(), &[]).unwrap();
+        let (pem, _key) = pki.issue_viewer("nurse-3").unwrap();
+        let der = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(viewer_of(&der).as_deref(), Some("nurse-3"));
+        assert_eq!(device_of(&der), None);
+        let key = vitaltrail_core::SecretKey::from_seed(&[7; 32]).unwrap();
+        let dev = pki.issue_device(key.did()).unwrap();
+        let der = CertificateDer::pem_slice_iter(dev.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(viewer_of(&der), None);
+        assert_eq!(device_of(&der).as_deref(), Some(key.did().as_str()));
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! - [`mosquitto`]: the same rules for an external Mosquitto, written from
 //!   the device registry (certificates, listeners, ACL).
 //! - [`receipts`]: publishing signed receipts to `receipts/<did>`.
+//! - [`viewers`]: nurse stations, which may only subscribe to the alert
+//!   topics of their wards.
 //!
 //! What each of these protects, and what it does not, is in
 //! `docs/threat-model.md` ("Broker").
@@ -26,6 +28,7 @@ pub mod metrics;
 pub mod mosquitto;
 pub mod pki;
 pub mod receipts;
+pub mod viewers;
 
 pub use endpoint::{ClientTls, Login, MqttEndpoint};
 pub use error::{Error, Result};

@@ -26,6 +26,9 @@
 //!   group) and write `receipts/#`; each **active** registered device may
 //!   write exactly `vitals/<did>` and read `receipts/<did>`. A revoked or
 //!   unknown device gets no line, so it can neither publish nor receive.
+//!   The pipeline also writes `alerts/#`; each active viewer (nurse
+//!   station, `vitaltrail viewers add`, common name `viewer:<name>`) may
+//!   read exactly `alerts/<ward>` of its wards, and write nothing.
 //!   (Mosquitto grants any subscription; the ACL decides what is delivered.)
 //! - the certificates and keys the listeners name.
 //!
@@ -49,14 +52,14 @@ pub struct MosquittoConfig {
     pub user: Option<String>,
 }
 
-/// The ACL for these active devices.
-pub fn acl(active: &[String]) -> String {
+/// The ACL for these active devices and these viewers (nurse stations).
+pub fn acl(active: &[String], viewers: &crate::viewers::Viewers) -> String {
     let mut s = String::from(
         "# Written by `vitaltrail mqtt mosquitto` from the device registry.\n\
          # The pipeline: every device's readings, every device's receipts.\n",
     );
     s.push_str(&format!(
-        "user {PIPELINE_USER}\ntopic read vitals/#\ntopic write receipts/#\n\n"
+        "user {PIPELINE_USER}\ntopic read vitals/#\ntopic write receipts/#\ntopic write alerts/#\n\n"
     ));
     s.push_str("# Active devices: their own readings and receipts, nothing else.\n");
     for did in active {
@@ -68,6 +71,23 @@ pub fn acl(active: &[String]) -> String {
             continue;
         };
         s.push_str(&format!("user {did}\ntopic write {v}\ntopic read {r}\n\n"));
+    }
+    s.push_str("# Active viewers (nurse stations): their wards' alerts, nothing else.\n");
+    for name in viewers.viewers.keys() {
+        let Some(wards) = viewers.wards(name) else {
+            continue;
+        };
+        if !crate::viewers::valid_name(name) {
+            continue;
+        }
+        s.push_str(&format!("user {}{name}\n", crate::viewers::PREFIX));
+        for t in wards
+            .iter()
+            .filter_map(|w| vitaltrail_core::topics::alerts_topic(w))
+        {
+            s.push_str(&format!("topic read {t}\n"));
+        }
+        s.push('\n');
     }
     s
 }
@@ -81,7 +101,13 @@ fn copy(pki: &Pki, name: &str, out: &Path) -> Result<()> {
 }
 
 /// Write the configuration for `active` devices into `out`.
-pub fn write(pki: &Pki, cfg: &MosquittoConfig, active: &[String], out: &Path) -> Result<()> {
+pub fn write(
+    pki: &Pki,
+    cfg: &MosquittoConfig,
+    active: &[String],
+    viewers: &crate::viewers::Viewers,
+    out: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     for f in [
         "ca.pem",
@@ -125,7 +151,7 @@ pub fn write(pki: &Pki, cfg: &MosquittoConfig, active: &[String], out: &Path) ->
             .map_or(String::new(), |u| format!("user {u}\n")),
     );
     // Atomic, so a SIGHUP never reads half an ACL.
-    crate::pki::write(&out.join("acl"), &acl(active), false)?;
+    crate::pki::write(&out.join("acl"), &acl(active, viewers), false)?;
     crate::pki::write(&out.join("mosquitto.conf"), &conf, false)
 }
 
@@ -136,7 +162,17 @@ mod tests {
     #[test]
     fn only_active_well_formed_devices_get_acl_lines() {
         let did = "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK";
-        let a = acl(&[did.to_owned(), "did:key:#".to_owned()]);
+        let mut v = crate::viewers::Viewers::default();
+        v.add("nurse-3", &["ward-3".into(), "ward-4".into()], 0)
+            .unwrap();
+        v.add("gone", &["ward-3".into()], 0).unwrap();
+        v.viewers.get_mut("gone").unwrap().revoked = true;
+        let a = acl(&[did.to_owned(), "did:key:#".to_owned()], &v);
+        assert!(a.contains(
+            "user viewer:nurse-3\ntopic read alerts/ward-3\ntopic read alerts/ward-4\n\n"
+        ));
+        assert!(!a.contains("viewer:gone"), "revoked");
+        assert!(a.contains("topic write alerts/#\n"));
         assert!(a.contains(&format!("user {did}\ntopic write vitals/{did}\n")));
         assert!(a.contains(&format!("topic read receipts/{did}\n")));
         assert!(!a.contains("did:key:#"));

@@ -56,7 +56,7 @@ fn read(path: &Path) -> Result<String> {
 /// random), fsync, rename over the target (which replaces a symlink there,
 /// never writes through it), fsync of the directory. `secret` files get
 /// mode 0600.
-pub(crate) fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
+pub fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
@@ -300,6 +300,25 @@ impl Pki {
             825,
         )?;
         self.issue_with_new_key(p, "server-ca", "server")
+    }
+
+    /// A nurse station's client certificate and its new key (PEM), signed
+    /// by the device CA: common name `viewer:<name>`, an ECDSA P-256 key
+    /// (an Ed25519 key would name a device), client authentication only.
+    pub fn issue_viewer(&self, name: &str) -> Result<(String, zeroize::Zeroizing<String>)> {
+        if !crate::viewers::valid_name(name) {
+            return Err(Error::InvalidArgument(format!("viewer name {name:?}")));
+        }
+        let p = leaf_params(
+            &format!("{}{name}", crate::viewers::PREFIX),
+            vec![],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            DEVICE_CERT_DAYS,
+        )?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let key_pem = zeroize::Zeroizing::new(key.serialize_pem());
+        let cert = p.signed_by(&key, &issuer(&self.ca_pem, &self.ca_key)?)?;
+        Ok((cert.pem(), key_pem))
     }
 
     /// Issue the pipeline's client certificate (`pipeline.pem`,

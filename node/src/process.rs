@@ -144,6 +144,8 @@ pub fn alerts_stage(
         data_dir: cfg.data_dir.clone(),
         clock: Arc::new(SystemClock) as Arc<dyn Clock>,
         metrics: registry.clone(),
+        // Nurse stations' alerts go to the pipeline's broker, if one is set.
+        mqtt: cfg.external_mqtt()?,
     })
 }
 

@@ -184,6 +184,11 @@ async fn mqtt_endpoint(
     crate::wait_for_port(internal, Duration::from_secs(5)).await?;
     let mut gate_cfg = gate::GateConfig::new(cfg.mqtt_listen, &pki, internal, token.clone())?;
     gate_cfg.max_connections = gate::connection_capacity();
+    // Nurse stations: their wards' alerts only (re-read as the file changes).
+    let viewers = Arc::new(vitaltrail_mqtt::viewers::ViewersFile::new(
+        vitaltrail_mqtt::viewers::viewers_file(&cfg.data_dir),
+    ));
+    gate_cfg.viewers = gate::ViewerCheck(Arc::new(move |n: &str| viewers.wards(n)));
     let metrics = vitaltrail_mqtt::metrics::GateMetrics::new(registry)?;
     let gate = tokio::spawn(gate::run(
         gate_cfg,
@@ -295,6 +300,7 @@ async fn run_over_kafka(
             data_dir: cfg.data_dir.clone(),
             clock: clock.clone(),
             metrics: registry.clone(),
+            mqtt: Some(mqtt.clone()),
         }),
         (Some(_), None) => {
             tracing::warn!("no bus key: the alert engine does not run");
@@ -443,19 +449,6 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
         }
         None => None,
     };
-    // The alert engine follows the partition logs; it stops after the
-    // attestors, with a last round over what they committed.
-    if let Some(alerts) = &cfg.alerts {
-        let stage = vitaltrail_alerts::StageConfig {
-            alerts: alerts.clone(),
-            source: vitaltrail_alerts::AlertsSource::Logs,
-            data_dir: cfg.data_dir.clone(),
-            clock: clock.clone(),
-            metrics: registry.clone(),
-        };
-        let stop = rest_stop_rx.clone();
-        others.spawn(async move { Ok(vitaltrail_alerts::run(stage, stop).await?) });
-    }
     let mut attestor = tokio::spawn(vitaltrail_attestor::run(
         AttestStage {
             attestor: cfg.attestor.clone(),
@@ -473,6 +466,20 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
     ));
 
     let (mqtt, broker) = mqtt_endpoint(&cfg, &devices, &registry, rest_stop_rx.clone()).await?;
+    // The alert engine follows the partition logs; it stops after the
+    // attestors, with a last round over what they committed.
+    if let Some(alerts) = &cfg.alerts {
+        let stage = vitaltrail_alerts::StageConfig {
+            alerts: alerts.clone(),
+            source: vitaltrail_alerts::AlertsSource::Logs,
+            data_dir: cfg.data_dir.clone(),
+            clock: clock.clone(),
+            metrics: registry.clone(),
+            mqtt: Some(mqtt.clone()),
+        };
+        let stop = rest_stop_rx.clone();
+        others.spawn(async move { Ok(vitaltrail_alerts::run(stage, stop).await?) });
+    }
     let mut broker = broker;
     others.spawn({
         let rcfg = ReceiptConfig {

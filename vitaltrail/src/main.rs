@@ -225,6 +225,12 @@ enum Command {
         #[command(subcommand)]
         cmd: DevicesCmd,
     },
+    /// Nurse stations: MQTT clients that may subscribe only to
+    /// `alerts/<ward>` of their wards.
+    Viewers {
+        #[command(subcommand)]
+        cmd: ViewersCmd,
+    },
     /// Write a proof bundle for one logged reading.
     Prove {
         /// The device DID.
@@ -269,6 +275,40 @@ enum ConfigCmd {
         role: vitaltrail_node::config::Role,
         #[command(flatten)]
         config: node_args::ConfigFile,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ViewersCmd {
+    /// Add a nurse station (or change its wards), and issue its MQTT client
+    /// certificate and key (`<out>/<name>.pem`, `<name>.key`, with the
+    /// broker's CA as `<out>/server-ca.pem`).
+    Add {
+        /// Its name (letters, digits, '-', '_', '.').
+        name: String,
+        /// A ward whose alerts it receives (repeat for more).
+        #[arg(long = "ward", required = true)]
+        wards: Vec<String>,
+        /// Where to write its certificate and key (default: the current directory).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// The data directory (viewers list, CA).
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
+        data: PathBuf,
+    },
+    /// Revoke a nurse station: it can no longer connect or subscribe.
+    Revoke {
+        /// Its name.
+        name: String,
+        /// The data directory.
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
+        data: PathBuf,
+    },
+    /// List the nurse stations and their wards.
+    List {
+        /// The data directory.
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
+        data: PathBuf,
     },
 }
 
@@ -602,6 +642,16 @@ fn main() -> ExitCode {
         Command::Devices {
             cmd: DevicesCmd::Revoke { did, data, kafka },
         } => pipeline_cmds::devices_revoke(&data, &did, kafka),
+        Command::Viewers { cmd } => match cmd {
+            ViewersCmd::Add {
+                name,
+                wards,
+                out,
+                data,
+            } => pipeline_cmds::viewers_add(&data, &name, &wards, &out),
+            ViewersCmd::Revoke { name, data } => pipeline_cmds::viewers_revoke(&data, &name),
+            ViewersCmd::List { data } => pipeline_cmds::viewers_list(&data),
+        },
         Command::Query {
             sql,
             data,

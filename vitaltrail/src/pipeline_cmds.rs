@@ -378,6 +378,87 @@ pub fn devices_cert(data: &Path, did: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The viewers file, changed under a lock (one writer at a time).
+fn with_viewers<T>(
+    data: &Path,
+    f: impl FnOnce(&mut vitaltrail_mqtt::viewers::Viewers) -> Result<T>,
+) -> Result<T> {
+    use vitaltrail_mqtt::viewers::{Viewers, viewers_file};
+    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    let lock_path = data.join("viewers.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    let file = viewers_file(data);
+    let mut v = Viewers::load(&file)?;
+    let out = f(&mut v)?;
+    v.save(&file)?;
+    Ok(out)
+}
+
+/// `vitaltrail viewers add`.
+pub fn viewers_add(data: &Path, name: &str, wards: &[String], out: &Path) -> Result<ExitCode> {
+    let pki = vitaltrail_mqtt::Pki::open(data).with_context(|| {
+        format!(
+            "no device CA in {}/mqtt yet: `vitaltrail up` or `vitaltrail mqtt mosquitto` makes it",
+            data.display()
+        )
+    })?;
+    let now = vitaltrail_core::Clock::now_ms(&vitaltrail_core::SystemClock);
+    // The list first: a refused name or ward issues no certificate.
+    with_viewers(data, |v| Ok(v.add(name, wards, now)?))?;
+    let (cert, key) = pki.issue_viewer(name)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    vitaltrail_mqtt::pki::write(&out.join(format!("{name}.key")), &key, true)?;
+    vitaltrail_mqtt::pki::write(&out.join(format!("{name}.pem")), &cert, false)?;
+    vitaltrail_mqtt::pki::write(&out.join("server-ca.pem"), &pki.server_ca_pem()?, false)?;
+    eprintln!(
+        "viewer {name} may subscribe to {}; its certificate and key: {}/{name}.pem, {}/{name}.key (trust {}/server-ca.pem for the broker)",
+        wards
+            .iter()
+            .map(|w| format!("alerts/{w}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        out.display(),
+        out.display(),
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vitaltrail viewers revoke`.
+pub fn viewers_revoke(data: &Path, name: &str) -> Result<ExitCode> {
+    with_viewers(data, |v| match v.viewers.get_mut(name) {
+        Some(x) => {
+            x.revoked = true;
+            Ok(())
+        }
+        None => anyhow::bail!("no viewer {name:?}"),
+    })?;
+    eprintln!(
+        "viewer {name} revoked: it can no longer connect or subscribe (with Mosquitto: run `vitaltrail mqtt mosquitto` again and send it SIGHUP)"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vitaltrail viewers list`.
+pub fn viewers_list(data: &Path) -> Result<ExitCode> {
+    let v = vitaltrail_mqtt::viewers::Viewers::load(&vitaltrail_mqtt::viewers::viewers_file(data))?;
+    for (name, x) in &v.viewers {
+        outln!(
+            "{name}\t{}\t{}",
+            x.wards.join(","),
+            if x.revoked { "revoked" } else { "active" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `vitaltrail mqtt mosquitto`.
 pub fn mqtt_mosquitto(
     data: &Path,
@@ -396,11 +477,14 @@ pub fn mqtt_mosquitto(
         pipeline: pipeline_listen,
         user,
     };
-    vitaltrail_mqtt::mosquitto::write(&pki, &cfg, &active, out)?;
+    let viewers =
+        vitaltrail_mqtt::viewers::Viewers::load(&vitaltrail_mqtt::viewers::viewers_file(data))?;
+    vitaltrail_mqtt::mosquitto::write(&pki, &cfg, &active, &viewers, out)?;
     eprintln!(
-        "wrote {}/mosquitto.conf and its ACL for {} active device(s); start `mosquitto -c {}/mosquitto.conf`",
+        "wrote {}/mosquitto.conf and its ACL for {} active device(s) and {} viewer(s); start `mosquitto -c {}/mosquitto.conf`",
         out.display(),
         active.len(),
+        viewers.viewers.values().filter(|v| !v.revoked).count(),
         out.display()
     );
     Ok(ExitCode::SUCCESS)

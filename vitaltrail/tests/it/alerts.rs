@@ -388,3 +388,182 @@ async fn webhooks_deliver_every_event_in_order_through_refusals_and_kill_9() {
     let log = std::fs::read_to_string(data.path().join("up.log")).unwrap();
     assert!(!log.contains("not-logged"), "{log}");
 }
+
+/// A nurse station (paho-mqtt, with the certificate `vitaltrail viewers
+/// add` issued) subscribed to `alerts/ward-3` gets every event of ward 3
+/// the engine committed, and nothing of ward 7; it may not subscribe to
+/// another ward or a wildcard, nor publish; revoked, it is disconnected
+/// within seconds and cannot connect again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nurse_station_gets_its_wards_alerts_over_mqtt_and_nothing_else() {
+    use std::time::Instant;
+    let data = tempfile::tempdir().unwrap();
+    let scenarios = [
+        Scenario::Deterioration,
+        Scenario::AcuteHypoxia,
+        Scenario::Deterioration,
+    ];
+    let mut devs = publisher::devices(31, scenarios.len(), &scenarios);
+    let reg = vitaltrail_bus::datadir::registry_file(data.path());
+    for (i, (d, w)) in devs.iter().zip(["ward-3", "ward-3", "ward-7"]).enumerate() {
+        reg.add(d.key.did(), &format!("patient-{i}"), Some(w), 0)
+            .unwrap();
+    }
+    let mqtt = common::free_addr();
+    let args: Vec<String> = vec![
+        "up".into(),
+        "--data".into(),
+        data.path().display().to_string(),
+        "--mqtt-listen".into(),
+        mqtt.to_string(),
+        "--metrics-listen".into(),
+        common::free_addr().to_string(),
+    ];
+    let mut up = common::Proc::spawn(&args, data.path().join("up.log"));
+    common::wait_port(mqtt.port());
+    let station = data.path().join("station");
+    let d = data.path().to_str().unwrap();
+    common::vt(&[
+        "viewers",
+        "add",
+        "nurse-3",
+        "--ward",
+        "ward-3",
+        "--out",
+        station.to_str().unwrap(),
+        "--data",
+        d,
+    ]);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/nurse_station.py"
+    );
+    let port = mqtt.port().to_string();
+    let base = |mode: &str, topic: &str| -> Vec<String> {
+        vec![
+            script.into(),
+            "127.0.0.1".into(),
+            port.clone(),
+            station.join("server-ca.pem").display().to_string(),
+            station.join("nurse-3.pem").display().to_string(),
+            station.join("nurse-3.key").display().to_string(),
+            mode.into(),
+            topic.into(),
+        ]
+    };
+    let attempt = |mode: &str, topic: &str| -> serde_json::Value {
+        let o = std::process::Command::new(common::python())
+            .args(base(mode, topic))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    // Outside its wards: the gate closes the connection.
+    for (mode, topic) in [
+        ("try-subscribe", "alerts/ward-7"),
+        ("try-subscribe", "alerts/#"),
+        ("try-subscribe", "vitals/#"),
+        ("try-publish", "alerts/ward-3"),
+    ] {
+        let r = attempt(mode, topic);
+        assert_eq!(r["connected"], true, "{mode} {topic}: {r}");
+        assert_eq!(r["closed"], true, "{mode} {topic}: {r}");
+        assert!(r["granted"].is_null(), "{mode} {topic}: {r}");
+    }
+    /// Killed however the test ends.
+    struct Station(std::process::Child);
+    impl Drop for Station {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let got = data.path().join("station.jsonl");
+    let mut args = base("listen", "alerts/ward-3");
+    args.push(got.display().to_string());
+    let listener = Station(
+        std::process::Command::new(common::python())
+            .args(args)
+            .spawn()
+            .unwrap(),
+    );
+    let ready = data.path().join("station.jsonl.ready");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the nurse station did not subscribe"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sim = SimConfig {
+        mqtt: vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", mqtt.port()),
+        device_tls: common::device_tls(data.path()),
+        client_id: "sim-station".into(),
+        rate: 10.0,
+        duration: Duration::from_secs(10),
+        ..SimConfig::default()
+    };
+    publisher::run(&sim, &mut devs, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let received = |_: ()| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&got)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        up.assert_running();
+        let written = written_events(data.path());
+        let rx = received(());
+        let keys: Vec<String> = rx
+            .iter()
+            .map(|m| {
+                vitaltrail_alerts::fhir::event_key(
+                    &serde_json::from_value(m["event"].clone()).unwrap(),
+                )
+            })
+            .collect();
+        let ours: Vec<&String> = written
+            .iter()
+            .filter(|(_, e)| e.alarm.ward.as_deref() == Some("ward-3"))
+            .map(|(k, _)| k)
+            .collect();
+        if !ours.is_empty() && ours.iter().all(|k| keys.contains(k)) {
+            assert!(
+                written
+                    .iter()
+                    .any(|(_, e)| e.alarm.ward.as_deref() == Some("ward-7")),
+                "ward 7 raised nothing: the filter is untested"
+            );
+            for m in &rx {
+                assert_eq!(m["topic"], "alerts/ward-3");
+                assert_eq!(m["event"]["alarm"]["ward"], "ward-3");
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ward-3 events not received: {ours:?} vs {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Revoked: the connected station is cut off, and no longer let in.
+    assert!(!data.path().join("station.jsonl.closed").exists());
+    common::vt(&["viewers", "revoke", "nurse-3", "--data", d]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !data.path().join("station.jsonl.closed").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "a revoked station stayed connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(listener);
+    let r = attempt("try-subscribe", "alerts/ward-3");
+    assert_eq!(r["connected"], false, "{r}");
+}
