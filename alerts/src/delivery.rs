@@ -167,29 +167,8 @@ pub(crate) fn dead_letter_generation(
         if n == 0 {
             continue;
         }
-        let dir = dead_letters_dir(alerts);
-        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        let path = dir.join(format!("{name}.jsonl"));
-        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        if len > 0 && len + out.len() as u64 > max_bytes {
-            let old = dir.join(format!("{name}.1.jsonl"));
-            let gone = std::fs::read(&old)
-                .map(|b| b.iter().filter(|c| **c == b'\n').count() as u64)
-                .unwrap_or(0);
-            std::fs::rename(&path, &old).map_err(io("rename", &path))?;
-            metrics
-                .dead_letters_discarded
-                .with_label_values(&[&name])
-                .inc_by(gone);
-        }
-        let mut d = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io("open", &path))?;
-        d.write_all(&out).map_err(io("append", &path))?;
-        d.sync_data().map_err(io("fsync", &path))?;
-        metrics.dead_letters.with_label_values(&[&name]).inc_by(n);
+        append_dead_letters(alerts, &name, &out, n, max_bytes, metrics)?;
+        let path = dead_letters_dir(alerts).join(format!("{name}.jsonl"));
         tracing::warn!(
             channel = %name,
             events = n,
@@ -208,7 +187,7 @@ pub trait Sink: Send + 'static {
         &mut self,
         event: &Event,
         line: &[u8],
-    ) -> impl std::future::Future<Output = std::result::Result<(), String>> + Send;
+    ) -> impl std::future::Future<Output = std::result::Result<(), SendError>> + Send;
 }
 
 /// How a channel retries.
@@ -236,6 +215,9 @@ impl Backoff {
 
 /// Events read, each with the cursor just past it.
 type Batch = Vec<(Cursor, Vec<u8>)>;
+
+/// Bytes read from an events file at once, at most.
+const READ_CHUNK: usize = 1 << 20;
 
 /// Events read per batch, at most (the cursor is saved after each).
 const BATCH: usize = 256;
@@ -315,9 +297,15 @@ fn read_batch(dir: &Path, mut c: Cursor, committed: Committed) -> Result<(Cursor
             }
         }
         if at == c.offset {
-            // Nothing whole up to the committed end: not possible for a
-            // file the stage wrote; skip it rather than spin.
-            return Ok((Cursor { offset: end, ..c }, out));
+            // No whole line in a chunk: not a file the stage wrote (a line
+            // is a few KiB). Skipped, said, and never a spin.
+            tracing::warn!(
+                generation = c.generation,
+                offset = c.offset,
+                "events file damaged: a chunk without a line end is skipped"
+            );
+            c.offset += buf.len() as u64;
+            continue;
         }
         c.offset = at;
         if !out.is_empty() {
@@ -335,49 +323,261 @@ pub struct ChannelSpec {
     pub wards: Wards,
     /// How it retries.
     pub backoff: Backoff,
+    /// Its dead letters file starts again past this many bytes.
+    pub dead_letters_max: u64,
 }
 
-/// Deliver until `shutdown`: the channel's loop.
-pub(crate) async fn run_channel<S: Sink>(
-    spec: ChannelSpec,
-    mut sink: S,
-    alerts: PathBuf,
-    channels: Channels,
-    mut committed: watch::Receiver<Committed>,
-    mut shutdown: watch::Receiver<bool>,
-    metrics: Metrics,
+/// Why an attempt failed.
+#[derive(Debug)]
+pub struct SendError {
+    /// In words (never a secret, never a URL's path or query).
+    pub why: String,
+    /// The receiver refused this event for what it is (an HTTP 4xx other
+    /// than 408, 425 and 429), or it cannot be sent at all: after
+    /// [`PERMANENT_ATTEMPTS`] such answers it goes to the channel's dead
+    /// letters, so that one event cannot hold back every later one.
+    pub permanent: bool,
+}
+
+impl SendError {
+    /// A failure worth retrying (the receiver is down or busy).
+    pub fn transient(why: impl Into<String>) -> SendError {
+        SendError {
+            why: why.into(),
+            permanent: false,
+        }
+    }
+}
+
+/// Permanent refusals of one event before it is dead-lettered.
+pub const PERMANENT_ATTEMPTS: u32 = 3;
+
+/// Append `lines` to the channel's dead letters (fsynced), counted.
+pub(crate) fn append_dead_letters(
+    alerts: &Path,
+    name: &str,
+    lines: &[u8],
+    n: u64,
+    max_bytes: u64,
+    metrics: &Metrics,
 ) -> Result<()> {
-    let name = spec.name.as_str();
-    let cdir = cursors_dir(&alerts);
-    std::fs::create_dir_all(&cdir).map_err(io("create", &cdir))?;
-    let cfile = format!("{name}.json");
-    let now = *committed.borrow();
-    let saved: Option<Cursor> = std::fs::read(cdir.join(&cfile))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    let mut cursor = match saved {
-        Some(c) if c.series == now.series => c,
+    let dir = dead_letters_dir(alerts);
+    std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+    let path = dir.join(format!("{name}.jsonl"));
+    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    if len > 0 && len + lines.len() as u64 > max_bytes {
+        let old = dir.join(format!("{name}.1.jsonl"));
+        let gone = std::fs::read(&old)
+            .map(|b| b.iter().filter(|c| **c == b'\n').count() as u64)
+            .unwrap_or(0);
+        std::fs::rename(&path, &old).map_err(io("rename", &path))?;
+        metrics
+            .dead_letters_discarded
+            .with_label_values(&[name])
+            .inc_by(gone);
+    }
+    let mut d = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(io("open", &path))?;
+    d.write_all(lines).map_err(io("append", &path))?;
+    d.sync_data().map_err(io("fsync", &path))?;
+    metrics.dead_letters.with_label_values(&[name]).inc_by(n);
+    Ok(())
+}
+
+fn cursor_file(alerts: &Path, name: &str) -> PathBuf {
+    cursors_dir(alerts).join(format!("{name}.json"))
+}
+
+fn save_cursor(alerts: &Path, name: &str, c: Cursor) -> Result<()> {
+    let dir = cursors_dir(alerts);
+    std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+    let bytes = serde_json::to_vec(&c).map_err(|e| Error::State(e.to_string()))?;
+    vitaltrail_log::write_atomic(&dir, &format!("{name}.json"), &bytes)?;
+    Ok(())
+}
+
+/// Where a channel starts: its saved cursor, checked against what is
+/// committed. Never past the committed end, never mid-line; a cursor that
+/// cannot be read starts from the oldest events left (resending is safe,
+/// skipping is not); a channel with no cursor yet starts at the end.
+pub(crate) fn initial_cursor(alerts: &Path, name: &str, now: Committed) -> Cursor {
+    let path = cursor_file(alerts, name);
+    let oldest = || Cursor {
+        series: now.series,
+        generation: event_files(alerts)
+            .first()
+            .map_or(now.generation, |(g, _)| *g)
+            .min(now.generation),
+        offset: 0,
+    };
+    let saved = match std::fs::read(&path) {
+        Ok(b) => match serde_json::from_slice::<Cursor>(&b) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(channel = %name, error = %e, "delivery cursor unreadable: resending from the oldest events left");
+                return oldest();
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A new channel takes events from now on.
+            return Cursor {
+                series: now.series,
+                generation: now.generation,
+                offset: now.len,
+            };
+        }
+        Err(e) => {
+            tracing::warn!(channel = %name, error = %e, "delivery cursor unreadable: resending from the oldest events left");
+            return oldest();
+        }
+    };
+    if saved.series != now.series {
         // The state was rebuilt since: its events are a new series, raised
-        // again from the logs with the same keys. From its start.
-        Some(_) => Cursor {
+        // again from the logs. From its start.
+        return Cursor {
             series: now.series,
             generation: 0,
             offset: 0,
-        },
-        // A new channel takes events from now on.
-        None => Cursor {
+        };
+    }
+    if (saved.generation, saved.offset) > (now.generation, now.len) {
+        // Past what is committed (an older state.json restored, a file
+        // cut): resend the current generation rather than skip anything.
+        tracing::warn!(channel = %name, "delivery cursor past the committed events: resending the current generation");
+        return Cursor {
             series: now.series,
             generation: now.generation,
-            offset: now.len,
-        },
-    };
+            offset: 0,
+        };
+    }
+    Cursor {
+        offset: line_start(alerts, saved.generation, saved.offset),
+        ..saved
+    }
+}
+
+/// `offset`, or the start of the line it falls in.
+fn line_start(alerts: &Path, generation: u64, offset: u64) -> u64 {
+    if offset == 0 {
+        return 0;
+    }
+    let from = offset.saturating_sub(READ_CHUNK as u64);
+    let mut buf = Vec::new();
+    let read = std::fs::File::open(events_file(alerts, generation)).and_then(|mut f| {
+        f.seek(SeekFrom::Start(from))?;
+        (&mut f).take(offset - from).read_to_end(&mut buf)
+    });
+    if read.is_err() {
+        return offset;
+    }
+    match buf.iter().rposition(|b| *b == b'\n') {
+        Some(i) if i + 1 == buf.len() => offset,
+        Some(i) => from + i as u64 + 1,
+        None => from,
+    }
+}
+
+/// Register a channel's cursor (so the stage never deletes events it has
+/// not delivered without moving them to its dead letters), then run it,
+/// restarting it after an error (said at once) until `shutdown`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn start_channel<S: Sink>(
+    spec: ChannelSpec,
+    sink: S,
+    alerts: PathBuf,
+    channels: Channels,
+    committed: watch::Receiver<Committed>,
+    shutdown: watch::Receiver<bool>,
+    metrics: Metrics,
+) -> Result<tokio::task::JoinHandle<Result<()>>> {
+    let now = *committed.borrow();
+    let cursor = initial_cursor(&alerts, &spec.name, now);
+    save_cursor(&alerts, &spec.name, cursor)?;
+    channels.set(&spec.name, cursor, &spec.wards);
+    Ok(tokio::spawn(supervise(
+        spec, sink, cursor, alerts, channels, committed, shutdown, metrics,
+    )))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn supervise<S: Sink>(
+    spec: ChannelSpec,
+    mut sink: S,
+    mut cursor: Cursor,
+    alerts: PathBuf,
+    channels: Channels,
+    committed: watch::Receiver<Committed>,
+    mut shutdown: watch::Receiver<bool>,
+    metrics: Metrics,
+) -> Result<()> {
+    loop {
+        let ctx = Ctx {
+            spec: &spec,
+            alerts: &alerts,
+            channels: &channels,
+            metrics: &metrics,
+        };
+        match run_channel(
+            ctx,
+            &mut sink,
+            &mut cursor,
+            committed.clone(),
+            shutdown.clone(),
+        )
+        .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                // A disk error, say: said now, counted, and tried again.
+                metrics
+                    .delivery_failures
+                    .with_label_values(&[&spec.name])
+                    .inc();
+                tracing::error!(channel = %spec.name, error = %e, "alarm delivery stopped on an error; starting it again in 5 s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    r = shutdown.changed() => if r.is_err() { return Ok(()) },
+                }
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+                cursor = initial_cursor(&alerts, &spec.name, *committed.borrow());
+            }
+        }
+    }
+}
+
+/// What a channel's loop borrows.
+struct Ctx<'a> {
+    spec: &'a ChannelSpec,
+    alerts: &'a Path,
+    channels: &'a Channels,
+    metrics: &'a Metrics,
+}
+
+/// Deliver from `cursor` until `shutdown`: the channel's loop.
+async fn run_channel<S: Sink>(
+    ctx: Ctx<'_>,
+    sink: &mut S,
+    cursor: &mut Cursor,
+    mut committed: watch::Receiver<Committed>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let Ctx {
+        spec,
+        alerts,
+        channels,
+        metrics,
+    } = ctx;
+    let name = spec.name.as_str();
     let save = |c: Cursor| -> Result<()> {
-        let bytes = serde_json::to_vec(&c).map_err(|e| Error::State(e.to_string()))?;
-        vitaltrail_log::write_atomic(&cdir, &cfile, &bytes)?;
+        save_cursor(alerts, name, c)?;
         channels.set(name, c, &spec.wards);
         Ok(())
     };
-    save(cursor)?;
     let label = [name];
     let delivered = metrics.delivered.with_label_values(&label);
     let failures = metrics.delivery_failures.with_label_values(&label);
@@ -389,14 +589,14 @@ pub(crate) async fn run_channel<S: Sink>(
         let now = *committed.borrow_and_update();
         if now.series != cursor.series {
             // Rebuilt while running (not done today; a restart is).
-            cursor = Cursor {
+            *cursor = Cursor {
                 series: now.series,
                 generation: 0,
                 offset: 0,
             };
         }
-        let dir = alerts.clone();
-        let at = cursor;
+        let dir = alerts.to_owned();
+        let at = *cursor;
         let (skipped, batch) = tokio::task::spawn_blocking(move || read_batch(&dir, at, now))
             .await
             .map_err(|e| Error::State(format!("delivery task: {e}")))??;
@@ -406,13 +606,15 @@ pub(crate) async fn run_channel<S: Sink>(
             -1
         });
         if batch.is_empty() {
-            if skipped != cursor {
-                cursor = skipped;
-                save(cursor)?;
+            if skipped != *cursor {
+                *cursor = skipped;
+                save(*cursor)?;
+                // Past a skipped generation there may be more to read now.
+                continue;
             }
             tokio::select! {
                 r = committed.changed() => if r.is_err() { return Ok(()) },
-                _ = shutdown.changed() => {}
+                r = shutdown.changed() => if r.is_err() { return Ok(()) },
             }
             continue;
         }
@@ -420,17 +622,22 @@ pub(crate) async fn run_channel<S: Sink>(
             let event: Event = match serde_json::from_slice(&line) {
                 Ok(e) => e,
                 Err(e) => {
-                    // Not written by this version: skipped, said once.
-                    tracing::warn!(channel = %name, error = %e, "an events line that does not parse is skipped");
-                    cursor = after;
+                    // Not written by this version (or damaged): kept in
+                    // the dead letters, never silently dropped.
+                    tracing::warn!(channel = %name, error = %e, "an events line that does not parse goes to the dead letters");
+                    let mut l = line.clone();
+                    l.push(b'\n');
+                    append_dead_letters(alerts, name, &l, 1, spec.dead_letters_max, metrics)?;
+                    *cursor = after;
                     continue;
                 }
             };
             if !spec.wards.wants(&event) {
-                cursor = after;
+                *cursor = after;
                 continue;
             }
             let mut attempt = 0u32;
+            let mut refusals = 0u32;
             loop {
                 // An attempt in flight is given up at shutdown (Kafka waits
                 // for a cluster that is down without a time limit): the
@@ -440,33 +647,44 @@ pub(crate) async fn run_channel<S: Sink>(
                     _ = shutdown.changed() => None,
                 };
                 let Some(sent) = sent else {
-                    save(cursor)?;
+                    save(*cursor)?;
                     return Ok(());
                 };
-                match sent {
-                    Ok(()) => break,
-                    Err(why) => {
-                        attempt += 1;
-                        failures.inc();
-                        if attempt == 1 || attempt.is_multiple_of(10) {
-                            tracing::warn!(channel = %name, attempt, error = %why, "alarm event not delivered yet; retrying");
-                        }
-                        let wait = spec.backoff.wait(attempt);
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = shutdown.changed() => {}
-                        }
-                        if *shutdown.borrow() {
-                            save(cursor)?;
-                            return Ok(());
-                        }
+                let err = match sent {
+                    Ok(()) => {
+                        delivered.inc();
+                        break;
+                    }
+                    Err(e) => e,
+                };
+                attempt = attempt.saturating_add(1);
+                failures.inc();
+                if err.permanent {
+                    refusals += 1;
+                    if refusals >= PERMANENT_ATTEMPTS {
+                        tracing::warn!(channel = %name, error = %err.why, "alarm event refused {refusals} times: moved to the dead letters");
+                        let mut l = line.clone();
+                        l.push(b'\n');
+                        append_dead_letters(alerts, name, &l, 1, spec.dead_letters_max, metrics)?;
+                        break;
                     }
                 }
+                if attempt == 1 || attempt.is_multiple_of(10) {
+                    tracing::warn!(channel = %name, attempt, error = %err.why, "alarm event not delivered yet; retrying");
+                }
+                let wait = spec.backoff.wait(attempt);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    r = shutdown.changed() => if r.is_err() { return Ok(()) },
+                }
+                if *shutdown.borrow() {
+                    save(*cursor)?;
+                    return Ok(());
+                }
             }
-            delivered.inc();
-            cursor = after;
+            *cursor = after;
         }
-        save(cursor)?;
+        save(*cursor)?;
     }
 }
 

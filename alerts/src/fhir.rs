@@ -50,8 +50,13 @@ pub fn priority(s: Severity) -> &'static str {
 
 /// RFC 3339 UTC with milliseconds (a FHIR `instant`).
 pub fn instant(ms: u64) -> String {
+    // Past year 9999 (a damaged time): the latest instant, never a panic.
     let t = time::OffsetDateTime::UNIX_EPOCH
-        + time::Duration::milliseconds(i64::try_from(ms).unwrap_or(i64::MAX));
+        .checked_add(time::Duration::milliseconds(
+            i64::try_from(ms).unwrap_or(i64::MAX),
+        ))
+        .filter(|t| t.year() <= 9999)
+        .unwrap_or(time::macros::datetime!(9999-12-31 23:59:59.999 UTC));
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
@@ -217,6 +222,13 @@ mod tests {
             event_key(&event(EventKind::Raised, Severity::Urgent, 0)),
             keys[0]
         );
+    }
+
+    #[test]
+    fn instants_of_any_time_never_panic() {
+        assert_eq!(instant(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(instant(100_000_000_000_000_000), "9999-12-31T23:59:59.999Z");
+        assert_eq!(instant(u64::MAX), "9999-12-31T23:59:59.999Z");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use vitaltrail_bus::kafka::{ALERTS_TOPIC, KafkaConfig, KafkaProducer};
 
-use crate::delivery::Sink;
+use crate::delivery::{SendError, Sink};
 use crate::engine::Event;
 use crate::error::Result;
 use crate::fhir;
@@ -75,7 +75,7 @@ impl KafkaTopic {
 }
 
 impl Sink for KafkaTopic {
-    async fn send(&mut self, event: &Event, line: &[u8]) -> std::result::Result<(), String> {
+    async fn send(&mut self, event: &Event, line: &[u8]) -> std::result::Result<(), SendError> {
         let sig = self.secret.sign(line);
         let key = fhir::event_key(event);
         self.producer
@@ -89,6 +89,6 @@ impl Sink for KafkaTopic {
                 ],
             )
             .await
-            .map_err(|e| format!("kafka topic {ALERTS_TOPIC}: {e}"))
+            .map_err(|e| SendError::transient(format!("kafka topic {ALERTS_TOPIC}: {e}")))
     }
 }

@@ -9,7 +9,7 @@ use rumqttc::{AsyncClient, Event as MqttEvent, Packet, QoS};
 use tokio::sync::mpsc;
 use vitaltrail_mqtt::MqttEndpoint;
 
-use crate::delivery::Sink;
+use crate::delivery::{SendError, Sink};
 use crate::engine::Event;
 
 /// How long the broker has to acknowledge one event.
@@ -61,7 +61,7 @@ impl MqttAlerts {
 }
 
 impl Sink for MqttAlerts {
-    async fn send(&mut self, event: &Event, line: &[u8]) -> std::result::Result<(), String> {
+    async fn send(&mut self, event: &Event, line: &[u8]) -> std::result::Result<(), SendError> {
         // An event without a ward (or one that cannot be a topic level) has
         // no topic: nothing to deliver here.
         let Some(topic) = event
@@ -77,11 +77,13 @@ impl Sink for MqttAlerts {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, line.to_vec())
             .await
-            .map_err(|e| format!("MQTT: {e}"))?;
+            .map_err(|e| SendError::transient(format!("MQTT: {e}")))?;
         match tokio::time::timeout(ACK_TIMEOUT, self.acks.recv()).await {
             Ok(Some(_)) => Ok(()),
-            Ok(None) => Err("MQTT: the connection task stopped".into()),
-            Err(_) => Err("MQTT: no PUBACK within 10 s (broker down?)".into()),
+            Ok(None) => Err(SendError::transient("MQTT: the connection task stopped")),
+            Err(_) => Err(SendError::transient(
+                "MQTT: no PUBACK within 10 s (broker down?)",
+            )),
         }
     }
 }

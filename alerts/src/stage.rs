@@ -304,7 +304,8 @@ impl Stage {
                     BTreeMap::new(),
                     BTreeMap::new(),
                     BTreeMap::new(),
-                    rand::random(),
+                    // Under 2^53, so JSON tools read it exactly.
+                    rand::random::<u64>() >> 11,
                     0,
                     0,
                 )
@@ -550,7 +551,7 @@ impl Stage {
                     if g + 1 < self.events_gen {
                         // The outbox's bound: what a channel has not
                         // delivered of it goes to its dead letters first.
-                        crate::delivery::dead_letter_generation(
+                        if let Err(e) = crate::delivery::dead_letter_generation(
                             &self.dir,
                             &self.channels,
                             self.series,
@@ -558,7 +559,12 @@ impl Stage {
                             &f,
                             self.cfg.alerts.max_events_bytes,
                             &self.metrics,
-                        )?;
+                        ) {
+                            // Kept, and tried again at the next rotation:
+                            // never deleted undelivered and uncounted.
+                            tracing::error!(error = %e, generation = g, "moving undelivered events to dead letters failed; the events file is kept");
+                            continue;
+                        }
                         std::fs::remove_file(&f).map_err(io("remove", &f))?;
                     }
                 }
@@ -659,6 +665,21 @@ async fn start_delivery(
     shutdown: &watch::Receiver<bool>,
 ) -> Result<Vec<tokio::task::JoinHandle<Result<()>>>> {
     let mut tasks = Vec::new();
+    let res = start_channels(stage, shutdown, &mut tasks).await;
+    if res.is_err() {
+        // None left running behind a stage that failed to start.
+        for t in &tasks {
+            t.abort();
+        }
+    }
+    res.map(|()| tasks)
+}
+
+async fn start_channels(
+    stage: &Stage,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<Result<()>>>,
+) -> Result<()> {
     if let (true, Some(endpoint)) = (stage.cfg.alerts.mqtt, &stage.cfg.mqtt) {
         let spec = ChannelSpec {
             name: "mqtt-alerts".into(),
@@ -667,6 +688,7 @@ async fn start_delivery(
                 first: Duration::from_millis(200),
                 max: Duration::from_secs(10),
             },
+            dead_letters_max: stage.cfg.alerts.max_events_bytes,
         };
         tracing::info!(channel = %spec.name, "delivering alarm events to MQTT alerts/<ward>");
         // One engine per client ID: the engine's data directory names it.
@@ -674,7 +696,7 @@ async fn start_delivery(
             "vitaltrail-alerts-{:08x}",
             stage.series as u32 ^ (stage.series >> 32) as u32
         );
-        tasks.push(tokio::spawn(crate::delivery::run_channel(
+        tasks.push(crate::delivery::start_channel(
             spec,
             crate::mqtt_topic::MqttAlerts::new(endpoint, &id),
             stage.dir.clone(),
@@ -682,7 +704,7 @@ async fn start_delivery(
             stage.committed.subscribe(),
             shutdown.clone(),
             stage.metrics.clone(),
-        )));
+        )?);
     }
     let topic = &stage.cfg.alerts.kafka_topic;
     if topic.enabled {
@@ -702,9 +724,10 @@ async fn start_delivery(
                 first: Duration::from_millis(500),
                 max: Duration::from_secs(30),
             },
+            dead_letters_max: stage.cfg.alerts.max_events_bytes,
         };
         tracing::info!(channel = %spec.name, "delivering alarm events to the Kafka topic alerts");
-        tasks.push(tokio::spawn(crate::delivery::run_channel(
+        tasks.push(crate::delivery::start_channel(
             spec,
             sink,
             stage.dir.clone(),
@@ -712,7 +735,7 @@ async fn start_delivery(
             stage.committed.subscribe(),
             shutdown.clone(),
             stage.metrics.clone(),
-        )));
+        )?);
     }
     for w in &stage.cfg.alerts.webhooks {
         let sink = crate::webhook::Webhook::new(w)?;
@@ -723,9 +746,10 @@ async fn start_delivery(
                 first: Duration::from_millis(w.first_backoff_ms),
                 max: Duration::from_millis(w.max_backoff_ms),
             },
+            dead_letters_max: stage.cfg.alerts.max_events_bytes,
         };
         tracing::info!(channel = %spec.name, url = %crate::webhook::redact_url(&w.url), "delivering alarm events to a webhook");
-        tasks.push(tokio::spawn(crate::delivery::run_channel(
+        tasks.push(crate::delivery::start_channel(
             spec,
             sink,
             stage.dir.clone(),
@@ -733,9 +757,9 @@ async fn start_delivery(
             stage.committed.subscribe(),
             shutdown.clone(),
             stage.metrics.clone(),
-        )));
+        )?);
     }
-    Ok(tasks)
+    Ok(())
 }
 
 /// Wait for the delivery tasks (they stop on the same shutdown); the
@@ -1014,16 +1038,28 @@ mod tests {
         got: Arc<std::sync::Mutex<Vec<String>>>,
         refuse: Arc<std::sync::atomic::AtomicI64>,
         countdown: bool,
+        /// An event it refuses for what it is (a 4xx), every time.
+        poison: Option<String>,
     }
 
     impl crate::delivery::Sink for Receiver {
-        async fn send(&mut self, e: &Event, _line: &[u8]) -> std::result::Result<(), String> {
+        async fn send(
+            &mut self,
+            e: &Event,
+            _line: &[u8],
+        ) -> std::result::Result<(), crate::delivery::SendError> {
             use std::sync::atomic::Ordering::SeqCst;
+            if self.poison.as_deref() == Some(crate::fhir::event_key(e).as_str()) {
+                return Err(crate::delivery::SendError {
+                    why: "422".into(),
+                    permanent: true,
+                });
+            }
             if self.refuse.load(SeqCst) > 0 {
                 if self.countdown {
                     self.refuse.fetch_sub(1, SeqCst);
                 }
-                return Err("503".into());
+                return Err(crate::delivery::SendError::transient("503"));
             }
             self.got.lock().unwrap().push(crate::fhir::event_key(e));
             Ok(())
@@ -1036,7 +1072,7 @@ mod tests {
         wards: Wards,
         stop: &watch::Sender<bool>,
     ) -> tokio::task::JoinHandle<Result<()>> {
-        tokio::spawn(crate::delivery::run_channel(
+        crate::delivery::start_channel(
             ChannelSpec {
                 name: "test".into(),
                 wards,
@@ -1044,6 +1080,7 @@ mod tests {
                     first: Duration::from_millis(1),
                     max: Duration::from_millis(4),
                 },
+                dead_letters_max: st.cfg.alerts.max_events_bytes,
             },
             rx.clone(),
             st.dir.clone(),
@@ -1051,7 +1088,8 @@ mod tests {
             st.committed.subscribe(),
             stop.subscribe(),
             st.metrics.clone(),
-        ))
+        )
+        .unwrap()
     }
 
     async fn until(what: &str, f: impl Fn() -> bool) {
@@ -1154,11 +1192,9 @@ mod tests {
         let rx = Receiver::default();
         rx.refuse.store(1, std::sync::atomic::Ordering::SeqCst);
         let (stop, _) = watch::channel(false);
+        // No wait for the task to run: the channel is registered before
+        // it starts, so a rotation at once still dead-letters for it.
         let task = spawn_channel(&st, &rx, Wards::All, &stop);
-        until("the channel's cursor", || {
-            st.dir.join("delivery/test.json").exists()
-        })
-        .await;
         let mut all = Vec::new();
         for i in 0..40 {
             let e = event(i, "ward-3");
@@ -1211,6 +1247,92 @@ mod tests {
         assert_eq!(
             st.metrics.dead_letters.with_label_values(&["test"]).get(),
             dl.len() as u64 + discarded
+        );
+    }
+
+    /// An event the receiver refuses for what it is goes to the dead
+    /// letters after three refusals; the events behind it are not held.
+    #[tokio::test]
+    async fn a_refused_event_is_dead_lettered_and_holds_nothing_back() {
+        let data = tempfile::tempdir().unwrap();
+        let key = vitaltrail_core::busauth::BusKey::from_hex(&"22".repeat(32))
+            .unwrap()
+            .logged_key();
+        let mut st = stage(data.path(), &key);
+        let events: Vec<Event> = (0..6).map(|i| event(i, "ward-3")).collect();
+        let keys: Vec<String> = events.iter().map(crate::fhir::event_key).collect();
+        let rx = Receiver {
+            poison: Some(keys[2].clone()),
+            ..Receiver::default()
+        };
+        let (stop, _) = watch::channel(false);
+        let task = spawn_channel(&st, &rx, Wards::All, &stop);
+        st.persist(&events).unwrap();
+        until("the last event", || {
+            rx.got.lock().unwrap().contains(&keys[5])
+        })
+        .await;
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+        let mut want = keys.clone();
+        want.remove(2);
+        assert_eq!(*rx.got.lock().unwrap(), want);
+        let dl = std::fs::read_to_string(st.dir.join("dead-letters/test.jsonl")).unwrap();
+        let e: Event = serde_json::from_str(dl.trim()).unwrap();
+        assert_eq!(crate::fhir::event_key(&e), keys[2]);
+        assert_eq!(
+            st.metrics.dead_letters.with_label_values(&["test"]).get(),
+            1
+        );
+        assert_eq!(
+            st.metrics
+                .delivery_failures
+                .with_label_values(&["test"])
+                .get(),
+            u64::from(crate::delivery::PERMANENT_ATTEMPTS)
+        );
+    }
+
+    /// A cursor that cannot be trusted never skips: unreadable, it resends
+    /// from the oldest events; past what is committed, from the start of
+    /// the current generation; in the middle of a line, from its start.
+    #[test]
+    fn a_doubtful_cursor_resends_rather_than_skips() {
+        use crate::delivery::{Cursor, initial_cursor};
+        let data = tempfile::tempdir().unwrap();
+        let key = vitaltrail_core::busauth::BusKey::from_hex(&"22".repeat(32))
+            .unwrap()
+            .logged_key();
+        let mut st = stage(data.path(), &key);
+        st.persist(&[event(0, "w"), event(1, "w")]).unwrap();
+        let now = *st.committed.borrow();
+        let first_line = std::fs::read(events_file(&st.dir, 0))
+            .unwrap()
+            .iter()
+            .position(|b| *b == b'\n')
+            .unwrap() as u64
+            + 1;
+        let at = |c: &str| {
+            std::fs::create_dir_all(st.dir.join("delivery")).unwrap();
+            std::fs::write(st.dir.join("delivery/x.json"), c).unwrap();
+            initial_cursor(&st.dir, "x", now)
+        };
+        let cur = |generation: u64, offset: u64| Cursor {
+            series: now.series,
+            generation,
+            offset,
+        };
+        assert_eq!(at("{not json"), cur(0, 0));
+        let json = |g: u64, o: u64| serde_json::to_string(&cur(g, o)).unwrap();
+        assert_eq!(at(&json(0, now.len + 5)), cur(0, 0));
+        assert_eq!(at(&json(3, 0)), cur(0, 0));
+        assert_eq!(at(&json(0, first_line + 7)), cur(0, first_line));
+        assert_eq!(at(&json(0, first_line)), cur(0, first_line));
+        std::fs::remove_file(st.dir.join("delivery/x.json")).unwrap();
+        assert_eq!(
+            initial_cursor(&st.dir, "x", now),
+            cur(0, now.len),
+            "new: from now"
         );
     }
 }

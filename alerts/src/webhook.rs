@@ -8,7 +8,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::delivery::Sink;
+use crate::delivery::{SendError, Sink};
 use crate::engine::Event;
 use crate::error::{Error, Result};
 use crate::fhir;
@@ -130,12 +130,12 @@ impl WebhookConfig {
                 self.name
             ));
         }
-        if self.timeout_ms == 0
-            || self.first_backoff_ms == 0
+        if self.timeout_ms < 100
+            || self.first_backoff_ms < 50
             || self.max_backoff_ms < self.first_backoff_ms
         {
             return Err(format!(
-                "webhook {}: timeout_ms and first_backoff_ms must be above 0, max_backoff_ms at least first_backoff_ms",
+                "webhook {}: timeout_ms must be at least 100, first_backoff_ms at least 50, max_backoff_ms at least first_backoff_ms",
                 self.name
             ));
         }
@@ -196,13 +196,49 @@ impl Secret {
     }
 }
 
+/// An error with its sources, `: `-joined (reqwest says "error sending
+/// request" and puts the reason, refused or TLS, in a source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The event key as the `Idempotency-Key` header carries it: every byte
+/// but ASCII letters, digits and `-._~/:#` percent-encoded (RFC 3986), so
+/// any patient ID makes a valid header. The body carries the key as is.
+pub fn header_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/:#".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// A webhook as a delivery channel.
-#[derive(Debug)]
 pub struct Webhook {
     name: String,
     url: reqwest::Url,
     secret: Secret,
     client: reqwest::Client,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("name", &self.name)
+            .field("url", &redact_url(self.url.as_str()))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Webhook {
@@ -215,8 +251,10 @@ impl Webhook {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
             .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(5_000)))
-            // A redirect would send the alert where nobody configured.
+            // A redirect would send the alert where nobody configured; so
+            // would a proxy from the environment (HTTP_PROXY), in the clear.
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .build()
             .map_err(|e| Error::Setting(format!("webhook {}: {}", cfg.name, e.without_url())))?;
         Ok(Webhook {
@@ -235,25 +273,41 @@ impl Webhook {
 }
 
 impl Sink for Webhook {
-    async fn send(&mut self, event: &Event, _line: &[u8]) -> std::result::Result<(), String> {
+    async fn send(&mut self, event: &Event, _line: &[u8]) -> std::result::Result<(), SendError> {
         let body = Webhook::body(event);
-        let resp = self
+        let mut resp = self
             .client
             .post(self.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/fhir+json")
             .header(SIGNATURE_HEADER, self.secret.sign(&body))
-            .header(IDEMPOTENCY_HEADER, fhir::event_key(event))
+            .header(IDEMPOTENCY_HEADER, header_key(&fhir::event_key(event)))
             .header(EVENT_HEADER, event.kind.as_str())
             .body(body)
             .send()
             .await
-            .map_err(|e| format!("webhook {}: {}", self.name, e.without_url()))?;
+            .map_err(|e| SendError {
+                permanent: e.is_builder(),
+                why: format!("webhook {}: {}", self.name, chain(&e.without_url())),
+            })?;
         let status = resp.status();
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(format!("webhook {}: HTTP {status}", self.name))
+        // Read (a little of) the answer, so the connection is reused.
+        let mut read = 0usize;
+        while read < 64 * 1024 {
+            match resp.chunk().await {
+                Ok(Some(c)) => read += c.len(),
+                _ => break,
+            }
         }
+        if status.is_success() {
+            return Ok(());
+        }
+        let code = status.as_u16();
+        Err(SendError {
+            // The receiver refuses this event for what it is; a timeout,
+            // "too early" and "too many requests" are worth waiting out.
+            permanent: status.is_client_error() && !matches!(code, 408 | 425 | 429),
+            why: format!("webhook {}: HTTP {status}", self.name),
+        })
     }
 }
 
@@ -282,6 +336,15 @@ mod tests {
             first_backoff_ms: 500,
             max_backoff_ms: 60_000,
         }
+    }
+
+    #[test]
+    fn any_event_key_makes_a_valid_header() {
+        let k = "news2/Ünal \u{7}x/1-1#raised";
+        let h = header_key(k);
+        assert_eq!(h, "news2/%C3%9Cnal%20%07x/1-1#raised");
+        assert!(reqwest::header::HeaderValue::from_str(&h).is_ok());
+        assert_eq!(header_key("news2/p-1/17-1#raised"), "news2/p-1/17-1#raised");
     }
 
     #[test]

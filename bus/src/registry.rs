@@ -157,6 +157,16 @@ impl RegistryFile {
                 "patient and ward must not have whitespace around them (nor be empty)".into(),
             ));
         }
+        // They travel in alerts, headers and topics: no control characters.
+        if patient
+            .chars()
+            .chain(ward.unwrap_or("").chars())
+            .any(char::is_control)
+        {
+            return Err(Error::InvalidArgument(
+                "patient and ward must not hold control characters".into(),
+            ));
+        }
         self.edit(|m| {
             if let Some(e) = m.get(did.as_str())
                 && e.revoked_ms.is_none()
@@ -551,6 +561,9 @@ mod tests {
         assert!(f.add(c.did(), "patient-1\t", None, 12).is_err());
         assert!(f.add(c.did(), "patient-1", Some("ward-7 "), 12).is_err());
         assert!(f.add(c.did(), "patient-1", Some(""), 12).is_err());
+        // Control characters would break alert headers and topics.
+        assert!(f.add(c.did(), "patient\u{7}1", None, 12).is_err());
+        assert!(f.add(c.did(), "patient-1", Some("w\u{0}"), 12).is_err());
         let r = f.load().unwrap();
         assert!(
             matches!(r.lookup(a.did().as_str()), Lookup::Active(e) if e.patient == "patient-1")

@@ -674,6 +674,10 @@ impl NodeConfig {
             .evm_rpc_url
             .as_deref()
             .map(vitaltrail_anchor::evm::redact_url);
+        // A webhook URL's path or query may hold a token.
+        for w in &mut shown.alerts.webhooks {
+            w.url = vitaltrail_alerts::webhook::redact_url(&w.url);
+        }
         toml::to_string_pretty(&shown)
             .map_err(|e| Error::Config(format!("the configuration cannot be printed: {e}")))
     }
@@ -1120,6 +1124,23 @@ mod tests {
         let mut f = Overrides::new();
         f.set("ingest.connections", 0usize);
         assert!(NodeConfig::load_from(Role::Up, None, env(&[]), &f).is_err());
+    }
+
+    #[test]
+    fn a_webhook_url_token_is_never_printed() {
+        let d = tempfile::tempdir().unwrap();
+        let given = d.path().join("given.toml");
+        std::fs::write(
+            &given,
+            "[[alerts.webhooks]]\nname = \"ehr\"\nurl = \"https://ehr.example:8443/hook?token=hunter2\"\n\
+             wards = [\"*\"]\nsecret_file = \"/etc/ehr.secret\"\n",
+        )
+        .unwrap();
+        let c = NodeConfig::load_from(Role::Up, Some(&given), env(&[]), &Overrides::new()).unwrap();
+        let printed = c.to_toml_redacted().unwrap();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("https://ehr.example:8443"), "{printed}");
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]

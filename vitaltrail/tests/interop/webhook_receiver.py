@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import threading
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ALARM = "urn:vitaltrail:alarm"
@@ -59,7 +60,8 @@ def main():
                 assert c["resourceType"] == "Communication"
                 ids = {i["system"]: i["value"] for i in c["identifier"]}
                 key = ids[EVENT]
-                assert key == self.headers.get("Idempotency-Key")
+                # The header is the key percent-encoded (docs/alerts.md).
+                assert key == urllib.parse.unquote(self.headers.get("Idempotency-Key"))
                 assert self.headers.get("Content-Type") == "application/fhir+json"
                 kind = c["category"][0]["coding"][0]["code"]
                 assert kind == self.headers.get("X-Vitaltrail-Event")

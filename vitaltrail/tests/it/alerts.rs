@@ -236,8 +236,14 @@ async fn webhooks_deliver_every_event_in_order_through_refusals_and_kill_9() {
     let reg = vitaltrail_bus::datadir::registry_file(data.path());
     let wards = ["ward-3", "ward-3", "ward-7", "ward-3"];
     for (i, (d, w)) in devs.iter().zip(wards).enumerate() {
-        reg.add(d.key.did(), &format!("patient-{i}"), Some(w), 0)
-            .unwrap();
+        // A patient ID that is not ASCII travels in the signed body as is,
+        // and percent-encoded in the Idempotency-Key header.
+        let name = if i == 1 {
+            "Ünal Öztürk-1".to_owned()
+        } else {
+            format!("patient-{i}")
+        };
+        reg.add(d.key.did(), &name, Some(w), 0).unwrap();
     }
     let mqtt = common::free_addr();
     let args: Vec<String> = vec![
@@ -253,7 +259,19 @@ async fn webhooks_deliver_every_event_in_order_through_refusals_and_kill_9() {
         "--checkpoint-interval-ms".into(),
         "200".into(),
     ];
-    let mut up = common::Proc::spawn(&args, data.path().join("up.log"));
+    // A proxy in the environment must not carry the alerts (in the clear,
+    // to whoever runs it): nothing listens there, so a proxied POST fails.
+    let proxy = "http://127.0.0.1:9";
+    let mut up = common::Proc::spawn_env(
+        &args,
+        data.path().join("up.log"),
+        &[
+            ("HTTP_PROXY", proxy),
+            ("http_proxy", proxy),
+            ("ALL_PROXY", proxy),
+            ("HTTPS_PROXY", proxy),
+        ],
+    );
     common::wait_port(mqtt.port());
     let sim = SimConfig {
         mqtt: vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", mqtt.port()),
