@@ -5,7 +5,7 @@
 //! session, see the doc).
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event as MqttEvent, Packet, QoS};
+use rumqttc::{AsyncClient, Event as MqttEvent, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 use vitaltrail_mqtt::MqttEndpoint;
 
@@ -15,11 +15,20 @@ use crate::engine::Event;
 /// How long the broker has to acknowledge one event.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What the connection saw of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Sent with this packet ID.
+    Sent(u16),
+    /// Acknowledged (PUBACK) by the broker.
+    Acked(u16),
+}
+
 /// The broker as a delivery channel.
 #[derive(Debug)]
 pub struct MqttAlerts {
     client: AsyncClient,
-    acks: mpsc::Receiver<u16>,
+    acks: mpsc::Receiver<Seen>,
     poller: tokio::task::JoinHandle<()>,
 }
 
@@ -42,7 +51,10 @@ impl MqttAlerts {
             loop {
                 match eventloop.poll().await {
                     Ok(MqttEvent::Incoming(Packet::PubAck(a))) => {
-                        let _ = tx.try_send(a.pkid);
+                        let _ = tx.try_send(Seen::Acked(a.pkid));
+                    }
+                    Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => {
+                        let _ = tx.try_send(Seen::Sent(pkid));
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -78,9 +90,24 @@ impl Sink for MqttAlerts {
             .publish(topic, QoS::AtLeastOnce, false, line.to_vec())
             .await
             .map_err(|e| SendError::transient(format!("MQTT: {e}")))?;
-        match tokio::time::timeout(ACK_TIMEOUT, self.acks.recv()).await {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => Err(SendError::transient("MQTT: the connection task stopped")),
+        // Only this event is in flight: the first publish sent after it is
+        // this one, and only the PUBACK of its packet ID counts (a late
+        // one of an earlier attempt does not).
+        let acked = tokio::time::timeout(ACK_TIMEOUT, async {
+            let mut ours = None;
+            while let Some(seen) = self.acks.recv().await {
+                match (seen, ours) {
+                    (Seen::Sent(p), None) => ours = Some(p),
+                    (Seen::Acked(p), Some(o)) if p == o => return true,
+                    _ => {}
+                }
+            }
+            false
+        })
+        .await;
+        match acked {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(SendError::transient("MQTT: the connection task stopped")),
             Err(_) => Err(SendError::transient(
                 "MQTT: no PUBACK within 10 s (broker down?)",
             )),
