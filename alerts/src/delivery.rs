@@ -275,7 +275,7 @@ fn read_batch(dir: &Path, mut c: Cursor, committed: Committed) -> Result<(Cursor
             .map_err(io("seek", &path))?;
         let mut buf = Vec::new();
         (&mut f)
-            .take(end - c.offset)
+            .take((end - c.offset).min(READ_CHUNK as u64))
             .read_to_end(&mut buf)
             .map_err(io("read", &path))?;
         let mut at = c.offset;

@@ -27,26 +27,42 @@ enum Seen {
 /// The broker as a delivery channel.
 #[derive(Debug)]
 pub struct MqttAlerts {
+    endpoint: MqttEndpoint,
+    client_id: String,
+    conn: Option<Conn>,
+}
+
+/// One connection: the client, what its event loop saw, the loop's task.
+#[derive(Debug)]
+struct Conn {
     client: AsyncClient,
-    acks: mpsc::Receiver<Seen>,
+    seen: mpsc::Receiver<Seen>,
     poller: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for MqttAlerts {
+impl Drop for Conn {
     fn drop(&mut self) {
         self.poller.abort();
     }
 }
 
 impl MqttAlerts {
-    /// Connect (in the background, reconnecting) as `client_id`.
+    /// Publish (connecting in the background) as `client_id`.
     pub fn new(endpoint: &MqttEndpoint, client_id: &str) -> MqttAlerts {
-        let mut opts = endpoint.options(client_id);
+        MqttAlerts {
+            endpoint: endpoint.clone(),
+            client_id: client_id.to_owned(),
+            conn: None,
+        }
+    }
+
+    fn connect(&self) -> Conn {
+        let mut opts = self.endpoint.options(&self.client_id);
         opts.set_keep_alive(Duration::from_secs(10))
             .set_clean_session(true)
             .set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut eventloop) = AsyncClient::new(opts, 16);
-        let (tx, acks) = mpsc::channel(64);
+        let (tx, seen) = mpsc::channel(64);
         let poller = tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
@@ -64,9 +80,9 @@ impl MqttAlerts {
                 }
             }
         });
-        MqttAlerts {
+        Conn {
             client,
-            acks,
+            seen,
             poller,
         }
     }
@@ -84,33 +100,46 @@ impl Sink for MqttAlerts {
         else {
             return Ok(());
         };
-        // Acknowledgements of earlier attempts (one at a time) are stale.
-        while self.acks.try_recv().is_ok() {}
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, line.to_vec())
-            .await
-            .map_err(|e| SendError::transient(format!("MQTT: {e}")))?;
-        // Only this event is in flight: the first publish sent after it is
-        // this one, and only the PUBACK of its packet ID counts (a late
-        // one of an earlier attempt does not).
-        let acked = tokio::time::timeout(ACK_TIMEOUT, async {
+        if line.len() > vitaltrail_mqtt::embedded::MAX_PAYLOAD {
+            return Err(SendError {
+                why: format!(
+                    "MQTT: {} bytes is over the broker's message limit",
+                    line.len()
+                ),
+                permanent: true,
+            });
+        }
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => self.conn.insert(self.connect()),
+        };
+        // Only this event is in flight on this connection: the first
+        // publish sent is this one, and only the PUBACK of its packet ID
+        // counts.
+        let attempt = async {
+            conn.client
+                .publish(topic, QoS::AtLeastOnce, false, line.to_vec())
+                .await
+                .map_err(|e| format!("MQTT: {e}"))?;
             let mut ours = None;
-            while let Some(seen) = self.acks.recv().await {
+            while let Some(seen) = conn.seen.recv().await {
                 match (seen, ours) {
                     (Seen::Sent(p), None) => ours = Some(p),
-                    (Seen::Acked(p), Some(o)) if p == o => return true,
+                    (Seen::Acked(p), Some(o)) if p == o => return Ok(()),
                     _ => {}
                 }
             }
-            false
-        })
-        .await;
-        match acked {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(SendError::transient("MQTT: the connection task stopped")),
-            Err(_) => Err(SendError::transient(
-                "MQTT: no PUBACK within 10 s (broker down?)",
-            )),
+            Err("MQTT: the connection task stopped".to_owned())
+        };
+        let r = match tokio::time::timeout(ACK_TIMEOUT, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err("MQTT: no PUBACK within 10 s (broker down?)".to_owned()),
+        };
+        if r.is_err() {
+            // A fresh connection for the next attempt: nothing of this one
+            // (queued copies, late acknowledgements) carries over.
+            self.conn = None;
         }
+        r.map_err(SendError::transient)
     }
 }

@@ -303,9 +303,11 @@ impl Sink for Webhook {
         }
         let code = status.as_u16();
         Err(SendError {
-            // The receiver refuses this event for what it is; a timeout,
-            // "too early" and "too many requests" are worth waiting out.
-            permanent: status.is_client_error() && !matches!(code, 408 | 425 | 429),
+            // The receiver refuses this event for what it is. Any other
+            // answer (401, 403, 404: the receiver's own setup; 408, 429;
+            // 5xx) holds the channel and is retried: dead-lettering every
+            // alarm behind a misconfigured receiver would lose them all.
+            permanent: matches!(code, 400 | 413 | 415 | 422),
             why: format!("webhook {}: HTTP {status}", self.name),
         })
     }

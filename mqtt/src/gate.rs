@@ -53,13 +53,15 @@ use crate::{Error, Result};
 /// Whether the registry holds a device (by DID) as active.
 pub type DeviceCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
-/// The wards of an active viewer (a nurse station), by name; `None`: not
-/// an active viewer ([`crate::viewers`]).
+/// The wards of an active viewer (a nurse station), by name and the
+/// fingerprint of its certificate's key (only the latest certificate
+/// issued for a name counts); `None`: not an active viewer
+/// ([`crate::viewers`]).
 #[derive(Clone)]
 pub struct ViewerCheck(pub Arc<WardsOf>);
 
-/// A viewer's name → its wards, if active.
-pub type WardsOf = dyn Fn(&str) -> Option<Vec<String>> + Send + Sync;
+/// A viewer's name and key fingerprint → its wards, if active.
+pub type WardsOf = dyn Fn(&str, &str) -> Option<Vec<String>> + Send + Sync;
 
 impl std::fmt::Debug for ViewerCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -72,8 +74,8 @@ impl std::fmt::Debug for ViewerCheck {
 enum Peer {
     /// A device, by DID.
     Device(String),
-    /// A nurse station, by name.
-    Viewer(String),
+    /// A nurse station, by name and key fingerprint.
+    Viewer(String, String),
 }
 
 /// Typed configuration of the gate.
@@ -152,7 +154,7 @@ impl GateConfig {
             publish_burst: 10_000.0,
             stall_timeout: Duration::from_secs(10),
             max_packet: crate::embedded::MAX_PAYLOAD + 1024,
-            viewers: ViewerCheck(Arc::new(|_| None)),
+            viewers: ViewerCheck(Arc::new(|_, _| None)),
         })
     }
 }
@@ -320,13 +322,19 @@ fn device_of(cert: &CertificateDer<'_>) -> Option<String> {
     Some(did)
 }
 
-/// The viewer a verified client certificate names: a key that is not
-/// Ed25519 (those name devices) and exactly one common name,
-/// `viewer:<name>`.
-fn viewer_of(cert: &CertificateDer<'_>) -> Option<String> {
-    const ED25519: &str = "1.3.101.112";
+/// The viewer a verified client certificate names, with its key's
+/// fingerprint: an ECDSA P-256 key (an Ed25519 one names a device) and
+/// exactly one common name, `viewer:<name>`.
+fn viewer_of(cert: &CertificateDer<'_>) -> Option<(String, String)> {
+    const EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+    const P256: &str = "1.2.840.10045.3.1.7";
     let (_, x) = x509_parser::parse_x509_certificate(cert).ok()?;
-    if x.public_key().algorithm.algorithm.to_id_string() == ED25519 {
+    let spki = x.public_key();
+    if spki.algorithm.algorithm.to_id_string() != EC_PUBLIC_KEY {
+        return None;
+    }
+    let curve = spki.algorithm.parameters.as_ref()?.as_oid().ok()?;
+    if curve.to_id_string() != P256 {
         return None;
     }
     let mut cns = x.subject().iter_common_name();
@@ -335,20 +343,21 @@ fn viewer_of(cert: &CertificateDer<'_>) -> Option<String> {
         return None;
     }
     let name = cn.strip_prefix(crate::viewers::PREFIX)?;
-    crate::viewers::valid_name(name).then(|| name.to_owned())
+    crate::viewers::valid_name(name)
+        .then(|| (name.to_owned(), crate::viewers::key_fingerprint(spki.raw)))
 }
 
 /// What a viewer sent, checked: it subscribes only to `alerts/<ward>` of
 /// its wards as they are now (no wildcards), and publishes nothing.
 fn admit_viewer(
     p: Packet,
-    name: &str,
+    (name, key): (&str, &str),
     viewers: &ViewerCheck,
 ) -> std::result::Result<Packet, Refused> {
     match p {
         Packet::Publish(_) => Err("topic"),
         Packet::Subscribe(mut s) => {
-            let Some(wards) = (viewers.0)(name) else {
+            let Some(wards) = (viewers.0)(name, key) else {
                 return Err("not_registered");
             };
             let allowed = |path: &str| {
@@ -515,12 +524,15 @@ async fn connection(
             .ok_or("certificate")?;
         match device_of(cert) {
             Some(did) => Peer::Device(did),
-            None => Peer::Viewer(viewer_of(cert).ok_or("certificate")?),
+            None => {
+                let (name, key) = viewer_of(cert).ok_or("certificate")?;
+                Peer::Viewer(name, key)
+            }
         }
     };
     let active = match &peer {
         Peer::Device(did) => check(did),
-        Peer::Viewer(name) => (cfg.viewers.0)(name).is_some(),
+        Peer::Viewer(name, key) => (cfg.viewers.0)(name, key).is_some(),
     };
     if !active {
         return Err("not_registered");
@@ -528,7 +540,7 @@ async fn connection(
     // The client ID: the DID, or `viewer:<name>`.
     let did = match &peer {
         Peer::Device(did) => did.clone(),
-        Peer::Viewer(name) => format!("{}{name}", crate::viewers::PREFIX),
+        Peer::Viewer(name, _) => format!("{}{name}", crate::viewers::PREFIX),
     };
     let (mut rd, mut wr) = tokio::io::split(tls);
     let mut buf = BytesMut::with_capacity(4096);
@@ -545,6 +557,12 @@ async fn connection(
     let _device = devices.clone().try_acquire_owned().map_err(|_| "full")?;
     drop(handshake);
     c.client_id = did.clone();
+    // A viewer's session is always clean: a persistent one would bring
+    // back, at CONNECT, subscriptions the gate never sees again (a ward
+    // taken from it since).
+    if matches!(peer, Peer::Viewer(..)) {
+        c.clean_session = true;
+    }
     c.login = Some(Login::new(crate::GATE_USER, cfg.token.expose()));
     if c.keep_alive == 0 || c.keep_alive > MAX_KEEP_ALIVE_SECS {
         c.keep_alive = MAX_KEEP_ALIVE_SECS;
@@ -599,9 +617,9 @@ async fn connection(
     // Device → broker: checked packet by packet.
     let result = loop {
         tokio::select! {
-            _ = recheck.tick(), if matches!(peer, Peer::Viewer(_)) => {
-                if let Peer::Viewer(name) = &peer {
-                    let wards = (cfg.viewers.0)(name);
+            _ = recheck.tick(), if matches!(peer, Peer::Viewer(..)) => {
+                if let Peer::Viewer(name, key) = &peer {
+                    let wards = (cfg.viewers.0)(name, key);
                     let still = wards.is_some_and(|w| subscribed.iter().all(|t| {
                         w.iter().any(|x| topics::alerts_topic(x).as_deref() == Some(t.as_str()))
                     }));
@@ -625,11 +643,11 @@ async fn connection(
                 }
                 let admitted = match &peer {
                     Peer::Device(d) => admit(p, d, check),
-                    Peer::Viewer(name) => admit_viewer(p, name, &cfg.viewers),
+                    Peer::Viewer(name, key) => admit_viewer(p, (name, key), &cfg.viewers),
                 };
                 let p = match admitted {
                     Ok(p) => {
-                        if let (Peer::Viewer(_), Packet::Subscribe(s)) = (&peer, &p) {
+                        if let (Peer::Viewer(..), Packet::Subscribe(s)) = (&peer, &p) {
                             for f in &s.filters {
                                 if !subscribed.contains(&f.path) && subscribed.len() < 1024 {
                                     subscribed.push(f.path.clone());
@@ -689,8 +707,8 @@ mod tests {
     fn a_viewer_subscribes_only_to_its_wards_and_publishes_nothing() {
         use rumqttc::mqttbytes::QoS;
         use rumqttc::mqttbytes::v4::{Publish, Subscribe, SubscribeFilter};
-        let viewers = ViewerCheck(Arc::new(|n: &str| {
-            (n == "nurse-3").then(|| vec!["ward-3".to_owned(), "ward-4".to_owned()])
+        let viewers = ViewerCheck(Arc::new(|n: &str, k: &str| {
+            (n == "nurse-3" && k == "k1").then(|| vec!["ward-3".to_owned(), "ward-4".to_owned()])
         }));
         let sub = |paths: &[&str]| {
             Packet::Subscribe(Subscribe::new_many(
@@ -701,7 +719,7 @@ mod tests {
         };
         match admit_viewer(
             sub(&["alerts/ward-3", "alerts/ward-4"]),
-            "nurse-3",
+            ("nurse-3", "k1"),
             &viewers,
         ) {
             Ok(Packet::Subscribe(s)) => {
@@ -720,20 +738,25 @@ mod tests {
             vec!["$share/g/alerts/ward-3"],
         ] {
             assert_eq!(
-                admit_viewer(sub(&bad), "nurse-3", &viewers).err(),
+                admit_viewer(sub(&bad), ("nurse-3", "k1"), &viewers).err(),
                 Some("subscribe"),
                 "{bad:?}"
             );
         }
         assert_eq!(
-            admit_viewer(sub(&["alerts/ward-3"]), "nurse-9", &viewers).err(),
+            admit_viewer(sub(&["alerts/ward-3"]), ("nurse-9", "k1"), &viewers).err(),
             Some("not_registered"),
             "revoked since it connected"
+        );
+        assert_eq!(
+            admit_viewer(sub(&["alerts/ward-3"]), ("nurse-3", "k0"), &viewers).err(),
+            Some("not_registered"),
+            "an older certificate of the name"
         );
         for topic in ["alerts/ward-3", "vitals/x"] {
             let p = Publish::new(topic, QoS::AtLeastOnce, vec![1u8]);
             assert_eq!(
-                admit_viewer(Packet::Publish(p), "nurse-3", &viewers).err(),
+                admit_viewer(Packet::Publish(p), ("nurse-3", "k1"), &viewers).err(),
                 Some("topic")
             );
         }
@@ -749,12 +772,20 @@ mod tests {
     fn viewer_certificates_are_told_from_device_certificates() {
         let dir = tempfile::tempdir().unwrap();
         let pki = crate::Pki::load_or_create(dir.path(), &[]).unwrap();
-        let (pem, _key) = pki.issue_viewer("nurse-3").unwrap();
+        let (pem, _key, pin) = pki.issue_viewer("nurse-3").unwrap();
         let der = CertificateDer::pem_slice_iter(pem.as_bytes())
             .next()
             .unwrap()
             .unwrap();
-        assert_eq!(viewer_of(&der).as_deref(), Some("nurse-3"));
+        let (name, key) = viewer_of(&der).unwrap();
+        assert_eq!(name, "nurse-3");
+        assert_eq!(key, pin, "the gate sees the fingerprint the list pins");
+        let (pem2, _, _) = pki.issue_viewer("nurse-3").unwrap();
+        let der2 = CertificateDer::pem_slice_iter(pem2.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_ne!(viewer_of(&der2).unwrap().1, key, "a new key each time");
         assert_eq!(device_of(&der), None);
         let key = vitaltrail_core::SecretKey::from_seed(&[7; 32]).unwrap();
         let dev = pki.issue_device(key.did()).unwrap();

@@ -304,8 +304,9 @@ impl Pki {
 
     /// A nurse station's client certificate and its new key (PEM), signed
     /// by the device CA: common name `viewer:<name>`, an ECDSA P-256 key
-    /// (an Ed25519 key would name a device), client authentication only.
-    pub fn issue_viewer(&self, name: &str) -> Result<(String, zeroize::Zeroizing<String>)> {
+    /// (an Ed25519 key would name a device), client authentication only;
+    /// with the key's fingerprint ([`crate::viewers::key_fingerprint`]).
+    pub fn issue_viewer(&self, name: &str) -> Result<(String, zeroize::Zeroizing<String>, String)> {
         if !crate::viewers::valid_name(name) {
             return Err(Error::InvalidArgument(format!("viewer name {name:?}")));
         }
@@ -318,7 +319,10 @@ impl Pki {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let key_pem = zeroize::Zeroizing::new(key.serialize_pem());
         let cert = p.signed_by(&key, &issuer(&self.ca_pem, &self.ca_key)?)?;
-        Ok((cert.pem(), key_pem))
+        let (_, x) = x509_parser::parse_x509_certificate(cert.der())
+            .map_err(|e| Error::Certificate(e.to_string()))?;
+        let fingerprint = crate::viewers::key_fingerprint(x.public_key().raw);
+        Ok((cert.pem(), key_pem, fingerprint))
     }
 
     /// Issue the pipeline's client certificate (`pipeline.pem`,

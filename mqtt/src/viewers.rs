@@ -34,6 +34,9 @@ pub struct Viewer {
     pub wards: Vec<String>,
     /// When added (Unix ms).
     pub added_ms: u64,
+    /// SHA-256 (hex) of the key (SubjectPublicKeyInfo) of the one
+    /// certificate that may connect as it: the latest issued.
+    pub key_sha256: String,
     /// Revoked: it may no longer connect or subscribe.
     #[serde(default)]
     pub revoked: bool,
@@ -47,9 +50,21 @@ pub struct Viewers {
     pub viewers: BTreeMap<String, Viewer>,
 }
 
-/// A viewer's name: 1-64 of letters, digits, `-`, `_` and `.`.
+/// The fingerprint of a certificate's key: SHA-256 of its DER
+/// SubjectPublicKeyInfo, lowercase hex.
+pub fn key_fingerprint(spki_der: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(spki_der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A viewer's name: 1-64 of letters, digits, `-`, `_` and `.`, not
+/// starting with `.`.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
+        && !name.starts_with('.')
         && name.len() <= 64
         && name
             .bytes()
@@ -80,8 +95,15 @@ impl Viewers {
             .map_err(|e| Error::InvalidArgument(e.to_string()))
     }
 
-    /// Add (or replace the wards of) `name`.
-    pub fn add(&mut self, name: &str, wards: &[String], now_ms: u64) -> Result<()> {
+    /// Add `name` (or replace its wards and its certificate): only the
+    /// certificate whose key has fingerprint `key_sha256` may connect as it.
+    pub fn add(
+        &mut self,
+        name: &str,
+        wards: &[String],
+        key_sha256: &str,
+        now_ms: u64,
+    ) -> Result<()> {
         if !valid_name(name) {
             return Err(Error::InvalidArgument(format!(
                 "viewer name {name:?}: 1-64 letters, digits, '-', '_' or '.'"
@@ -108,26 +130,40 @@ impl Viewers {
             Viewer {
                 wards,
                 added_ms: now_ms,
+                key_sha256: key_sha256.to_owned(),
                 revoked: false,
             },
         );
         Ok(())
     }
 
-    /// The wards of an active viewer.
+    /// The wards of an active viewer, whatever its certificate (the ACL
+    /// of a broker that cannot pin keys).
     pub fn wards(&self, name: &str) -> Option<&[String]> {
         self.viewers
             .get(name)
             .filter(|v| !v.revoked)
             .map(|v| v.wards.as_slice())
     }
+
+    /// The wards of an active viewer connecting with the certificate key
+    /// `key_sha256`, which must be the one pinned.
+    pub fn wards_for(&self, name: &str, key_sha256: &str) -> Option<&[String]> {
+        self.viewers
+            .get(name)
+            .filter(|v| !v.revoked && !v.key_sha256.is_empty() && v.key_sha256 == key_sha256)
+            .map(|v| v.wards.as_slice())
+    }
 }
 
-/// `viewers.json`, re-read when its modification time changes.
+/// What identifies a version of the file: device, inode, length, mtime.
+type Stamp = (u64, u64, u64, Option<SystemTime>);
+
+/// `viewers.json`, re-read when it changes.
 #[derive(Debug)]
 pub struct ViewersFile {
     path: PathBuf,
-    cached: Mutex<(Option<SystemTime>, Viewers)>,
+    cached: Mutex<(Option<Stamp>, Viewers)>,
 }
 
 impl ViewersFile {
@@ -139,23 +175,29 @@ impl ViewersFile {
         }
     }
 
-    /// The wards of active viewer `name`, from the file as it is now (an
-    /// unreadable file: none, so nobody is let in on a broken list).
-    pub fn wards(&self, name: &str) -> Option<Vec<String>> {
-        let mtime = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
+    /// The wards of active viewer `name` with the certificate key
+    /// `key_sha256`, from the file as it is now (an unreadable file: none,
+    /// so nobody is let in on a broken list). The file is read again when
+    /// its identity (device, inode: every save replaces it), length or
+    /// modification time changes.
+    pub fn wards(&self, name: &str, key_sha256: &str) -> Option<Vec<String>> {
+        use std::os::unix::fs::MetadataExt as _;
+        let stamp = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino(), m.len(), m.modified().ok()));
         let mut c = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if mtime.is_none() || c.0 != mtime {
+        if stamp.is_none() || c.0 != stamp {
             match Viewers::load(&self.path) {
-                Ok(v) => *c = (mtime, v),
+                Ok(v) => *c = (stamp, v),
                 Err(e) => {
-                    tracing::warn!(error = %e, "viewers file unreadable: no viewer is let in");
+                    if c.0.is_some() || c.1 != Viewers::default() {
+                        tracing::warn!(error = %e, "viewers file unreadable: no viewer is let in");
+                    }
                     *c = (None, Viewers::default());
                 }
             }
         }
-        c.1.wards(name).map(<[String]>::to_vec)
+        c.1.wards_for(name, key_sha256).map(<[String]>::to_vec)
     }
 }
 
@@ -166,31 +208,26 @@ mod tests {
     #[test]
     fn viewers_are_named_safely_and_revocation_takes_their_wards() {
         let mut v = Viewers::default();
-        v.add("nurse-3", &["ward-3".into(), "ward-3".into()], 1)
+        v.add("nurse-3", &["ward-3".into(), "ward-3".into()], "k1", 1)
             .unwrap();
         assert_eq!(v.wards("nurse-3"), Some(&["ward-3".to_owned()][..]));
-        assert!(v.add("nurse 3", &["ward-3".into()], 1).is_err());
-        assert!(v.add("viewer:x", &["ward-3".into()], 1).is_err());
-        assert!(v.add("n", &[], 1).is_err());
-        assert!(v.add("n", &["ward/3".into()], 1).is_err());
-        assert!(v.add("n", &["#".into()], 1).is_err());
+        assert!(v.add("nurse 3", &["ward-3".into()], "k", 1).is_err());
+        assert!(v.add("viewer:x", &["ward-3".into()], "k", 1).is_err());
+        assert!(v.add("..", &["ward-3".into()], "k", 1).is_err());
+        assert!(v.add("n", &[], "k", 1).is_err());
+        assert!(v.add("n", &["ward/3".into()], "k", 1).is_err());
+        assert!(v.add("n", &["#".into()], "k", 1).is_err());
         let dir = tempfile::tempdir().unwrap();
         let f = viewers_file(dir.path());
         v.save(&f).unwrap();
         let file = ViewersFile::new(f.clone());
-        assert_eq!(file.wards("nurse-3"), Some(vec!["ward-3".to_owned()]));
-        assert_eq!(file.wards("nurse-4"), None);
+        assert_eq!(file.wards("nurse-3", "k1"), Some(vec!["ward-3".to_owned()]));
+        assert_eq!(file.wards("nurse-3", "k0"), None, "not the pinned key");
+        assert_eq!(file.wards("nurse-4", "k1"), None);
         v.viewers.get_mut("nurse-3").unwrap().revoked = true;
-        // A later modification time, whatever the file system's precision.
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        // Saved again at once (the same modification time, on a coarse
+        // clock): a new file all the same.
         v.save(&f).unwrap();
-        let t = SystemTime::now() + std::time::Duration::from_secs(5);
-        std::fs::File::options()
-            .write(true)
-            .open(&f)
-            .unwrap()
-            .set_modified(t)
-            .unwrap();
-        assert_eq!(file.wards("nurse-3"), None, "revoked");
+        assert_eq!(file.wards("nurse-3", "k1"), None, "revoked");
     }
 }

@@ -145,7 +145,11 @@ pub fn alerts_stage(
         clock: Arc::new(SystemClock) as Arc<dyn Clock>,
         metrics: registry.clone(),
         // Nurse stations' alerts go to the pipeline's broker, if one is set.
-        mqtt: cfg.external_mqtt()?,
+        mqtt: if cfg.alerts.mqtt {
+            cfg.external_mqtt()?
+        } else {
+            None
+        },
     })
 }
 

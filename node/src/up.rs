@@ -188,7 +188,7 @@ async fn mqtt_endpoint(
     let viewers = Arc::new(vitaltrail_mqtt::viewers::ViewersFile::new(
         vitaltrail_mqtt::viewers::viewers_file(&cfg.data_dir),
     ));
-    gate_cfg.viewers = gate::ViewerCheck(Arc::new(move |n: &str| viewers.wards(n)));
+    gate_cfg.viewers = gate::ViewerCheck(Arc::new(move |n: &str, k: &str| viewers.wards(n, k)));
     let metrics = vitaltrail_mqtt::metrics::GateMetrics::new(registry)?;
     let gate = tokio::spawn(gate::run(
         gate_cfg,

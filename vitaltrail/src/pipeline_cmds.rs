@@ -410,9 +410,12 @@ pub fn viewers_add(data: &Path, name: &str, wards: &[String], out: &Path) -> Res
         )
     })?;
     let now = vitaltrail_core::Clock::now_ms(&vitaltrail_core::SystemClock);
-    // The list first: a refused name or ward issues no certificate.
-    with_viewers(data, |v| Ok(v.add(name, wards, now)?))?;
-    let (cert, key) = pki.issue_viewer(name)?;
+    // A refused name or ward issues no certificate (checked on a copy).
+    vitaltrail_mqtt::viewers::Viewers::default().add(name, wards, "", now)?;
+    let (cert, key, pin) = pki.issue_viewer(name)?;
+    // Only this certificate connects as `name` from now on: any earlier
+    // one (a lost or stolen station's) no longer does, on the gate.
+    with_viewers(data, |v| Ok(v.add(name, wards, &pin, now)?))?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     vitaltrail_mqtt::pki::write(&out.join(format!("{name}.key")), &key, true)?;
     vitaltrail_mqtt::pki::write(&out.join(format!("{name}.pem")), &cert, false)?;
@@ -441,7 +444,9 @@ pub fn viewers_revoke(data: &Path, name: &str) -> Result<ExitCode> {
         None => anyhow::bail!("no viewer {name:?}"),
     })?;
     eprintln!(
-        "viewer {name} revoked: it can no longer connect or subscribe (with Mosquitto: run `vitaltrail mqtt mosquitto` again and send it SIGHUP)"
+        "viewer {name} revoked: the gate disconnects it within seconds and lets it in no more; \
+         with Mosquitto, run `vitaltrail mqtt mosquitto` again and send it SIGHUP: it may still \
+         connect, but receives nothing"
     );
     Ok(ExitCode::SUCCESS)
 }

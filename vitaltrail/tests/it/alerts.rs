@@ -410,8 +410,9 @@ async fn webhooks_deliver_every_event_in_order_through_refusals_and_kill_9() {
 /// A nurse station (paho-mqtt, with the certificate `vitaltrail viewers
 /// add` issued) subscribed to `alerts/ward-3` gets every event of ward 3
 /// the engine committed, and nothing of ward 7; it may not subscribe to
-/// another ward or a wildcard, nor publish; revoked, it is disconnected
-/// within seconds and cannot connect again.
+/// another ward or a wildcard, nor publish; once a new certificate is
+/// issued for its name, the old one is disconnected within seconds and
+/// refused; revoked, the new one is refused too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_nurse_station_gets_its_wards_alerts_over_mqtt_and_nothing_else() {
     use std::time::Instant;
@@ -570,18 +571,51 @@ async fn a_nurse_station_gets_its_wards_alerts_over_mqtt_and_nothing_else() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Revoked: the connected station is cut off, and no longer let in.
+    // A new certificate for the name (a stolen station replaced): the
+    // connected station with the old one is cut off, and no longer let in.
     assert!(!data.path().join("station.jsonl.closed").exists());
-    common::vt(&["viewers", "revoke", "nurse-3", "--data", d]);
+    let replaced = data.path().join("station-2");
+    common::vt(&[
+        "viewers",
+        "add",
+        "nurse-3",
+        "--ward",
+        "ward-3",
+        "--out",
+        replaced.to_str().unwrap(),
+        "--data",
+        d,
+    ]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !data.path().join("station.jsonl.closed").exists() {
         assert!(
             Instant::now() < deadline,
-            "a revoked station stayed connected"
+            "a station with a replaced certificate stayed connected"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(listener);
     let r = attempt("try-subscribe", "alerts/ward-3");
+    assert_eq!(r["connected"], false, "the old certificate: {r}");
+    let with_new = |mode: &str| -> serde_json::Value {
+        let mut a = base(mode, "alerts/ward-3");
+        a[3] = replaced.join("server-ca.pem").display().to_string();
+        a[4] = replaced.join("nurse-3.pem").display().to_string();
+        a[5] = replaced.join("nurse-3.key").display().to_string();
+        let o = std::process::Command::new(common::python())
+            .args(a)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let r = with_new("try-subscribe");
+    assert_eq!(
+        r["granted"],
+        serde_json::json!([1]),
+        "the new certificate: {r}"
+    );
+    // Revoked: no longer let in.
+    common::vt(&["viewers", "revoke", "nurse-3", "--data", d]);
+    let r = with_new("try-subscribe");
     assert_eq!(r["connected"], false, "{r}");
 }
