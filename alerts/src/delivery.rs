@@ -134,6 +134,8 @@ pub(crate) fn dead_letter_generation(
     max_bytes: u64,
     metrics: &Metrics,
 ) -> Result<()> {
+    // Read once, for every channel behind.
+    let mut content: Option<Vec<u8>> = None;
     for (name, (cursor, wards)) in channels.snapshot() {
         if cursor.series != series || cursor.generation > generation {
             continue;
@@ -143,14 +145,15 @@ pub(crate) fn dead_letter_generation(
         } else {
             0
         };
-        let mut f = match std::fs::File::open(file) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io("open", file)(e)),
+        let all = match &content {
+            Some(c) => c,
+            None => match std::fs::read(file) {
+                Ok(b) => content.insert(b),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io("read", file)(e)),
+            },
         };
-        f.seek(SeekFrom::Start(from)).map_err(io("seek", file))?;
-        let mut rest = Vec::new();
-        f.read_to_end(&mut rest).map_err(io("read", file))?;
+        let rest = all.get(from as usize..).unwrap_or_default();
         let mut out = Vec::new();
         let mut n = 0u64;
         for line in rest.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {

@@ -357,6 +357,32 @@ impl Stage {
         })
     }
 
+    /// Start a delivery channel over this stage's events files (its dead
+    /// letters bounded as they are).
+    fn start_channel<S: crate::delivery::Sink>(
+        &self,
+        name: String,
+        wards: Wards,
+        backoff: Backoff,
+        sink: S,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<tokio::task::JoinHandle<Result<()>>> {
+        crate::delivery::start_channel(
+            ChannelSpec {
+                name,
+                wards,
+                backoff,
+                dead_letters_max: self.cfg.alerts.max_events_bytes,
+            },
+            sink,
+            self.dir.clone(),
+            self.channels.clone(),
+            self.committed.subscribe(),
+            shutdown.clone(),
+            self.metrics.clone(),
+        )
+    }
+
     fn registry(&mut self) -> Result<()> {
         let Devices::File(seen, reg) = &mut self.registry else {
             return Ok(());
@@ -681,29 +707,24 @@ async fn start_channels(
     tasks: &mut Vec<tokio::task::JoinHandle<Result<()>>>,
 ) -> Result<()> {
     if let (true, Some(endpoint)) = (stage.cfg.alerts.mqtt, &stage.cfg.mqtt) {
-        let spec = ChannelSpec {
-            name: "mqtt-alerts".into(),
-            wards: Wards::All,
-            backoff: Backoff {
-                first: Duration::from_millis(200),
-                max: Duration::from_secs(10),
-            },
-            dead_letters_max: stage.cfg.alerts.max_events_bytes,
-        };
-        tracing::info!(channel = %spec.name, "delivering alarm events to MQTT alerts/<ward>");
+        tracing::info!(
+            channel = "mqtt-alerts",
+            "delivering alarm events to MQTT alerts/<ward>"
+        );
         // One engine per client ID: the engine's data directory names it.
         let id = format!(
             "vitaltrail-alerts-{:08x}",
             stage.series as u32 ^ (stage.series >> 32) as u32
         );
-        tasks.push(crate::delivery::start_channel(
-            spec,
+        tasks.push(stage.start_channel(
+            "mqtt-alerts".into(),
+            Wards::All,
+            Backoff {
+                first: Duration::from_millis(200),
+                max: Duration::from_secs(10),
+            },
             crate::mqtt_topic::MqttAlerts::new(endpoint, &id),
-            stage.dir.clone(),
-            stage.channels.clone(),
-            stage.committed.subscribe(),
-            shutdown.clone(),
-            stage.metrics.clone(),
+            shutdown,
         )?);
     }
     let topic = &stage.cfg.alerts.kafka_topic;
@@ -716,47 +737,35 @@ async fn start_channels(
             ));
         };
         let sink = crate::kafka_topic::KafkaTopic::new(kafka, topic).await?;
-        let spec = ChannelSpec {
-            name: "kafka-alerts".into(),
-            wards: Wards::All,
+        tracing::info!(
+            channel = "kafka-alerts",
+            "delivering alarm events to the Kafka topic alerts"
+        );
+        tasks.push(stage.start_channel(
+            "kafka-alerts".into(),
+            Wards::All,
             // rdkafka retries inside a send; this paces the rare failure.
-            backoff: Backoff {
+            Backoff {
                 first: Duration::from_millis(500),
                 max: Duration::from_secs(30),
             },
-            dead_letters_max: stage.cfg.alerts.max_events_bytes,
-        };
-        tracing::info!(channel = %spec.name, "delivering alarm events to the Kafka topic alerts");
-        tasks.push(crate::delivery::start_channel(
-            spec,
             sink,
-            stage.dir.clone(),
-            stage.channels.clone(),
-            stage.committed.subscribe(),
-            shutdown.clone(),
-            stage.metrics.clone(),
+            shutdown,
         )?);
     }
     for w in &stage.cfg.alerts.webhooks {
         let sink = crate::webhook::Webhook::new(w)?;
-        let spec = ChannelSpec {
-            name: format!("webhook-{}", w.name),
-            wards: Wards::from_list(&w.wards),
-            backoff: Backoff {
+        let name = format!("webhook-{}", w.name);
+        tracing::info!(channel = %name, url = %crate::webhook::redact_url(&w.url), "delivering alarm events to a webhook");
+        tasks.push(stage.start_channel(
+            name,
+            Wards::from_list(&w.wards),
+            Backoff {
                 first: Duration::from_millis(w.first_backoff_ms),
                 max: Duration::from_millis(w.max_backoff_ms),
             },
-            dead_letters_max: stage.cfg.alerts.max_events_bytes,
-        };
-        tracing::info!(channel = %spec.name, url = %crate::webhook::redact_url(&w.url), "delivering alarm events to a webhook");
-        tasks.push(crate::delivery::start_channel(
-            spec,
             sink,
-            stage.dir.clone(),
-            stage.channels.clone(),
-            stage.committed.subscribe(),
-            shutdown.clone(),
-            stage.metrics.clone(),
+            shutdown,
         )?);
     }
     Ok(())
@@ -1072,24 +1081,12 @@ mod tests {
         wards: Wards,
         stop: &watch::Sender<bool>,
     ) -> tokio::task::JoinHandle<Result<()>> {
-        crate::delivery::start_channel(
-            ChannelSpec {
-                name: "test".into(),
-                wards,
-                backoff: Backoff {
-                    first: Duration::from_millis(1),
-                    max: Duration::from_millis(4),
-                },
-                dead_letters_max: st.cfg.alerts.max_events_bytes,
-            },
-            rx.clone(),
-            st.dir.clone(),
-            st.channels.clone(),
-            st.committed.subscribe(),
-            stop.subscribe(),
-            st.metrics.clone(),
-        )
-        .unwrap()
+        let backoff = Backoff {
+            first: Duration::from_millis(1),
+            max: Duration::from_millis(4),
+        };
+        st.start_channel("test".into(), wards, backoff, rx.clone(), &stop.subscribe())
+            .unwrap()
     }
 
     async fn until(what: &str, f: impl Fn() -> bool) {

@@ -143,9 +143,9 @@ impl WebhookConfig {
     }
 }
 
-/// The HMAC secret, read from its file. Never shown.
+/// The HMAC secret, read from its file. Never shown; zeroed when dropped.
 #[derive(Clone)]
-pub struct Secret(Vec<u8>);
+pub struct Secret(zeroize::Zeroizing<Vec<u8>>);
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -153,20 +153,14 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-impl Drop for Secret {
-    fn drop(&mut self) {
-        self.0.iter_mut().for_each(|b| *b = 0);
-    }
-}
-
 impl Secret {
     /// Read `path`: at least 16 bytes once surrounding whitespace is cut.
     pub fn load(path: &Path) -> Result<Secret> {
-        let raw = std::fs::read(path).map_err(|source| Error::Io {
+        let raw = zeroize::Zeroizing::new(std::fs::read(path).map_err(|source| Error::Io {
             op: "read",
             path: path.to_owned(),
             source,
-        })?;
+        })?);
         let s = raw.trim_ascii();
         if s.len() < 16 {
             return Err(Error::Setting(format!(
@@ -174,12 +168,12 @@ impl Secret {
                 path.display()
             )));
         }
-        Ok(Secret(s.to_vec()))
+        Ok(Secret(zeroize::Zeroizing::new(s.to_vec())))
     }
 
     /// From bytes (tests).
     pub fn from_bytes(b: &[u8]) -> Secret {
-        Secret(b.to_vec())
+        Secret(zeroize::Zeroizing::new(b.to_vec()))
     }
 
     /// `sha256=<hex of HMAC-SHA256(secret, body)>`.

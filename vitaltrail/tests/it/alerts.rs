@@ -192,15 +192,7 @@ async fn webhooks_deliver_every_event_in_order_through_refusals_and_kill_9() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/interop/webhook_receiver.py"
     );
-    /// Killed however the test ends.
-    struct Receiver(std::process::Child);
-    impl Drop for Receiver {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let receiver = Receiver(
+    let receiver = common::KillOnDrop(
         std::process::Command::new(common::python())
             .arg(script)
             .arg(&secret)
@@ -490,18 +482,10 @@ async fn a_nurse_station_gets_its_wards_alerts_over_mqtt_and_nothing_else() {
         assert_eq!(r["closed"], true, "{mode} {topic}: {r}");
         assert!(r["granted"].is_null(), "{mode} {topic}: {r}");
     }
-    /// Killed however the test ends.
-    struct Station(std::process::Child);
-    impl Drop for Station {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let got = data.path().join("station.jsonl");
     let mut args = base("listen", "alerts/ward-3");
     args.push(got.display().to_string());
-    let listener = Station(
+    let listener = common::KillOnDrop(
         std::process::Command::new(common::python())
             .args(args)
             .spawn()

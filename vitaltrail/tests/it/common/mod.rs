@@ -275,6 +275,17 @@ pub fn vt(args: &[&str]) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
+/// Any child process (an independent client, a receiver), killed and
+/// reaped however the test ends.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A `vitaltrail` subcommand running as its own process, killed on drop.
 pub struct Proc {
     pub child: Child,
