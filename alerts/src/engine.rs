@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 use vitaltrail_core::news2;
 
+use crate::ack::{AckRefusal, AckResult, AckVia, Actor};
 use crate::config::{AlertsConfig, Op, ThresholdRule};
 use crate::error::{Error, Result};
 
@@ -89,8 +90,12 @@ impl Severity {
 pub struct Ack {
     /// Who.
     pub by: String,
-    /// When, Unix ms.
+    /// When, Unix ms (the engine's clock when it took it).
     pub at_ms: u64,
+    /// How `by` was proved (absent in events written before it was
+    /// recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<AckVia>,
 }
 
 /// One alarm.
@@ -673,25 +678,44 @@ impl Engine {
         out
     }
 
-    /// Acknowledge the active alarm `id`.
-    pub fn acknowledge(&mut self, id: &str, by: &str, now_ms: u64) -> Result<Event> {
-        if by.is_empty() || by.len() > 128 {
-            return Err(Error::Ack(
-                "who acknowledges must be named (1-128 bytes)".into(),
+    /// Acknowledge the active alarm `id` as `actor` (who may act only on
+    /// its wards, if it has any), at `now_ms`. An alarm cleared within the
+    /// last `keep_cleared` is told apart from one never raised here.
+    pub fn acknowledge(&mut self, id: &str, actor: &Actor, now_ms: u64) -> AckResult {
+        let by = actor.name();
+        if by.is_empty() || by.len() > 128 || by.chars().any(char::is_control) {
+            return Err(AckRefusal::Invalid(
+                "who acknowledges must be named (1-128 bytes, no control characters)".into(),
             ));
         }
-        let Some(a) = self.active.values_mut().find(|a| a.id == id) else {
-            return Err(Error::Ack(format!("no active alarm {id:?}")));
+        let on_wards = |a: &Alarm| match actor.wards() {
+            None => true,
+            Some(ws) => a.ward.as_ref().is_some_and(|w| ws.contains(w)),
         };
+        let Some(a) = self.active.values_mut().find(|a| a.id == id) else {
+            return Err(match self.cleared.iter().rev().find(|a| a.id == id) {
+                Some(c) if !on_wards(c) => AckRefusal::ForeignWard(id.to_owned()),
+                Some(c) => AckRefusal::Cleared {
+                    id: id.to_owned(),
+                    cleared_ms: c.cleared_ms.unwrap_or(c.updated_ms),
+                },
+                None => AckRefusal::Unknown(id.to_owned()),
+            });
+        };
+        if !on_wards(a) {
+            return Err(AckRefusal::ForeignWard(id.to_owned()));
+        }
         if let Some(prev) = &a.ack {
-            return Err(Error::Ack(format!(
-                "alarm {id:?} was already acknowledged by {} at {}",
-                prev.by, prev.at_ms
-            )));
+            return Err(AckRefusal::AlreadyAcknowledged {
+                id: id.to_owned(),
+                by: prev.by.clone(),
+                at_ms: prev.at_ms,
+            });
         }
         a.ack = Some(Ack {
             by: by.to_owned(),
             at_ms: now_ms,
+            via: Some(actor.via()),
         });
         a.updated_ms = now_ms;
         Ok(Event {
@@ -885,21 +909,57 @@ mod tests {
         let mut r = Rig::new(cfg);
         let id = r.read("p1", T0, &[("2708-6", 85.0)])[0].alarm.id.clone();
         let id2 = r.read("p2", T0, &[("2708-6", 85.0)])[0].alarm.id.clone();
-        let ack = r.e.acknowledge(&id2, "nurse.kim", T0 + 60_000).unwrap();
+        let kim = Actor::Viewer {
+            name: "nurse.kim".into(),
+            wards: vec!["ward-7".into()],
+        };
+        let lee = Actor::Operator {
+            name: "nurse.lee".into(),
+        };
+        let stranger = Actor::Viewer {
+            name: "nurse.ng".into(),
+            wards: vec!["ward-1".into()],
+        };
+        assert_eq!(
+            r.e.acknowledge(&id2, &stranger, T0 + 59_000),
+            Err(AckRefusal::ForeignWard(id2.clone())),
+            "another ward's station"
+        );
+        let ack = r.e.acknowledge(&id2, &kim, T0 + 60_000).unwrap();
         assert_eq!(ack.kind, EventKind::Acknowledged);
         assert_eq!(
             ack.alarm.ack,
             Some(Ack {
                 by: "nurse.kim".into(),
-                at_ms: T0 + 60_000
+                at_ms: T0 + 60_000,
+                via: Some(AckVia::Viewer),
             })
         );
-        assert!(
-            r.e.acknowledge(&id2, "nurse.lee", T0 + 61_000).is_err(),
+        assert_eq!(
+            r.e.acknowledge(&id2, &lee, T0 + 61_000),
+            Err(AckRefusal::AlreadyAcknowledged {
+                id: id2.clone(),
+                by: "nurse.kim".into(),
+                at_ms: T0 + 60_000
+            }),
             "twice"
         );
-        assert!(r.e.acknowledge("news2/nobody/1", "nurse.lee", T0).is_err());
-        assert!(r.e.acknowledge(&id, "", T0).is_err(), "nobody named");
+        assert_eq!(
+            r.e.acknowledge("news2/nobody/1", &lee, T0),
+            Err(AckRefusal::Unknown("news2/nobody/1".into()))
+        );
+        let nobody = Actor::Operator { name: "".into() };
+        assert!(matches!(
+            r.e.acknowledge(&id, &nobody, T0),
+            Err(AckRefusal::Invalid(_))
+        ));
+        let bell = Actor::Operator {
+            name: "a\u{7}".into(),
+        };
+        assert!(matches!(
+            r.e.acknowledge(&id, &bell, T0),
+            Err(AckRefusal::Invalid(_))
+        ));
         assert!(r.e.tick(T0 + 299_999).is_empty());
         let ev = r.e.tick(T0 + 300_000);
         assert_eq!(kinds(&ev), [EventKind::Escalated]);
@@ -914,8 +974,25 @@ mod tests {
             "the table is exhausted"
         );
         // Acknowledging stops nothing retroactively but is recorded.
-        let ev = r.e.acknowledge(&id, "nurse.lee", T0 + 700_000).unwrap();
+        let ev = r.e.acknowledge(&id, &lee, T0 + 700_000).unwrap();
         assert_eq!(ev.alarm.escalation, 2);
+        assert_eq!(ev.alarm.ack.unwrap().via, Some(AckVia::Operator));
+        // Cleared: told apart from unknown, and still not another ward's.
+        let ev = r.read("p2", T0 + 800_000, &[("2708-6", 95.0)]);
+        let ev2 = r.read("p2", T0 + 900_000, &[("2708-6", 95.0)]);
+        let cleared = ev.iter().chain(&ev2).find(|e| e.kind == EventKind::Cleared);
+        let cleared_ms = cleared.expect("p2 clears").alarm.cleared_ms.unwrap();
+        assert_eq!(
+            r.e.acknowledge(&id2, &lee, T0 + 901_000),
+            Err(AckRefusal::Cleared {
+                id: id2.clone(),
+                cleared_ms
+            })
+        );
+        assert_eq!(
+            r.e.acknowledge(&id2, &stranger, T0 + 901_000),
+            Err(AckRefusal::ForeignWard(id2.clone()))
+        );
     }
 
     #[test]

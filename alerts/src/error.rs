@@ -13,10 +13,6 @@ pub enum Error {
     /// it to rebuild from the logs), or a task failed.
     #[error("alert state: {0}")]
     State(String),
-    /// An acknowledgement that cannot be taken (no such active alarm,
-    /// already acknowledged, nobody named): the caller's fault.
-    #[error("acknowledge: {0}")]
-    Ack(String),
     /// An operating-system I/O error (disk full, permissions…): retried by
     /// restarting the stage.
     #[error("{op} {path}: {source}")]

@@ -238,6 +238,7 @@ mod tests {
         e.alarm.ack = Some(Ack {
             by: "nurse-a".into(),
             at_ms: 1_700_000_006_000,
+            via: None,
         });
         let c = communication(&e);
         assert_eq!(c["resourceType"], "Communication");

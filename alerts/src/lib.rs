@@ -7,6 +7,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`engine`] | the rules (NEWS2 from `vitaltrail_core::news2`, thresholds with duration and repeat, silent devices) and the alarm lifecycle (raise once, severity updates, hysteresis on clearing, escalation, acknowledgement); no I/O, time given by the caller |
+//! | [`ack`] | acknowledgements on their way from the HTTP server to the engine, answered once durable |
 //! | [`config`] | the typed `[alerts]` configuration |
 //! | [`stage`] | `run(config, shutdown)`: follows the partition logs read-only, feeds the engine, writes `<data>/alerts/` (events, state) |
 //! | [`delivery`] | the outbox (the events files, one durable cursor per channel), retries with backoff, dead letters past the bound |
@@ -19,6 +20,7 @@
 //! The engine's whole state serialises ([`engine::Engine::to_json`]), so it
 //! survives a restart.
 
+pub mod ack;
 pub mod config;
 pub mod delivery;
 pub mod engine;
@@ -30,6 +32,7 @@ pub mod mqtt_topic;
 pub mod stage;
 pub mod webhook;
 
+pub use ack::{AckHandle, AckInbox, AckRefusal, Actor};
 pub use config::AlertsConfig;
 pub use engine::{Alarm, Engine, Event, EventKind, LoggedReading, Severity};
 pub use error::{Error, Result};

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     /// Dead letters discarded, past their own bound.
     pub dead_letters_discarded: IntCounterVec,
+    /// Acknowledgements the engine answered, by outcome.
+    pub acks: IntCounterVec,
 }
 
 impl Metrics {
@@ -124,7 +126,15 @@ impl Metrics {
                 ),
                 &["channel"],
             )?,
+            acks: IntCounterVec::new(
+                Opts::new(
+                    "vitaltrail_alerts_acks_total",
+                    "Acknowledgements the alert engine answered, by outcome (taken, or why refused)",
+                ),
+                &["outcome"],
+            )?,
         };
+        registry.register(Box::new(m.acks.clone()))?;
         registry.register(Box::new(m.dead_letters_discarded.clone()))?;
         registry.register(Box::new(m.delivered.clone()))?;
         registry.register(Box::new(m.delivery_failures.clone()))?;

@@ -40,6 +40,7 @@ use vitaltrail_core::busauth::LoggedKey;
 use vitaltrail_core::{Clock, DeviceId, DidCache, envelope, leaf};
 
 use crate::AlertsConfig;
+use crate::ack::{AckInbox, AckRequest};
 use crate::delivery::{Backoff, ChannelSpec, Channels, Committed, Wards};
 use crate::engine::{Engine, Event, LoggedReading};
 use crate::error::{Error, Result};
@@ -114,6 +115,9 @@ pub struct StageConfig {
     /// The broker nurse stations subscribe to (`alerts/<ward>`), as the
     /// pipeline; `None`: no MQTT delivery.
     pub mqtt: Option<vitaltrail_mqtt::MqttEndpoint>,
+    /// Acknowledgements from the HTTP server ([`crate::ack::inbox`]);
+    /// `None`: none are taken.
+    pub acks: Option<AckInbox>,
 }
 
 impl std::fmt::Debug for StageConfig {
@@ -398,11 +402,37 @@ impl Stage {
         Ok(())
     }
 
-    /// Take `announced` (Kafka), or what the logs committed since the last
-    /// round; returns the events raised.
-    fn round(&mut self, announced: Vec<Announced>) -> Result<Vec<Event>> {
-        self.registry()?;
+    /// Take `acks`, then `announced` (Kafka) or what the logs committed
+    /// since the last round; returns the events raised, and the answers to
+    /// give once they are durable.
+    fn round(&mut self, announced: Vec<Announced>, acks: Vec<AckRequest>) -> Result<Round> {
+        let mut answers = Vec::with_capacity(acks.len());
         let mut out = Vec::new();
+        // First, so an acknowledgement stops an escalation due this round.
+        let now = self.cfg.clock.now_ms();
+        for a in acks {
+            let r = self.engine.acknowledge(&a.id, &a.actor, now);
+            if let Ok(ev) = &r {
+                out.push(ev.clone());
+            }
+            self.metrics
+                .acks
+                .with_label_values(&[match &r {
+                    Ok(_) => "taken",
+                    Err(e) => e.outcome(),
+                }])
+                .inc();
+            answers.push((a.reply, r));
+        }
+        let out = self.take(announced, out)?;
+        Ok(Round {
+            events: out,
+            answers,
+        })
+    }
+
+    fn take(&mut self, announced: Vec<Announced>, mut out: Vec<Event>) -> Result<Vec<Event>> {
+        self.registry()?;
         if matches!(self.cfg.source, AlertsSource::Kafka { .. }) {
             self.take_announced(announced, &mut out);
             out.extend(self.engine.tick(self.cfg.clock.now_ms()));
@@ -791,11 +821,29 @@ async fn open(cfg: StageConfig, devices: Devices) -> Result<Stage> {
         .map_err(|e| Error::State(format!("alert stage task: {e}")))?
 }
 
-/// One round on a blocking thread: take, score, persist.
-async fn round(mut stage: Stage, announced: Vec<Announced>) -> Result<Stage> {
+/// What one round raised, and the acknowledgements' answers.
+struct Round {
+    events: Vec<Event>,
+    answers: Vec<(
+        tokio::sync::oneshot::Sender<crate::ack::AckResult>,
+        crate::ack::AckResult,
+    )>,
+}
+
+/// One round on a blocking thread: take, score, persist, then answer the
+/// acknowledgements (a failure drops them unanswered: not taken).
+async fn round(
+    mut stage: Stage,
+    announced: Vec<Announced>,
+    acks: Vec<AckRequest>,
+) -> Result<Stage> {
     tokio::task::spawn_blocking(move || -> Result<Stage> {
-        let events = stage.round(announced)?;
+        let Round { events, answers } = stage.round(announced, acks)?;
         stage.persist(&events)?;
+        for (reply, r) in answers {
+            // The caller may have gone: the acknowledgement stands.
+            let _ = reply.send(r);
+        }
         Ok(stage)
     })
     .await
@@ -837,16 +885,47 @@ async fn follow_logs(mut stage: Stage, mut shutdown: watch::Receiver<bool>) -> R
     let tick = Duration::from_millis(stage.cfg.alerts.tick_ms.clamp(10, 60_000));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut inbox = stage.cfg.acks.take();
     loop {
+        let mut acks = Vec::new();
         let stop = tokio::select! {
             _ = interval.tick() => false,
+            Some(first) = next_ack(&mut inbox) => {
+                acks = drain(&mut inbox, first);
+                false
+            }
             _ = shutdown.changed() => true,
         } || *shutdown.borrow();
-        stage = round(stage, Vec::new()).await?;
+        if acks.is_empty() {
+            acks = waiting(&mut inbox);
+        }
+        stage = round(stage, Vec::new(), acks).await?;
         if stop {
             return Ok(());
         }
     }
+}
+
+/// The next acknowledgement (never, without an inbox).
+async fn next_ack(inbox: &mut Option<AckInbox>) -> Option<AckRequest> {
+    match inbox {
+        Some(i) => i.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn drain(inbox: &mut Option<AckInbox>, first: AckRequest) -> Vec<AckRequest> {
+    match inbox {
+        Some(i) => i.drain(first),
+        None => vec![first],
+    }
+}
+
+fn waiting(inbox: &mut Option<AckInbox>) -> Vec<AckRequest> {
+    inbox
+        .as_mut()
+        .map(AckInbox::take_waiting)
+        .unwrap_or_default()
 }
 
 /// Rounds start at least this far apart (each one fsyncs).
@@ -862,13 +941,22 @@ async fn follow_kafka(
 ) -> Result<()> {
     let tick = Duration::from_millis(stage.cfg.alerts.tick_ms.clamp(10, 60_000));
     let mut batch = Vec::new();
+    let mut inbox = stage.cfg.acks.take();
     loop {
         let started = tokio::time::Instant::now();
+        let mut acks = Vec::new();
         let stop = tokio::select! {
             _ = consumer.next_batch(ROUND as usize, tick, &mut batch) => false,
+            Some(first) = next_ack(&mut inbox) => {
+                acks = drain(&mut inbox, first);
+                false
+            }
             _ = shutdown.changed() => true,
         } || *shutdown.borrow();
-        stage = round(stage, std::mem::take(&mut batch)).await?;
+        if acks.is_empty() {
+            acks = waiting(&mut inbox);
+        }
+        stage = round(stage, std::mem::take(&mut batch), acks).await?;
         // Lag monitoring only: the engine resumes from its own state.
         if let Err(e) = consumer.commit(&stage.offsets) {
             tracing::debug!(error = %e, "committing vitals.logged offsets");
@@ -951,6 +1039,7 @@ mod tests {
             clock: Arc::new(MockClock::new(T0)),
             metrics: prometheus::Registry::new(),
             mqtt: None,
+            acks: None,
         };
         let mut st = Stage::open(cfg, Devices::File(None, Registry::default())).unwrap();
         st.logged_partitions = 2;

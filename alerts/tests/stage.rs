@@ -61,6 +61,7 @@ async fn run_once(data: &Path) {
         clock: Arc::new(MockClock::new(T0 + 60_000)),
         metrics: prometheus::Registry::new(),
         mqtt: None,
+        acks: None,
     };
     let (tx, rx) = watch::channel(false);
     let h = tokio::spawn(stage::run(cfg, rx));
@@ -155,4 +156,140 @@ async fn raises_from_the_log_and_restarts_without_duplicates() {
     std::fs::remove_file(&state).unwrap();
     run_once(data).await;
     assert!(events(data).is_empty(), "{:?}", kinds(&events(data)));
+}
+
+/// Poll `f` for up to 10 s.
+async fn until(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..1000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn station(name: &str, ward: &str) -> vitaltrail_alerts::Actor {
+    vitaltrail_alerts::Actor::Viewer {
+        name: name.into(),
+        wards: vec![ward.into()],
+    }
+}
+
+#[tokio::test]
+async fn an_acknowledgement_is_answered_once_durable_and_stops_escalation() {
+    use vitaltrail_alerts::AckRefusal;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_owned();
+    let key = SecretKey::from_seed(&[8; 32]).unwrap();
+    vitaltrail_bus::datadir::registry_file(&data)
+        .add(key.did(), "patient-1", Some("ward-3"), T0)
+        .unwrap();
+    append(&data, &key, 1, T0 + 5_000, &[84.0; 8]);
+    let clock = Arc::new(MockClock::new(T0 + 60_000));
+    let start = |clock: Arc<MockClock>| {
+        let (handle, inbox) = vitaltrail_alerts::ack::inbox();
+        let cfg = StageConfig {
+            alerts: AlertsConfig {
+                tick_ms: 20,
+                silent_after_ms: None,
+                escalate_after_ms: 120_000,
+                escalation: vec!["charge-nurse".into()],
+                ..Default::default()
+            },
+            source: vitaltrail_alerts::AlertsSource::Logs,
+            data_dir: data.clone(),
+            clock,
+            metrics: prometheus::Registry::new(),
+            mqtt: None,
+            acks: Some(inbox),
+        };
+        let (tx, rx) = watch::channel(false);
+        (handle, tx, tokio::spawn(stage::run(cfg, rx)))
+    };
+    let (handle, stop, task) = start(clock.clone());
+    until("both alarms raised", || events(&data).len() == 2).await;
+    let ev = kinds(&events(&data));
+    let (news2, spo2) = (ev[0].1.clone(), ev[1].1.clone());
+    assert!(news2.starts_with("news2/"), "{ev:?}");
+
+    // Another ward's station, an unknown alarm, a nameless actor: refused,
+    // and nothing written.
+    assert_eq!(
+        handle
+            .acknowledge(&news2, station("ward-4-desk", "ward-4"))
+            .await,
+        Err(AckRefusal::ForeignWard(news2.clone()))
+    );
+    assert_eq!(
+        handle
+            .acknowledge("news2/patient-1/1-1", station("desk", "ward-3"))
+            .await,
+        Err(AckRefusal::Unknown("news2/patient-1/1-1".into()))
+    );
+    assert!(matches!(
+        handle.acknowledge("", station("desk", "ward-3")).await,
+        Err(AckRefusal::Invalid(_))
+    ));
+    assert_eq!(events(&data).len(), 2);
+
+    // Taken: the answer comes once the event is in the events file.
+    let ack = handle
+        .acknowledge(&news2, station("ward-3-desk", "ward-3"))
+        .await
+        .unwrap();
+    assert_eq!(ack.alarm.ack.as_ref().unwrap().by, "ward-3-desk");
+    assert_eq!(ack.alarm.ack.as_ref().unwrap().at_ms, T0 + 60_000);
+    let written = events(&data);
+    assert_eq!(written.len(), 3, "durable before answered");
+    assert_eq!(written[2]["kind"], "acknowledged");
+    assert_eq!(written[2]["alarm"]["id"], news2.as_str());
+    assert_eq!(written[2]["alarm"]["ack"]["via"], "viewer");
+
+    // Past the escalation interval: only the unacknowledged alarm goes up.
+    clock.set(T0 + 400_000);
+    until("the escalation", || events(&data).len() == 4).await;
+    let last = &events(&data)[3];
+    assert_eq!(last["kind"], "escalated");
+    assert_eq!(last["alarm"]["id"], spo2.as_str());
+
+    // A restart keeps the acknowledgement.
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    assert_eq!(
+        handle
+            .acknowledge(&spo2, station("ward-3-desk", "ward-3"))
+            .await,
+        Err(AckRefusal::Unavailable),
+        "no engine running"
+    );
+    let (handle, stop, task) = start(clock.clone());
+    match handle
+        .acknowledge(
+            &news2,
+            vitaltrail_alerts::Actor::Operator { name: "kim".into() },
+        )
+        .await
+    {
+        Err(AckRefusal::AlreadyAcknowledged { by, .. }) => assert_eq!(by, "ward-3-desk"),
+        other => panic!("{other:?}"),
+    }
+    // Cleared alarms are told apart from unknown ones.
+    append(&data, &key, 9, T0 + 50_000, &[97.0; 20]);
+    until("both cleared", || {
+        kinds(&events(&data))
+            .iter()
+            .filter(|k| k.0 == "cleared")
+            .count()
+            == 2
+    })
+    .await;
+    assert!(matches!(
+        handle
+            .acknowledge(&spo2, station("ward-3-desk", "ward-3"))
+            .await,
+        Err(AckRefusal::Cleared { .. })
+    ));
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
 }

@@ -60,6 +60,12 @@ pub fn sql_token_path(data_dir: &Path) -> PathBuf {
     data_dir.join("keys").join("sql.token")
 }
 
+/// The operator's bearer token of `POST /alerts/<id>/ack`
+/// (`<data>/keys/alerts.token`).
+pub fn alerts_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("alerts.token")
+}
+
 /// The device registry of a data directory.
 pub fn registry_file(data_dir: &Path) -> RegistryFile {
     RegistryFile::new(data_dir.join("devices.json"))

@@ -163,9 +163,9 @@ mod tests {
     fn only_active_well_formed_devices_get_acl_lines() {
         let did = "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK";
         let mut v = crate::viewers::Viewers::default();
-        v.add("nurse-3", &["ward-3".into(), "ward-4".into()], "k1", 0)
+        v.add("nurse-3", &["ward-3".into(), "ward-4".into()], "k1", "", 0)
             .unwrap();
-        v.add("gone", &["ward-3".into()], "k2", 0).unwrap();
+        v.add("gone", &["ward-3".into()], "k2", "", 0).unwrap();
         v.viewers.get_mut("gone").unwrap().revoked = true;
         let a = acl(&[did.to_owned(), "did:key:#".to_owned()], &v);
         assert!(a.contains(

@@ -40,6 +40,10 @@ pub struct Viewer {
     /// Revoked: it may no longer connect or subscribe.
     #[serde(default)]
     pub revoked: bool,
+    /// SHA-256 (hex) of its HTTP bearer token (`POST /alerts/<id>/ack`):
+    /// the latest issued. Empty: none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token_sha256: String,
 }
 
 /// `viewers.json`.
@@ -58,6 +62,11 @@ pub fn key_fingerprint(spki_der: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// The fingerprint of a bearer token: SHA-256 of its text, lowercase hex.
+pub fn token_fingerprint(token: &str) -> String {
+    key_fingerprint(token.as_bytes())
 }
 
 /// A viewer's name: 1-64 of letters, digits, `-`, `_` and `.`, not
@@ -95,13 +104,16 @@ impl Viewers {
             .map_err(|e| Error::InvalidArgument(e.to_string()))
     }
 
-    /// Add `name` (or replace its wards and its certificate): only the
-    /// certificate whose key has fingerprint `key_sha256` may connect as it.
+    /// Add `name` (or replace its wards, its certificate and its token):
+    /// only the certificate whose key has fingerprint `key_sha256` may
+    /// connect as it, and only the token with fingerprint `token_sha256`
+    /// acknowledges as it.
     pub fn add(
         &mut self,
         name: &str,
         wards: &[String],
         key_sha256: &str,
+        token_sha256: &str,
         now_ms: u64,
     ) -> Result<()> {
         if !valid_name(name) {
@@ -132,6 +144,7 @@ impl Viewers {
                 added_ms: now_ms,
                 key_sha256: key_sha256.to_owned(),
                 revoked: false,
+                token_sha256: token_sha256.to_owned(),
             },
         );
         Ok(())
@@ -153,6 +166,25 @@ impl Viewers {
             .get(name)
             .filter(|v| !v.revoked && !v.key_sha256.is_empty() && v.key_sha256 == key_sha256)
             .map(|v| v.wards.as_slice())
+    }
+}
+
+impl Viewers {
+    /// The active viewer whose token has fingerprint `token_sha256`: its
+    /// name and wards.
+    pub fn by_token(&self, token_sha256: &str) -> Option<(&str, &[String])> {
+        use subtle::ConstantTimeEq as _;
+        if token_sha256.is_empty() {
+            return None;
+        }
+        self.viewers
+            .iter()
+            .find(|(_, v)| {
+                !v.revoked
+                    && v.token_sha256.len() == token_sha256.len()
+                    && bool::from(v.token_sha256.as_bytes().ct_eq(token_sha256.as_bytes()))
+            })
+            .map(|(n, v)| (n.as_str(), v.wards.as_slice()))
     }
 }
 
@@ -181,6 +213,17 @@ impl ViewersFile {
     /// its identity (device, inode: every save replaces it), length or
     /// modification time changes.
     pub fn wards(&self, name: &str, key_sha256: &str) -> Option<Vec<String>> {
+        self.with(|v| v.wards_for(name, key_sha256).map(<[String]>::to_vec))
+    }
+
+    /// The active viewer holding bearer token `token` (its name and
+    /// wards), from the file as it is now.
+    pub fn by_token(&self, token: &str) -> Option<(String, Vec<String>)> {
+        let fp = token_fingerprint(token);
+        self.with(|v| v.by_token(&fp).map(|(n, w)| (n.to_owned(), w.to_vec())))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Viewers) -> T) -> T {
         use std::os::unix::fs::MetadataExt as _;
         let stamp = std::fs::metadata(&self.path)
             .ok()
@@ -197,7 +240,7 @@ impl ViewersFile {
                 }
             }
         }
-        c.1.wards_for(name, key_sha256).map(<[String]>::to_vec)
+        f(&c.1)
     }
 }
 
@@ -208,15 +251,21 @@ mod tests {
     #[test]
     fn viewers_are_named_safely_and_revocation_takes_their_wards() {
         let mut v = Viewers::default();
-        v.add("nurse-3", &["ward-3".into(), "ward-3".into()], "k1", 1)
-            .unwrap();
+        v.add(
+            "nurse-3",
+            &["ward-3".into(), "ward-3".into()],
+            "k1",
+            &token_fingerprint("t1"),
+            1,
+        )
+        .unwrap();
         assert_eq!(v.wards("nurse-3"), Some(&["ward-3".to_owned()][..]));
-        assert!(v.add("nurse 3", &["ward-3".into()], "k", 1).is_err());
-        assert!(v.add("viewer:x", &["ward-3".into()], "k", 1).is_err());
-        assert!(v.add("..", &["ward-3".into()], "k", 1).is_err());
-        assert!(v.add("n", &[], "k", 1).is_err());
-        assert!(v.add("n", &["ward/3".into()], "k", 1).is_err());
-        assert!(v.add("n", &["#".into()], "k", 1).is_err());
+        assert!(v.add("nurse 3", &["ward-3".into()], "k", "", 1).is_err());
+        assert!(v.add("viewer:x", &["ward-3".into()], "k", "", 1).is_err());
+        assert!(v.add("..", &["ward-3".into()], "k", "", 1).is_err());
+        assert!(v.add("n", &[], "k", "", 1).is_err());
+        assert!(v.add("n", &["ward/3".into()], "k", "", 1).is_err());
+        assert!(v.add("n", &["#".into()], "k", "", 1).is_err());
         let dir = tempfile::tempdir().unwrap();
         let f = viewers_file(dir.path());
         v.save(&f).unwrap();
@@ -224,10 +273,17 @@ mod tests {
         assert_eq!(file.wards("nurse-3", "k1"), Some(vec!["ward-3".to_owned()]));
         assert_eq!(file.wards("nurse-3", "k0"), None, "not the pinned key");
         assert_eq!(file.wards("nurse-4", "k1"), None);
+        assert_eq!(
+            file.by_token("t1"),
+            Some(("nurse-3".to_owned(), vec!["ward-3".to_owned()]))
+        );
+        assert_eq!(file.by_token("t2"), None, "not its token");
+        assert_eq!(file.by_token(""), None);
         v.viewers.get_mut("nurse-3").unwrap().revoked = true;
         // Saved again at once (the same modification time, on a coarse
         // clock): a new file all the same.
         v.save(&f).unwrap();
         assert_eq!(file.wards("nurse-3", "k1"), None, "revoked");
+        assert_eq!(file.by_token("t1"), None, "revoked");
     }
 }

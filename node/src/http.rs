@@ -1,5 +1,5 @@
-//! The HTTP server of a node: `/metrics`, `POST /sql`, `/healthz` and
-//! `/readyz`.
+//! The HTTP server of a node: `/metrics`, `POST /sql`,
+//! `POST /alerts/<id>/ack`, `/healthz` and `/readyz`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +27,8 @@ pub struct HttpConfig {
     pub sql: bool,
     /// What `/readyz` asks; always ready without it.
     pub ready: Option<Readiness>,
+    /// The alert engine of this process, for `POST /alerts/<id>/ack`.
+    pub alerts: Option<vitaltrail_alerts::AckHandle>,
 }
 
 impl std::fmt::Debug for HttpConfig {
@@ -35,6 +37,7 @@ impl std::fmt::Debug for HttpConfig {
             .field("listen", &self.listen)
             .field("data_dir", &self.data_dir)
             .field("sql", &self.sql)
+            .field("alerts", &self.alerts.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -43,13 +46,16 @@ impl std::fmt::Debug for HttpConfig {
 /// - `GET /metrics` (Prometheus text), bearer token `<data>/keys/metrics.token`;
 /// - `POST /sql` over `data_dir` when `sql`, bearer token `<data>/keys/sql.token`
 ///   (see `vitaltrail_query::http`);
+/// - `POST /alerts/<id>/ack` when this process runs the alert engine
+///   ([`acknowledge`]), with a viewer's token or the operator's
+///   (`<data>/keys/alerts.token`);
 /// - `GET /healthz`, unauthenticated, which says only `ok`: the process
 ///   exits when a stage dies, so a process that answers is serving;
 /// - `GET /readyz`, unauthenticated: 200 `ready` once every ingest
 ///   connection is subscribed (a device publishing before that is
 ///   acknowledged by the broker and dropped: it gets no receipt), else 503.
 ///
-/// Both tokens are created (mode 0600) on first use; neither is logged.
+/// The tokens are created (mode 0600) on first use; none is logged.
 pub async fn run(cfg: HttpConfig, mut shutdown: watch::Receiver<bool>) -> Result<()> {
     use axum::routing::get;
     let HttpConfig {
@@ -58,6 +64,7 @@ pub async fn run(cfg: HttpConfig, mut shutdown: watch::Receiver<bool>) -> Result
         data_dir,
         sql,
         ready,
+        alerts,
     } = cfg;
     let metrics_token = datadir::load_or_create_token(&datadir::metrics_token_path(&data_dir))?;
     #[allow(unused_mut)]
@@ -78,6 +85,28 @@ pub async fn run(cfg: HttpConfig, mut shutdown: watch::Receiver<bool>) -> Result
     }
     #[cfg(not(feature = "sql"))]
     let _ = sql;
+    if let Some(handle) = alerts {
+        let operator = datadir::load_or_create_token(&datadir::alerts_token_path(&data_dir))?;
+        let viewers = vitaltrail_mqtt::viewers::ViewersFile::new(
+            vitaltrail_mqtt::viewers::viewers_file(&data_dir),
+        );
+        let acks = Arc::new(Acks {
+            handle,
+            operator,
+            viewers,
+        });
+        app = app.route(
+            "/alerts/{*rest}",
+            axum::routing::post(
+                move |axum::extract::Path(rest): axum::extract::Path<String>,
+                      headers: axum::http::HeaderMap,
+                      body: axum::body::Bytes| {
+                    let acks = acks.clone();
+                    async move { acknowledge(&acks, &rest, &headers, &body).await }
+                },
+            ),
+        );
+    }
     let app = app
         .route(
             "/metrics",
@@ -134,4 +163,112 @@ fn metrics_page(
         .encode_to_string(&registry.gather())
         .unwrap_or_default();
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// What `POST /alerts/<id>/ack` needs.
+struct Acks {
+    handle: vitaltrail_alerts::AckHandle,
+    operator: Token,
+    viewers: vitaltrail_mqtt::viewers::ViewersFile,
+}
+
+fn json_answer(status: u16, body: serde_json::Value) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body}\n"),
+    )
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    r
+}
+
+fn refused(status: u16, msg: &str) -> axum::response::Response {
+    json_answer(status, serde_json::json!({ "error": msg }))
+}
+
+/// `POST /alerts/<id>/ack`: acknowledge alarm `<id>` (its `/`s as they
+/// are, or percent-encoded).
+///
+/// - A nurse station presents its own token (`vitaltrail viewers add`
+///   writes `<name>.token`): the acknowledgement is recorded as by the
+///   viewer's name, `via: "viewer"`, and only alarms of its wards are
+///   taken. The body is not read: who is never taken from it.
+/// - The operator presents `<data>/keys/alerts.token` and names on whose
+///   behalf with the body `{"as": "<name>"}`: recorded `via: "operator"`,
+///   any ward (`vitaltrail alerts ack ID --as NAME`).
+///
+/// The time is the engine's clock when it takes the acknowledgement. 200
+/// answers the `acknowledged` event once it is durable; 400 a malformed
+/// request, 401 no valid token, 403 another origin or another ward's
+/// alarm, 404 no such alarm held here, 409 already acknowledged or
+/// cleared, 503 the engine busy or stopped (not taken: retry).
+async fn acknowledge(
+    acks: &Acks,
+    rest: &str,
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+) -> axum::response::Response {
+    use axum::http::header;
+    use vitaltrail_alerts::Actor;
+    use vitaltrail_core::auth::Refusal;
+    let Some(id) = rest.strip_suffix("/ack").filter(|id| !id.is_empty()) else {
+        return refused(404, "not found: POST /alerts/<alarm id>/ack");
+    };
+    let h = |n: header::HeaderName| headers.get(n).map(|v| v.as_bytes());
+    let actor = match acks.operator.authorize(
+        h(header::ORIGIN),
+        h(header::HOST),
+        h(header::AUTHORIZATION),
+    ) {
+        Ok(()) => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct OnBehalf {
+                #[serde(rename = "as")]
+                name: String,
+            }
+            match serde_json::from_slice::<OnBehalf>(body) {
+                Ok(b) => Actor::Operator { name: b.name },
+                Err(e) => {
+                    return refused(
+                        400,
+                        &format!(
+                            "the operator acknowledges on someone's behalf: a JSON body {{\"as\": \"<name>\"}} ({e})"
+                        ),
+                    );
+                }
+            }
+        }
+        Err(r @ Refusal::CrossOrigin) => return refused(r.status(), r.message()),
+        Err(r @ Refusal::Unauthenticated) => {
+            let token = h(header::AUTHORIZATION)
+                .and_then(|a| a.strip_prefix(b"Bearer "))
+                .and_then(|t| std::str::from_utf8(t).ok());
+            match token.and_then(|t| acks.viewers.by_token(t)) {
+                Some((name, wards)) => Actor::Viewer { name, wards },
+                None => {
+                    return refused(
+                        r.status(),
+                        "missing or wrong bearer token: a nurse station's (<name>.token) or the operator's",
+                    );
+                }
+            }
+        }
+    };
+    match acks.handle.acknowledge(id, actor).await {
+        Ok(event) => json_answer(
+            200,
+            serde_json::to_value(&event).unwrap_or(serde_json::Value::Null),
+        ),
+        Err(e) => refused(e.status(), &e.to_string()),
+    }
 }

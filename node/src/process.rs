@@ -19,6 +19,17 @@ fn serve_metrics(
     registry: &prometheus::Registry,
     shutdown: &watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<Result<()>>> {
+    serve_http(cfg, registry, None, shutdown)
+}
+
+/// Serve `/metrics` (and, for the alert engine, `POST /alerts/<id>/ack`)
+/// if `http.listen` is set.
+fn serve_http(
+    cfg: &NodeConfig,
+    registry: &prometheus::Registry,
+    alerts: Option<vitaltrail_alerts::AckHandle>,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<Result<()>>> {
     cfg.http.listen.map(|listen| {
         tokio::spawn(crate::http::run(
             HttpConfig {
@@ -27,6 +38,7 @@ fn serve_metrics(
                 data_dir: cfg.data_dir.clone(),
                 sql: false,
                 ready: None,
+                alerts,
             },
             shutdown.clone(),
         ))
@@ -150,6 +162,7 @@ pub fn alerts_stage(
         } else {
             None
         },
+        acks: None,
     })
 }
 
@@ -157,8 +170,14 @@ pub fn alerts_stage(
 /// `shutdown`.
 pub async fn run_alerts(cfg: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
     let registry = prometheus::Registry::new();
-    let stage = alerts_stage(&cfg, &registry)?;
-    let http = serve_metrics(&cfg, &registry, &shutdown);
+    let mut stage = alerts_stage(&cfg, &registry)?;
+    // Acknowledgements come to the process that holds the alarms.
+    let handle = cfg.http.listen.map(|_| {
+        let (h, i) = vitaltrail_alerts::ack::inbox();
+        stage.acks = Some(i);
+        h
+    });
+    let http = serve_http(&cfg, &registry, handle, &shutdown);
     let run = vitaltrail_alerts::run(stage, shutdown);
     with_http(http, async move { Ok(run.await?) }).await
 }

@@ -287,6 +287,13 @@ async fn run_over_kafka(
         metrics: registry.clone(),
     });
     // The alert engine follows vitals.logged, as `vitaltrail alerts` does.
+    let (ack_handle, ack_inbox) = match (&cfg.alerts, cfg.metrics_listen) {
+        (Some(_), Some(_)) => {
+            let (h, i) = vitaltrail_alerts::ack::inbox();
+            (Some(h), Some(i))
+        }
+        _ => (None, None),
+    };
     let alerts = match (&cfg.alerts, &kafka.bus_key) {
         (Some(a), Some(bus_key)) => Some(vitaltrail_alerts::StageConfig {
             alerts: a.clone(),
@@ -301,6 +308,7 @@ async fn run_over_kafka(
             clock: clock.clone(),
             metrics: registry.clone(),
             mqtt: Some(mqtt.clone()),
+            acks: ack_inbox,
         }),
         (Some(_), None) => {
             tracing::warn!("no bus key: the alert engine does not run");
@@ -334,6 +342,7 @@ async fn run_over_kafka(
                 data_dir: cfg.data_dir.clone(),
                 sql: true,
                 ready: Some(ingest_ready(&i_metrics, cfg.ingest.connections.max(1))),
+                alerts: ack_handle,
             },
             shutdown.clone(),
         )),
@@ -468,7 +477,13 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
     let (mqtt, broker) = mqtt_endpoint(&cfg, &devices, &registry, rest_stop_rx.clone()).await?;
     // The alert engine follows the partition logs; it stops after the
     // attestors, with a last round over what they committed.
+    let mut ack_handle = None;
     if let Some(alerts) = &cfg.alerts {
+        let acks = cfg.metrics_listen.map(|_| {
+            let (h, i) = vitaltrail_alerts::ack::inbox();
+            ack_handle = Some(h);
+            i
+        });
         let stage = vitaltrail_alerts::StageConfig {
             alerts: alerts.clone(),
             source: vitaltrail_alerts::AlertsSource::Logs,
@@ -476,6 +491,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
             clock: clock.clone(),
             metrics: registry.clone(),
             mqtt: Some(mqtt.clone()),
+            acks,
         };
         let stop = rest_stop_rx.clone();
         others.spawn(async move { Ok(vitaltrail_alerts::run(stage, stop).await?) });
@@ -524,6 +540,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
                 data_dir: cfg.data_dir.clone(),
                 sql: true,
                 ready: Some(ready),
+                alerts: ack_handle,
             },
             rest_stop_rx.clone(),
         ));

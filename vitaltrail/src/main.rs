@@ -541,6 +541,12 @@ fn main() -> ExitCode {
                 Some(node_args::AlertsCmd::ExportKey { bus_key, data, out }) => {
                     pipeline_cmds::alerts_export_key(bus_key.as_deref(), data, out)
                 }
+                Some(node_args::AlertsCmd::Ack {
+                    id,
+                    by,
+                    server,
+                    data,
+                }) => pipeline_cmds::alerts_ack(id, by, server, data),
                 None => pipeline_cmds::alerts(&args),
             }
         }

@@ -358,6 +358,23 @@ pub enum AlertsCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Acknowledge an active alarm on someone's behalf, as the operator
+    /// (the token <data>/keys/alerts.token), through the HTTP server of
+    /// the process running the alert engine. Nurse stations use their own
+    /// token: POST /alerts/<id>/ack.
+    Ack {
+        /// The alarm ID (as in the events and the `alerts` table).
+        id: String,
+        /// Who acknowledges (recorded, with "via": "operator").
+        #[arg(long = "as")]
+        by: String,
+        /// The engine's HTTP server (`http.listen` of `up` or `alerts`).
+        #[arg(long, env = "VITALTRAIL_HTTP", default_value = "http://127.0.0.1:9464")]
+        server: String,
+        /// The data directory holding keys/alerts.token.
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
+        data: PathBuf,
+    },
 }
 
 impl AlertsArgs {

@@ -100,6 +100,61 @@ pub fn alerts_export_key(bus_key: Option<&Path>, data: &Path, out: &Path) -> Res
     Ok(ExitCode::SUCCESS)
 }
 
+/// `vitaltrail alerts ack ID --as NAME`: `POST /alerts/<id>/ack` with the
+/// operator's token; prints the acknowledged alarm.
+pub fn alerts_ack(id: &str, by: &str, server: &str, data: &Path) -> Result<ExitCode> {
+    let token_path = vitaltrail_bus::datadir::alerts_token_path(data);
+    let token = std::fs::read_to_string(&token_path).with_context(|| {
+        format!(
+            "reading the operator's token {} (it is made when the alert engine's HTTP server \
+             first starts)",
+            token_path.display()
+        )
+    })?;
+    let mut url =
+        reqwest::Url::parse(server).with_context(|| format!("--server {server:?}: not a URL"))?;
+    url.path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("--server {server:?}: not an http(s) URL"))?
+        .pop_if_empty()
+        .extend(["alerts", id, "ack"]);
+    // reqwest is built without a TLS provider of its own.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (status, body) = runtime()?
+        .block_on(async move {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(std::time::Duration::from_secs(30))
+                .build()?;
+            let r = client
+                .post(url)
+                .bearer_auth(token.trim())
+                .header("content-type", "application/json")
+                .body(serde_json::json!({ "as": by }).to_string())
+                .send()
+                .await?;
+            let status = r.status();
+            Ok::<_, reqwest::Error>((status, r.text().await?))
+        })
+        .with_context(|| format!("reaching the alert engine at {server}"))?;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    if !status.is_success() {
+        let why = v["error"].as_str().map_or(body.trim(), |s| s);
+        bail!("{status}: {why}");
+    }
+    let alarm = &v["alarm"];
+    outln!(
+        "acknowledged {} ({} {}, ward {}) by {} at {}",
+        alarm["id"].as_str().unwrap_or(id),
+        alarm["severity"].as_str().unwrap_or("?"),
+        alarm["rule"].as_str().unwrap_or("?"),
+        alarm["ward"].as_str().unwrap_or("-"),
+        alarm["ack"]["by"].as_str().unwrap_or(by),
+        alarm["ack"]["at_ms"]
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `vitaltrail anchor verify-ledger`: every record of the local ledger,
 /// and that each root is the epoch log's at its size.
 pub fn anchor_verify_ledger(data: &Path, anchor_key: Option<&str>) -> Result<ExitCode> {
@@ -411,22 +466,34 @@ pub fn viewers_add(data: &Path, name: &str, wards: &[String], out: &Path) -> Res
     })?;
     let now = vitaltrail_core::Clock::now_ms(&vitaltrail_core::SystemClock);
     // A refused name or ward issues no certificate (checked on a copy).
-    vitaltrail_mqtt::viewers::Viewers::default().add(name, wards, "", now)?;
+    vitaltrail_mqtt::viewers::Viewers::default().add(name, wards, "", "", now)?;
     let (cert, key, pin) = pki.issue_viewer(name)?;
-    // Only this certificate connects as `name` from now on: any earlier
-    // one (a lost or stolen station's) no longer does, on the gate.
-    with_viewers(data, |v| Ok(v.add(name, wards, &pin, now)?))?;
+    let token = vitaltrail_core::auth::Token::generate(&mut rand::rngs::OsRng);
+    let token_pin = vitaltrail_mqtt::viewers::token_fingerprint(token.expose());
+    // The secrets are written before the list names them: a failure
+    // leaves the old certificate and token in force, not a viewer with
+    // nothing to prove itself with.
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     vitaltrail_mqtt::pki::write(&out.join(format!("{name}.key")), &key, true)?;
     vitaltrail_mqtt::pki::write(&out.join(format!("{name}.pem")), &cert, false)?;
+    vitaltrail_mqtt::pki::write(
+        &out.join(format!("{name}.token")),
+        &format!("{}\n", token.expose()),
+        true,
+    )?;
+    // Only this certificate connects as `name` from now on, and only this
+    // token acknowledges as it: any earlier one (a lost or stolen
+    // station's) no longer does.
+    with_viewers(data, |v| Ok(v.add(name, wards, &pin, &token_pin, now)?))?;
     vitaltrail_mqtt::pki::write(&out.join("server-ca.pem"), &pki.server_ca_pem()?, false)?;
     eprintln!(
-        "viewer {name} may subscribe to {}; its certificate and key: {}/{name}.pem, {}/{name}.key (trust {}/server-ca.pem for the broker)",
+        "viewer {name} may subscribe to {} and acknowledge their alarms; its certificate and key: {}/{name}.pem, {}/{name}.key (trust {}/server-ca.pem for the broker); its HTTP token: {}/{name}.token",
         wards
             .iter()
             .map(|w| format!("alerts/{w}"))
             .collect::<Vec<_>>()
             .join(", "),
+        out.display(),
         out.display(),
         out.display(),
         out.display()

@@ -421,6 +421,7 @@ async fn a_nurse_station_gets_its_wards_alerts_over_mqtt_and_nothing_else() {
             .unwrap();
     }
     let mqtt = common::free_addr();
+    let http = common::free_addr();
     let args: Vec<String> = vec![
         "up".into(),
         "--data".into(),
@@ -428,7 +429,7 @@ async fn a_nurse_station_gets_its_wards_alerts_over_mqtt_and_nothing_else() {
         "--mqtt-listen".into(),
         mqtt.to_string(),
         "--metrics-listen".into(),
-        common::free_addr().to_string(),
+        http.to_string(),
     ];
     let mut up = common::Proc::spawn(&args, data.path().join("up.log"));
     common::wait_port(mqtt.port());
@@ -555,6 +556,131 @@ async fn a_nurse_station_gets_its_wards_alerts_over_mqtt_and_nothing_else() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Acknowledgement (urllib): the station's token names who; the body
+    // does not.
+    let active = |ward: &str| -> String {
+        let w = written_events(data.path());
+        w.iter()
+            .map(|(_, e)| e)
+            .find(|e| {
+                e.alarm.ward.as_deref() == Some(ward)
+                    && e.alarm.severity != vitaltrail_alerts::Severity::Warning
+                    && !w.iter().any(|(_, l)| {
+                        l.alarm.id == e.alarm.id
+                            && matches!(
+                                l.kind,
+                                vitaltrail_alerts::EventKind::Cleared
+                                    | vitaltrail_alerts::EventKind::Acknowledged
+                            )
+                    })
+            })
+            .map(|e| e.alarm.id.clone())
+            .unwrap_or_else(|| panic!("no active alarm on {ward}: {w:#?}"))
+    };
+    let (ours, theirs) = (active("ward-3"), active("ward-7"));
+    let token = station.join("nurse-3.token");
+    let base_url = format!("http://{http}");
+    let ack = |id: &str, token: &std::path::Path, body: &str, origin: &str| -> serde_json::Value {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/ack_client.py");
+        let mut a = vec![
+            script.to_owned(),
+            base_url.clone(),
+            id.to_owned(),
+            token.display().to_string(),
+            body.to_owned(),
+        ];
+        if !origin.is_empty() {
+            a.push(origin.to_owned());
+        }
+        let o = std::process::Command::new(common::python())
+            .args(&a)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let none = std::path::Path::new("-");
+    let r = ack(&ours, none, "", "");
+    assert_eq!(r["status"], 401, "no token: {r}");
+    let r = ack(&ours, &token, "", "http://evil.example");
+    assert_eq!(r["status"], 403, "another origin: {r}");
+    let r = ack(&theirs, &token, "", "");
+    assert_eq!(r["status"], 403, "another ward's alarm: {r}");
+    let r = ack("news2/nobody/1-1", &token, "", "");
+    assert_eq!(r["status"], 404, "{r}");
+    let r = ack(&format!("raw:{ours}"), &token, r#"{"as":"mallory"}"#, "");
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["body"]["kind"], "acknowledged");
+    assert_eq!(r["body"]["alarm"]["id"], ours.as_str());
+    assert_eq!(
+        r["body"]["alarm"]["ack"]["by"], "nurse-3",
+        "from the token: {r}"
+    );
+    assert_eq!(r["body"]["alarm"]["ack"]["via"], "viewer");
+    let r = ack(&ours, &token, "", "");
+    assert_eq!(r["status"], 409, "twice: {r}");
+    assert!(
+        r["body"]["error"].as_str().unwrap().contains("nurse-3"),
+        "{r}"
+    );
+    // It is delivered: the station hears its own acknowledgement.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !received(())
+        .iter()
+        .any(|m| m["event"]["kind"] == "acknowledged" && m["event"]["alarm"]["id"] == ours.as_str())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the acknowledgement was not delivered on alerts/ward-3"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The operator, on a charge nurse's behalf, any ward.
+    let cli = |id: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vitaltrail"))
+            .args([
+                "alerts",
+                "ack",
+                id,
+                "--as",
+                "charge.nurse",
+                "--server",
+                &base_url,
+                "--data",
+                d,
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = cli(&theirs);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&theirs) && out.contains("by charge.nurse"),
+        "{out}"
+    );
+    let o = cli(&theirs);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("409"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let acked: Vec<_> = written_events(data.path())
+        .into_iter()
+        .filter(|(_, e)| e.kind == vitaltrail_alerts::EventKind::Acknowledged)
+        .map(|(_, e)| (e.alarm.id, e.alarm.ack.unwrap()))
+        .collect();
+    assert_eq!(acked.len(), 2, "{acked:?}");
+    assert_eq!(acked[0].0, ours);
+    assert_eq!(acked[1].0, theirs);
+    assert_eq!(acked[1].1.by, "charge.nurse");
+    assert_eq!(
+        acked[1].1.via,
+        Some(vitaltrail_alerts::ack::AckVia::Operator)
+    );
+
     // A new certificate for the name (a stolen station replaced): the
     // connected station with the old one is cut off, and no longer let in.
     assert!(!data.path().join("station.jsonl.closed").exists());
@@ -581,6 +707,8 @@ async fn a_nurse_station_gets_its_wards_alerts_over_mqtt_and_nothing_else() {
     drop(listener);
     let r = attempt("try-subscribe", "alerts/ward-3");
     assert_eq!(r["connected"], false, "the old certificate: {r}");
+    let r = ack(&ours, &token, "", "");
+    assert_eq!(r["status"], 401, "the old token: {r}");
     let with_new = |mode: &str| -> serde_json::Value {
         let mut a = base(mode, "alerts/ward-3");
         a[3] = replaced.join("server-ca.pem").display().to_string();
@@ -598,8 +726,13 @@ async fn a_nurse_station_gets_its_wards_alerts_over_mqtt_and_nothing_else() {
         serde_json::json!([1]),
         "the new certificate: {r}"
     );
+    let new_token = replaced.join("nurse-3.token");
+    let r = ack(&ours, &new_token, "", "");
+    assert_eq!(r["status"], 409, "the new token is the station's: {r}");
     // Revoked: no longer let in.
     common::vt(&["viewers", "revoke", "nurse-3", "--data", d]);
     let r = with_new("try-subscribe");
     assert_eq!(r["connected"], false, "{r}");
+    let r = ack(&ours, &new_token, "", "");
+    assert_eq!(r["status"], 401, "revoked: {r}");
 }

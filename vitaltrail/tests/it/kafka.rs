@@ -749,6 +749,7 @@ async fn alert_engines_split_vitals_logged_and_survive_kill_9() {
     }
     // Two engine machines: a registry copy and the exported key, no bus key.
     let engines: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let https: Vec<std::net::SocketAddr> = (0..2).map(|_| common::free_addr()).collect();
     let mut procs: Vec<Proc> = engines
         .iter()
         .enumerate()
@@ -791,6 +792,8 @@ async fn alert_engines_split_vitals_logged_and_survive_kill_9() {
                     dir.path().display().to_string(),
                     s("--logged-key-file"),
                     key.display().to_string(),
+                    s("--metrics-listen"),
+                    https[i].to_string(),
                 ],
                 dir.path().join("alerts.log"),
             )
@@ -872,6 +875,54 @@ async fn alert_engines_split_vitals_logged_and_survive_kill_9() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // Acknowledged at the engine holding the alarm (the operator's token
+    // of that engine's machine); the other engine does not hold it.
+    let evs0 = engine_events(engines[0].path());
+    let held = evs0
+        .iter()
+        .find(|e| {
+            e["kind"] == "raised"
+                && e["alarm"]["subject"] == det.as_str()
+                && !evs0
+                    .iter()
+                    .any(|c| c["kind"] == "cleared" && c["alarm"]["id"] == e["alarm"]["id"])
+        })
+        .expect("engine 0 holds the deteriorating patient's active alarm");
+    let id = held["alarm"]["id"].as_str().unwrap().to_owned();
+    for h in &https {
+        common::wait_port(h.port());
+    }
+    let ack = |engine: usize| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vitaltrail"))
+            .args([
+                "alerts",
+                "ack",
+                &id,
+                "--as",
+                "nurse.kim",
+                "--server",
+                &format!("http://{}", https[engine]),
+                "--data",
+                engines[engine].path().to_str().unwrap(),
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = ack(1);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("404"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = ack(0);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        engine_events(engines[0].path())
+            .iter()
+            .any(|e| e["kind"] == "acknowledged" && e["alarm"]["id"] == id.as_str()),
+        "answered before it was written"
+    );
     // Genuine announcements of the hypoxic patient's low-SpO2 readings,
     // copied (MAC and all) into the other engine's partition: dropped
     // there as misplaced, so that engine never alerts on the patient.
