@@ -7,7 +7,9 @@
 //! request starts a round), records it as an `acknowledged` event, and
 //! answers only once that event and the engine's state are durable. So a
 //! 200 means the acknowledgement survives a crash and will be delivered on
-//! every channel; any other answer means it was not taken.
+//! every channel. A refusal means it was not taken; no answer (the caller
+//! gone, the stage stopped after queueing it) means it may have been, and
+//! sending it again is safe (a 409 naming the caller then says it was).
 //!
 //! Who and when come from the caller's credential and the engine's clock,
 //! never from the request.
@@ -35,6 +37,16 @@ pub enum AckVia {
     /// `vitaltrail alerts ack --as NAME`): `by` is the name the operator
     /// gave.
     Operator,
+}
+
+impl AckVia {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckVia::Viewer => "viewer",
+            AckVia::Operator => "operator",
+        }
+    }
 }
 
 /// Who acknowledges.
@@ -85,13 +97,14 @@ pub enum AckRefusal {
     /// The request itself is wrong (an empty or overlong name or ID).
     #[error("{0}")]
     Invalid(String),
-    /// No alarm has this ID here (never raised, long cleared, or held by
-    /// another engine).
-    #[error("no alarm {0:?} is held by this engine")]
+    /// No alarm with this ID that the caller may acknowledge is held here:
+    /// never raised, cleared long ago, held by another engine, or not on
+    /// the caller's wards (told apart from none, so a station cannot learn
+    /// of another ward's alarms).
+    #[error(
+        "no alarm {0:?} that you may acknowledge is held by this engine (not raised here, cleared long ago, or not on your wards)"
+    )]
     Unknown(String),
-    /// The alarm is not on the caller's wards.
-    #[error("alarm {0:?} is not on your wards")]
-    ForeignWard(String),
     /// The alarm has cleared: there is nothing left to acknowledge.
     #[error("alarm {id:?} cleared at {cleared_ms} (Unix ms): nothing to acknowledge")]
     Cleared {
@@ -124,9 +137,20 @@ impl AckRefusal {
         match self {
             AckRefusal::Invalid(_) => "invalid",
             AckRefusal::Unknown(_) => "unknown",
-            AckRefusal::ForeignWard(_) => "foreign_ward",
             AckRefusal::Cleared { .. } => "cleared",
             AckRefusal::AlreadyAcknowledged { .. } => "already_acknowledged",
+            AckRefusal::Busy => "busy",
+            AckRefusal::Unavailable => "unavailable",
+        }
+    }
+
+    /// A short code for clients (`"code"` of the error body).
+    pub fn code(&self) -> &'static str {
+        match self {
+            AckRefusal::Invalid(_) => "invalid",
+            AckRefusal::Unknown(_) => "unknown",
+            AckRefusal::Cleared { .. } => "cleared",
+            AckRefusal::AlreadyAcknowledged { .. } => "already-acknowledged",
             AckRefusal::Busy => "busy",
             AckRefusal::Unavailable => "unavailable",
         }
@@ -136,7 +160,6 @@ impl AckRefusal {
     pub fn status(&self) -> u16 {
         match self {
             AckRefusal::Invalid(_) => 400,
-            AckRefusal::ForeignWard(_) => 403,
             AckRefusal::Unknown(_) => 404,
             AckRefusal::Cleared { .. } | AckRefusal::AlreadyAcknowledged { .. } => 409,
             AckRefusal::Busy | AckRefusal::Unavailable => 503,

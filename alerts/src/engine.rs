@@ -532,6 +532,10 @@ impl Engine {
                 if sev > a.severity {
                     a.severity = sev;
                     a.reason = reason;
+                    // An acknowledgement covers the severity it was given
+                    // for: a rise must be acknowledged again, and escalates
+                    // until it is.
+                    a.ack = None;
                     a.evidence = evidence();
                     a.updated_ms = now_ms;
                     out.push(Event {
@@ -683,7 +687,13 @@ impl Engine {
     /// last `keep_cleared` is told apart from one never raised here.
     pub fn acknowledge(&mut self, id: &str, actor: &Actor, now_ms: u64) -> AckResult {
         let by = actor.name();
-        if by.is_empty() || by.len() > 128 || by.chars().any(char::is_control) {
+        // No control characters, nor the invisible ones that make a name
+        // look like another (bidirectional overrides, zero-width).
+        let invisible = |c: char| {
+            c.is_control()
+                || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}')
+        };
+        if by.is_empty() || by.len() > 128 || by.chars().any(invisible) {
             return Err(AckRefusal::Invalid(
                 "who acknowledges must be named (1-128 bytes, no control characters)".into(),
             ));
@@ -694,7 +704,7 @@ impl Engine {
         };
         let Some(a) = self.active.values_mut().find(|a| a.id == id) else {
             return Err(match self.cleared.iter().rev().find(|a| a.id == id) {
-                Some(c) if !on_wards(c) => AckRefusal::ForeignWard(id.to_owned()),
+                Some(c) if !on_wards(c) => AckRefusal::Unknown(id.to_owned()),
                 Some(c) => AckRefusal::Cleared {
                     id: id.to_owned(),
                     cleared_ms: c.cleared_ms.unwrap_or(c.updated_ms),
@@ -703,7 +713,9 @@ impl Engine {
             });
         };
         if !on_wards(a) {
-            return Err(AckRefusal::ForeignWard(id.to_owned()));
+            // As if there were none: a station learns nothing of other
+            // wards' alarms.
+            return Err(AckRefusal::Unknown(id.to_owned()));
         }
         if let Some(prev) = &a.ack {
             return Err(AckRefusal::AlreadyAcknowledged {
@@ -922,7 +934,7 @@ mod tests {
         };
         assert_eq!(
             r.e.acknowledge(&id2, &stranger, T0 + 59_000),
-            Err(AckRefusal::ForeignWard(id2.clone())),
+            Err(AckRefusal::Unknown(id2.clone())),
             "another ward's station"
         );
         let ack = r.e.acknowledge(&id2, &kim, T0 + 60_000).unwrap();
@@ -953,13 +965,13 @@ mod tests {
             r.e.acknowledge(&id, &nobody, T0),
             Err(AckRefusal::Invalid(_))
         ));
-        let bell = Actor::Operator {
-            name: "a\u{7}".into(),
-        };
-        assert!(matches!(
-            r.e.acknowledge(&id, &bell, T0),
-            Err(AckRefusal::Invalid(_))
-        ));
+        for odd in ["a\u{7}", "kim\u{202E}eel", "k\u{200B}im"] {
+            let who = Actor::Operator { name: odd.into() };
+            assert!(
+                matches!(r.e.acknowledge(&id, &who, T0), Err(AckRefusal::Invalid(_))),
+                "{odd:?}"
+            );
+        }
         assert!(r.e.tick(T0 + 299_999).is_empty());
         let ev = r.e.tick(T0 + 300_000);
         assert_eq!(kinds(&ev), [EventKind::Escalated]);
@@ -991,7 +1003,7 @@ mod tests {
         );
         assert_eq!(
             r.e.acknowledge(&id2, &stranger, T0 + 901_000),
-            Err(AckRefusal::ForeignWard(id2.clone()))
+            Err(AckRefusal::Unknown(id2.clone()))
         );
     }
 
@@ -1029,10 +1041,20 @@ mod tests {
         assert_eq!(ev[0].alarm.evidence.len(), 5, "the five fresh values");
         // Still 5: no refire.
         assert!(r.read("p1", T0 + 2_000, &[("8867-4", 116.0)]).is_empty());
-        // SpO2 93 (2), SBP 100 (2): 9, emergency: an update, not a new alarm.
+        let id = ev[0].alarm.id.clone();
+        let nurse = Actor::Viewer {
+            name: "nurse.kim".into(),
+            wards: vec!["ward-7".into()],
+        };
+        r.e.acknowledge(&id, &nurse, T0 + 2_500).unwrap();
+        // SpO2 93 (2), SBP 100 (2): 9, emergency: an update, not a new alarm,
+        // and the acknowledgement of the urgent one no longer holds.
         let ev = r.read("p1", T0 + 3_000, &[("2708-6", 93.0), ("8480-6", 100.0)]);
         assert_eq!(kinds(&ev), [EventKind::Updated]);
         assert_eq!(ev[0].alarm.severity, Severity::Emergency);
+        assert_eq!(ev[0].alarm.ack, None, "a rise must be acknowledged again");
+        let ack = r.e.acknowledge(&id, &nurse, T0 + 3_500).unwrap();
+        assert_eq!(ack.alarm.severity, Severity::Emergency);
         assert_eq!(r.e.news2("p1", T0 + 3_000).unwrap().total, 9);
         // Back to normal: clears after 60 s at or below 3, not before.
         let t = T0 + 10_000;

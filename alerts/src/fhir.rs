@@ -90,8 +90,12 @@ pub fn communication(e: &Event) -> Value {
     }
     if let Some(ack) = &a.ack {
         text.push_str(&format!(
-            "; acknowledged by {} at {}",
+            "; acknowledged by {}{} at {}",
             ack.by,
+            match ack.via {
+                Some(crate::ack::AckVia::Operator) => " (through the operator)",
+                _ => "",
+            },
             instant(ack.at_ms)
         ));
     }

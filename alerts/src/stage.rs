@@ -899,9 +899,16 @@ async fn follow_logs(mut stage: Stage, mut shutdown: watch::Receiver<bool>) -> R
         if acks.is_empty() {
             acks = waiting(&mut inbox);
         }
+        let started = tokio::time::Instant::now();
         stage = round(stage, Vec::new(), acks).await?;
         if stop {
             return Ok(());
+        }
+        // Acknowledgements start rounds at once, but never more often than
+        // this: a flood of them cannot keep the engine from its readings.
+        tokio::select! {
+            _ = tokio::time::sleep_until(started + MIN_ROUND_GAP) => {}
+            _ = shutdown.changed() => {}
         }
     }
 }

@@ -219,7 +219,7 @@ async fn an_acknowledgement_is_answered_once_durable_and_stops_escalation() {
         handle
             .acknowledge(&news2, station("ward-4-desk", "ward-4"))
             .await,
-        Err(AckRefusal::ForeignWard(news2.clone()))
+        Err(AckRefusal::Unknown(news2.clone()))
     );
     assert_eq!(
         handle

@@ -85,28 +85,41 @@ pub async fn run(cfg: HttpConfig, mut shutdown: watch::Receiver<bool>) -> Result
     }
     #[cfg(not(feature = "sql"))]
     let _ = sql;
-    if let Some(handle) = alerts {
-        let operator = datadir::load_or_create_token(&datadir::alerts_token_path(&data_dir))?;
-        let viewers = vitaltrail_mqtt::viewers::ViewersFile::new(
-            vitaltrail_mqtt::viewers::viewers_file(&data_dir),
-        );
-        let acks = Arc::new(Acks {
+    // Always routed: where no engine runs, a clear answer rather than a
+    // bare 404 that reads as "no such alarm".
+    let acks = match alerts {
+        Some(handle) => Some(Arc::new(Acks {
             handle,
-            operator,
-            viewers,
-        });
-        app = app.route(
-            "/alerts/{*rest}",
-            axum::routing::post(
-                move |axum::extract::Path(rest): axum::extract::Path<String>,
-                      headers: axum::http::HeaderMap,
-                      body: axum::body::Bytes| {
-                    let acks = acks.clone();
-                    async move { acknowledge(&acks, &rest, &headers, &body).await }
-                },
+            operator: datadir::load_or_create_token(&datadir::alerts_token_path(&data_dir))?,
+            viewers: vitaltrail_mqtt::viewers::ViewersFile::new(
+                vitaltrail_mqtt::viewers::viewers_file(&data_dir),
             ),
-        );
-    }
+        })),
+        None => None,
+    };
+    app = app.route(
+        "/alerts/{*rest}",
+        axum::routing::post(
+            move |axum::extract::Path(rest): axum::extract::Path<String>,
+                  headers: axum::http::HeaderMap,
+                  body: axum::body::Bytes| {
+                let acks = acks.clone();
+                async move {
+                    match acks {
+                        Some(acks) => acknowledge(&acks, &rest, &headers, &body).await,
+                        None => refused(
+                            503,
+                            "unavailable",
+                            "no alert engine runs in this process: acknowledge at the HTTP \
+                             server of `vitaltrail up` or `vitaltrail alerts`",
+                        ),
+                    }
+                }
+            },
+        )
+        // An acknowledgement's body is `{"as": "<name>"}` at most.
+        .layer(axum::extract::DefaultBodyLimit::max(4096)),
+    );
     let app = app
         .route(
             "/metrics",
@@ -191,8 +204,8 @@ fn json_answer(status: u16, body: serde_json::Value) -> axum::response::Response
     r
 }
 
-fn refused(status: u16, msg: &str) -> axum::response::Response {
-    json_answer(status, serde_json::json!({ "error": msg }))
+fn refused(status: u16, code: &str, msg: &str) -> axum::response::Response {
+    json_answer(status, serde_json::json!({ "error": msg, "code": code }))
 }
 
 /// `POST /alerts/<id>/ack`: acknowledge alarm `<id>` (its `/`s as they
@@ -208,9 +221,11 @@ fn refused(status: u16, msg: &str) -> axum::response::Response {
 ///
 /// The time is the engine's clock when it takes the acknowledgement. 200
 /// answers the `acknowledged` event once it is durable; 400 a malformed
-/// request, 401 no valid token, 403 another origin or another ward's
-/// alarm, 404 no such alarm held here, 409 already acknowledged or
-/// cleared, 503 the engine busy or stopped (not taken: retry).
+/// request, 401 no valid token, 403 another origin, 404 no such alarm the
+/// caller may acknowledge held here (another ward's included), 409 already
+/// acknowledged or cleared, 503 the engine busy, stopped, or not in this
+/// process. Errors are `{"error", "code"}` (and `by`, `at_ms` or
+/// `cleared_ms` for 409).
 async fn acknowledge(
     acks: &Acks,
     rest: &str,
@@ -221,7 +236,7 @@ async fn acknowledge(
     use vitaltrail_alerts::Actor;
     use vitaltrail_core::auth::Refusal;
     let Some(id) = rest.strip_suffix("/ack").filter(|id| !id.is_empty()) else {
-        return refused(404, "not found: POST /alerts/<alarm id>/ack");
+        return refused(404, "not-found", "not found: POST /alerts/<alarm id>/ack");
     };
     let h = |n: header::HeaderName| headers.get(n).map(|v| v.as_bytes());
     let actor = match acks.operator.authorize(
@@ -241,6 +256,7 @@ async fn acknowledge(
                 Err(e) => {
                     return refused(
                         400,
+                        "invalid",
                         &format!(
                             "the operator acknowledges on someone's behalf: a JSON body {{\"as\": \"<name>\"}} ({e})"
                         ),
@@ -248,7 +264,7 @@ async fn acknowledge(
                 }
             }
         }
-        Err(r @ Refusal::CrossOrigin) => return refused(r.status(), r.message()),
+        Err(r @ Refusal::CrossOrigin) => return refused(r.status(), "cross-origin", r.message()),
         Err(r @ Refusal::Unauthenticated) => {
             let token = h(header::AUTHORIZATION)
                 .and_then(|a| a.strip_prefix(b"Bearer "))
@@ -258,6 +274,7 @@ async fn acknowledge(
                 None => {
                     return refused(
                         r.status(),
+                        "unauthenticated",
                         "missing or wrong bearer token: a nurse station's (<name>.token) or the operator's",
                     );
                 }
@@ -269,6 +286,19 @@ async fn acknowledge(
             200,
             serde_json::to_value(&event).unwrap_or(serde_json::Value::Null),
         ),
-        Err(e) => refused(e.status(), &e.to_string()),
+        Err(e) => {
+            let mut body = serde_json::json!({ "error": e.to_string(), "code": e.code() });
+            match &e {
+                vitaltrail_alerts::AckRefusal::AlreadyAcknowledged { by, at_ms, .. } => {
+                    body["by"] = serde_json::json!(by);
+                    body["at_ms"] = serde_json::json!(at_ms);
+                }
+                vitaltrail_alerts::AckRefusal::Cleared { cleared_ms, .. } => {
+                    body["cleared_ms"] = serde_json::json!(cleared_ms);
+                }
+                _ => {}
+            }
+            json_answer(e.status(), body)
+        }
     }
 }

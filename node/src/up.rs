@@ -287,13 +287,7 @@ async fn run_over_kafka(
         metrics: registry.clone(),
     });
     // The alert engine follows vitals.logged, as `vitaltrail alerts` does.
-    let (ack_handle, ack_inbox) = match (&cfg.alerts, cfg.metrics_listen) {
-        (Some(_), Some(_)) => {
-            let (h, i) = vitaltrail_alerts::ack::inbox();
-            (Some(h), Some(i))
-        }
-        _ => (None, None),
-    };
+    let mut ack_handle = None;
     let alerts = match (&cfg.alerts, &kafka.bus_key) {
         (Some(a), Some(bus_key)) => Some(vitaltrail_alerts::StageConfig {
             alerts: a.clone(),
@@ -308,7 +302,12 @@ async fn run_over_kafka(
             clock: clock.clone(),
             metrics: registry.clone(),
             mqtt: Some(mqtt.clone()),
-            acks: ack_inbox,
+            // Only where an engine runs to take them.
+            acks: cfg.metrics_listen.map(|_| {
+                let (h, i) = vitaltrail_alerts::ack::inbox();
+                ack_handle = Some(h);
+                i
+            }),
         }),
         (Some(_), None) => {
             tracing::warn!("no bus key: the alert engine does not run");

@@ -45,11 +45,162 @@ pub struct SqlService {
 /// Queries `POST /sql` runs at once by default.
 pub const MAX_CONCURRENT_QUERIES: usize = 4;
 
-/// The `/sql` route.
+/// The `/sql` route, and the FHIR search and read of Observations
+/// (`GET /fhir/Observation?…`, `GET /fhir/Observation/<id>`), under the
+/// same token.
 pub fn router(svc: SqlService) -> axum::Router {
     axum::Router::new()
         .route("/sql", axum::routing::post(sql_handler))
+        .route("/fhir/Observation", axum::routing::get(fhir_search))
+        .route("/fhir/Observation/{id}", axum::routing::get(fhir_read))
         .with_state(Arc::new(svc))
+}
+
+/// FHIR's JSON media type.
+pub const FHIR_JSON: &str = "application/fhir+json";
+
+fn fhir_answer(status: StatusCode, body: &serde_json::Value) -> Response {
+    let mut r = (
+        status,
+        [(header::CONTENT_TYPE, FHIR_JSON)],
+        format!("{body}\n"),
+    )
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+fn fhir_refusal(status: StatusCode, code: &str, msg: &str) -> Response {
+    fhir_answer(status, &crate::fhir::outcome(code, msg))
+}
+
+/// The checks of the FHIR routes: as `/sql`'s, answered as an
+/// `OperationOutcome`; then a permit to run.
+fn fhir_gate(
+    svc: &SqlService,
+    headers: &HeaderMap,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Box<Response>> {
+    let h = |n: header::HeaderName| headers.get(n).map(|v| v.as_bytes());
+    if let Err(r) =
+        svc.token
+            .authorize(h(header::ORIGIN), h(header::HOST), h(header::AUTHORIZATION))
+    {
+        let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN);
+        return Err(Box::new(fhir_refusal(status, "security", r.message())));
+    }
+    svc.concurrent.clone().try_acquire_owned().map_err(|_| {
+        Box::new(fhir_refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "transient",
+            "too many queries at once; retry shortly",
+        ))
+    })
+}
+
+fn fhir_error(e: &Error) -> Response {
+    if e.is_caller_fault() {
+        fhir_refusal(StatusCode::BAD_REQUEST, "invalid", &e.to_string())
+    } else {
+        tracing::warn!(error = %e, "FHIR request failed");
+        fhir_refusal(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "exception",
+            &e.to_string(),
+        )
+    }
+}
+
+/// `GET /fhir/Observation?patient=P[&date=ge…][&code=…][&_count=N]`: a
+/// `searchset` Bundle of the patient's Observations, by device time, with
+/// a `next` link while there are more.
+async fn fhir_search(
+    State(svc): State<Arc<SqlService>>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let _permit = match fhir_gate(&svc, &headers) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
+    let query = query.unwrap_or_default();
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let search = match crate::fhir::Search::from_pairs(
+        pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    ) {
+        Ok(s) => s,
+        Err(e) => return fhir_refusal(StatusCode::BAD_REQUEST, "invalid", &e.to_string()),
+    };
+    let page = match open(&svc).await {
+        Ok(engine) => match engine.observations(&search).await {
+            Ok(p) => p,
+            Err(e) => return fhir_error(&e),
+        },
+        Err(e) => return fhir_error(&e),
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let base = format!("http://{host}/fhir/Observation");
+    let url_of = |pairs: &mut dyn Iterator<Item = (&str, &str)>| {
+        let mut s = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in pairs {
+            s.append_pair(k, v);
+        }
+        format!("{base}?{}", s.finish())
+    };
+    let self_url = url_of(&mut pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let next_url = page.next.map(|c| {
+        let c = c.to_string();
+        url_of(
+            &mut pairs
+                .iter()
+                .filter(|(k, _)| k != "_cursor")
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .chain(std::iter::once(("_cursor", c.as_str()))),
+        )
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    fhir_answer(
+        StatusCode::OK,
+        &crate::fhir::searchset(&page, &self_url, next_url.as_deref(), now),
+    )
+}
+
+/// `GET /fhir/Observation/<id>`: one Observation, or 404.
+async fn fhir_read(
+    State(svc): State<Arc<SqlService>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let _permit = match fhir_gate(&svc, &headers) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
+    let found = match open(&svc).await {
+        Ok(engine) => engine.observation(&id).await,
+        Err(e) => return fhir_error(&e),
+    };
+    match found {
+        Ok(Some(o)) => fhir_answer(StatusCode::OK, &o),
+        Ok(None) => fhir_refusal(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            &format!("no Observation {id:?}"),
+        ),
+        Err(e) => fhir_error(&e),
+    }
+}
+
+async fn open(svc: &SqlService) -> crate::Result<QueryEngine> {
+    QueryEngine::open_with(&svc.data_dir, svc.limits).await
 }
 
 fn json_error(status: StatusCode, msg: &str) -> Response {

@@ -397,6 +397,7 @@ pub fn alerts_table(data: &Path) -> Result<Arc<StreamingTable>> {
         Field::new("active", DataType::Boolean, false),
         Field::new("acknowledged_by", DataType::Utf8, true),
         Field::new("acknowledged_at", ts(), true),
+        Field::new("acknowledged_via", DataType::Utf8, true),
         Field::new("escalation", DataType::UInt32, false),
         Field::new("notify", DataType::Utf8, true),
         Field::new("raised_at", ts(), false),
@@ -425,6 +426,7 @@ struct AlertRows {
     active: arrow::array::BooleanBuilder,
     ack_by: StringBuilder,
     ack_at: TimestampMillisecondBuilder,
+    ack_via: StringBuilder,
     escalation: UInt32Builder,
     notify: StringBuilder,
     raised: TimestampMillisecondBuilder,
@@ -454,6 +456,12 @@ impl Rows for AlertRows {
             .append_option(a.ack.as_ref().map(|k| k.by.as_str()));
         self.ack_at
             .append_option(a.ack.as_ref().map(|k| k.at_ms as i64));
+        self.ack_via.append_option(
+            a.ack
+                .as_ref()
+                .and_then(|k| k.via)
+                .map(vitaltrail_alerts::ack::AckVia::as_str),
+        );
         self.escalation.append_value(a.escalation);
         self.notify.append_option(e.notify.as_deref());
         self.raised.append_value(a.raised_ms as i64);
@@ -480,6 +488,7 @@ impl Rows for AlertRows {
             Arc::new(self.active.finish()),
             Arc::new(self.ack_by.finish()),
             utc(&mut self.ack_at),
+            Arc::new(self.ack_via.finish()),
             Arc::new(self.escalation.finish()),
             Arc::new(self.notify.finish()),
             utc(&mut self.raised),

@@ -7,7 +7,7 @@
 //! | `readings` | `<data>/readings/date=YYYY-MM-DD/*.parquet` | measurement (device, patient, seq, device_time, log_time, loinc, value, unit, partition, log_index, leaf_hash, date) |
 //! | `checkpoints` | `<data>/partitions/*/checkpoints.jsonl` | signed checkpoint (partition, origin, tree_size, root, signed_at, note) |
 //! | `anchors` | `<data>/anchor/ledger.jsonl`, `<data>/anchor/evm.jsonl` | anchor of the epoch log (backend `ledger` or `evm`, status `written`, `confirmed` or `reorged`, stream (the epoch log origin), target (`ledger` or `evm:<chain id>:<contract>`), epoch_log_size, root, seq, tx_hash, block_number, confirmations, anchored_at) |
-//! | `alerts` | `<data>/alerts/events-*.jsonl` | alarm event (at, kind, alarm_id, rule, subject, ward, severity, reason, active, acknowledged_by, acknowledged_at, escalation, notify, raised_at, evidence as JSON) |
+//! | `alerts` | `<data>/alerts/events-*.jsonl` | alarm event (at, kind, alarm_id, rule, subject, ward, severity, reason, active, acknowledged_by, acknowledged_at, acknowledged_via, escalation, notify, raised_at, evidence as JSON) |
 //! | `rejected` | `<data>/rejected.jsonl` | rejected message (received_at, stage, reason, detail, device, seq, topic, size, source, envelope_b64, count), or a summary of `count` rejections past a dead-letter limit |
 //!
 //! Rejections that a crash made appear twice carry the same `source`;
@@ -34,6 +34,7 @@
 //! row cap and a byte cap ([`QueryLimits`]); execution runs in a memory pool
 //! of fixed size, so one `SELECT *` cannot take the service's memory.
 
+pub mod fhir;
 pub mod http;
 mod jsonl;
 pub mod prove;

@@ -220,6 +220,11 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Readings as FHIR R4 resources.
+    Fhir {
+        #[command(subcommand)]
+        cmd: FhirCmd,
+    },
     /// The device registry.
     Devices {
         #[command(subcommand)]
@@ -279,6 +284,35 @@ enum ConfigCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum FhirCmd {
+    /// A patient's readings as vital-signs Observations: a searchset Bundle
+    /// (as GET /fhir/Observation answers, every page in one), or NDJSON.
+    Observations {
+        /// The patient.
+        #[arg(long)]
+        patient: String,
+        /// From this device time: YYYY, YYYY-MM, YYYY-MM-DD (UTC) or an
+        /// RFC 3339 date-time with a zone.
+        #[arg(long)]
+        since: Option<String>,
+        /// Before this device time (same forms).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only these LOINC codes (85354-9: blood pressure); repeat or
+        /// separate with commas.
+        #[arg(long = "code")]
+        codes: Vec<String>,
+        /// One Observation per line (FHIR bulk data NDJSON) instead of a
+        /// Bundle.
+        #[arg(long)]
+        ndjson: bool,
+        /// The data directory.
+        #[arg(long, env = "VITALTRAIL_DATA", default_value = vitaltrail_node::config::DEFAULT_DATA_DIR)]
+        data: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
 enum ViewersCmd {
     /// Add a nurse station (or change its wards), and issue its MQTT client
     /// certificate and key (`<out>/<name>.pem`, `<name>.key`, with the
@@ -664,6 +698,24 @@ fn main() -> ExitCode {
             format,
             out,
         } => pipeline_cmds::query(&data, &sql, &format, out.as_deref()),
+        Command::Fhir {
+            cmd:
+                FhirCmd::Observations {
+                    patient,
+                    since,
+                    until,
+                    codes,
+                    ndjson,
+                    data,
+                },
+        } => pipeline_cmds::fhir_observations(
+            &data,
+            &patient,
+            since.as_deref(),
+            until.as_deref(),
+            &codes,
+            ndjson,
+        ),
         Command::Prove {
             device,
             seq,

@@ -113,6 +113,20 @@ pub fn alerts_ack(id: &str, by: &str, server: &str, data: &Path) -> Result<ExitC
     })?;
     let mut url =
         reqwest::Url::parse(server).with_context(|| format!("--server {server:?}: not a URL"))?;
+    // The operator's token goes in the clear over http: only to this
+    // machine.
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    };
+    if !(url.scheme() == "https" || (url.scheme() == "http" && loopback)) {
+        bail!(
+            "--server {server:?}: the operator's token is sent only over https, or over http to \
+             this machine (127.0.0.1, ::1, localhost)"
+        );
+    }
     url.path_segments_mut()
         .map_err(|()| anyhow::anyhow!("--server {server:?}: not an http(s) URL"))?
         .pop_if_empty()
@@ -474,6 +488,20 @@ pub fn viewers_add(data: &Path, name: &str, wards: &[String], out: &Path) -> Res
     // leaves the old certificate and token in force, not a viewer with
     // nothing to prove itself with.
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // Never among the data directory's own keys and tokens (a viewer
+    // named "sql" or "operator" would replace them).
+    let canon = |p: &Path| p.canonicalize().ok();
+    if canon(out).is_some()
+        && [data.to_owned(), data.join("keys")]
+            .iter()
+            .any(|d| canon(d) == canon(out))
+    {
+        bail!(
+            "--out {}: a station's files go to a directory of their own, never the data \
+             directory or its keys",
+            out.display()
+        );
+    }
     vitaltrail_mqtt::pki::write(&out.join(format!("{name}.key")), &key, true)?;
     vitaltrail_mqtt::pki::write(&out.join(format!("{name}.pem")), &cert, false)?;
     vitaltrail_mqtt::pki::write(
@@ -746,6 +774,62 @@ pub fn log_key_for(data: &Path, bundle: &ProofBundle) -> Result<String> {
 }
 
 /// `vitaltrail query`.
+/// `vitaltrail fhir observations`: every page of the search, as one
+/// searchset Bundle or as NDJSON, written as it is read.
+pub fn fhir_observations(
+    data: &Path,
+    patient: &str,
+    since: Option<&str>,
+    until: Option<&str>,
+    codes: &[String],
+    ndjson: bool,
+) -> Result<ExitCode> {
+    use vitaltrail_query::fhir::{MAX_COUNT, Search};
+    let mut pairs: Vec<(&str, String)> = vec![("patient", patient.to_owned())];
+    if let Some(s) = since {
+        pairs.push(("date", format!("ge{s}")));
+    }
+    if let Some(u) = until {
+        pairs.push(("date", format!("lt{u}")));
+    }
+    for c in codes {
+        pairs.push(("code", c.clone()));
+    }
+    let count = MAX_COUNT.to_string();
+    pairs.push(("_count", count));
+    let mut search = Search::from_pairs(pairs.iter().map(|(k, v)| (*k, v.as_str())))?;
+    let rt = runtime()?;
+    let engine = rt.block_on(vitaltrail_query::QueryEngine::open(data))?;
+    let now = vitaltrail_core::Clock::now_ms(&vitaltrail_core::SystemClock);
+    if !ndjson {
+        out!(
+            "{{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"timestamp\":{},\"entry\":[",
+            serde_json::Value::from(vitaltrail_query::fhir::instant(now))
+        );
+    }
+    let mut first = true;
+    loop {
+        let page = rt.block_on(engine.observations(&search))?;
+        for o in &page.observations {
+            if ndjson {
+                outln!("{o}");
+            } else {
+                let entry = serde_json::json!({"resource": o, "search": {"mode": "match"}});
+                out!("{}\n{entry}", if first { "" } else { "," });
+            }
+            first = false;
+        }
+        match page.next {
+            Some(c) => search.after = Some(c),
+            None => break,
+        }
+    }
+    if !ndjson {
+        outln!("]}}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn query(data: &Path, sql: &str, format: &str, out: Option<&Path>) -> Result<ExitCode> {
     use vitaltrail_query::{Format, QueryEngine, encode};
     let fmt = match format {
