@@ -1,5 +1,6 @@
-//! The HTTP server of a node: `/metrics`, `POST /sql`,
-//! `POST /alerts/<id>/ack`, `/healthz` and `/readyz`.
+//! The HTTP server of a node: `/metrics`, `POST /sql` and
+//! `GET /fhir/Observation`, `POST /alerts/<id>/ack`, `/healthz` and
+//! `/readyz`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -18,7 +18,8 @@
 //! row is read once at every instant. `checkpoints` and `rejected` are
 //! streamed from their files line by line (`jsonl`), never read whole.
 //!
-//! It serves the CLI (`vitaltrail query`) and HTTP (`POST /sql`, [`http`]);
+//! It serves the CLI (`vitaltrail query`, `vitaltrail fhir observations`) and
+//! HTTP (`POST /sql`, `GET /fhir/Observation`, [`http`], [`fhir`]);
 //! proof bundles are built by `vitaltrail prove`. Flight SQL and alerts are
 //! still to come.
 //!

@@ -10,6 +10,7 @@ mod broker_auth;
 mod cli;
 mod common;
 mod embedded;
+mod fhir;
 mod guarantees;
 mod kafka;
 mod mosquitto;
