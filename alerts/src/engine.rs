@@ -200,9 +200,32 @@ struct Patient {
     ward: Option<String>,
     /// Latest value per LOINC code, with its evidence.
     latest: BTreeMap<String, Evidence>,
+    /// When each latest value was taken, on the log's clock (its device
+    /// time corrected by its device's clock offset): what freshness is
+    /// judged by. Absent (state saved before it was kept): the device time.
+    #[serde(default)]
+    taken_at: BTreeMap<String, u64>,
     /// Per rule.
     progress: BTreeMap<String, Progress>,
 }
+
+/// How far a device's clock is behind the log's: the least
+/// `log time - device time` of its current readings (network delay plus
+/// the clock's offset), allowed to grow by [`CLOCK_RELEARN`] of the log
+/// time passed, so a clock that falls behind is learned again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct DeviceClock {
+    /// The offset, ms (negative: the device's clock is ahead).
+    behind_ms: i64,
+    /// Log time of the reading it was last updated by.
+    at_ms: u64,
+}
+
+/// A device's clock offset may grow by one part in this many of the log
+/// time passed: a clock set back by D is learned again within 10·D, and a
+/// device back from 60 minutes offline has its backlog older than 6
+/// minutes plus the freshness window taken as history.
+pub const CLOCK_RELEARN: u64 = 10;
 
 /// The engine's whole state: what survives a restart.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -212,6 +235,9 @@ pub struct Engine {
     patients: BTreeMap<String, Patient>,
     /// device → (last seen, Unix ms by the engine's clock; patient; ward).
     devices: BTreeMap<String, (u64, String, Option<String>)>,
+    /// device → its clock's offset from the log's (the same devices).
+    #[serde(default)]
+    clocks: BTreeMap<String, DeviceClock>,
     /// Active alarms by (rule, subject); saved as a list.
     #[serde(with = "as_list")]
     active: BTreeMap<(String, String), Alarm>,
@@ -243,6 +269,11 @@ mod as_list {
             .map(|a| ((a.rule.clone(), a.subject.clone()), a))
             .collect())
     }
+}
+
+/// When a latest value was taken, on the log's clock.
+fn taken_at(taken: &BTreeMap<String, u64>, e: &Evidence) -> u64 {
+    taken.get(&e.code).copied().unwrap_or(e.time_ms)
 }
 
 fn push_bounded(q: &mut VecDeque<Evidence>, e: Evidence) {
@@ -304,13 +335,16 @@ impl Engine {
             codes
                 .iter()
                 .filter_map(|c| p.latest.get(*c))
-                .filter(|e| e.time_ms.saturating_add(self.config.news2.freshness_ms) >= now_ms)
+                .filter(|e| {
+                    taken_at(&p.taken_at, e).saturating_add(self.config.news2.freshness_ms)
+                        >= now_ms
+                })
                 // A value no body shows (a fault, a sentinel) is missing,
                 // not a reason to stop scoring the others.
                 .filter(|e| {
                     news2::codes::parameter(&e.code).is_some_and(|p| news2::plausible(p, e.value))
                 })
-                .max_by_key(|e| e.time_ms)
+                .max_by_key(|e| taken_at(&p.taken_at, e))
                 .map(|e| e.value)
         };
         let setting = self.config.patients.get(patient);
@@ -343,6 +377,32 @@ impl Engine {
         }
         self.devices
             .insert(r.device.clone(), (now_ms, patient.clone(), r.ward.clone()));
+        // Judged on the log's clock: how far this reading is behind its
+        // device's usual offset, not how far its device time is behind
+        // the log (a device whose clock is slow is not always late).
+        let behind = i64::try_from(now_ms)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(r.time_ms).unwrap_or(i64::MAX));
+        let usual = match self.clocks.get(&r.device) {
+            None => behind,
+            Some(c) => behind.min(c.behind_ms.saturating_add(
+                i64::try_from(now_ms.saturating_sub(c.at_ms) / CLOCK_RELEARN).unwrap_or(i64::MAX),
+            )),
+        };
+        self.clocks.insert(
+            r.device.clone(),
+            DeviceClock {
+                behind_ms: usual,
+                at_ms: now_ms,
+            },
+        );
+        let late_by = u64::try_from(behind.saturating_sub(usual)).unwrap_or(0);
+        let taken = u64::try_from(
+            i64::try_from(r.time_ms)
+                .unwrap_or(i64::MAX)
+                .saturating_add(usual),
+        )
+        .unwrap_or(0);
         if !self.patients.contains_key(&patient) && self.patients.len() >= self.config.max_patients
         {
             self.dropped_patients += 1;
@@ -365,7 +425,7 @@ impl Engine {
         // A reading older than the freshness window (an offline sync) is
         // history: it changes no latest value and does not start or clear a
         // threshold episode now.
-        let stale = r.time_ms.saturating_add(self.config.news2.freshness_ms) < now_ms;
+        let stale = late_by > self.config.news2.freshness_ms;
         for (code, value) in &r.measurements {
             if stale || news2::codes::parameter(code).is_none() {
                 continue;
@@ -373,6 +433,7 @@ impl Engine {
             // Latest in log order, not by the device's word: a second device
             // with a fast clock cannot pin an old value of the same code.
             p.latest.insert(code.clone(), evidence(code, *value));
+            p.taken_at.insert(code.clone(), taken);
         }
         let rules = if stale {
             Vec::new()
@@ -510,7 +571,7 @@ impl Engine {
             let mut v: Vec<Evidence> = p
                 .latest
                 .values()
-                .filter(|e| e.time_ms.saturating_add(cfg.freshness_ms) >= now_ms)
+                .filter(|e| taken_at(&p.taken_at, e).saturating_add(cfg.freshness_ms) >= now_ms)
                 .cloned()
                 .collect();
             v.sort_by_key(|e| (e.time_ms, e.log_index));
@@ -1179,8 +1240,69 @@ mod tests {
     }
 
     #[test]
+    fn a_device_whose_clock_is_slow_alarms_and_its_backlog_does_not() {
+        let mut r = Rig::new(AlertsConfig {
+            silent_after_ms: None,
+            ..Default::default()
+        });
+        // Ten minutes slow: every reading's device time is 10 min behind
+        // the log's. Judged by its own clock's offset, it is current.
+        let slow = |i: u64, dev: &str, t: u64, spo2: f64| LoggedReading {
+            partition: 0,
+            log_index: i,
+            device: dev.into(),
+            seq: i + 1,
+            time_ms: t - 600_000,
+            patient: Some(format!("patient-{dev}")),
+            ward: Some("ward-7".into()),
+            measurements: vec![("2708-6".into(), spo2)],
+        };
+        let mut ev = Vec::new();
+        for i in 0..4 {
+            ev.extend(r.e.reading(&slow(i, "a", T0 + i * 5_000, 97.0), T0 + i * 5_000 + 150));
+        }
+        assert!(ev.is_empty());
+        for i in 4..12 {
+            ev.extend(r.e.reading(&slow(i, "a", T0 + i * 5_000, 84.0), T0 + i * 5_000 + 150));
+        }
+        let rules: Vec<&str> = ev.iter().map(|e| e.alarm.rule.as_str()).collect();
+        assert_eq!(rules, ["news2", "spo2-low"], "{ev:#?}");
+        assert_eq!(
+            r.e.news2("patient-a", T0 + 60_000).unwrap().parameters["spo2"],
+            3,
+            "its values are fresh"
+        );
+        // Another slow device streams normally, goes offline for an hour,
+        // and syncs its first half-hour offline at once: history, no alarm.
+        for i in 0..4 {
+            assert!(
+                r.e.reading(&slow(i, "b", T0 + i * 5_000, 97.0), T0 + i * 5_000 + 150)
+                    .is_empty()
+            );
+        }
+        let back = T0 + 3_600_000;
+        for i in 0..360 {
+            let t = T0 + 20_000 + i * 5_000;
+            assert!(
+                r.e.reading(&slow(100 + i, "b", t, 70.0), back + i)
+                    .is_empty(),
+                "reading {i} of the backlog raised"
+            );
+        }
+        // Then it streams again, still slow: current, so it alarms.
+        let mut ev = Vec::new();
+        for i in 0..8 {
+            let t = back + 10_000 + i * 5_000;
+            ev.extend(r.e.reading(&slow(500 + i, "b", t, 84.0), t + 150));
+        }
+        assert!(!ev.is_empty(), "back online and current");
+    }
+
+    #[test]
     fn late_readings_and_unknown_codes_change_nothing_now() {
         let mut r = Rig::new(only_thresholds(vec![spo2_rule(0, 1)]));
+        // The device streamed (its clock on time), then went offline.
+        r.read("p1", T0 - 5_000, &[("2708-6", 97.0)]);
         // An offline sync an hour late: SpO2 80 then, but not an episode now.
         let late = LoggedReading {
             partition: 0,
