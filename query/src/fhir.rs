@@ -50,6 +50,13 @@ pub const MAX_COUNT: usize = 1000;
 
 const VITALSIGNS: &str = "http://hl7.org/fhir/StructureDefinition/vitalsigns";
 
+/// UCUM units of the vital-signs value set (ucum-vitals-common): the base
+/// profile is claimed only with one of these.
+const VITAL_UNITS: &[&str] = &[
+    "%", "/min", "Cel", "[degF]", "mm[Hg]", "cm", "[in_i]", "kg", "g", "[lb_av]", "[oz_av]",
+    "kg/m2", "m2",
+];
+
 /// What is known of a code: its display, MDC code, category, and the
 /// specific vital-signs profile with the unit it requires.
 struct Known {
@@ -267,7 +274,8 @@ pub fn observations(r: &Reading) -> Vec<Value> {
         o["code"] = concept(&m.0);
         o["valueQuantity"] = quantity(m.1, &m.2);
         let mut profiles = Vec::new();
-        if k.and_then(|k| k.category) == Some("vital-signs") {
+        if k.and_then(|k| k.category) == Some("vital-signs") && VITAL_UNITS.contains(&m.2.as_str())
+        {
             profiles.push(VITALSIGNS.to_owned());
             if let Some((p, units)) = k.and_then(|k| k.profile)
                 && units.contains(&m.2.as_str())
@@ -302,23 +310,28 @@ pub fn observations(r: &Reading) -> Vec<Value> {
             .iter()
             .map(|m| json!({"code": concept(&m.0), "valueQuantity": quantity(m.1, &m.2)}))
             .collect();
-        let mut profiles = vec![VITALSIGNS.to_owned()];
         if parts.iter().all(|m| m.2 == "mm[Hg]") {
-            profiles.push("http://hl7.org/fhir/StructureDefinition/bp".into());
+            o["meta"] =
+                json!({ "profile": [VITALSIGNS, "http://hl7.org/fhir/StructureDefinition/bp"] });
         }
-        o["meta"] = json!({ "profile": profiles });
         out.push(o);
-        // Repeats of a component code beyond the panel's one each.
+        // Repeats of a component code beyond the panel's one each: the
+        // second `.2`, the third `.3`…
+        let mut repeats: BTreeMap<&str, usize> = BTreeMap::new();
         for m in bp
             .iter()
             .map(|m| **m)
             .filter(|m| !parts.iter().any(|p| std::ptr::eq(*p, *m)))
         {
-            let mut o = base(r, &format!("{}.2", m.0), &[m.0.as_str()]);
+            let n = repeats.entry(m.0.as_str()).or_insert(1);
+            *n += 1;
+            let mut o = base(r, &format!("{}.{n}", m.0), &[m.0.as_str()]);
             o["category"] = category("vital-signs");
             o["code"] = concept(&m.0);
             o["valueQuantity"] = quantity(m.1, &m.2);
-            o["meta"] = json!({ "profile": [VITALSIGNS] });
+            if VITAL_UNITS.contains(&m.2.as_str()) {
+                o["meta"] = json!({ "profile": [VITALSIGNS] });
+            }
             out.push(o);
         }
     }
@@ -361,9 +374,12 @@ pub fn observation_id(partition: u32, log_index: u64, tail: &str) -> String {
 }
 
 /// Where a page starts: after this reading, in (device time, partition,
-/// leaf index) order. Its text, `<ms>.<partition>.<index>`, is the
-/// `_cursor` of the next page's link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// leaf index) order, within the snapshot the search's first page took
+/// (per partition, the last leaf exported then), so a traversal neither
+/// skips nor repeats what is exported while it runs. Its text,
+/// `<ms>.<partition>.<index>.<p>_<last>-<p>_<last>…`, is the `_cursor` of
+/// the next page's link.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
     /// Device time, Unix ms.
     pub time_ms: i64,
@@ -371,11 +387,17 @@ pub struct Cursor {
     pub partition: u32,
     /// Leaf index.
     pub log_index: u64,
+    /// Per partition, the last leaf index the traversal sees.
+    pub snapshot: Vec<(u32, u64)>,
 }
 
 impl std::fmt::Display for Cursor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}.{}", self.time_ms, self.partition, self.log_index)
+        write!(f, "{}.{}.{}.", self.time_ms, self.partition, self.log_index)?;
+        for (k, (p, h)) in self.snapshot.iter().enumerate() {
+            write!(f, "{}{p}_{h}", if k == 0 { "" } else { "-" })?;
+        }
+        Ok(())
     }
 }
 
@@ -384,13 +406,25 @@ impl std::str::FromStr for Cursor {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         let bad = || format!("_cursor {s:?}: not a page cursor (take it from a next link)");
         let mut it = s.split('.');
-        let (Some(t), Some(p), Some(i), None) = (it.next(), it.next(), it.next(), it.next()) else {
+        let (Some(t), Some(p), Some(i), Some(snap), None) =
+            (it.next(), it.next(), it.next(), it.next(), it.next())
+        else {
             return Err(bad());
         };
+        let snapshot = snap
+            .split('-')
+            .map(|x| {
+                let (p, h) = x.split_once('_')?;
+                Some((p.parse().ok()?, h.parse().ok()?))
+            })
+            .collect::<Option<Vec<(u32, u64)>>>()
+            .filter(|v| !v.is_empty() && v.len() <= 4096)
+            .ok_or_else(bad)?;
         Ok(Cursor {
             time_ms: t.parse().map_err(|_| bad())?,
             partition: p.parse().map_err(|_| bad())?,
             log_index: i.parse().map_err(|_| bad())?,
+            snapshot,
         })
     }
 }
@@ -404,9 +438,10 @@ pub struct Search {
     pub from_ms: Option<i64>,
     /// Device time before (Unix ms).
     pub until_ms: Option<i64>,
-    /// Only these LOINC codes (85354-9: the blood-pressure parts); empty:
-    /// all.
-    pub codes: Vec<String>,
+    /// Only Observations whose `code` holds, for each set, one of its
+    /// LOINC codes (each `code` parameter is a set; repeats must all
+    /// match); empty: all.
+    pub codes: Vec<Vec<String>>,
     /// Observations per page, at most.
     pub count: usize,
     /// Start after this reading.
@@ -461,6 +496,7 @@ impl Search {
                     }
                 }
                 "code" => {
+                    let mut set = Vec::new();
                     for token in v.split(',') {
                         let code = match token.split_once('|') {
                             Some((LOINC, c)) | Some(("", c)) => c,
@@ -474,12 +510,11 @@ impl Search {
                         if !vitaltrail_core::envelope::is_loinc(code) {
                             return Err(bad(format!("code {code:?} is not a LOINC code")));
                         }
-                        if code == BP_PANEL {
-                            s.codes.extend(BP_PARTS.iter().map(|c| (*c).to_owned()));
-                        } else {
-                            s.codes.push(code.to_owned());
-                        }
+                        set.push(code.to_owned());
                     }
+                    set.sort();
+                    set.dedup();
+                    s.codes.push(set);
                 }
                 "_count" => {
                     s.count = v
@@ -503,8 +538,6 @@ impl Search {
         if s.patient.is_empty() {
             return Err(bad("patient is empty".into()));
         }
-        s.codes.sort();
-        s.codes.dedup();
         Ok(s)
     }
 }
@@ -522,8 +555,8 @@ fn set_patient(slot: &mut Option<String>, p: String) -> Result<()> {
 }
 
 /// A `date` parameter as bounds on device time: [from, until) in Unix ms.
-/// A date or a time without seconds stands for its whole range (`ge` from
-/// its start, `le` to its end).
+/// A date, or a date-time to the second, stands for its whole range (`ge`
+/// from its start, `le` to its end).
 pub fn date_bounds(v: &str) -> Result<(Option<i64>, Option<i64>)> {
     let (prefix, rest) = match v.get(..2) {
         Some(p @ ("ge" | "gt" | "le" | "lt" | "eq")) => (p, &v[2..]),
@@ -589,9 +622,49 @@ fn instant_range(v: &str) -> Result<(i64, i64)> {
     let t = OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
         .map_err(|_| bad())?;
     let at = (t.unix_timestamp_nanos() / 1_000_000) as i64;
-    // To the second (or finer): the instant's own millisecond.
-    Ok((at, at + 1))
+    // To the second: that whole second; with a fraction, its millisecond.
+    let time = v.split_once('T').map_or("", |x| x.1);
+    let width = if time.contains('.') { 1 } else { 1_000 };
+    Ok((at, at + width))
 }
+
+/// Whether an Observation's `code` answers every code set of a search.
+fn answers(o: &Value, codes: &[Vec<String>]) -> bool {
+    let coded: Vec<&str> = o["code"]["coding"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["system"] == LOINC)
+        .filter_map(|c| c["code"].as_str())
+        .collect();
+    codes
+        .iter()
+        .all(|set| set.iter().any(|c| coded.contains(&c.as_str())))
+}
+
+/// The rows a code search needs: every code asked, all of the blood
+/// pressure's parts if any of them or the panel is (whether they form a
+/// panel depends on them all), and pulse oximetry's SpO2 for 2708-6 (its
+/// Observations carry 2708-6 too).
+fn rows_for(codes: &[Vec<String>]) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in codes.iter().flatten() {
+        out.push(c.clone());
+        if c == BP_PANEL || BP_PARTS.contains(&c.as_str()) {
+            out.extend(BP_PARTS.iter().map(|p| (*p).to_owned()));
+        }
+        if c == "2708-6" {
+            out.push("59408-5".into());
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Scans of the table one page may take while a code search finds too
+/// few matches; then the page ends early, with a `next` link.
+const MAX_SCANS: usize = 16;
 
 /// One page of a search.
 #[derive(Debug, Clone)]
@@ -630,7 +703,11 @@ impl QueryEngine {
             .table("readings")
             .await?
             .filter(col("partition").eq(lit(p)).and(col("log_index").eq(lit(i))))?
-            .sort(vec![col("loinc").sort(true, false)])?;
+            .sort(vec![
+                col("loinc").sort(true, false),
+                col("value").sort(true, false),
+                col("unit").sort(true, false),
+            ])?;
         let rows = self.capped(df).await?;
         Ok(group(&rows)?
             .iter()
@@ -666,77 +743,159 @@ impl QueryEngine {
         .await
     }
 
-    /// One page of `s`: whole readings, at most `s.count` Observations
-    /// (one reading more only if the page would be empty).
-    pub async fn observations(&self, s: &Search) -> Result<Page> {
-        let mut df = self
+    /// Per partition, the last leaf of `patient` exported now: the
+    /// snapshot a traversal keeps to.
+    async fn snapshot(&self, patient: &str) -> Result<Vec<(u32, u64)>> {
+        use datafusion::functions_aggregate::expr_fn::max;
+        let df = self
             .ctx
             .table("readings")
             .await?
-            .filter(col("patient").eq(lit(s.patient.as_str())))?;
-        if let Some(from) = s.from_ms {
-            df = df.filter(col("device_time").gt_eq(ts(from)))?;
-        }
-        if let Some(until) = s.until_ms {
-            df = df.filter(col("device_time").lt(ts(until)))?;
-        }
-        if !s.codes.is_empty() {
-            df = df.filter(
-                col("loinc").in_list(s.codes.iter().map(|c| lit(c.as_str())).collect(), false),
+            .filter(col("patient").eq(lit(patient)))?
+            .aggregate(
+                vec![col("partition")],
+                vec![max(col("log_index")).alias("last")],
             )?;
+        let mut out = Vec::new();
+        for b in df.collect().await? {
+            let p = arrow::compute::cast(b.column(0), &DataType::UInt32)?;
+            let h = arrow::compute::cast(b.column(1), &DataType::UInt64)?;
+            let (Some(p), Some(h)) = (
+                p.as_any().downcast_ref::<UInt32Array>(),
+                h.as_any().downcast_ref::<UInt64Array>(),
+            ) else {
+                return Err(Error::Data(
+                    "readings: partition or log_index not as expected".into(),
+                ));
+            };
+            for i in 0..b.num_rows() {
+                if !h.is_null(i) {
+                    out.push((p.value(i), h.value(i)));
+                }
+            }
         }
-        if let Some(c) = s.after {
-            let t = ts(c.time_ms);
-            df = df.filter(
-                col("device_time")
-                    .gt(t.clone())
-                    .or(col("device_time").eq(t).and(
-                        col("partition").gt(lit(c.partition)).or(col("partition")
-                            .eq(lit(c.partition))
-                            .and(col("log_index").gt(lit(c.log_index)))),
-                    )),
-            )?;
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// One page of `s`: whole readings, at most `s.count` Observations
+    /// (one reading more only if the page would be empty), within the
+    /// snapshot of the first page.
+    pub async fn observations(&self, s: &Search) -> Result<Page> {
+        let snapshot = match &s.after {
+            Some(c) => c.snapshot.clone(),
+            None => self.snapshot(&s.patient).await?,
+        };
+        if snapshot.is_empty() {
+            return Ok(Page {
+                observations: Vec::new(),
+                next: None,
+            });
         }
+        let seen = snapshot
+            .iter()
+            .map(|(p, h)| {
+                col("partition")
+                    .eq(lit(*p))
+                    .and(col("log_index").lt_eq(lit(*h)))
+            })
+            .reduce(datafusion::logical_expr::Expr::or)
+            .unwrap_or_else(|| lit(false));
+        let rows_for = rows_for(&s.codes);
+        let mut after = s
+            .after
+            .as_ref()
+            .map(|c| (c.time_ms, c.partition, c.log_index));
+        let mut out = Vec::new();
         // Enough rows for `count` Observations and the rest of the last
         // reading (a reading holds at most MAX_MEASUREMENTS).
         let fetch = s.count + vitaltrail_core::envelope::MAX_MEASUREMENTS + 1;
-        let df = df
-            .sort(vec![
-                col("device_time").sort(true, false),
-                col("partition").sort(true, false),
-                col("log_index").sort(true, false),
-                col("loinc").sort(true, false),
-            ])?
-            .limit(0, Some(fetch))?;
-        let rows = self.capped(df).await?;
-        let n: usize = rows.iter().map(RecordBatch::num_rows).sum();
-        let readings = group(&rows)?;
-        // The last reading may be cut off by the limit: not on this page.
-        let complete = if n >= fetch {
-            readings.len().saturating_sub(1)
-        } else {
-            readings.len()
+        let cursor = |after: Option<(i64, u32, u64)>| {
+            after.map(|(time_ms, partition, log_index)| Cursor {
+                time_ms,
+                partition,
+                log_index,
+                snapshot: snapshot.clone(),
+            })
         };
-        let mut out = Vec::new();
-        let mut last = None;
-        let mut taken = 0;
-        for r in readings.iter().take(complete) {
-            let o = observations(r);
-            if !out.is_empty() && out.len() + o.len() > s.count {
+        for _ in 0..MAX_SCANS {
+            let mut df = self
+                .ctx
+                .table("readings")
+                .await?
+                .filter(col("patient").eq(lit(s.patient.as_str())))?
+                .filter(seen.clone())?;
+            if let Some(from) = s.from_ms {
+                df = df.filter(col("device_time").gt_eq(ts(from)))?;
+            }
+            if let Some(until) = s.until_ms {
+                df = df.filter(col("device_time").lt(ts(until)))?;
+            }
+            if !rows_for.is_empty() {
+                df = df.filter(
+                    col("loinc").in_list(rows_for.iter().map(|c| lit(c.as_str())).collect(), false),
+                )?;
+            }
+            if let Some((t, p, i)) = after {
+                let t = ts(t);
+                df = df.filter(
+                    col("device_time")
+                        .gt(t.clone())
+                        .or(col("device_time").eq(t).and(
+                            col("partition")
+                                .gt(lit(p))
+                                .or(col("partition").eq(lit(p)).and(col("log_index").gt(lit(i)))),
+                        )),
+                )?;
+            }
+            let df = df
+                .sort(vec![
+                    col("device_time").sort(true, false),
+                    col("partition").sort(true, false),
+                    col("log_index").sort(true, false),
+                    col("loinc").sort(true, false),
+                    col("value").sort(true, false),
+                    col("unit").sort(true, false),
+                ])?
+                .limit(0, Some(fetch))?;
+            let rows = self.capped(df).await?;
+            let n: usize = rows.iter().map(RecordBatch::num_rows).sum();
+            let readings = group(&rows)?;
+            // The last reading may be cut off by the limit: not yet.
+            let complete = if n >= fetch {
+                readings.len().saturating_sub(1)
+            } else {
+                readings.len()
+            };
+            for r in readings.iter().take(complete) {
+                let o: Vec<Value> = observations(r)
+                    .into_iter()
+                    .filter(|o| answers(o, &s.codes))
+                    .collect();
+                if !out.is_empty() && out.len() + o.len() > s.count {
+                    // Full: the rest on the next page.
+                    return Ok(Page {
+                        observations: out,
+                        next: cursor(after),
+                    });
+                }
+                out.extend(o);
+                after = Some((r.device_time_ms, r.partition, r.log_index));
+            }
+            if n < fetch {
+                // Every matching row read.
+                return Ok(Page {
+                    observations: out,
+                    next: None,
+                });
+            }
+            if out.len() >= s.count {
                 break;
             }
-            out.extend(o);
-            taken += 1;
-            last = Some(Cursor {
-                time_ms: r.device_time_ms,
-                partition: r.partition,
-                log_index: r.log_index,
-            });
         }
-        let more = taken < readings.len() || n >= fetch;
         Ok(Page {
             observations: out,
-            next: if more { last } else { None },
+            next: cursor(after),
         })
     }
 }
@@ -827,23 +986,64 @@ fn cast_batch(b: &RecordBatch) -> Result<RecordBatch> {
     )?)
 }
 
-/// A `searchset` Bundle of one page; `self_url` is the request's, and
-/// `next_url` the next page's.
-pub fn searchset(page: &Page, self_url: &str, next_url: Option<&str>, now_ms: u64) -> Value {
+/// A `searchset` Bundle of one page; `self_url` is the request's,
+/// `next_url` the next page's, and `full_url` gives each Observation's
+/// `fullUrl` from its ID. No `entry` when there is none (FHIR JSON has no
+/// empty arrays).
+pub fn searchset(
+    page: &Page,
+    self_url: &str,
+    next_url: Option<&str>,
+    full_url: &dyn Fn(&str) -> String,
+    now_ms: u64,
+) -> Value {
     let mut link = vec![json!({"relation": "self", "url": self_url})];
     if let Some(n) = next_url {
         link.push(json!({"relation": "next", "url": n}));
     }
-    json!({
+    let mut b = json!({
         "resourceType": "Bundle",
         "type": "searchset",
         "timestamp": instant(now_ms),
         "link": link,
-        "entry": page.observations.iter().map(|o| json!({
-            "resource": o,
-            "search": {"mode": "match"}
-        })).collect::<Vec<_>>()
+    });
+    if !page.observations.is_empty() {
+        b["entry"] = page
+            .observations
+            .iter()
+            .map(|o| entry(o, full_url))
+            .collect();
+    }
+    b
+}
+
+/// One searchset entry.
+pub fn entry(o: &Value, full_url: &dyn Fn(&str) -> String) -> Value {
+    json!({
+        "fullUrl": full_url(o["id"].as_str().unwrap_or_default()),
+        "resource": o,
+        "search": {"mode": "match"}
     })
+}
+
+/// A `fullUrl` where no server names the Observation (an export): a
+/// `urn:uuid:` derived from its ID (BLAKE3, as a version-8 UUID), the same
+/// for the same Observation in every export.
+pub fn urn_uuid(id: &str) -> String {
+    let h = blake3::hash(format!("vitaltrail observation {id}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h.as_bytes()[..16]);
+    b[6] = (b[6] & 0x0f) | 0x80;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let x: String = b.iter().map(|v| format!("{v:02x}")).collect();
+    format!(
+        "urn:uuid:{}-{}-{}-{}-{}",
+        &x[..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..]
+    )
 }
 
 /// An `OperationOutcome` saying why a request failed.
@@ -903,6 +1103,12 @@ mod tests {
         assert_eq!(hr["valueQuantity"]["system"], UCUM);
         assert_eq!(hr["valueQuantity"]["value"], 72.0);
         assert_eq!(hr["effectiveDateTime"], "2026-12-07T23:25:10.000Z");
+        assert_eq!(
+            urn_uuid("2-161-8867-4"),
+            urn_uuid("2-161-8867-4"),
+            "the same fullUrl in every export"
+        );
+        assert!(urn_uuid("2-161-8867-4").starts_with("urn:uuid:"));
         assert_eq!(hr["issued"], "2026-12-07T23:25:10.250Z");
         assert_eq!(hr["subject"]["identifier"]["value"], "patient-1");
         assert_eq!(hr["device"]["identifier"]["value"], r.device.as_str());
@@ -941,8 +1147,11 @@ mod tests {
         assert_eq!(obs.len(), 1);
         assert_eq!(obs[0]["code"]["coding"][0]["code"], "8480-6");
         assert_eq!(obs[0]["valueQuantity"]["value"], 120.0);
-        // A unit the profile does not allow: only the base profile.
+        // A unit the vital-signs units do not hold: no profile claimed;
+        // one they hold but the vital's profile does not: the base only.
         let obs = observations(&reading(&[("8867-4", 1.2, "Hz")]));
+        assert!(obs[0].get("meta").is_none(), "{obs:#?}");
+        let obs = observations(&reading(&[("8867-4", 72.0, "%")]));
         assert_eq!(obs[0]["meta"]["profile"], json!([VITALSIGNS]));
         // An unknown code: no category, no profile; a repeat: its own ID.
         let obs = observations(&reading(&[("1234-5", 1.0, "1"), ("1234-5", 2.0, "1")]));
@@ -954,15 +1163,16 @@ mod tests {
         assert_eq!(obs[0]["code"]["coding"][1]["code"], "2708-6");
         // Not a number: left out.
         assert!(observations(&reading(&[("8867-4", f64::NAN, "/min")])).is_empty());
-        // BP twice in one reading: one panel, the repeat on its own.
+        // Systolic three times in one reading: one panel, each repeat on
+        // its own, every ID distinct.
         let obs = observations(&reading(&[
             ("8480-6", 120.0, "mm[Hg]"),
             ("8480-6", 121.0, "mm[Hg]"),
+            ("8480-6", 122.0, "mm[Hg]"),
             ("8462-4", 80.0, "mm[Hg]"),
         ]));
-        assert_eq!(obs.len(), 2, "{obs:#?}");
         let ids: Vec<&str> = obs.iter().map(|o| o["id"].as_str().unwrap()).collect();
-        assert_eq!(ids, ["2-161-bp", "2-161-8480-6.2"]);
+        assert_eq!(ids, ["2-161-bp", "2-161-8480-6.2", "2-161-8480-6.3"]);
     }
 
     #[test]
@@ -978,7 +1188,7 @@ mod tests {
         assert_eq!(s.patient, "patient-1");
         assert_eq!(s.from_ms, Some(1_796_688_000_000));
         assert_eq!(s.until_ms, Some(1_796_688_000_000 + 12 * 3_600_000));
-        assert_eq!(s.codes, ["8462-4", "8478-0", "8480-6", "8867-4"]);
+        assert_eq!(s.codes, [vec!["85354-9".to_owned(), "8867-4".to_owned()]]);
         assert_eq!(s.count, 10);
         assert_eq!(date_bounds("le2026-12").unwrap().1, Some(1_798_761_600_000));
         assert_eq!(
@@ -1005,7 +1215,45 @@ mod tests {
         ] {
             assert!(Search::from_pairs(bad.clone()).is_err(), "{bad:?}");
         }
-        let c: Cursor = "1796685910000.2.161".parse().unwrap();
-        assert_eq!(c.to_string(), "1796685910000.2.161");
+        let c: Cursor = "1796685910000.2.161.0_7-2_161".parse().unwrap();
+        assert_eq!(c.snapshot, [(0, 7), (2, 161)]);
+        assert_eq!(c.to_string(), "1796685910000.2.161.0_7-2_161");
+        for bad in ["1.2.3", "1.2.3.", "1.2.3.x_1", "1.2.3.1_2.5"] {
+            assert!(bad.parse::<Cursor>().is_err(), "{bad}");
+        }
+        // A date-time to the second is its whole second.
+        assert_eq!(
+            date_bounds("2026-12-08T00:00:00Z").unwrap(),
+            (Some(1_796_688_000_000), Some(1_796_688_001_000))
+        );
+        assert_eq!(
+            date_bounds("2026-12-08T00:00:00.250Z").unwrap(),
+            (Some(1_796_688_000_250), Some(1_796_688_000_251))
+        );
+        // Code searches: every set must be answered by a LOINC coding.
+        let spo2 = observations(&reading(&[("59408-5", 97.0, "%")])).remove(0);
+        let code = |sets: &[&[&str]]| -> Vec<Vec<String>> {
+            sets.iter()
+                .map(|s| s.iter().map(|c| (*c).to_owned()).collect())
+                .collect()
+        };
+        assert!(
+            answers(&spo2, &code(&[&["2708-6"]])),
+            "pulse oximetry is SpO2 too"
+        );
+        assert!(answers(&spo2, &code(&[&["59408-5"], &["2708-6"]])));
+        assert!(
+            !answers(&spo2, &code(&[&["59408-5"], &["8867-4"]])),
+            "repeats are AND"
+        );
+        assert!(
+            answers(&spo2, &code(&[&["8867-4", "59408-5"]])),
+            "a list is OR"
+        );
+        assert_eq!(
+            rows_for(&code(&[&["8480-6"]])),
+            ["8462-4", "8478-0", "8480-6"],
+            "a part needs all parts to know if it is a panel"
+        );
     }
 }

@@ -100,17 +100,44 @@ fn fhir_gate(
     })
 }
 
+/// The server builds these queries: only a malformed request is the
+/// caller's fault; a timeout or a cap is transient; anything else is the
+/// server's, told without its internals (they are logged).
 fn fhir_error(e: &Error) -> Response {
-    if e.is_caller_fault() {
-        fhir_refusal(StatusCode::BAD_REQUEST, "invalid", &e.to_string())
-    } else {
-        tracing::warn!(error = %e, "FHIR request failed");
-        fhir_refusal(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "exception",
-            &e.to_string(),
-        )
+    match e {
+        Error::Format(m) => fhir_refusal(StatusCode::BAD_REQUEST, "invalid", m),
+        Error::Timeout(_) | Error::TooLarge { .. } | Error::TooBig(_) => fhir_refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "transient",
+            "the search took too long or too much; retry, or narrow it (date, code, _count)",
+        ),
+        _ => {
+            tracing::warn!(error = %e, "FHIR request failed");
+            fhir_refusal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "the search failed on the server (its log says why)",
+            )
+        }
     }
+}
+
+/// The host the links name: the request's `Host` if it is a plain
+/// host[:port], else `localhost` (never a value that could change a
+/// link's meaning).
+fn link_host(headers: &HeaderMap) -> String {
+    headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 255
+                && h.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+                })
+        })
+        .unwrap_or("localhost")
+        .to_owned()
 }
 
 /// `GET /fhir/Observation?patient=P[&date=ge…][&code=…][&_count=N]`: a
@@ -142,11 +169,7 @@ async fn fhir_search(
         },
         Err(e) => return fhir_error(&e),
     };
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost");
-    let base = format!("http://{host}/fhir/Observation");
+    let base = format!("http://{}/fhir/Observation", link_host(&headers));
     let url_of = |pairs: &mut dyn Iterator<Item = (&str, &str)>| {
         let mut s = url::form_urlencoded::Serializer::new(String::new());
         for (k, v) in pairs {
@@ -155,7 +178,7 @@ async fn fhir_search(
         format!("{base}?{}", s.finish())
     };
     let self_url = url_of(&mut pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    let next_url = page.next.map(|c| {
+    let next_url = page.next.as_ref().map(|c| {
         let c = c.to_string();
         url_of(
             &mut pairs
@@ -170,7 +193,13 @@ async fn fhir_search(
         .map_or(0, |d| d.as_millis() as u64);
     fhir_answer(
         StatusCode::OK,
-        &crate::fhir::searchset(&page, &self_url, next_url.as_deref(), now),
+        &crate::fhir::searchset(
+            &page,
+            &self_url,
+            next_url.as_deref(),
+            &|id: &str| format!("{base}/{id}"),
+            now,
+        ),
     )
 }
 

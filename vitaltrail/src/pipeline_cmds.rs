@@ -773,7 +773,6 @@ pub fn log_key_for(data: &Path, bundle: &ProofBundle) -> Result<String> {
     )
 }
 
-/// `vitaltrail query`.
 /// `vitaltrail fhir observations`: every page of the search, as one
 /// searchset Bundle or as NDJSON, written as it is read.
 pub fn fhir_observations(
@@ -801,22 +800,29 @@ pub fn fhir_observations(
     let rt = runtime()?;
     let engine = rt.block_on(vitaltrail_query::QueryEngine::open(data))?;
     let now = vitaltrail_core::Clock::now_ms(&vitaltrail_core::SystemClock);
-    if !ndjson {
-        out!(
-            "{{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"timestamp\":{},\"entry\":[",
-            serde_json::Value::from(vitaltrail_query::fhir::instant(now))
-        );
-    }
+    use std::io::Write as _;
+    let mut w = std::io::BufWriter::new(std::io::stdout().lock());
     let mut first = true;
     loop {
         let page = rt.block_on(engine.observations(&search))?;
         for o in &page.observations {
             if ndjson {
-                outln!("{o}");
+                writeln!(w, "{o}")
             } else {
-                let entry = serde_json::json!({"resource": o, "search": {"mode": "match"}});
-                out!("{}\n{entry}", if first { "" } else { "," });
+                if first {
+                    // The entries: only if there is one (FHIR JSON has no
+                    // empty arrays).
+                    write!(
+                        w,
+                        "{{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"timestamp\":{},\"entry\":[",
+                        serde_json::Value::from(vitaltrail_query::fhir::instant(now))
+                    )
+                    .map_err(crate::out::stdout_error)?;
+                }
+                let e = vitaltrail_query::fhir::entry(o, &vitaltrail_query::fhir::urn_uuid);
+                write!(w, "{}\n{e}", if first { "" } else { "," })
             }
+            .map_err(crate::out::stdout_error)?;
             first = false;
         }
         match page.next {
@@ -825,11 +831,24 @@ pub fn fhir_observations(
         }
     }
     if !ndjson {
-        outln!("]}}");
+        if first {
+            write!(
+                w,
+                "{{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"timestamp\":{}",
+                serde_json::Value::from(vitaltrail_query::fhir::instant(now))
+            )
+            .map_err(crate::out::stdout_error)?;
+            writeln!(w, "}}")
+        } else {
+            writeln!(w, "]}}")
+        }
+        .map_err(crate::out::stdout_error)?;
     }
+    w.flush().map_err(crate::out::stdout_error)?;
     Ok(ExitCode::SUCCESS)
 }
 
+/// `vitaltrail query`: one read-only statement, in the chosen format.
 pub fn query(data: &Path, sql: &str, format: &str, out: Option<&Path>) -> Result<ExitCode> {
     use vitaltrail_query::{Format, QueryEngine, encode};
     let fmt = match format {

@@ -26,7 +26,17 @@
 //! is measured until its readings are appended and receipted and the
 //! pipeline is quiet again, so the work a phase causes is counted in it.
 //!
-//! Readings are signed before the clock starts, so signing cost is not counted.
+//! With alerts (issue #21), during the latency run `--alert-probes`
+//! patients of a ward each publish one reading that raises a NEWS2 alarm
+//! (SpO2 80 %), spread over the run, on top of the background load; the
+//! bench reports publish → the alarm on MQTT `alerts/<ward>` (a nurse
+//! station subscribed through the gate with its viewer certificate) and
+//! publish → the webhook POST (a receiver in this process). The same path
+//! run again with the alert engine off gives the engine's CPU per reading,
+//! at full speed and at the offered rate.
+//!
+//! Readings are signed before the clock starts, so signing cost is not
+//! counted (the probes' are signed as they are sent).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -99,7 +109,23 @@ struct Args {
     /// Internal (with --serve-pipeline): no receipts.
     #[arg(long, hide = true)]
     serve_no_receipts: bool,
+    /// Patients whose alarms are timed during each latency run (0: none,
+    /// and no run with the engine off).
+    #[arg(long, default_value_t = 200)]
+    alert_probes: usize,
+    /// Internal (with --serve-pipeline): no alert engine.
+    #[arg(long, hide = true)]
+    serve_no_alerts: bool,
+    /// Internal (with --serve-pipeline): POST alarm events here.
+    #[arg(long, hide = true)]
+    serve_webhook: Option<String>,
+    /// Internal (with --serve-pipeline): the webhook's secret file.
+    #[arg(long, hide = true)]
+    serve_webhook_secret: Option<std::path::PathBuf>,
 }
+
+/// The ward of the alert probes.
+const PROBE_WARD: &str = "ward-bench";
 
 /// utime + stime of a process (`self` or a pid), from /proc (clock ticks of
 /// 1/100 s).
@@ -375,6 +401,8 @@ struct Path {
     partitions: u32,
     /// Build and publish receipts (docs/receipts.md).
     receipts: bool,
+    /// Run the alert engine (and, with `--alert-probes`, time alarms).
+    alerts: bool,
 }
 
 /// The pipeline child: `up::run` on `dir` until SIGTERM (`--serve-pipeline`).
@@ -393,6 +421,24 @@ async fn serve_pipeline(a: &Args, dir: &std::path::Path) -> Result<()> {
         cfg.attestor.checkpoint_interval = Duration::from_millis(ms);
     }
     cfg.attestor.receipts = !a.serve_no_receipts;
+    if a.serve_no_alerts {
+        cfg.alerts = None;
+    }
+    if let (Some(alerts), Some(url), Some(secret)) =
+        (&mut cfg.alerts, &a.serve_webhook, &a.serve_webhook_secret)
+    {
+        alerts
+            .webhooks
+            .push(vitaltrail_alerts::webhook::WebhookConfig {
+                name: "bench".into(),
+                url: url.clone(),
+                wards: vec![PROBE_WARD.into()],
+                secret_file: secret.clone(),
+                timeout_ms: 10_000,
+                first_backoff_ms: 100,
+                max_backoff_ms: 1_000,
+            });
+    }
     if let Some(n) = a.ingest_connections {
         cfg.ingest.connections = n;
     }
@@ -434,6 +480,7 @@ impl Child {
         data: &std::path::Path,
         mqtt: std::net::SocketAddr,
         metrics: std::net::SocketAddr,
+        webhook: Option<(&str, &std::path::Path)>,
     ) -> Result<Child> {
         let mut cmd = std::process::Command::new(std::env::current_exe()?);
         cmd.arg("--serve-pipeline")
@@ -449,6 +496,15 @@ impl Child {
         }
         if !path.receipts {
             cmd.arg("--serve-no-receipts");
+        }
+        if !path.alerts {
+            cmd.arg("--serve-no-alerts");
+        }
+        if let Some((url, secret)) = webhook {
+            cmd.arg("--serve-webhook")
+                .arg(url)
+                .arg("--serve-webhook-secret")
+                .arg(secret);
         }
         if let Some(ms) = a.checkpoint_interval_ms {
             cmd.arg("--checkpoint-interval-ms").arg(ms.to_string());
@@ -550,6 +606,183 @@ impl Drop for Child {
     }
 }
 
+/// When each probe patient's alarm arrived, by patient, Unix ms.
+type Arrivals = Arc<std::sync::Mutex<HashMap<String, u64>>>;
+
+fn arrived(at: &Arrivals, patient: &str) {
+    at.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(patient.to_owned())
+        .or_insert_with(|| SystemClock.now_ms());
+}
+
+/// A webhook receiver on 127.0.0.1 (HTTP/1.1, keep-alive): answers 200 to
+/// every POST and notes when each patient's `raised` event first came, by
+/// the `X-Vitaltrail-Event` header (`<rule>/<patient>/<ms>-<n>#raised`).
+async fn webhook_receiver() -> Result<(String, Arrivals)> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let at: Arrivals = Arc::default();
+    let got = at.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let got = got.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let mut r = BufReader::new(r);
+                loop {
+                    let (mut len, mut key) = (0usize, String::new());
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let l = line.trim_end();
+                        if l.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = l.split_once(':') {
+                            match k.trim().to_ascii_lowercase().as_str() {
+                                "content-length" => len = v.trim().parse().unwrap_or(0),
+                                "x-vitaltrail-event" => key = v.trim().to_owned(),
+                                _ => {}
+                            }
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    if let Some(id) = key.strip_suffix("#raised")
+                        && let Some(patient) = id.split('/').nth(1)
+                    {
+                        arrived(&got, patient);
+                    }
+                    if w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok((url, at))
+}
+
+/// A nurse station of [`PROBE_WARD`]: a viewer certificate from the data
+/// directory's CA, pinned in its viewers file, subscribed to
+/// `alerts/<ward>` through the gate; notes when each patient's `raised`
+/// event first came.
+async fn nurse_station(data: &std::path::Path, port: u16) -> Result<(AsyncClient, Arrivals)> {
+    use vitaltrail_mqtt::viewers::{Viewers, viewers_file};
+    let pki = vitaltrail_mqtt::Pki::open(data)?;
+    let (cert, key, pin) = pki.issue_viewer("bench")?;
+    let file = viewers_file(data);
+    let mut v = Viewers::load(&file)?;
+    v.add(
+        "bench",
+        &[PROBE_WARD.to_owned()],
+        &pin,
+        "",
+        SystemClock.now_ms(),
+    )?;
+    v.save(&file)?;
+    let tls = vitaltrail_mqtt::ClientTls::new(&pki.server_ca_pem()?, &cert, &key)?;
+    let mut opts = vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", port)
+        .with_tls(tls)
+        .options("viewer:bench");
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true)
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut el) = AsyncClient::new(opts, 1_000);
+    client
+        .subscribe(format!("alerts/{PROBE_WARD}"), QoS::AtLeastOnce)
+        .await?;
+    let at: Arrivals = Arc::default();
+    let got = at.clone();
+    tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let Ok(e) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
+                        continue;
+                    };
+                    if e["kind"] == "raised"
+                        && let Some(patient) = e["alarm"]["patient"].as_str()
+                    {
+                        arrived(&got, patient);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    Ok((client, at))
+}
+
+/// Publish one alarm-raising reading (SpO2 80 %, NEWS2 scores it 3) per
+/// probe patient, evenly over `over`; when each was published, by patient.
+async fn send_probes(
+    devices: &Devices,
+    keys: &[SecretKey],
+    over: Duration,
+) -> Result<HashMap<String, u64>> {
+    let mut sent = HashMap::new();
+    let start = Instant::now();
+    for (i, k) in keys.iter().enumerate() {
+        let due = over.mul_f64(i as f64 / keys.len() as f64);
+        if let Some(w) = due.checked_sub(start.elapsed()) {
+            tokio::time::sleep(w).await;
+        }
+        let m = |code: &str, value: f64, unit: &str| vitaltrail_core::Measurement {
+            code: code.into(),
+            value,
+            unit: unit.into(),
+        };
+        let now = SystemClock.now_ms();
+        let r = UnsignedReading {
+            seq: 1,
+            time: now,
+            measurements: vec![
+                m("8867-4", 80.0, "/min"),
+                m("2708-6", 80.0, "%"),
+                m("9279-1", 16.0, "/min"),
+            ],
+            meta: None,
+        };
+        let did = k.did().to_string();
+        sent.insert(format!("probe-{i}"), now);
+        devices
+            .clients
+            .get(&did)
+            .context("no connection for a probe")?
+            .publish(
+                format!("vitals/{did}"),
+                QoS::AtLeastOnce,
+                false,
+                envelope::sign(k, &r)?,
+            )
+            .await?;
+    }
+    Ok(sent)
+}
+
+/// p50 and p99 of arrival − publish, over the probes that arrived.
+fn probe_latency(sent: &HashMap<String, u64>, at: &Arrivals) -> (f64, f64, usize) {
+    let at = at.lock().unwrap_or_else(|e| e.into_inner());
+    let mut v: Vec<f64> = sent
+        .iter()
+        .filter_map(|(p, t0)| Some(at.get(p)?.saturating_sub(*t0) as f64))
+        .collect();
+    let n = v.len();
+    (pct(&mut v.clone(), 0.5), pct(&mut v, 0.99), n)
+}
+
 /// Full speed, then latency at a fixed rate, through the pipeline process
 /// on `path`. CPU is `up`'s alone (the child), the devices' apart.
 async fn run_path(
@@ -559,13 +792,28 @@ async fn run_path(
     msgs: &[Signed],
     verify_rate: f64,
     transport_rate: f64,
-) -> Result<()> {
+) -> Result<(f64, f64)> {
     let partitions = path.partitions;
     let data = tempfile::tempdir()?;
     let reg = vitaltrail_bus::datadir::registry_file(data.path());
     for (i, k) in keys.iter().enumerate() {
         reg.add(k.did(), &format!("bench-{i}"), None, 0)?;
     }
+    // The alert probes: a patient each, on the probe ward.
+    let probing = path.alerts && a.alert_probes > 0;
+    let probe_keys: Vec<SecretKey> = (0..if probing { a.alert_probes } else { 0 })
+        .map(|_| SecretKey::generate(&mut rand_core::OsRng))
+        .collect();
+    for (i, k) in probe_keys.iter().enumerate() {
+        reg.add(k.did(), &format!("probe-{i}"), Some(PROBE_WARD), 0)?;
+    }
+    let hook = if probing {
+        let secret = data.path().join("webhook.secret");
+        std::fs::write(&secret, "bench-webhook-secret-0123456789\n")?;
+        Some((webhook_receiver().await?, secret))
+    } else {
+        None
+    };
     let mqtt: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let metrics_listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     std::fs::create_dir_all(data.path().join("keys"))?;
@@ -573,7 +821,15 @@ async fn run_path(
         vitaltrail_bus::datadir::metrics_token_path(data.path()),
         format!("{METRICS_TOKEN}\n"),
     )?;
-    let mut child = Child::start(a, path, data.path(), mqtt, metrics_listen)?;
+    let mut child = Child::start(
+        a,
+        path,
+        data.path(),
+        mqtt,
+        metrics_listen,
+        hook.as_ref()
+            .map(|((url, _), secret)| (url.as_str(), secret.as_path())),
+    )?;
     vitaltrail_node::wait_for_port(mqtt, Duration::from_secs(30))
         .await
         .with_context(|| {
@@ -593,6 +849,12 @@ async fn run_path(
         Some((&pki, keys)),
         path.receipts.then_some(&receipted),
     )?;
+    let probes = Devices::connect(mqtt.port(), Some((&pki, &probe_keys)), None)?;
+    let station = if probing {
+        Some(nurse_station(data.path(), mqtt.port()).await?)
+    } else {
+        None
+    };
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let (up0, dev0) = (cpu_seconds(&pid), cpu_seconds("self"));
     let t = Instant::now();
@@ -639,7 +901,12 @@ async fn run_path(
     let msgs2 = sign_all(keys, n, 1_000_000)?;
     let before = appended(metrics_listen).await;
     let (up0, dev0) = (cpu_seconds(&pid), cpu_seconds("self"));
-    let sent = devices.send(&msgs2, Some(a.latency_rate)).await?;
+    let over = Duration::from_secs_f64(n as f64 / a.latency_rate);
+    let (sent, probe_sent) = tokio::join!(
+        devices.send(&msgs2, Some(a.latency_rate)),
+        send_probes(&probes, &probe_keys, over)
+    );
+    let (sent, probe_sent) = (sent?, probe_sent?);
     child
         .settle(
             data.path(),
@@ -648,6 +915,21 @@ async fn run_path(
             path.receipts.then_some((&*receipted, got_full + n as u64)),
         )
         .await?;
+    // Every probe's alarm on both channels (30 s at most).
+    let alarms = match (&station, &hook) {
+        (Some((_, mqtt_at)), Some(((_, hook_at), _))) => {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let all = |at: &Arrivals| at.lock().map_or(0, |m| m.len()) >= probe_keys.len();
+            while !(all(mqtt_at) && all(hook_at)) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Some((
+                probe_latency(&probe_sent, mqtt_at),
+                probe_latency(&probe_sent, hook_at),
+            ))
+        }
+        _ => None,
+    };
     let up_rate = per(cpu_seconds(&pid) - up0, n);
     let dev_rate = per(cpu_seconds("self") - dev0, n);
     let rss = peak_rss_mb(&pid);
@@ -658,6 +940,8 @@ async fn run_path(
             .collect()
     };
     drop(devices);
+    drop(probes);
+    drop(station);
     child.stop(data.path()).await?;
     let mut lat = Vec::with_capacity(n);
     for p in 0..partitions {
@@ -688,7 +972,14 @@ async fn run_path(
             rlat.len(),
         );
     }
-    Ok(())
+    if let Some(((m50, m99, mn), (w50, w99, wn))) = alarms {
+        let k = probe_keys.len();
+        println!(
+            "  publish->alarm at {:.0}/s background: MQTT alerts/{PROBE_WARD} p50 {m50:.0} ms, p99 {m99:.0} ms ({mn} of {k}); webhook p50 {w50:.0} ms, p99 {w99:.0} ms ({wn} of {k})",
+            a.latency_rate,
+        );
+    }
+    Ok((up_full, up_rate))
 }
 
 /// A nisshi broker on 127.0.0.1 (memory storage), killed on drop.
@@ -885,9 +1176,33 @@ async fn main() -> Result<()> {
         kafka: None,
         partitions,
         receipts: true,
+        alerts: true,
+    };
+    // What the alert engine costs: the same path with it off.
+    let engine_cost = |name: &str, on: (f64, f64), off: (f64, f64)| {
+        println!(
+            "  {name}: the alert engine costs {:.1} µs CPU per reading at full speed ({:.0} on, {:.0} off), {:.1} µs at {:.0}/s ({:.0} on, {:.0} off)",
+            on.0 - off.0,
+            on.0,
+            off.0,
+            on.1 - off.1,
+            a.latency_rate,
+            on.1,
+            off.1
+        );
     };
     if !a.skip_embedded {
-        run_path(&a, &embedded, &keys, &msgs, verify_rate, transport_rate).await?;
+        let on = run_path(&a, &embedded, &keys, &msgs, verify_rate, transport_rate).await?;
+        if a.alert_probes > 0 {
+            let no_alerts = Path {
+                name: "embedded, alert engine off",
+                alerts: false,
+                kafka: None,
+                ..embedded
+            };
+            let off = run_path(&a, &no_alerts, &keys, &msgs, verify_rate, transport_rate).await?;
+            engine_cost("embedded", on, off);
+        }
         // The same without receipts: what one signature per commit and the
         // proofs cost.
         let off = Path {
@@ -910,8 +1225,22 @@ async fn main() -> Result<()> {
             kafka: Some(broker.brokers.clone()),
             partitions: a.kafka_partitions,
             receipts: true,
+            alerts: true,
         };
-        run_path(&a, &kafka, &keys, &msgs, verify_rate, k_transport).await?;
+        let on = run_path(&a, &kafka, &keys, &msgs, verify_rate, k_transport).await?;
+        let mut broker = broker;
+        if a.alert_probes > 0 {
+            drop(broker);
+            broker = Nisshi::start()?;
+            let no_alerts = Path {
+                name: "kafka, alert engine off",
+                kafka: Some(broker.brokers.clone()),
+                alerts: false,
+                ..kafka
+            };
+            let off = run_path(&a, &no_alerts, &keys, &msgs, verify_rate, k_transport).await?;
+            engine_cost("kafka", on, off);
+        }
         // A fresh broker: the first run's records must not be read again.
         drop(broker);
         let broker = Nisshi::start()?;

@@ -133,13 +133,16 @@ async fn observations_and_communications_are_valid_r4_and_match_the_readings() {
     let rows = sql(
         data.path(),
         &format!(
-            "SELECT partition, log_index, loinc, value FROM readings WHERE patient = '{patient}'"
+            "SELECT partition, log_index, loinc, value, CAST(device_time AS BIGINT) \
+             FROM readings WHERE patient = '{patient}'"
         ),
     )
     .await;
     let mut table: BTreeMap<String, f64> = BTreeMap::new();
+    let mut times = Vec::new();
     for b in &rows {
         let (p, i) = (u64s(b, 0), u64s(b, 1));
+        times.extend(u64s(b, 4));
         let code = arrow::compute::cast(b.column(2), &arrow::datatypes::DataType::Utf8).unwrap();
         let code = code
             .as_any()
@@ -165,27 +168,31 @@ async fn observations_and_communications_are_valid_r4_and_match_the_readings() {
 
     // The search, page by page (25 a page), every resource valid.
     let token = data.path().join("keys/sql.token");
+    let tok = token.to_str().unwrap();
     let base = format!("http://{http}");
     let since = vitaltrail_alerts::fhir::instant(started - 60_000);
-    let query = url::form_urlencoded::Serializer::new(String::new())
-        .append_pair("patient", patient)
-        .append_pair("date", &format!("ge{since}"))
-        .append_pair("_count", "25")
-        .finish();
     let pages_file = data.path().join("pages.json");
-    let (r, valid, err) = client(&[
-        "search",
-        &base,
-        token.to_str().unwrap(),
-        &query,
-        pages_file.to_str().unwrap(),
-    ]);
-    assert_eq!(r["status"], 200, "{r} {err}");
-    assert!(valid, "invalid FHIR: {err}");
-    let pages: Vec<serde_json::Value> =
-        serde_json::from_slice(&std::fs::read(&pages_file).unwrap()).unwrap();
+    let search = |pairs: &[(&str, &str)]| -> Vec<serde_json::Value> {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in pairs {
+            q.append_pair(k, v);
+        }
+        let q = q.finish();
+        let (r, valid, err) = client(&["search", &base, tok, &q, pages_file.to_str().unwrap()]);
+        assert_eq!(r["status"], 200, "{q}: {r} {err}");
+        assert!(valid, "{q}: invalid FHIR: {err}");
+        serde_json::from_slice(&std::fs::read(&pages_file).unwrap()).unwrap()
+    };
+    let entries = |pages: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        pages
+            .iter()
+            .flat_map(|p| p["entry"].as_array().cloned().unwrap_or_default())
+            .collect()
+    };
+    let ge = format!("ge{since}");
+    let pages = search(&[("patient", patient), ("date", &ge), ("_count", "25")]);
     assert!(pages.len() >= expected / 25, "{} pages", pages.len());
-    let mut seen = BTreeSet::new();
+    let mut by_id: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     let mut last_time = String::new();
     let mut about_ids = BTreeSet::new();
     for page in &pages {
@@ -194,10 +201,13 @@ async fn observations_and_communications_are_valid_r4_and_match_the_readings() {
         assert!(entries.len() <= 25);
         for e in entries {
             let o = &e["resource"];
-            assert!(
-                seen.insert(o["id"].as_str().unwrap().to_owned()),
-                "twice: {o}"
+            let id = o["id"].as_str().unwrap().to_owned();
+            assert_eq!(
+                e["fullUrl"],
+                format!("http://{http}/fhir/Observation/{id}"),
+                "{e}"
             );
+            assert!(by_id.insert(id, o.clone()).is_none(), "twice: {o}");
             assert_eq!(o["subject"]["identifier"]["value"], patient);
             assert_eq!(o["category"][0]["coding"][0]["code"], "vital-signs");
             let t = o["effectiveDateTime"].as_str().unwrap().to_owned();
@@ -249,82 +259,96 @@ async fn observations_and_communications_are_valid_r4_and_match_the_readings() {
             assert!(proof.starts_with(devs[0].key.did().as_str()), "{proof}");
         }
     }
-    assert_eq!(seen.len(), expected, "every reading of the patient, once");
+    assert_eq!(by_id.len(), expected, "every reading of the patient, once");
 
-    // The CLI: the same Observations, as a Bundle and as NDJSON, valid.
+    // The CLI: the same Observations, element for element, valid.
+    let vt = |args: &[&str]| -> Vec<u8> {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_vitaltrail"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        o.stdout
+    };
+    let out = vt(&[
+        "fhir",
+        "observations",
+        "--patient",
+        patient,
+        "--since",
+        &since,
+        "--data",
+        d,
+    ]);
     let bundle = data.path().join("cli.json");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vitaltrail"))
-        .args([
-            "fhir",
-            "observations",
-            "--patient",
-            patient,
-            "--since",
-            &since,
-            "--data",
-            d,
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    std::fs::write(&bundle, &o.stdout).unwrap();
+    std::fs::write(&bundle, &out).unwrap();
     let (_, valid, err) = client(&["validate", bundle.to_str().unwrap()]);
     assert!(valid, "invalid FHIR from the CLI: {err}");
-    let cli: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let cli_ids: BTreeSet<String> = cli["entry"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["resource"]["id"].as_str().unwrap().to_owned())
+    let cli: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let from_cli: BTreeMap<String, serde_json::Value> = entries(&[cli])
+        .into_iter()
+        .map(|e| {
+            (
+                e["resource"]["id"].as_str().unwrap().to_owned(),
+                e["resource"].clone(),
+            )
+        })
         .collect();
-    assert_eq!(cli_ids, seen);
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vitaltrail"))
-        .args([
-            "fhir",
-            "observations",
-            "--patient",
-            patient,
-            "--code",
-            "85354-9",
-            "--ndjson",
-            "--data",
-            d,
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let bp: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+    assert_eq!(from_cli, by_id, "the same Observations from the CLI");
+    let out = vt(&[
+        "fhir",
+        "observations",
+        "--patient",
+        patient,
+        "--code",
+        "85354-9",
+        "--ndjson",
+        "--data",
+        d,
+    ]);
+    let ndjson = data.path().join("bp.ndjson");
+    std::fs::write(&ndjson, &out).unwrap();
+    let (_, valid, err) = client(&["validate", ndjson.to_str().unwrap()]);
+    assert!(valid, "invalid FHIR in the NDJSON: {err}");
+    let bp: Vec<serde_json::Value> = String::from_utf8(out)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(bp.len(), readings.len(), "one blood pressure a reading");
-    assert!(
-        bp.iter()
-            .all(|o| o["code"]["coding"][0]["code"] == "85354-9")
-    );
+    for o in &bp {
+        assert_eq!(o["code"]["coding"][0]["code"], "85354-9");
+        assert_eq!(by_id.get(o["id"].as_str().unwrap()), Some(o));
+    }
+
+    // By code over HTTP: a panel's part is not the panel (none stands alone
+    // here: a Bundle with no entry), and SpO2 is found by its code.
+    for (code, want) in [
+        ("8480-6", 0),
+        ("85354-9", readings.len()),
+        ("2708-6", readings.len()),
+    ] {
+        let pages = search(&[("patient", patient), ("code", code), ("_count", "1000")]);
+        let got = entries(&pages);
+        assert_eq!(got.len(), want, "code={code}");
+        if want == 0 {
+            assert!(pages[0].get("entry").is_none(), "{}", pages[0]);
+        }
+        for e in &got {
+            let id = e["resource"]["id"].as_str().unwrap();
+            assert_eq!(by_id.get(id), Some(&e["resource"]), "{id}");
+        }
+    }
 
     // A narrower date: only what is inside it.
-    let mid = vitaltrail_alerts::fhir::instant(started + 3_000);
-    let q = url::form_urlencoded::Serializer::new(String::new())
-        .append_pair("patient", patient)
-        .append_pair("date", &format!("lt{mid}"))
-        .append_pair("_count", "1000")
-        .finish();
-    let (r, valid, err) = client(&[
-        "search",
-        &base,
-        token.to_str().unwrap(),
-        &q,
-        pages_file.to_str().unwrap(),
-    ]);
-    assert!(valid && r["status"] == 200, "{r} {err}");
-    let pages: Vec<serde_json::Value> =
-        serde_json::from_slice(&std::fs::read(&pages_file).unwrap()).unwrap();
-    let early: Vec<&serde_json::Value> = pages
-        .iter()
-        .flat_map(|p| p["entry"].as_array().unwrap())
-        .collect();
+    times.sort_unstable();
+    let mid = vitaltrail_alerts::fhir::instant(times[times.len() / 2]);
+    let lt = format!("lt{mid}");
+    let early = entries(&search(&[
+        ("patient", patient),
+        ("date", &lt),
+        ("_count", "1000"),
+    ]));
     assert!(
         !early.is_empty() && early.len() < expected,
         "{}",
@@ -336,33 +360,23 @@ async fn observations_and_communications_are_valid_r4_and_match_the_readings() {
             .all(|e| e["resource"]["effectiveDateTime"].as_str().unwrap() < mid.as_str())
     );
 
-    // Read by ID; errors as OperationOutcomes.
-    let first = seen.iter().next().unwrap().clone();
-    let (r, valid, err) = client(&[
-        "get",
-        &base,
-        token.to_str().unwrap(),
-        &format!("fhir/Observation/{first}"),
-    ]);
-    assert!(valid && r["status"] == 200, "{r} {err}");
-    assert_eq!(r["body"]["id"], first.as_str());
+    // Read by ID (a panel, a single vital); errors as OperationOutcomes.
+    let panel = by_id.keys().find(|id| id.ends_with("-bp")).unwrap().clone();
+    let single = by_id
+        .keys()
+        .find(|id| id.ends_with("-8867-4"))
+        .unwrap()
+        .clone();
+    for id in [panel, single] {
+        let (r, valid, err) = client(&["get", &base, tok, &format!("fhir/Observation/{id}")]);
+        assert!(valid && r["status"] == 200, "{r} {err}");
+        assert_eq!(Some(&r["body"]), by_id.get(&id), "{id}");
+    }
     for (path, tok, status) in [
-        (
-            "fhir/Observation/0-99999999-8867-4",
-            token.to_str().unwrap(),
-            404,
-        ),
-        ("fhir/Observation?date=ge2026", token.to_str().unwrap(), 400),
-        (
-            "fhir/Observation?patient=p&date=ge2026-13",
-            token.to_str().unwrap(),
-            400,
-        ),
-        (
-            "fhir/Observation?patient=p&_sort=date",
-            token.to_str().unwrap(),
-            400,
-        ),
+        ("fhir/Observation/0-99999999-8867-4", tok, 404),
+        ("fhir/Observation?date=ge2026", tok, 400),
+        ("fhir/Observation?patient=p&date=ge2026-13", tok, 400),
+        ("fhir/Observation?patient=p&_sort=date", tok, 400),
         ("fhir/Observation?patient=p", "-", 401),
     ] {
         let (r, valid, err) = client(&["get", &base, tok, path]);
@@ -376,7 +390,9 @@ async fn observations_and_communications_are_valid_r4_and_match_the_readings() {
     for (_, f) in
         vitaltrail_alerts::stage::event_files(&vitaltrail_alerts::stage::alerts_dir(data.path()))
     {
-        for l in std::fs::read_to_string(f).unwrap().lines() {
+        // A line still being written has no newline yet.
+        let text = std::fs::read_to_string(f).unwrap();
+        for l in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
             let e: vitaltrail_alerts::Event = serde_json::from_str(l).unwrap();
             comms.push(vitaltrail_alerts::fhir::communication(&e));
         }
