@@ -118,6 +118,10 @@ pub struct StageConfig {
     /// Acknowledgements from the HTTP server ([`crate::ack::inbox`]);
     /// `None`: none are taken.
     pub acks: Option<AckInbox>,
+    /// Over the logs, in process: told when an attestor commits, so a
+    /// round starts at once (at least [`MIN_ROUND_GAP`] after the last)
+    /// rather than at the next tick. `None`: rounds at each tick.
+    pub wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl std::fmt::Debug for StageConfig {
@@ -886,10 +890,17 @@ async fn follow_logs(mut stage: Stage, mut shutdown: watch::Receiver<bool>) -> R
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut inbox = stage.cfg.acks.take();
+    let wake = stage.cfg.wake.clone();
     loop {
         let mut acks = Vec::new();
         let stop = tokio::select! {
             _ = interval.tick() => false,
+            () = async {
+                match &wake {
+                    Some(w) => w.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => false,
             Some(first) = next_ack(&mut inbox) => {
                 acks = drain(&mut inbox, first);
                 false
@@ -1047,6 +1058,7 @@ mod tests {
             metrics: prometheus::Registry::new(),
             mqtt: None,
             acks: None,
+            wake: None,
         };
         let mut st = Stage::open(cfg, Devices::File(None, Registry::default())).unwrap();
         st.logged_partitions = 2;

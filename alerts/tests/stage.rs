@@ -62,6 +62,7 @@ async fn run_once(data: &Path) {
         metrics: prometheus::Registry::new(),
         mqtt: None,
         acks: None,
+        wake: None,
     };
     let (tx, rx) = watch::channel(false);
     let h = tokio::spawn(stage::run(cfg, rx));
@@ -203,6 +204,7 @@ async fn an_acknowledgement_is_answered_once_durable_and_stops_escalation() {
             metrics: prometheus::Registry::new(),
             mqtt: None,
             acks: Some(inbox),
+            wake: None,
         };
         let (tx, rx) = watch::channel(false);
         (handle, tx, tokio::spawn(stage::run(cfg, rx)))

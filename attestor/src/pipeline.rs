@@ -1147,6 +1147,9 @@ pub struct Outlets {
     /// Each commit's leaves, for `vitals.logged` (waits: bounded), once
     /// the state was told to keep them ([`PartitionState::announce_logged`]).
     pub logged: Option<tokio::sync::mpsc::Sender<Vec<LoggedLeaf>>>,
+    /// Told after each durable commit (never waits): the in-process alert
+    /// engine reads the new leaves at once instead of at its next tick.
+    pub committed: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Run one partition until the source closes or `shutdown` turns true,
@@ -1164,6 +1167,7 @@ pub async fn run_partition<S: PartitionSource>(
         checkpoints,
         receipts,
         logged,
+        committed,
     } = outlets;
     let cfg = AttestorConfig {
         receipts: cfg.receipts && receipts.is_some(),
@@ -1204,6 +1208,9 @@ pub async fn run_partition<S: PartitionSource>(
                     Ok::<_, Error>((out, state.maybe_checkpoint(now, &cfg, false)?))
                 })?;
                 hand_over(receipts.as_ref(), out, &state.metrics);
+                if let Some(n) = &committed {
+                    n.notify_one();
+                }
                 let leaves = state.take_logged();
                 if let Some(tx) = logged.as_ref().filter(|_| !leaves.is_empty()) {
                     // Closed only when the announcer failed, which stops

@@ -70,6 +70,8 @@ pub enum AttestBus {
         /// Where to announce every checkpoint (the in-process anchor):
         /// first the recent ones of each partition, then each new one.
         checkpoints: Option<mpsc::Sender<PublishedCheckpoint>>,
+        /// Told after each durable commit (the in-process alert engine).
+        committed: Option<Arc<tokio::sync::Notify>>,
     },
 }
 
@@ -144,6 +146,7 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
             receipts,
             devices,
             checkpoints,
+            committed,
         } => {
             let patients = patient_lookup(&devices);
             let mut tasks = tokio::task::JoinSet::new();
@@ -166,6 +169,7 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
                         checkpoints: checkpoints.clone(),
                         receipts: Some(receipts.clone()),
                         logged: None,
+                        committed: committed.clone(),
                     },
                     shutdown.clone(),
                 ));
@@ -278,6 +282,7 @@ pub async fn run(cfg: StageConfig, shutdown: watch::Receiver<bool>) -> Result<()
                         checkpoints: Some(cp_tx.clone()),
                         receipts: receipts_tx.clone(),
                         logged: logged_tx.clone(),
+                        committed: None,
                     },
                     shutdown.clone(),
                 ));

@@ -163,6 +163,7 @@ pub fn alerts_stage(
             None
         },
         acks: None,
+        wake: None,
     })
 }
 

@@ -302,6 +302,7 @@ async fn run_over_kafka(
             clock: clock.clone(),
             metrics: registry.clone(),
             mqtt: Some(mqtt.clone()),
+            wake: None,
             // Only where an engine runs to take them.
             acks: cfg.metrics_listen.map(|_| {
                 let (h, i) = vitaltrail_alerts::ack::inbox();
@@ -457,6 +458,8 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
         }
         None => None,
     };
+    // The attestors wake the alert engine at each commit.
+    let alerts_wake = Arc::new(tokio::sync::Notify::new());
     let mut attestor = tokio::spawn(vitaltrail_attestor::run(
         AttestStage {
             attestor: cfg.attestor.clone(),
@@ -466,6 +469,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
                 receipts: receipts_tx.clone(),
                 devices: devices.clone(),
                 checkpoints,
+                committed: cfg.alerts.as_ref().map(|_| alerts_wake.clone()),
             },
             metrics: registry.clone(),
             clock: clock.clone(),
@@ -491,6 +495,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
             metrics: registry.clone(),
             mqtt: Some(mqtt.clone()),
             acks,
+            wake: Some(alerts_wake.clone()),
         };
         let stop = rest_stop_rx.clone();
         others.spawn(async move { Ok(vitaltrail_alerts::run(stage, stop).await?) });

@@ -618,7 +618,7 @@ fn arrived(at: &Arrivals, patient: &str) {
 
 /// A webhook receiver on 127.0.0.1 (HTTP/1.1, keep-alive): answers 200 to
 /// every POST and notes when each patient's `raised` event first came, by
-/// the `X-Vitaltrail-Event` header (`<rule>/<patient>/<ms>-<n>#raised`).
+/// the `Idempotency-Key` header (`<rule>/<patient>/<ms>-<n>#raised`).
 async fn webhook_receiver() -> Result<(String, Arrivals)> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -646,7 +646,7 @@ async fn webhook_receiver() -> Result<(String, Arrivals)> {
                         if let Some((k, v)) = l.split_once(':') {
                             match k.trim().to_ascii_lowercase().as_str() {
                                 "content-length" => len = v.trim().parse().unwrap_or(0),
-                                "x-vitaltrail-event" => key = v.trim().to_owned(),
+                                "idempotency-key" => key = v.trim().to_owned(),
                                 _ => {}
                             }
                         }
