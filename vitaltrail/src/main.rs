@@ -316,7 +316,9 @@ enum FhirCmd {
 enum ViewersCmd {
     /// Add a nurse station (or change its wards), and issue its MQTT client
     /// certificate and key (`<out>/<name>.pem`, `<name>.key`, with the
-    /// broker's CA as `<out>/server-ca.pem`).
+    /// broker's CA as `<out>/server-ca.pem`) and its HTTP token for
+    /// acknowledging alarms (`<out>/<name>.token`). Adding a name again
+    /// replaces its certificate and token: the old ones stop working.
     Add {
         /// Its name (letters, digits, '-', '_', '.').
         name: String,
