@@ -20,13 +20,7 @@ use vitaltrail_ingest::IngestConfig;
 use vitaltrail_mqtt::{MqttEndpoint, Pki};
 use vitaltrail_node::up::{self, UpConfig};
 
-fn whoami() -> String {
-    let o = std::process::Command::new("id")
-        .arg("-un")
-        .output()
-        .unwrap();
-    String::from_utf8(o.stdout).unwrap().trim().to_owned()
-}
+use common::whoami;
 
 /// The devices of a run: five honest ones, an insider (registered, active,
 /// hostile) and a device revoked after it got its certificate.

@@ -72,6 +72,12 @@ pub struct Mosquitto {
     _dir: tempfile::TempDir,
 }
 
+/// The user this test runs as (a configured Mosquitto runs as it too).
+pub fn whoami() -> String {
+    let o = Command::new("id").arg("-un").output().unwrap();
+    String::from_utf8(o.stdout).unwrap().trim().to_owned()
+}
+
 impl Mosquitto {
     pub fn start(persistent: bool) -> Mosquitto {
         let bin = require(
