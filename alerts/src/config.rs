@@ -32,6 +32,10 @@ pub struct AlertsConfig {
     /// At most this many devices have state; readings of more are counted
     /// (`vitaltrail_alerts_dropped`) and not scored.
     pub max_devices: usize,
+    /// A patient, or a device, with no reading for this long (ms) and no
+    /// active alarm is forgotten: its state is freed, so the caps bound
+    /// who is being monitored, not everyone ever seen.
+    pub forget_after_ms: u64,
     /// Cleared alarms kept in the state (the events file keeps them all).
     pub keep_cleared: usize,
     /// How often time-driven rules run and the state is saved (ms).
@@ -95,6 +99,7 @@ impl Default for AlertsConfig {
             patients: BTreeMap::new(),
             max_patients: 100_000,
             max_devices: 100_000,
+            forget_after_ms: 24 * 3_600_000,
             keep_cleared: 1024,
             tick_ms: 200,
             max_events_bytes: 256 * 1024 * 1024,
@@ -177,6 +182,30 @@ impl AlertsConfig {
         }
         if self.max_patients == 0 || self.max_devices == 0 {
             return Err("max_patients and max_devices must be at least 1".into());
+        }
+        // Forgetting sooner would drop what the rules still use: the
+        // freshness window, a silent device's alarm, a clearing hold.
+        let floor = [
+            Some(3_600_000),
+            Some(n.freshness_ms),
+            self.silent_after_ms,
+            Some(n.clear_for_ms),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(
+            self.thresholds
+                .iter()
+                .flat_map(|r| [r.for_ms, r.clear_for_ms]),
+        )
+        .max()
+        .unwrap_or(0);
+        if self.forget_after_ms < floor {
+            return Err(format!(
+                "forget_after_ms ({}) must be at least {floor}: 1 hour, and no shorter than the \
+                 freshness window, silent_after_ms, or any rule's for_ms and clear_for_ms",
+                self.forget_after_ms
+            ));
         }
         if self.max_events_bytes < 1 << 20 {
             return Err("max_events_bytes must be at least 1 MiB".into());

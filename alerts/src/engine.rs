@@ -207,6 +207,10 @@ struct Patient {
     taken_at: BTreeMap<String, u64>,
     /// Per rule.
     progress: BTreeMap<String, Progress>,
+    /// Log time of its last reading (0: state saved before it was kept;
+    /// taken as the next tick's time).
+    #[serde(default)]
+    seen_ms: u64,
 }
 
 /// How far a device's clock is behind the log's: the least
@@ -238,6 +242,12 @@ pub struct Engine {
     /// device → its clock's offset from the log's (the same devices).
     #[serde(default)]
     clocks: BTreeMap<String, DeviceClock>,
+    /// Patients and devices forgotten so far (idle past `forget_after_ms`).
+    #[serde(default)]
+    pub forgotten: u64,
+    /// When idle patients and devices were last looked for (not saved).
+    #[serde(skip)]
+    forget_checked_ms: u64,
     /// Active alarms by (rule, subject); saved as a list.
     #[serde(with = "as_list")]
     active: BTreeMap<(String, String), Alarm>,
@@ -410,6 +420,7 @@ impl Engine {
         }
         let mut p = self.patients.remove(&patient).unwrap_or_default();
         p.ward.clone_from(&r.ward);
+        p.seen_ms = p.seen_ms.max(now_ms);
         let evidence = |code: &str, value: f64| Evidence {
             device: r.device.clone(),
             seq: r.seq,
@@ -684,6 +695,7 @@ impl Engine {
 
     /// Time-driven rules: silent devices and escalation.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Event> {
+        self.forget_idle(now_ms);
         let mut out = Vec::new();
         if let Some(after) = self.config.silent_after_ms {
             let silent: Vec<(String, String, Option<String>, u64)> = self
@@ -741,6 +753,45 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// Free the state of patients and devices idle past
+    /// `forget_after_ms` with no active alarm (looked for once a minute).
+    fn forget_idle(&mut self, now_ms: u64) {
+        if now_ms < self.forget_checked_ms.saturating_add(60_000) {
+            return;
+        }
+        self.forget_checked_ms = now_ms;
+        let after = self.config.forget_after_ms;
+        // Whom an active alarm is about: never forgotten while it is.
+        let mut alarmed: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+        for ((_, subject), a) in &self.active {
+            alarmed.insert(subject);
+            if let Some(p) = &a.patient {
+                alarmed.insert(p);
+            }
+        }
+        let mut gone = 0u64;
+        self.patients.retain(|id, p| {
+            if p.seen_ms == 0 {
+                p.seen_ms = now_ms;
+            }
+            let keep = now_ms.saturating_sub(p.seen_ms) < after || alarmed.contains(id.as_str());
+            gone += u64::from(!keep);
+            keep
+        });
+        let mut dropped_devices = Vec::new();
+        self.devices.retain(|d, (seen, _, _)| {
+            let keep = now_ms.saturating_sub(*seen) < after || alarmed.contains(d.as_str());
+            if !keep {
+                dropped_devices.push(d.clone());
+            }
+            keep
+        });
+        for d in &dropped_devices {
+            self.clocks.remove(d);
+        }
+        self.forgotten += gone + dropped_devices.len() as u64;
     }
 
     /// Acknowledge the active alarm `id` as `actor` (who may act only on
@@ -1296,6 +1347,50 @@ mod tests {
             ev.extend(r.e.reading(&slow(500 + i, "b", t, 84.0), t + 150));
         }
         assert!(!ev.is_empty(), "back online and current");
+    }
+
+    #[test]
+    fn idle_patients_and_devices_are_forgotten_so_the_caps_free_up() {
+        let hour = 3_600_000;
+        let mut r = Rig::new(AlertsConfig {
+            max_patients: 2,
+            max_devices: 3,
+            forget_after_ms: hour,
+            silent_after_ms: None,
+            ..Default::default()
+        });
+        // Two patients fill the cap; one of them has an active alarm.
+        r.read("p1", T0, &[("2708-6", 97.0)]);
+        let ev = r.read("p2", T0, &[("2708-6", 80.0)]);
+        assert!(!ev.is_empty(), "p2 is alarmed");
+        assert!(r.read("p3", T0 + 1, &[("2708-6", 80.0)]).is_empty());
+        assert_eq!(r.e.dropped_patients, 1, "the cap held p3 out");
+        // An hour of silence: p1 is forgotten, p2 kept (its alarm is
+        // active); so are the three devices (p2's alarm is about p2, and
+        // p3's device was seen though p3 was never scored).
+        r.e.tick(T0 + hour + 60_000);
+        assert_eq!(r.e.patients(), 1);
+        assert_eq!(r.e.forgotten, 4);
+        // So p3 is scored now.
+        let ev = r.read("p3", T0 + hour + 61_000, &[("2708-6", 80.0)]);
+        assert!(!ev.is_empty(), "p3 alarmed once there was room");
+        assert_eq!(r.e.patients(), 2);
+        // A state saved before the last reading's time was kept forgets
+        // nobody at once: the first tick starts the patient's hour.
+        let mut r = Rig::new(AlertsConfig {
+            forget_after_ms: hour,
+            silent_after_ms: None,
+            ..Default::default()
+        });
+        r.read("p1", T0, &[("2708-6", 97.0)]);
+        let json = String::from_utf8(r.e.to_json().unwrap())
+            .unwrap()
+            .replace("\"seen_ms\":", "\"old_seen_ms\":");
+        let mut e = Engine::restore(json.as_bytes(), r.e.config.clone()).unwrap();
+        e.tick(T0 + 10 * hour);
+        assert_eq!(e.patients(), 1);
+        e.tick(T0 + 11 * hour + 60_000);
+        assert_eq!(e.patients(), 0);
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub patients: IntGauge,
     /// Readings not scored because the patient or device cap was reached.
     pub dropped: IntGauge,
+    /// Patients and devices forgotten after `forget_after_ms` idle.
+    pub forgotten: IntGauge,
     /// Leaves committed but not yet taken, per partition.
     pub lag: IntGaugeVec,
     /// The events file's size limit before a new generation starts.
@@ -67,6 +69,10 @@ impl Metrics {
             dropped: IntGauge::new(
                 "vitaltrail_alerts_dropped",
                 "Readings not scored because the patient or device cap was reached",
+            )?,
+            forgotten: IntGauge::new(
+                "vitaltrail_alerts_forgotten",
+                "Patients and devices whose state was freed after forget_after_ms with no reading and no active alarm",
             )?,
             lag: IntGaugeVec::new(
                 Opts::new(
@@ -149,6 +155,7 @@ impl Metrics {
         registry.register(Box::new(m.active.clone()))?;
         registry.register(Box::new(m.patients.clone()))?;
         registry.register(Box::new(m.dropped.clone()))?;
+        registry.register(Box::new(m.forgotten.clone()))?;
         registry.register(Box::new(m.lag.clone()))?;
         registry.register(Box::new(m.events_file_max_bytes.clone()))?;
         Ok(m)

@@ -665,6 +665,7 @@ impl Stage {
         self.metrics
             .dropped
             .set(self.engine.dropped_patients as i64);
+        self.metrics.forgotten.set(self.engine.forgotten as i64);
         Ok(())
     }
 }
