@@ -258,6 +258,8 @@ struct Stage {
     channels: Channels,
     /// What is committed, for the delivery channels.
     committed: watch::Sender<Committed>,
+    /// The latest log time of a leaf taken (the log's clock, while behind).
+    log_now: u64,
 }
 
 impl Stage {
@@ -361,6 +363,7 @@ impl Stage {
             metrics,
             saved: None,
             dids: DidCache::default(),
+            log_now: 0,
             cfg,
         })
     }
@@ -438,10 +441,13 @@ impl Stage {
     fn take(&mut self, announced: Vec<Announced>, mut out: Vec<Event>) -> Result<Vec<Event>> {
         self.registry()?;
         if matches!(self.cfg.source, AlertsSource::Kafka { .. }) {
+            // A full batch: more is waiting (a backlog, a rebuild).
+            let behind = announced.len() >= ROUND as usize;
             self.take_announced(announced, &mut out);
-            out.extend(self.engine.tick(self.cfg.clock.now_ms()));
+            out.extend(self.engine.tick(self.tick_time(behind)));
             return Ok(out);
         }
+        let mut behind = false;
         let partitions = vitaltrail_bus::datadir::existing_partitions(&self.cfg.data_dir);
         for p in 0..partitions {
             let dir = self.cfg.data_dir.join("partitions").join(p.to_string());
@@ -459,14 +465,28 @@ impl Stage {
                 .lag
                 .with_label_values(&[&p.to_string()])
                 .set((log.size() - from.min(log.size())) as i64);
+            behind |= to < log.size();
             for n in from..to {
                 let bytes = log.leaf(n)?;
                 self.score(p, n, &bytes, None, &mut out);
             }
             self.cursors.insert(p, to.max(from));
         }
-        out.extend(self.engine.tick(self.cfg.clock.now_ms()));
+        out.extend(self.engine.tick(self.tick_time(behind)));
         Ok(out)
+    }
+
+    /// The time the clock-driven rules (silence, escalation) are judged at:
+    /// the engine's clock once it has caught up with the log; while it is
+    /// behind (a backlog, a rebuild), the log time of the latest leaf it
+    /// took, so they are timed as they would have been then, not all at
+    /// once by today's clock.
+    fn tick_time(&self, behind: bool) -> u64 {
+        if behind {
+            self.log_now
+        } else {
+            self.cfg.clock.now_ms()
+        }
     }
 
     /// Score announcements in order: each once (a repeat, at or below a
@@ -530,6 +550,7 @@ impl Stage {
         out: &mut Vec<Event>,
     ) {
         if let Some((reading, log_time)) = self.decode(p, n, bytes, announced) {
+            self.log_now = self.log_now.max(log_time);
             out.extend(self.engine.reading(&reading, log_time));
             self.metrics.readings.inc();
         } else {

@@ -295,3 +295,45 @@ async fn an_acknowledgement_is_answered_once_durable_and_stops_escalation() {
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
 }
+
+/// A rebuild (or any backlog past one round) times silence by the log it
+/// is catching up with, not by today's clock: a device that streamed
+/// without a gap is never called silent in the middle of its history and
+/// cleared a round later; once caught up, today's clock says it has been
+/// silent since, once.
+#[tokio::test]
+async fn a_backlog_does_not_make_devices_flap_silent() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_owned();
+    let key = SecretKey::from_seed(&[9; 32]).unwrap();
+    vitaltrail_bus::datadir::registry_file(&data)
+        .add(key.did(), "patient-1", Some("ward-3"), T0)
+        .unwrap();
+    // 5,000 readings 5 s apart: more than one round takes (4,096).
+    append(&data, &key, 1, T0, &[97.0; 5_000]);
+    let cfg = StageConfig {
+        alerts: AlertsConfig {
+            tick_ms: 20,
+            silent_after_ms: Some(300_000),
+            ..Default::default()
+        },
+        source: vitaltrail_alerts::AlertsSource::Logs,
+        data_dir: data.clone(),
+        // Ten hours after the first reading: the log ends 7 hours in.
+        clock: Arc::new(MockClock::new(T0 + 36_000_000)),
+        metrics: prometheus::Registry::new(),
+        mqtt: None,
+        acks: None,
+        wake: None,
+    };
+    let (tx, rx) = watch::channel(false);
+    let h = tokio::spawn(stage::run(cfg, rx));
+    until("the device called silent", || !events(&data).is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.send(true).unwrap();
+    h.await.unwrap().unwrap();
+    let k = kinds(&events(&data));
+    assert_eq!(k.len(), 1, "{k:?}");
+    assert_eq!(k[0].0, "raised");
+    assert!(k[0].1.starts_with("device-silent/"), "{k:?}");
+}
