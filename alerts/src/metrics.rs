@@ -19,6 +19,8 @@ pub struct Metrics {
     pub dropped: IntGauge,
     /// Patients and devices forgotten after `forget_after_ms` idle.
     pub forgotten: IntGauge,
+    /// Times the state file was written.
+    pub state_saves: IntCounter,
     /// Leaves committed but not yet taken, per partition.
     pub lag: IntGaugeVec,
     /// The events file's size limit before a new generation starts.
@@ -69,6 +71,10 @@ impl Metrics {
             dropped: IntGauge::new(
                 "vitaltrail_alerts_dropped",
                 "Readings not scored because the patient or device cap was reached",
+            )?,
+            state_saves: IntCounter::new(
+                "vitaltrail_alerts_state_saves_total",
+                "Times the alert engine's state file was written (rounds that raised nothing save at most every 5 s)",
             )?,
             forgotten: IntGauge::new(
                 "vitaltrail_alerts_forgotten",
@@ -156,6 +162,7 @@ impl Metrics {
         registry.register(Box::new(m.patients.clone()))?;
         registry.register(Box::new(m.dropped.clone()))?;
         registry.register(Box::new(m.forgotten.clone()))?;
+        registry.register(Box::new(m.state_saves.clone()))?;
         registry.register(Box::new(m.lag.clone()))?;
         registry.register(Box::new(m.events_file_max_bytes.clone()))?;
         Ok(m)

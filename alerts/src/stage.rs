@@ -260,7 +260,12 @@ struct Stage {
     committed: watch::Sender<Committed>,
     /// The latest log time of a leaf taken (the log's clock, while behind).
     log_now: u64,
+    /// When the state was last saved.
+    saved_at: Option<std::time::Instant>,
 }
+
+/// A round that raised nothing saves the state at most this often.
+const SAVE_EVERY: Duration = Duration::from_secs(5);
 
 impl Stage {
     fn open(cfg: StageConfig, registry: Devices) -> Result<Self> {
@@ -364,6 +369,7 @@ impl Stage {
             saved: None,
             dids: DidCache::default(),
             log_now: 0,
+            saved_at: None,
             cfg,
         })
     }
@@ -608,14 +614,32 @@ impl Stage {
     }
 
     /// Events to the file (fsynced), then the state (atomically).
+    #[cfg(test)]
     fn persist(&mut self, events: &[Event]) -> Result<()> {
-        // The engine changes only with readings (the cursors move) or
-        // events; otherwise there is nothing to save.
+        self.persist_when(events, true)
+    }
+
+    /// Save what a round did. Events are always committed at once (the
+    /// delivery channels send only what is committed). A round that raised
+    /// nothing is saved only every [`SAVE_EVERY`] (or when `force`, at a
+    /// stop): until then a crash re-reads its leaves from the log, which
+    /// gives the same state, so the state file is not rewritten for
+    /// readings that changed no alarm.
+    fn persist_when(&mut self, events: &[Event], force: bool) -> Result<()> {
+        self.metrics.active.set(self.engine.active().count() as i64);
+        self.metrics.patients.set(self.engine.patients() as i64);
+        self.metrics
+            .dropped
+            .set(self.engine.dropped_patients as i64);
+        self.metrics.forgotten.set(self.engine.forgotten as i64);
         let marks = Marks {
             cursors: self.cursors.clone(),
             offsets: self.offsets.clone(),
         };
-        if events.is_empty() && self.saved.as_ref() == Some(&marks) {
+        if events.is_empty()
+            && (self.saved.as_ref() == Some(&marks)
+                || (!force && self.saved_at.is_some_and(|t| t.elapsed() < SAVE_EVERY)))
+        {
             return Ok(());
         }
         if !events.is_empty() {
@@ -681,12 +705,8 @@ impl Stage {
             len: self.events_len,
         });
         self.saved = Some(marks);
-        self.metrics.active.set(self.engine.active().count() as i64);
-        self.metrics.patients.set(self.engine.patients() as i64);
-        self.metrics
-            .dropped
-            .set(self.engine.dropped_patients as i64);
-        self.metrics.forgotten.set(self.engine.forgotten as i64);
+        self.saved_at = Some(std::time::Instant::now());
+        self.metrics.state_saves.inc();
         Ok(())
     }
 }
@@ -862,10 +882,11 @@ async fn round(
     mut stage: Stage,
     announced: Vec<Announced>,
     acks: Vec<AckRequest>,
+    last: bool,
 ) -> Result<Stage> {
     tokio::task::spawn_blocking(move || -> Result<Stage> {
         let Round { events, answers } = stage.round(announced, acks)?;
-        stage.persist(&events)?;
+        stage.persist_when(&events, last)?;
         for (reply, r) in answers {
             // The caller may have gone: the acknowledgement stands.
             let _ = reply.send(r);
@@ -933,7 +954,7 @@ async fn follow_logs(mut stage: Stage, mut shutdown: watch::Receiver<bool>) -> R
             acks = waiting(&mut inbox);
         }
         let started = tokio::time::Instant::now();
-        stage = round(stage, Vec::new(), acks).await?;
+        stage = round(stage, Vec::new(), acks, stop).await?;
         if stop {
             return Ok(());
         }
@@ -996,7 +1017,7 @@ async fn follow_kafka(
         if acks.is_empty() {
             acks = waiting(&mut inbox);
         }
-        stage = round(stage, std::mem::take(&mut batch), acks).await?;
+        stage = round(stage, std::mem::take(&mut batch), acks, stop).await?;
         // Lag monitoring only: the engine resumes from its own state.
         if let Err(e) = consumer.commit(&stage.offsets) {
             tracing::debug!(error = %e, "committing vitals.logged offsets");

@@ -337,3 +337,69 @@ async fn a_backlog_does_not_make_devices_flap_silent() {
     assert_eq!(k[0].0, "raised");
     assert!(k[0].1.starts_with("device-silent/"), "{k:?}");
 }
+
+/// Rounds that raise nothing do not rewrite the state file (at most every
+/// 5 s); a crash then re-reads their leaves from the log, and the events
+/// come out once each, as if it had never happened.
+#[tokio::test]
+async fn quiet_rounds_do_not_rewrite_the_state_and_a_crash_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_owned();
+    let key = SecretKey::from_seed(&[10; 32]).unwrap();
+    vitaltrail_bus::datadir::registry_file(&data)
+        .add(key.did(), "patient-1", Some("ward-3"), T0)
+        .unwrap();
+    let start = |registry: prometheus::Registry| {
+        let cfg = StageConfig {
+            alerts: AlertsConfig {
+                tick_ms: 20,
+                silent_after_ms: None,
+                ..Default::default()
+            },
+            source: vitaltrail_alerts::AlertsSource::Logs,
+            data_dir: data.clone(),
+            clock: Arc::new(MockClock::new(T0 + 60_000)),
+            metrics: registry,
+            mqtt: None,
+            acks: None,
+            wake: None,
+        };
+        let (tx, rx) = watch::channel(false);
+        (tx, tokio::spawn(stage::run(cfg, rx)))
+    };
+    let saves = |r: &prometheus::Registry| {
+        r.gather()
+            .iter()
+            .find(|f| f.name() == "vitaltrail_alerts_state_saves_total")
+            .map_or(0.0, |f| f.get_metric()[0].get_counter().get_value())
+    };
+    let mut seq = append(&data, &key, 1, T0, &[97.0; 4]);
+    let reg = prometheus::Registry::new();
+    let (_tx, task) = start(reg.clone());
+    until("the first save", || saves(&reg) >= 1.0).await;
+    // Steady readings, round after round: no alarm, no save.
+    for i in 0..10u64 {
+        seq = append(&data, &key, seq, T0 + 20_000 + i * 1_000, &[97.0]);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(saves(&reg), 1.0, "quiet rounds rewrote the state");
+    // A crash (no last round, no save), then low SpO2 while it is down.
+    task.abort();
+    let _ = task.await;
+    append(&data, &key, seq, T0 + 40_000, &[84.0; 8]);
+    let reg = prometheus::Registry::new();
+    let (tx, task) = start(reg.clone());
+    until("both alarms", || events(&data).len() == 2).await;
+    tx.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let k = kinds(&events(&data));
+    assert_eq!(k.len(), 2, "each event once: {k:?}");
+    // The evidence points at the right leaves, counted across the crash.
+    let ev = events(&data);
+    let spo2 = ev
+        .iter()
+        .find(|e| e["alarm"]["rule"] == "spo2-low")
+        .unwrap();
+    assert_eq!(spo2["alarm"]["evidence"][0]["log_index"], 14, "{spo2}");
+}
