@@ -200,10 +200,15 @@ impl AlertsConfig {
         )
         .max()
         .unwrap_or(0);
-        if self.forget_after_ms < floor {
+        if self.forget_after_ms < floor
+            || self
+                .silent_after_ms
+                .is_some_and(|s| self.forget_after_ms <= s)
+        {
             return Err(format!(
-                "forget_after_ms ({}) must be at least {floor}: 1 hour, and no shorter than the \
-                 freshness window, silent_after_ms, or any rule's for_ms and clear_for_ms",
+                "forget_after_ms ({}) must be at least {floor}: 1 hour, no shorter than the \
+                 freshness window or any rule's for_ms and clear_for_ms, and longer than \
+                 silent_after_ms",
                 self.forget_after_ms
             ));
         }

@@ -245,6 +245,14 @@ pub struct Engine {
     /// Patients and devices forgotten so far (idle past `forget_after_ms`).
     #[serde(default)]
     pub forgotten: u64,
+    /// Readings taken as history (late: a backlog, or a clock set back).
+    #[serde(default)]
+    pub late_readings: u64,
+    /// The clock offsets of forgotten devices, so a device back after a
+    /// long time offline has its backlog judged by its old offset (at most
+    /// `max_devices`, the oldest dropped first).
+    #[serde(default)]
+    retired_clocks: BTreeMap<String, DeviceClock>,
     /// When idle patients and devices were last looked for (not saved).
     #[serde(skip)]
     forget_checked_ms: u64,
@@ -393,6 +401,11 @@ impl Engine {
         let behind = i64::try_from(now_ms)
             .unwrap_or(i64::MAX)
             .saturating_sub(i64::try_from(r.time_ms).unwrap_or(i64::MAX));
+        if !self.clocks.contains_key(&r.device)
+            && let Some(c) = self.retired_clocks.remove(&r.device)
+        {
+            self.clocks.insert(r.device.clone(), c);
+        }
         let usual = match self.clocks.get(&r.device) {
             None => behind,
             Some(c) => behind.min(c.behind_ms.saturating_add(
@@ -437,12 +450,19 @@ impl Engine {
         // history: it changes no latest value and does not start or clear a
         // threshold episode now.
         let stale = late_by > self.config.news2.freshness_ms;
+        if stale {
+            self.late_readings += 1;
+        }
         for (code, value) in &r.measurements {
             if stale || news2::codes::parameter(code).is_none() {
                 continue;
             }
-            // Latest in log order, not by the device's word: a second device
-            // with a fast clock cannot pin an old value of the same code.
+            // Latest on the log's clock (taken), never by the device's
+            // word: a second device with a fast clock cannot pin an old
+            // value, nor a nearly-late one displace a fresher value.
+            if p.taken_at.get(code).is_some_and(|t| *t > taken) {
+                continue;
+            }
             p.latest.insert(code.clone(), evidence(code, *value));
             p.taken_at.insert(code.clone(), taken);
         }
@@ -457,11 +477,14 @@ impl Engine {
                 .iter()
                 .filter(|(c, _)| rule.codes.contains(c))
             {
+                // Held on the log's clock (the device time corrected by its
+                // offset), so runs and holds of a patient's devices with
+                // different clocks add up.
                 self.threshold(
                     rule,
                     &patient,
                     &mut p,
-                    evidence(code, *value),
+                    (evidence(code, *value), taken),
                     &mut out,
                     now_ms,
                 );
@@ -470,8 +493,10 @@ impl Engine {
         if !stale {
             self.config.thresholds = rules;
         }
-        if self.config.news2.enabled {
-            self.news2_rule(&patient, &mut p, r.time_ms, &mut out, now_ms);
+        // A late reading changes no value, so it is not scored again (nor
+        // does it time a clearing hold).
+        if self.config.news2.enabled && !stale {
+            self.news2_rule(&patient, &mut p, taken, &mut out, now_ms);
         }
         self.patients.insert(patient, p);
         out
@@ -482,7 +507,7 @@ impl Engine {
         rule: &ThresholdRule,
         patient: &str,
         p: &mut Patient,
-        e: Evidence,
+        (e, t): (Evidence, u64),
         out: &mut Vec<Event>,
         now_ms: u64,
     ) {
@@ -498,7 +523,6 @@ impl Engine {
         };
         let active = self.active.contains_key(&key);
         let pr = p.progress.entry(rule.id.clone()).or_default();
-        let t = e.time_ms;
         if violating {
             let since = *pr.holding_since.get_or_insert(t);
             pr.count = pr.count.saturating_add(1);
@@ -695,7 +719,6 @@ impl Engine {
 
     /// Time-driven rules: silent devices and escalation.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Event> {
-        self.forget_idle(now_ms);
         let mut out = Vec::new();
         if let Some(after) = self.config.silent_after_ms {
             let silent: Vec<(String, String, Option<String>, u64)> = self
@@ -725,6 +748,9 @@ impl Engine {
                 ));
             }
         }
+        // After the silent check, so a device is called silent before it
+        // can be forgotten.
+        out.extend(self.forget_idle(now_ms));
         let every = self.config.escalate_after_ms;
         let table = &self.config.escalation;
         if every > 0 && !table.is_empty() {
@@ -757,12 +783,37 @@ impl Engine {
 
     /// Free the state of patients and devices idle past
     /// `forget_after_ms` with no active alarm (looked for once a minute).
-    fn forget_idle(&mut self, now_ms: u64) {
+    fn forget_idle(&mut self, now_ms: u64) -> Vec<Event> {
+        let mut out = Vec::new();
         if now_ms < self.forget_checked_ms.saturating_add(60_000) {
-            return;
+            return out;
         }
         self.forget_checked_ms = now_ms;
         let after = self.config.forget_after_ms;
+        // A device silent for that long is gone (discharged, lost): its
+        // `device-silent` alarm is cleared, so it and its patient can be.
+        let gone: Vec<(String, String)> = self
+            .active
+            .keys()
+            .filter(|(rule, d)| {
+                rule == "device-silent"
+                    && self
+                        .devices
+                        .get(d)
+                        .is_none_or(|(seen, _, _)| now_ms.saturating_sub(*seen) >= after)
+            })
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(mut a) = self.active.remove(&key) {
+                a.reason = format!(
+                    "{}; no reading for {} h: forgotten",
+                    a.reason,
+                    after / 3_600_000
+                );
+                out.push(self.clear(a, now_ms));
+            }
+        }
         // Whom an active alarm is about: never forgotten while it is.
         let mut alarmed: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
         for ((_, subject), a) in &self.active {
@@ -789,9 +840,35 @@ impl Engine {
             keep
         });
         for d in &dropped_devices {
-            self.clocks.remove(d);
+            if let Some(c) = self.clocks.remove(d) {
+                self.retired_clocks.insert(d.clone(), c);
+            }
         }
+        while self.retired_clocks.len() > self.config.max_devices {
+            let oldest = self
+                .retired_clocks
+                .iter()
+                .min_by_key(|(_, c)| c.at_ms)
+                .map(|(d, _)| d.clone());
+            match oldest {
+                Some(d) => self.retired_clocks.remove(&d),
+                None => break,
+            };
+        }
+        // Episode counters of whom no alarm is left about (IDs stay unique:
+        // they hold the time raised).
+        let kept: std::collections::BTreeSet<String> = self
+            .patients
+            .keys()
+            .chain(self.devices.keys())
+            .cloned()
+            .collect();
+        self.episodes.retain(|k, _| {
+            k.split_once('/')
+                .is_none_or(|(_, subject)| kept.contains(subject))
+        });
         self.forgotten += gone + dropped_devices.len() as u64;
+        out
     }
 
     /// Acknowledge the active alarm `id` as `actor` (who may act only on
@@ -1391,6 +1468,64 @@ mod tests {
         assert_eq!(e.patients(), 1);
         e.tick(T0 + 11 * hour + 60_000);
         assert_eq!(e.patients(), 0);
+    }
+
+    #[test]
+    fn with_the_shipped_defaults_a_device_gone_for_good_is_forgotten_too() {
+        let hour = 3_600_000;
+        let mut r = Rig::new(AlertsConfig {
+            forget_after_ms: hour,
+            ..Default::default()
+        });
+        r.read("p1", T0, &[("2708-6", 97.0)]);
+        let ev = r.e.tick(T0 + 300_000);
+        assert_eq!(kinds(&ev), [EventKind::Raised], "silent after 5 min");
+        assert!(r.e.tick(T0 + hour - 1).is_empty());
+        let ev = r.e.tick(T0 + hour + 60_000);
+        assert_eq!(kinds(&ev), [EventKind::Cleared], "{ev:#?}");
+        assert!(ev[0].alarm.reason.contains("forgotten"));
+        assert_eq!(r.e.patients(), 0);
+        assert_eq!(r.e.active().count(), 0);
+        // Back a day later with its old clock offset, not a new one: a
+        // backlog from yesterday is history.
+        let old = LoggedReading {
+            partition: 0,
+            log_index: 99,
+            device: "did:key:dev-p1".into(),
+            seq: 99,
+            time_ms: T0 + 10_000,
+            patient: Some("p1".into()),
+            ward: Some("ward-7".into()),
+            measurements: vec![("2708-6".into(), 70.0)],
+        };
+        assert!(r.e.reading(&old, T0 + 24 * hour).is_empty());
+        assert_eq!(r.e.late_readings, 1);
+    }
+
+    #[test]
+    fn holds_add_up_across_a_patients_devices_whatever_their_clocks() {
+        let mut r = Rig::new(only_thresholds(vec![spo2_rule(30_000, 1)]));
+        let reading = |dev: &str, i: u64, t: u64, spo2: f64| LoggedReading {
+            partition: 0,
+            log_index: i,
+            device: dev.into(),
+            seq: i,
+            time_ms: t,
+            patient: Some("p1".into()),
+            ward: Some("ward-7".into()),
+            measurements: vec![("2708-6".into(), spo2)],
+        };
+        // A device ten minutes slow, then an accurate one, 5 s apart on the
+        // log: the 30 s hold has not passed.
+        let slow = reading("did:key:slow", 1, T0 - 600_000, 84.0);
+        assert!(r.e.reading(&slow, T0).is_empty());
+        let ok = reading("did:key:ok", 2, T0 + 5_000, 84.0);
+        assert!(
+            r.e.reading(&ok, T0 + 5_000).is_empty(),
+            "held 5 s, not 10 min"
+        );
+        let ok = reading("did:key:ok", 3, T0 + 30_000, 84.0);
+        assert_eq!(kinds(&r.e.reading(&ok, T0 + 30_000)), [EventKind::Raised]);
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub dropped: IntGauge,
     /// Patients and devices forgotten after `forget_after_ms` idle.
     pub forgotten: IntGauge,
+    /// Readings taken as history (late: a backlog, or a clock set back).
+    pub late: IntGauge,
     /// Times the state file was written.
     pub state_saves: IntCounter,
     /// Leaves committed but not yet taken, per partition.
@@ -71,6 +73,10 @@ impl Metrics {
             dropped: IntGauge::new(
                 "vitaltrail_alerts_dropped",
                 "Readings not scored because the patient or device cap was reached",
+            )?,
+            late: IntGauge::new(
+                "vitaltrail_alerts_late_readings",
+                "Readings the engine took as history, behind their device's usual clock offset by more than the freshness window (a backlog, or a clock set back)",
             )?,
             state_saves: IntCounter::new(
                 "vitaltrail_alerts_state_saves_total",
@@ -163,6 +169,7 @@ impl Metrics {
         registry.register(Box::new(m.dropped.clone()))?;
         registry.register(Box::new(m.forgotten.clone()))?;
         registry.register(Box::new(m.state_saves.clone()))?;
+        registry.register(Box::new(m.late.clone()))?;
         registry.register(Box::new(m.lag.clone()))?;
         registry.register(Box::new(m.events_file_max_bytes.clone()))?;
         Ok(m)

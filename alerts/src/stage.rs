@@ -262,6 +262,9 @@ struct Stage {
     log_now: u64,
     /// When the state was last saved.
     saved_at: Option<std::time::Instant>,
+    /// When the clock-driven rules last ran: at most once per `tick_ms`,
+    /// however often commits start rounds.
+    ticked: Option<std::time::Instant>,
 }
 
 /// A round that raised nothing saves the state at most this often.
@@ -370,6 +373,7 @@ impl Stage {
             dids: DidCache::default(),
             log_now: 0,
             saved_at: None,
+            ticked: None,
             cfg,
         })
     }
@@ -450,7 +454,9 @@ impl Stage {
             // A full batch: more is waiting (a backlog, a rebuild).
             let behind = announced.len() >= ROUND as usize;
             self.take_announced(announced, &mut out);
-            out.extend(self.engine.tick(self.tick_time(behind)));
+            if self.tick_due() {
+                out.extend(self.engine.tick(self.tick_time(behind)));
+            }
             return Ok(out);
         }
         let mut behind = false;
@@ -478,8 +484,23 @@ impl Stage {
             }
             self.cursors.insert(p, to.max(from));
         }
-        out.extend(self.engine.tick(self.tick_time(behind)));
+        if self.tick_due() {
+            out.extend(self.engine.tick(self.tick_time(behind)));
+        }
         Ok(out)
+    }
+
+    /// Whether the clock-driven rules run this round: at most once per
+    /// `tick_ms`, however often commits start rounds.
+    fn tick_due(&mut self) -> bool {
+        let every = Duration::from_millis(self.cfg.alerts.tick_ms);
+        match self.ticked {
+            Some(t) if t.elapsed() < every => false,
+            _ => {
+                self.ticked = Some(std::time::Instant::now());
+                true
+            }
+        }
     }
 
     /// The time the clock-driven rules (silence, escalation) are judged at:
@@ -632,6 +653,7 @@ impl Stage {
             .dropped
             .set(self.engine.dropped_patients as i64);
         self.metrics.forgotten.set(self.engine.forgotten as i64);
+        self.metrics.late.set(self.engine.late_readings as i64);
         let marks = Marks {
             cursors: self.cursors.clone(),
             offsets: self.offsets.clone(),
