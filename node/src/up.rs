@@ -265,10 +265,7 @@ async fn run_over_kafka(
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let i_metrics = IngestMetrics::new(&registry)?;
     let ingest = IngestStage {
-        ingest: IngestConfig {
-            mqtt: mqtt.clone(),
-            ..cfg.ingest.clone()
-        },
+        ingest: ingest_config(&cfg, &mqtt),
         bus: IngestBus::Kafka {
             kafka: kafka.clone(),
             operator: Some(operator.clone()),
@@ -405,6 +402,19 @@ async fn run_over_kafka(
     Ok(())
 }
 
+/// Ingest's settings on `mqtt`: on the embedded broker its sessions are
+/// clean, on both paths. They die with this process anyway, and rumqttd
+/// 0.20 panics (taking the process down) when the last member of a shared
+/// subscription group with a persistent session disconnects with messages
+/// in flight (`router/routing.rs`, "group must exists").
+fn ingest_config(cfg: &UpConfig, mqtt: &vitaltrail_mqtt::MqttEndpoint) -> IngestConfig {
+    IngestConfig {
+        mqtt: mqtt.clone(),
+        clean_session: cfg.external_mqtt.is_none(),
+        ..cfg.ingest.clone()
+    }
+}
+
 /// Run everything until `shutdown` turns true.
 pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
@@ -518,12 +528,7 @@ pub async fn run(mut cfg: UpConfig, shutdown: watch::Receiver<bool>) -> Result<(
     ));
     let i_metrics = IngestMetrics::new(&registry)?;
     let ingest_stage = IngestStage {
-        ingest: IngestConfig {
-            mqtt: mqtt.clone(),
-            // The embedded broker's sessions die with this process.
-            clean_session: cfg.external_mqtt.is_none(),
-            ..cfg.ingest.clone()
-        },
+        ingest: ingest_config(&cfg, &mqtt),
         bus: IngestBus::InProc {
             producer,
             rejects: rejects.clone(),
@@ -621,4 +626,26 @@ pub async fn join_stages(mut tasks: tokio::task::JoinSet<Result<()>>) -> Result<
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingest_sessions_are_clean_on_the_embedded_broker_on_both_paths() {
+        let mqtt = vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", 1883);
+        let embedded = UpConfig::default();
+        assert!(ingest_config(&embedded, &mqtt).clean_session);
+        let kafka = UpConfig::default().over_kafka("127.0.0.1:9092").unwrap();
+        assert!(
+            ingest_config(&kafka, &mqtt).clean_session,
+            "rumqttd panics on a persistent shared-group session's disconnection"
+        );
+        let external = UpConfig {
+            external_mqtt: Some(mqtt.clone()),
+            ..UpConfig::default()
+        };
+        assert!(!ingest_config(&external, &mqtt).clean_session);
+    }
 }
