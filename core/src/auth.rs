@@ -70,7 +70,7 @@ impl Token {
 
     /// Whether an `Authorization` header value carries this token.
     pub fn matches_header(&self, header: Option<&[u8]>) -> bool {
-        let Some(given) = header.and_then(|h| h.strip_prefix(b"Bearer ")) else {
+        let Some(given) = header.and_then(bearer) else {
             return false;
         };
         given.len() == self.0.len() && bool::from(given.ct_eq(self.0.as_bytes()))
@@ -103,6 +103,13 @@ impl Token {
     }
 }
 
+/// The credentials of an `Authorization: Bearer <token>` header value (the
+/// scheme's name is case-insensitive, RFC 9110 §11.1).
+pub fn bearer(header: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = header.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +124,12 @@ mod tests {
         assert!(!format!("{t:?}").contains(t.expose()));
         let good = format!("Bearer {}", t.expose());
         assert!(t.matches_header(Some(good.as_bytes())));
+        let lower = format!("bearer {}", t.expose());
+        assert!(
+            t.matches_header(Some(lower.as_bytes())),
+            "the scheme is case-insensitive"
+        );
+        assert!(!t.matches_header(Some(t.expose().as_bytes())), "no scheme");
         assert!(!t.matches_header(None));
         assert!(!t.matches_header(Some(t.expose().as_bytes())));
         assert!(!t.matches_header(Some(&good.as_bytes()[..good.len() - 1])));

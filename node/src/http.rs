@@ -268,7 +268,7 @@ async fn acknowledge(
         Err(r @ Refusal::CrossOrigin) => return refused(r.status(), "cross-origin", r.message()),
         Err(r @ Refusal::Unauthenticated) => {
             let token = h(header::AUTHORIZATION)
-                .and_then(|a| a.strip_prefix(b"Bearer "))
+                .and_then(vitaltrail_core::auth::bearer)
                 .and_then(|t| std::str::from_utf8(t).ok());
             match token.and_then(|t| acks.viewers.by_token(t)) {
                 Some((name, wards)) => Actor::Viewer { name, wards },
