@@ -49,21 +49,32 @@ fn append(data: &Path, key: &SecretKey, seq: u64, t: u64, spo2: &[f64]) -> u64 {
     seq + spo2.len() as u64
 }
 
-async fn run_once(data: &Path) {
-    let cfg = StageConfig {
-        alerts: AlertsConfig {
-            tick_ms: 20,
-            silent_after_ms: None,
-            ..Default::default()
-        },
+/// A stage over the logs of `data`: ticks every 20 ms, no device-silent
+/// rule unless `alerts` sets one, no channels.
+fn config(data: &Path, clock: Arc<MockClock>, alerts: AlertsConfig) -> StageConfig {
+    StageConfig {
+        alerts,
         source: vitaltrail_alerts::AlertsSource::Logs,
         data_dir: data.to_owned(),
-        clock: Arc::new(MockClock::new(T0 + 60_000)),
+        clock,
         metrics: prometheus::Registry::new(),
         mqtt: None,
         acks: None,
         wake: None,
-    };
+    }
+}
+
+/// What [`config`] takes unless a test says otherwise.
+fn quick() -> AlertsConfig {
+    AlertsConfig {
+        tick_ms: 20,
+        silent_after_ms: None,
+        ..Default::default()
+    }
+}
+
+async fn run_once(data: &Path) {
+    let cfg = config(data, Arc::new(MockClock::new(T0 + 60_000)), quick());
     let (tx, rx) = watch::channel(false);
     let h = tokio::spawn(stage::run(cfg, rx));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -191,20 +202,16 @@ async fn an_acknowledgement_is_answered_once_durable_and_stops_escalation() {
     let start = |clock: Arc<MockClock>| {
         let (handle, inbox) = vitaltrail_alerts::ack::inbox();
         let cfg = StageConfig {
-            alerts: AlertsConfig {
-                tick_ms: 20,
-                silent_after_ms: None,
-                escalate_after_ms: 120_000,
-                escalation: vec!["charge-nurse".into()],
-                ..Default::default()
-            },
-            source: vitaltrail_alerts::AlertsSource::Logs,
-            data_dir: data.clone(),
-            clock,
-            metrics: prometheus::Registry::new(),
-            mqtt: None,
             acks: Some(inbox),
-            wake: None,
+            ..config(
+                &data,
+                clock,
+                AlertsConfig {
+                    escalate_after_ms: 120_000,
+                    escalation: vec!["charge-nurse".into()],
+                    ..quick()
+                },
+            )
         };
         let (tx, rx) = watch::channel(false);
         (handle, tx, tokio::spawn(stage::run(cfg, rx)))
@@ -311,21 +318,15 @@ async fn a_backlog_does_not_make_devices_flap_silent() {
         .unwrap();
     // 5,000 readings 5 s apart: more than one round takes (4,096).
     append(&data, &key, 1, T0, &[97.0; 5_000]);
-    let cfg = StageConfig {
-        alerts: AlertsConfig {
-            tick_ms: 20,
-            silent_after_ms: Some(300_000),
-            ..Default::default()
-        },
-        source: vitaltrail_alerts::AlertsSource::Logs,
-        data_dir: data.clone(),
+    let cfg = config(
+        &data,
         // Ten hours after the first reading: the log ends 7 hours in.
-        clock: Arc::new(MockClock::new(T0 + 36_000_000)),
-        metrics: prometheus::Registry::new(),
-        mqtt: None,
-        acks: None,
-        wake: None,
-    };
+        Arc::new(MockClock::new(T0 + 36_000_000)),
+        AlertsConfig {
+            silent_after_ms: Some(300_000),
+            ..quick()
+        },
+    );
     let (tx, rx) = watch::channel(false);
     let h = tokio::spawn(stage::run(cfg, rx));
     until("the device called silent", || !events(&data).is_empty()).await;
@@ -351,18 +352,8 @@ async fn quiet_rounds_do_not_rewrite_the_state_and_a_crash_loses_nothing() {
         .unwrap();
     let start = |registry: prometheus::Registry| {
         let cfg = StageConfig {
-            alerts: AlertsConfig {
-                tick_ms: 20,
-                silent_after_ms: None,
-                ..Default::default()
-            },
-            source: vitaltrail_alerts::AlertsSource::Logs,
-            data_dir: data.clone(),
-            clock: Arc::new(MockClock::new(T0 + 60_000)),
             metrics: registry,
-            mqtt: None,
-            acks: None,
-            wake: None,
+            ..config(&data, Arc::new(MockClock::new(T0 + 60_000)), quick())
         };
         let (tx, rx) = watch::channel(false);
         (tx, tokio::spawn(stage::run(cfg, rx)))

@@ -12,8 +12,7 @@
 use std::collections::BTreeMap;
 
 use arrow::array::{
-    Array, BooleanArray, Float64Array, StringArray, TimestampMillisecondArray, UInt32Array,
-    UInt64Array,
+    Array, Float64Array, StringArray, TimestampMillisecondArray, UInt32Array, UInt64Array,
 };
 use arrow::datatypes::{DataType, TimeUnit};
 use arrow::record_batch::RecordBatch;
@@ -30,10 +29,10 @@ pub const LOINC: &str = "http://loinc.org";
 pub const MDC: &str = "urn:iso:std:iso:11073:10101";
 /// UCUM units.
 pub const UCUM: &str = "http://unitsofmeasure.org";
-/// Patients, by their pseudonymous ID (as in `Communication.subject`).
-pub const PATIENT_SYSTEM: &str = "urn:vitaltrail:patient";
-/// A reading's measurement: `<partition>/<leaf index>/<LOINC>`.
-pub const READING_SYSTEM: &str = "urn:vitaltrail:reading";
+/// Patients, by their pseudonymous ID, and a reading's measurement
+/// (`<partition>/<leaf index>/<LOINC>`): the systems `Communication`
+/// uses, so its references resolve to these Observations.
+pub use vitaltrail_alerts::fhir::{PATIENT_SYSTEM, READING_SYSTEM};
 /// A reading's proof: `<did:key>/<seq>` (`vitaltrail prove --device --seq`).
 pub const PROOF_SYSTEM: &str = "urn:vitaltrail:proof";
 /// A reading's leaf hash (hex), as in its proof bundle.
@@ -728,19 +727,12 @@ impl QueryEngine {
             "partition",
             "log_index",
             "leaf_hash",
-            "late",
         ])?;
         let deadline = tokio::time::Instant::now() + self.limits.timeout;
-        CappedStream {
-            inner: df.execute_stream().await?,
-            limits: self.limits,
-            rows: 0,
-            bytes: 0,
-            failed: false,
-            deadline,
-        }
-        .collect()
-        .await
+        CappedStream::start(df, self.limits, deadline)
+            .await?
+            .collect()
+            .await
     }
 
     /// Per partition, the last leaf of `patient` exported now: the
@@ -923,7 +915,6 @@ fn group(batches: &[RecordBatch]) -> Result<Vec<Reading>> {
         let partition = column::<UInt32Array>(b, "partition")?;
         let index = column::<UInt64Array>(b, "log_index")?;
         let hash = column::<StringArray>(b, "leaf_hash")?;
-        let _late = column::<BooleanArray>(b, "late")?;
         for i in 0..b.num_rows() {
             let m = (
                 loinc.value(i).to_owned(),
@@ -964,7 +955,6 @@ fn cast_batch(b: &RecordBatch) -> Result<RecordBatch> {
         "partition" => DataType::UInt32,
         "device_time" | "log_time" => ts.clone(),
         "value" => DataType::Float64,
-        "late" => DataType::Boolean,
         _ => DataType::Utf8,
     };
     let schema = b.schema();

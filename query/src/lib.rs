@@ -219,6 +219,22 @@ impl std::fmt::Debug for CappedStream {
 }
 
 impl CappedStream {
+    /// Execute `df`, its result held to `limits` and stopped at `deadline`.
+    pub(crate) async fn start(
+        df: datafusion::dataframe::DataFrame,
+        limits: QueryLimits,
+        deadline: tokio::time::Instant,
+    ) -> Result<Self> {
+        Ok(CappedStream {
+            inner: df.execute_stream().await?,
+            limits,
+            rows: 0,
+            bytes: 0,
+            failed: false,
+            deadline,
+        })
+    }
+
     /// The result's schema.
     pub fn schema(&self) -> arrow::datatypes::SchemaRef {
         self.inner.schema()
@@ -348,14 +364,7 @@ impl QueryEngine {
         let deadline = tokio::time::Instant::now() + self.limits.timeout;
         let plan = self.plan(sql).await?;
         let df = self.ctx.execute_logical_plan(plan).await?;
-        Ok(CappedStream {
-            inner: df.execute_stream().await?,
-            limits: self.limits,
-            rows: 0,
-            bytes: 0,
-            failed: false,
-            deadline,
-        })
+        CappedStream::start(df, self.limits, deadline).await
     }
 
     /// Run one read-only statement and collect its result within the caps.

@@ -154,6 +154,81 @@ fn written_events(data: &std::path::Path) -> Vec<(String, vitaltrail_alerts::Eve
     out
 }
 
+/// Start a nurse station (`nurse_station.py` with `args`, `listen` mode,
+/// writing to `got`) and wait until the broker granted its subscription.
+async fn start_station(mut args: Vec<String>, got: &std::path::Path) -> common::KillOnDrop {
+    args.push(got.display().to_string());
+    let listener = common::KillOnDrop(
+        std::process::Command::new(common::python())
+            .args(args)
+            .spawn()
+            .unwrap(),
+    );
+    let ready = got.with_extension("jsonl.ready");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the nurse station did not subscribe"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    listener
+}
+
+/// The messages a nurse station wrote to `got`.
+fn station_messages(got: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(got)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Wait (30 s at most, `running` checked each time) until the station
+/// writing to `got` has every event the engine wrote for ward 3, and ward
+/// 7 has raised something (else the ward filter is untested); the
+/// station's messages then.
+async fn until_ward_3_delivered(
+    data: &std::path::Path,
+    got: &std::path::Path,
+    mut running: impl FnMut(),
+) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        running();
+        let written = written_events(data);
+        let rx = station_messages(got);
+        let keys: Vec<String> = rx
+            .iter()
+            .map(|m| {
+                vitaltrail_alerts::fhir::event_key(
+                    &serde_json::from_value(m["event"].clone()).unwrap(),
+                )
+            })
+            .collect();
+        let ours: Vec<&String> = written
+            .iter()
+            .filter(|(_, e)| e.alarm.ward.as_deref() == Some("ward-3"))
+            .map(|(k, _)| k)
+            .collect();
+        if !ours.is_empty() && ours.iter().all(|k| keys.contains(k)) {
+            assert!(
+                written
+                    .iter()
+                    .any(|(_, e)| e.alarm.ward.as_deref() == Some("ward-7")),
+                "ward 7 raised nothing: the filter is untested"
+            );
+            return rx;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ward-3 events not received: {ours:?} vs {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// What the receiver took (`took: true` lines), in arrival order, and the
 /// count of each kind of refusal.
 fn received(out: &std::path::Path) -> (Vec<serde_json::Value>, BTreeMap<String, usize>) {
@@ -484,23 +559,7 @@ async fn a_nurse_station_gets_its_wards_alerts_over_mqtt_and_nothing_else() {
         assert!(r["granted"].is_null(), "{mode} {topic}: {r}");
     }
     let got = data.path().join("station.jsonl");
-    let mut args = base("listen", "alerts/ward-3");
-    args.push(got.display().to_string());
-    let listener = common::KillOnDrop(
-        std::process::Command::new(common::python())
-            .args(args)
-            .spawn()
-            .unwrap(),
-    );
-    let ready = data.path().join("station.jsonl.ready");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the nurse station did not subscribe"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let listener = start_station(base("listen", "alerts/ward-3"), &got).await;
     let sim = SimConfig {
         mqtt: vitaltrail_mqtt::MqttEndpoint::plain("127.0.0.1", mqtt.port()),
         device_tls: common::device_tls(data.path()),
@@ -512,49 +571,10 @@ async fn a_nurse_station_gets_its_wards_alerts_over_mqtt_and_nothing_else() {
     publisher::run(&sim, &mut devs, Arc::new(SystemClock))
         .await
         .unwrap();
-    let received = |_: ()| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&got)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        up.assert_running();
-        let written = written_events(data.path());
-        let rx = received(());
-        let keys: Vec<String> = rx
-            .iter()
-            .map(|m| {
-                vitaltrail_alerts::fhir::event_key(
-                    &serde_json::from_value(m["event"].clone()).unwrap(),
-                )
-            })
-            .collect();
-        let ours: Vec<&String> = written
-            .iter()
-            .filter(|(_, e)| e.alarm.ward.as_deref() == Some("ward-3"))
-            .map(|(k, _)| k)
-            .collect();
-        if !ours.is_empty() && ours.iter().all(|k| keys.contains(k)) {
-            assert!(
-                written
-                    .iter()
-                    .any(|(_, e)| e.alarm.ward.as_deref() == Some("ward-7")),
-                "ward 7 raised nothing: the filter is untested"
-            );
-            for m in &rx {
-                assert_eq!(m["topic"], "alerts/ward-3");
-                assert_eq!(m["event"]["alarm"]["ward"], "ward-3");
-            }
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ward-3 events not received: {ours:?} vs {keys:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let received = |_: ()| station_messages(&got);
+    for m in &until_ward_3_delivered(data.path(), &got, || up.assert_running()).await {
+        assert_eq!(m["topic"], "alerts/ward-3");
+        assert_eq!(m["event"]["alarm"]["ward"], "ward-3");
     }
     // Acknowledgement (urllib): the station's token names who; the body
     // does not.
@@ -751,7 +771,6 @@ async fn a_nurse_station_gets_its_wards_alerts_over_mqtt_and_nothing_else() {
 /// refused by the same ACL, unit-tested in `mqtt/src/mosquitto.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_nurse_station_on_mosquitto_gets_its_wards_alerts_and_nothing_else() {
-    use std::time::Instant;
     use vitaltrail_mqtt::{MqttEndpoint, Pki};
     let data = tempfile::tempdir().unwrap();
     let d = data.path().to_str().unwrap().to_owned();
@@ -775,42 +794,9 @@ async fn a_nurse_station_on_mosquitto_gets_its_wards_alerts_and_nothing_else() {
         "--data",
         &d,
     ]);
-    let (dev_port, pipe_port) = (common::free_addr().port(), common::free_addr().port());
-    let out = data.path().join("mosquitto");
-    common::vt(&[
-        "mqtt",
-        "mosquitto",
-        "--data",
-        &d,
-        "--out",
-        out.to_str().unwrap(),
-        "--listen",
-        &format!("127.0.0.1:{dev_port}"),
-        "--pipeline-listen",
-        &format!("127.0.0.1:{pipe_port}"),
-        "--user",
-        &common::whoami(),
-    ]);
-    let acl = std::fs::read_to_string(out.join("acl")).unwrap();
+    let (_broker, dev_port, _pipe, cfg) = common::configured_mosquitto(data.path());
+    let acl = std::fs::read_to_string(data.path().join("mosquitto/acl")).unwrap();
     assert!(acl.contains("topic read alerts/ward-3"), "{acl}");
-    let _broker = common::Mosquitto::with_config(out.join("mosquitto.conf"), dev_port);
-    common::wait_port(pipe_port);
-    let cfg = UpConfig {
-        data_dir: data.path().to_owned(),
-        external_mqtt: Some(
-            MqttEndpoint::plain("127.0.0.1", pipe_port).with_tls(pki.pipeline_tls().unwrap()),
-        ),
-        metrics_listen: None,
-        attestor: AttestorConfig {
-            checkpoint_interval: Duration::from_millis(100),
-            ..AttestorConfig::default()
-        },
-        ingest: vitaltrail_ingest::IngestConfig {
-            share_group: Some("vitaltrail-ingest".into()),
-            ..vitaltrail_ingest::IngestConfig::default()
-        },
-        ..UpConfig::default()
-    };
     let (stop, stop_rx) = watch::channel(false);
     let mut pipeline = tokio::spawn(up::run(cfg, stop_rx));
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -836,22 +822,7 @@ async fn a_nurse_station_on_mosquitto_gets_its_wards_alerts_and_nothing_else() {
     // message: the station subscribes to every alert topic, and only its
     // ward's reach it.
     let got = data.path().join("station.jsonl");
-    let mut args = base("listen", "alerts/#");
-    args.push(got.display().to_string());
-    let _listener = common::KillOnDrop(
-        std::process::Command::new(common::python())
-            .args(args)
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !data.path().join("station.jsonl.ready").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the nurse station did not subscribe"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let _listener = start_station(base("listen", "alerts/#"), &got).await;
     let sim = SimConfig {
         mqtt: MqttEndpoint::plain("127.0.0.1", dev_port),
         device_tls: common::device_tls(data.path()),
@@ -863,43 +834,10 @@ async fn a_nurse_station_on_mosquitto_gets_its_wards_alerts_and_nothing_else() {
     publisher::run(&sim, &mut devs, Arc::new(SystemClock))
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(!pipeline.is_finished(), "up stopped");
-        let written = written_events(data.path());
-        let rx: Vec<serde_json::Value> = std::fs::read_to_string(&got)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        let keys: Vec<String> = rx
-            .iter()
-            .map(|m| {
-                vitaltrail_alerts::fhir::event_key(
-                    &serde_json::from_value(m["event"].clone()).unwrap(),
-                )
-            })
-            .collect();
-        let ours: Vec<&String> = written
-            .iter()
-            .filter(|(_, e)| e.alarm.ward.as_deref() == Some("ward-3"))
-            .map(|(k, _)| k)
-            .collect();
-        if !ours.is_empty() && ours.iter().all(|k| keys.contains(k)) {
-            assert!(
-                written
-                    .iter()
-                    .any(|(_, e)| e.alarm.ward.as_deref() == Some("ward-7")),
-                "ward 7 raised nothing: the filter is untested"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ward-3 events not received over Mosquitto: {ours:?} vs {keys:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_ward_3_delivered(data.path(), &got, || {
+        assert!(!pipeline.is_finished(), "up stopped")
+    })
+    .await;
     // Time for ward 7's events (written before or after ward 3's last) to
     // reach the station too, if the ACL let them: none may have.
     tokio::time::sleep(Duration::from_secs(3)).await;

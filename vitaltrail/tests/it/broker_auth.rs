@@ -16,11 +16,8 @@ use vitaltrail_attestor::pipeline::AttestorConfig;
 use vitaltrail_core::{SecretKey, SystemClock};
 use vitaltrail_device_sim::physiology::Scenario;
 use vitaltrail_device_sim::publisher::{self, SimConfig, SimDevice};
-use vitaltrail_ingest::IngestConfig;
 use vitaltrail_mqtt::{MqttEndpoint, Pki};
 use vitaltrail_node::up::{self, UpConfig};
-
-use common::whoami;
 
 /// The devices of a run: five honest ones, an insider (registered, active,
 /// hostile) and a device revoked after it got its certificate.
@@ -282,52 +279,14 @@ async fn an_outsider_on_the_embedded_broker_gets_nothing_and_costs_nothing() {
 }
 
 /// A Mosquitto configured by `vitaltrail mqtt mosquitto` from the
-/// registry of `data`, and an `up` configuration whose pipeline uses its
-/// pipeline listener with the pipeline certificate. (Broker, device port,
-/// pipeline port, config.)
+/// registry of `data` ([`common::configured_mosquitto`]), whose ACL names
+/// the insider and not the revoked device.
 fn configured_mosquitto(data: &Path, cast: &Cast) -> (common::Mosquitto, u16, u16, UpConfig) {
-    let d = data.to_str().unwrap().to_owned();
-    let (dev_port, pipe_port) = (common::free_addr().port(), common::free_addr().port());
-    let out = data.join("mosquitto");
-    common::vt(&[
-        "mqtt",
-        "mosquitto",
-        "--data",
-        &d,
-        "--out",
-        out.to_str().unwrap(),
-        "--listen",
-        &format!("127.0.0.1:{dev_port}"),
-        "--pipeline-listen",
-        &format!("127.0.0.1:{pipe_port}"),
-        // The test runs as whoever runs it; so does its broker.
-        "--user",
-        &whoami(),
-    ]);
-    let acl = std::fs::read_to_string(out.join("acl")).unwrap();
+    let (broker, dev_port, pipe_port, cfg) = common::configured_mosquitto(data);
+    let acl = std::fs::read_to_string(data.join("mosquitto").join("acl")).unwrap();
     assert!(!acl.contains(cast.revoked.did().as_str()), "{acl}");
     assert!(acl.contains(cast.insider.did().as_str()), "{acl}");
-    let _broker = common::Mosquitto::with_config(out.join("mosquitto.conf"), dev_port);
-    common::wait_port(pipe_port);
-
-    // The pipeline on its own listener, with its certificate.
-    let pki = Pki::open(data).unwrap();
-    let mqtt = MqttEndpoint::plain("127.0.0.1", pipe_port).with_tls(pki.pipeline_tls().unwrap());
-    let cfg = UpConfig {
-        data_dir: data.to_owned(),
-        external_mqtt: Some(mqtt),
-        metrics_listen: None,
-        attestor: AttestorConfig {
-            checkpoint_interval: Duration::from_millis(100),
-            ..AttestorConfig::default()
-        },
-        ingest: IngestConfig {
-            share_group: Some("vitaltrail-ingest".into()),
-            ..IngestConfig::default()
-        },
-        ..UpConfig::default()
-    };
-    (_broker, dev_port, pipe_port, cfg)
+    (broker, dev_port, pipe_port, cfg)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

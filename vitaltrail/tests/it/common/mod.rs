@@ -72,6 +72,52 @@ pub struct Mosquitto {
     _dir: tempfile::TempDir,
 }
 
+/// A Mosquitto configured by `vitaltrail mqtt mosquitto` from the
+/// registry and viewers of `data` (written to `<data>/mosquitto/`), and an
+/// `up` configuration whose pipeline uses its pipeline listener with the
+/// pipeline certificate. (Broker, device port, pipeline port, config.)
+pub fn configured_mosquitto(data: &Path) -> (Mosquitto, u16, u16, vitaltrail_node::up::UpConfig) {
+    use vitaltrail_mqtt::{MqttEndpoint, Pki};
+    let d = data.to_str().unwrap().to_owned();
+    let (dev_port, pipe_port) = (free_addr().port(), free_addr().port());
+    let out = data.join("mosquitto");
+    vt(&[
+        "mqtt",
+        "mosquitto",
+        "--data",
+        &d,
+        "--out",
+        out.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{dev_port}"),
+        "--pipeline-listen",
+        &format!("127.0.0.1:{pipe_port}"),
+        // The test runs as whoever runs it; so does its broker.
+        "--user",
+        &whoami(),
+    ]);
+    let broker = Mosquitto::with_config(out.join("mosquitto.conf"), dev_port);
+    wait_port(pipe_port);
+    // The pipeline on its own listener, with its certificate.
+    let pki = Pki::open(data).unwrap();
+    let mqtt = MqttEndpoint::plain("127.0.0.1", pipe_port).with_tls(pki.pipeline_tls().unwrap());
+    let cfg = vitaltrail_node::up::UpConfig {
+        data_dir: data.to_owned(),
+        external_mqtt: Some(mqtt),
+        metrics_listen: None,
+        attestor: vitaltrail_attestor::pipeline::AttestorConfig {
+            checkpoint_interval: Duration::from_millis(100),
+            ..Default::default()
+        },
+        ingest: vitaltrail_ingest::IngestConfig {
+            share_group: Some("vitaltrail-ingest".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    (broker, dev_port, pipe_port, cfg)
+}
+
 /// The user this test runs as (a configured Mosquitto runs as it too).
 pub fn whoami() -> String {
     let o = Command::new("id").arg("-un").output().unwrap();
